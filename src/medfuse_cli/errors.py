@@ -1,0 +1,52 @@
+"""Typed errors; each maps to one documented exit code (see README, "Exit codes")."""
+
+from __future__ import annotations
+
+
+class MedfuseError(Exception):
+    """Base class of every error medfuse reports to the user as one line."""
+
+    exit_code: int = 1
+
+
+class ChoiceRequiredError(MedfuseError):
+    """The input is valid but ambiguous: an option must choose (``--series``, ``--frame``)."""
+
+    exit_code = 2
+
+
+class InputNotFoundError(MedfuseError):
+    """An input path does not exist or cannot be read."""
+
+    exit_code = 3
+
+
+class InvalidInputError(MedfuseError):
+    """The input holds no usable image: empty, not an image, corrupt or truncated."""
+
+    exit_code = 4
+
+
+class GeometryError(MedfuseError):
+    """The image's shape or geometry cannot be used as asked (4D, 3D into PNG, ...)."""
+
+    exit_code = 5
+
+
+class OutputError(MedfuseError):
+    """The output exists (and ``--overwrite`` was not given) or cannot be written."""
+
+    exit_code = 6
+
+
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "unexpected internal error (please report it; rerun with --debug for a traceback)",
+    2: "usage error, or an ambiguous input that needs a choice (--series, --frame / --mean-frames)",
+    3: "input not found or not readable",
+    4: "no usable image: empty folder, not an image, corrupt or truncated file, unsupported encoding",
+    5: "unusable geometry: 4D without a frame choice, 3D written to a 2D format, bad affine",
+    6: "output exists (use --overwrite) or cannot be written",
+    10: "out of memory",
+    130: "interrupted (Ctrl-C)",
+}

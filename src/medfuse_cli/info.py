@@ -1,0 +1,51 @@
+"""What an input holds: series, modality, shape, spacing, orientation, intensities (no PHI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .image import Image
+from .io import FrameChoice, read_image
+
+
+def describe_image(image: Image) -> dict[str, Any]:
+    """A JSON-ready summary of an image (no patient identifiers)."""
+    values = image.data
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values.ravel()
+    prov = image.provenance
+    return {
+        "source": prov.source,
+        "format": prov.format,
+        "series_uid": prov.series_uid,
+        "series_number": prov.series_number,
+        "series_description": prov.series_description,
+        "modality": image.modality.value,
+        "shape": list(image.shape),
+        "color": image.is_color,
+        "dtype": str(values.dtype),
+        "spacing_mm": [round(s, 6) for s in image.spacing],
+        "origin_mm_ras": [round(o, 6) for o in image.origin],
+        "orientation": image.orientation,
+        "affine_ras": [[round(float(v), 6) for v in row] for row in image.affine],
+        "units": image.units,
+        "min": float(finite.min()) if finite.size else None,
+        "max": float(finite.max()) if finite.size else None,
+        "mean": float(finite.mean()) if finite.size else None,
+        "non_finite_voxels": int(values.size - finite.size),
+        "notes": list(prov.steps),
+    }
+
+
+def describe_path(path: Path, series: str | None = None, frames: FrameChoice | None = None) -> list[dict[str, Any]]:
+    """One summary per image series at ``path`` (every series of a DICOM input unless ``series``)."""
+    is_dicom = path.is_dir() or path.suffix.lower() in (".zip", ".dcm")
+    if is_dicom and series is None and path.exists():
+        from .io.dicom import list_series
+
+        found = list_series(path)
+        if len(found) > 1:
+            return [describe_image(read_image(path, series=s.uid, frames=frames)) for s in found]
+    return [describe_image(read_image(path, series=series, frames=frames))]

@@ -1,0 +1,137 @@
+"""Reading and writing images: the only package that touches image files."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..errors import InputNotFoundError, InvalidInputError, OutputError
+from ..image import Image, Modality
+from .atomic import check_writable
+from .frames import FrameChoice
+
+__all__ = ["FrameChoice", "check_output", "guess_modality", "read_image", "write_image"]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+RASTER_SUFFIXES = (".png", ".tif", ".tiff")
+
+_MODALITY_WORDS = {
+    Modality.MR: ("mri", "mr", "t1", "t1w", "t2", "t2w", "pd", "flair", "epi"),
+    Modality.CT: ("ct", "transm"),
+    Modality.PT: ("pet", "pt", "fdg"),
+    Modality.NM: ("spect", "nm"),
+}
+
+
+def guess_modality(name: str) -> Modality:
+    """Modality named in a file name (``00123_pet.png``, ``OldNorm_T1.nii.gz``), else ``OT``.
+
+    >>> guess_modality("02004_spect.png")
+    <Modality.NM: 'NM'>
+    """
+    tokens = set(re.split(r"[^a-z0-9]+", name.lower()))
+    found = {m for m, words in _MODALITY_WORDS.items() if tokens & set(words)}
+    return found.pop() if len(found) == 1 else Modality.OT
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower()
+    if path.is_dir():
+        return "dicom"
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(RASTER_SUFFIXES):
+        return "raster"
+    if name.endswith(".zip"):
+        return "dicom"
+    with open(path, "rb") as fh:
+        head = fh.read(352)
+    if head[128:132] == b"DICM" or name.endswith((".dcm", ".ima")):
+        return "dicom"
+    if head[344:348] in (b"n+1\0", b"n+2\0") or head[4:8] == b"n+2\0":
+        return "nifti"
+    if head[:2] == b"\x1f\x8b":
+        return "nifti"
+    raise InvalidInputError(
+        f"{path.name}: not a recognised image (expected NIfTI, a DICOM folder/zip/file, PNG or TIFF)"
+    )
+
+
+def read_image(
+    path: str | os.PathLike[str],
+    series: str | None = None,
+    frames: FrameChoice | None = None,
+    suv: bool = False,
+) -> Image:
+    """Read any supported input into an :class:`~medfuse_cli.image.Image` (RAS+ affine).
+
+    Parameters
+    ----------
+    path
+        A NIfTI file, a DICOM folder (searched recursively), zip or file, or a PNG/TIFF slice.
+    series
+        For DICOM inputs with several series: SeriesInstanceUID, SeriesNumber or description.
+    frames
+        Which frame of a 4D input to take (required for 4D inputs).
+    suv
+        Convert PET in Bq/ml to body-weight SUV (DICOM only; needs the dose and weight).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFoundError(f"{path}: no such file or folder")
+    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+        raise InputNotFoundError(f"{path}: permission denied")
+    if path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+        raise InvalidInputError(f"{path.name}: the folder is empty")
+    if path.is_file() and path.stat().st_size == 0:
+        raise InvalidInputError(f"{path.name}: the file is empty")
+    kind = _kind(path)
+    if suv and kind != "dicom":
+        raise InvalidInputError(f"{path.name}: --suv needs a DICOM PET series (it reads dose and weight)")
+    if series is not None and kind != "dicom":
+        raise InvalidInputError(f"{path.name}: --series applies to DICOM inputs only")
+    if kind == "dicom":
+        from .dicom import read_dicom
+
+        image = read_dicom(path, series=series, frames=frames, suv=suv)
+    elif kind == "nifti":
+        from .nifti import read_nifti
+
+        image = read_nifti(path, frames=frames)
+    else:
+        from .raster import read_raster
+
+        image = read_raster(path)
+    if image.modality is Modality.OT:
+        image.modality = guess_modality(path.name)
+    return image
+
+
+def _format_of(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(RASTER_SUFFIXES):
+        return "raster"
+    raise OutputError(f"{path.name}: unknown output format; use .nii.gz, .nii, .png, .tif or .tiff")
+
+
+def check_output(path: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Fail before any work when ``path`` has an unknown format, exists, or cannot be written."""
+    path = Path(path)
+    _format_of(path)
+    check_writable(path, overwrite)
+
+
+def write_image(image: Image, path: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Write ``image`` atomically; the format follows the extension."""
+    path = Path(path)
+    if _format_of(path) == "nifti":
+        from .nifti import write_nifti
+
+        write_nifti(image, path, overwrite)
+    else:
+        from .raster import write_raster
+
+        write_raster(image, path, overwrite)

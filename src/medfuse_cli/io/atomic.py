@@ -1,0 +1,66 @@
+"""Atomic file output: write a temporary file beside the target, then rename it into place."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import OutputError
+
+
+def check_writable(path: Path, overwrite: bool) -> None:
+    """Fail early (before any work) when ``path`` cannot be written as asked."""
+    if path.exists() and path.is_dir():
+        raise OutputError(f"output {path} is a folder, not a file")
+    if path.exists() and not overwrite:
+        raise OutputError(f"output {path} exists; use --overwrite to replace it")
+    parent = _existing_parent(path)
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write to {parent} (permission denied)")
+
+
+def _existing_parent(path: Path) -> Path:
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot create folder under {parent}: it is a file")
+    return parent
+
+
+def atomic_write_bytes(path: Path, payload: bytes, overwrite: bool) -> None:
+    """Write ``payload`` to ``path`` so that readers only ever see the complete file.
+
+    Without ``overwrite`` an existing file is never replaced, even one that appears while
+    writing (the final step is a hard link, which fails if the name exists).
+    """
+    path = Path(path)
+    check_writable(path, overwrite)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise OutputError(f"output {path} exists; use --overwrite to replace it") from None
+            except OSError:  # file systems without hard links: best effort
+                if path.exists():
+                    raise OutputError(f"output {path} exists; use --overwrite to replace it") from None
+                os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,329 @@
+"""DICOM series reading (pydicom): a folder searched recursively, a zip, or one file.
+
+Slices are grouped by SeriesInstanceUID, sorted by their position along the slice normal
+(never by InstanceNumber), rescaled slice by slice, and stacked. A gantry tilt or uneven
+slice spacing is resampled onto a regular orthogonal grid (as dcm2niix's tilt-corrected,
+equalised output) with a warning.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from ..errors import ChoiceRequiredError, GeometryError, InvalidInputError
+from ..image import Image, Modality, Provenance
+from .frames import FrameChoice
+from .limits import check_voxel_count
+from .stack import Slice, SliceStack, stack_slices
+
+log = logging.getLogger(__name__)
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_NON_IMAGE_SOP = {
+    "1.2.840.10008.1.3.10",  # Media Storage Directory (DICOMDIR)
+}
+
+
+@dataclass
+class _Entry:
+    """One DICOM file: where to find it and its header (pixels not yet read)."""
+
+    name: str
+    header: Dataset
+    opener: object = field(repr=False)  # callable returning a binary file object
+
+
+@dataclass
+class SeriesInfo:
+    """A series found in a DICOM input, as listed to the user (no patient identifiers)."""
+
+    uid: str
+    number: int | None
+    description: str
+    modality: str
+    n_files: int
+
+    def label(self) -> str:
+        num = "-" if self.number is None else str(self.number)
+        return f"#{num} {self.modality} '{self.description}' ({self.n_files} files) {self.uid}"
+
+
+def _iter_sources(path: Path) -> Iterator[tuple[str, object]]:
+    """Yield ``(name, opener)`` for every candidate file under a folder, in a zip, or a file."""
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            yield str(f.relative_to(path)), (lambda f=f: open(f, "rb"))
+    elif zipfile.is_zipfile(path):
+        try:
+            zf = zipfile.ZipFile(path)
+            members = [m for m in zf.infolist() if not m.is_dir()]
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise InvalidInputError(f"{path.name}: unreadable zip ({exc})") from exc
+        for m in sorted(members, key=lambda m: m.filename):
+            yield m.filename, (lambda m=m: io.BytesIO(zf.read(m)))
+    else:
+        yield path.name, (lambda: open(path, "rb"))
+
+
+def _read_header(name: str, opener: object) -> Dataset | None:
+    """The header of an image DICOM file, or ``None`` when it is not one."""
+    try:
+        with opener() as fh:  # type: ignore[operator]
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, zipfile.BadZipFile):
+        return None
+    except Exception as exc:  # pydicom raises many types on damaged headers
+        log.warning("ignoring %s: unreadable DICOM header (%s)", name, exc)
+        return None
+    sop = str(ds.get("SOPClassUID", ""))
+    if sop in _NON_IMAGE_SOP or "Rows" not in ds or "SeriesInstanceUID" not in ds:
+        return None
+    return ds
+
+
+def scan(path: Path) -> list[_Entry]:
+    """All image DICOM files under ``path`` (headers only); non-image files are skipped."""
+    entries, skipped = [], 0
+    for name, opener in _iter_sources(path):
+        ds = _read_header(name, opener)
+        if ds is None:
+            skipped += 1
+            continue
+        entries.append(_Entry(name=name, header=ds, opener=opener))
+    if skipped:
+        log.info("ignored %d non-image or non-DICOM file(s) in %s", skipped, path.name)
+    if not entries:
+        what = "folder" if path.is_dir() else "file"
+        raise InvalidInputError(f"{path.name}: no DICOM image found in this {what}")
+    return entries
+
+
+def _series_info(uid: str, group: list[_Entry]) -> SeriesInfo:
+    ds = group[0].header
+    number = ds.get("SeriesNumber")
+    return SeriesInfo(
+        uid=uid,
+        number=int(number) if number not in (None, "") else None,
+        description=str(ds.get("SeriesDescription", "") or ""),
+        modality=str(ds.get("Modality", "OT") or "OT"),
+        n_files=len(group),
+    )
+
+
+def group_series(entries: list[_Entry]) -> dict[str, list[_Entry]]:
+    groups: dict[str, list[_Entry]] = {}
+    for e in entries:
+        groups.setdefault(str(e.header.SeriesInstanceUID), []).append(e)
+    return groups
+
+
+def list_series(path: Path) -> list[SeriesInfo]:
+    """The image series in a DICOM input, ordered by series number."""
+    groups = group_series(scan(path))
+    infos = [_series_info(uid, g) for uid, g in groups.items()]
+    return sorted(infos, key=lambda s: (s.number is None, s.number or 0, s.uid))
+
+
+def _choose_series(groups: dict[str, list[_Entry]], series: str | None, name: str) -> str:
+    infos = {uid: _series_info(uid, g) for uid, g in groups.items()}
+    if series is None:
+        if len(groups) == 1:
+            return next(iter(groups))
+        listing = "; ".join(i.label() for i in sorted(infos.values(), key=lambda i: (i.number or 0)))
+        raise ChoiceRequiredError(f"{name} holds {len(groups)} series; choose one with --series: {listing}")
+    wanted = series.strip()
+    matches = [u for u, i in infos.items() if wanted in (u, str(i.number), i.description)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise ChoiceRequiredError(
+            f"{name}: no series matches --series {wanted!r}; found: "
+            + "; ".join(i.label() for i in infos.values())
+        )
+    raise ChoiceRequiredError(f"{name}: --series {wanted!r} matches {len(matches)} series; give the UID")
+
+
+def _pixels(entry: _Entry) -> tuple[Dataset, np.ndarray]:
+    try:
+        with entry.opener() as fh:  # type: ignore[operator]
+            ds = pydicom.dcmread(fh)
+        arr = ds.pixel_array
+    except Exception as exc:
+        raise InvalidInputError(f"{entry.name}: corrupt or undecodable DICOM pixel data ({exc})") from exc
+    return ds, arr
+
+
+def _float(ds: Dataset, key: str, default: float) -> float:
+    value = ds.get(key)
+    try:
+        return default if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _vector(ds: Dataset, key: str, n: int, name: str) -> np.ndarray:
+    value = ds.get(key)
+    try:
+        vec = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        vec = np.zeros(0)
+    if vec.shape != (n,) or not np.all(np.isfinite(vec)):
+        raise InvalidInputError(f"{name}: missing or invalid {key}")
+    return vec
+
+
+def _multiframe_slices(ds: Dataset, arr: np.ndarray, name: str) -> list[Slice]:
+    """Split a multi-frame object (enhanced CT/MR/PET, or NM tomo) into positioned slices."""
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.shape[0] != n:
+        raise InvalidInputError(f"{name}: NumberOfFrames={n} but pixel data holds {arr.shape[0]} frames")
+    out = []
+    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None:
+        for i, fg in enumerate(per_frame):
+            def item(seq: str, fg: Dataset = fg) -> Dataset:
+                if seq in fg:
+                    return fg[seq].value[0]
+                if seq in shared:
+                    return shared[seq].value[0]
+                raise InvalidInputError(f"{name}: frame {i} lacks {seq}")
+
+            iop = _vector(item("PlaneOrientationSequence"), "ImageOrientationPatient", 6, name)
+            ipp = _vector(item("PlanePositionSequence"), "ImagePositionPatient", 3, name)
+            spacing = _vector(item("PixelMeasuresSequence"), "PixelSpacing", 2, name)
+            try:
+                pvt = item("PixelValueTransformationSequence")
+                slope, inter = _float(pvt, "RescaleSlope", 1.0), _float(pvt, "RescaleIntercept", 0.0)
+            except InvalidInputError:
+                slope, inter = _float(ds, "RescaleSlope", 1.0), _float(ds, "RescaleIntercept", 0.0)
+            out.append(Slice(arr[i], iop, ipp, spacing, slope, inter, (i,), i))
+        return out
+    # NM (SPECT) reconstructed tomo: geometry in DetectorInformationSequence, equal steps.
+    det = ds.get("DetectorInformationSequence")
+    if det is None:
+        raise InvalidInputError(f"{name}: multi-frame DICOM without per-frame geometry is not supported")
+    iop = _vector(det[0], "ImageOrientationPatient", 6, name)
+    ipp0 = _vector(det[0], "ImagePositionPatient", 3, name)
+    spacing = _vector(ds, "PixelSpacing", 2, name)
+    step = _float(ds, "SpacingBetweenSlices", _float(ds, "SliceThickness", 0.0))
+    if step == 0.0:
+        raise InvalidInputError(f"{name}: NM multi-frame without SpacingBetweenSlices")
+    normal = np.cross(iop[:3], iop[3:])
+    slope, inter = _float(ds, "RescaleSlope", 1.0), _float(ds, "RescaleIntercept", 0.0)
+    return [Slice(arr[i], iop, ipp0 + i * step * normal, spacing, slope, inter, (i,), i) for i in range(n)]
+
+
+def _suv_factor(ds: Dataset, name: str) -> float:
+    """Factor from Bq/ml to body-weight SUV (g/ml), or an error naming what is missing."""
+    units = str(ds.get("Units", "")).upper()
+    if units not in ("BQML",):
+        raise InvalidInputError(f"{name}: SUV needs PET in Bq/ml (Units is {units or 'missing'})")
+    if str(ds.get("DecayCorrection", "")).upper() not in ("START", "ADMIN"):
+        raise InvalidInputError(f"{name}: SUV needs DecayCorrection START or ADMIN")
+    weight = _float(ds, "PatientWeight", 0.0)
+    rp = ds.get("RadiopharmaceuticalInformationSequence")
+    if weight <= 0 or not rp:
+        raise InvalidInputError(f"{name}: SUV needs PatientWeight and RadiopharmaceuticalInformationSequence")
+    rp = rp[0]
+    dose = _float(rp, "RadionuclideTotalDose", 0.0)
+    half_life = _float(rp, "RadionuclideHalfLife", 0.0)
+    if dose <= 0 or half_life <= 0:
+        raise InvalidInputError(f"{name}: SUV needs RadionuclideTotalDose and RadionuclideHalfLife")
+    if str(ds.get("DecayCorrection", "")).upper() == "START":
+        start = str(rp.get("RadiopharmaceuticalStartTime", "") or "")
+        scan_t = str(ds.get("SeriesTime", "") or ds.get("AcquisitionTime", "") or "")
+        if not start or not scan_t:
+            raise InvalidInputError(f"{name}: SUV needs RadiopharmaceuticalStartTime and SeriesTime")
+
+        def seconds(t: str) -> float:
+            t = t.split(".")[0].ljust(6, "0")
+            d = datetime.strptime(t[:6], "%H%M%S")
+            return d.hour * 3600 + d.minute * 60 + d.second
+
+        delta = seconds(scan_t) - seconds(start)
+        if delta < 0:
+            delta += 24 * 3600
+        dose = dose * 2.0 ** (-delta / half_life)
+    return weight * 1000.0 / dose
+
+
+def read_dicom(
+    path: Path,
+    series: str | None = None,
+    frames: FrameChoice | None = None,
+    suv: bool = False,
+) -> Image:
+    """Read one DICOM series from a folder, zip or file into an :class:`Image` (RAS+)."""
+    frames = frames or FrameChoice()
+    groups = group_series(scan(path))
+    uid = _choose_series(groups, series, path.name)
+    group = groups[uid]
+    first = group[0].header
+    rows, cols = int(first.get("Rows", 0)), int(first.get("Columns", 0))
+    check_voxel_count((rows, cols, len(group) * int(first.get("NumberOfFrames", 1) or 1)), path.name)
+
+    slices: list[Slice] = []
+    datasets = []
+    for entry in group:
+        ds, arr = _pixels(entry)
+        datasets.append(ds)
+        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+            raise InvalidInputError(f"{entry.name}: colour DICOM input is not supported")
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+            slices.extend(_multiframe_slices(ds, arr, entry.name))
+            continue
+        iop = _vector(ds, "ImageOrientationPatient", 6, entry.name)
+        ipp = _vector(ds, "ImagePositionPatient", 3, entry.name)
+        spacing = _vector(ds, "PixelSpacing", 2, entry.name)
+        order = (str(ds.get("AcquisitionTime", "") or ""), int(ds.get("InstanceNumber", 0) or 0))
+        slope, inter = _float(ds, "RescaleSlope", 1.0), _float(ds, "RescaleIntercept", 0.0)
+        slices.append(Slice(arr, iop, ipp, spacing, slope, inter, order, order[1]))
+
+    suv_factor = _suv_factor(datasets[0], path.name) if suv else None
+    stack = SliceStack.from_slices(slices, path.name, frames)
+    thickness = _float(first, "SpacingBetweenSlices", _float(first, "SliceThickness", 1.0)) or 1.0
+    vol, affine_lps, notes = stack_slices(stack, path.name, thickness)
+    for note in notes:
+        log.warning("%s: %s", path.name, note)
+    units = _units(first)
+    if suv_factor is not None:
+        vol = (vol.astype(np.float64) * suv_factor).astype(np.float32)
+        units = "SUVbw"
+    modality_code = str(first.get("Modality", "OT") or "OT")
+    try:
+        modality = Modality.parse(modality_code)
+    except ValueError:
+        modality = Modality.OT
+    number = first.get("SeriesNumber")
+    prov = Provenance(
+        source=path.name,
+        format="dicom",
+        series_uid=uid,
+        series_number=int(number) if number not in (None, "") else None,
+        series_description=str(first.get("SeriesDescription", "") or "") or None,
+        steps=list(notes),
+    )
+    return Image(data=vol, affine=LPS_TO_RAS @ affine_lps, modality=modality, units=units, provenance=prov)
+
+
+def _units(ds: Dataset) -> str | None:
+    modality = str(ds.get("Modality", ""))
+    if modality == "CT":
+        return "HU"
+    if modality in ("PT", "NM"):
+        return str(ds.get("Units", "") or "") or None
+    return None

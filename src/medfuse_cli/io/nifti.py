@@ -1,0 +1,132 @@
+"""NIfTI-1/2 reading and writing (nibabel), keeping the reference geometry exactly."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .. import __version__
+from ..errors import ChoiceRequiredError, GeometryError, InvalidInputError
+from ..image import Image, Modality, NiftiGeometry, Provenance
+from .atomic import atomic_write_bytes
+from .frames import FrameChoice
+from .limits import check_voxel_count
+
+RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+_NATIVE_DTYPES = {np.dtype(t) for t in ("u1", "i1", "i2", "u2", "i4", "u4", "f4", "f8", "i8", "u8")}
+
+
+def _geometry(header: nib.Nifti1Header, affine: np.ndarray) -> NiftiGeometry:
+    return NiftiGeometry(
+        sform=tuple(tuple(float(v) for v in row) for row in header.get_sform()[:3]),
+        sform_code=int(header["sform_code"]),
+        quatern=tuple(float(header[k]) for k in ("quatern_b", "quatern_c", "quatern_d")),  # type: ignore[arg-type]
+        qoffset=tuple(float(header[k]) for k in ("qoffset_x", "qoffset_y", "qoffset_z")),  # type: ignore[arg-type]
+        pixdim=tuple(float(v) for v in header["pixdim"]),
+        qform_code=int(header["qform_code"]),
+        affine=tuple(tuple(float(v) for v in row) for row in affine),
+    )
+
+
+def _load(path: Path) -> nib.Nifti1Image:
+    try:
+        img = nib.load(str(path))
+    except (nib.filebasedimages.ImageFileError, EOFError, OSError, ValueError, zlib.error) as exc:
+        raise InvalidInputError(f"{path.name}: not a readable NIfTI file ({exc})") from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InvalidInputError(f"{path.name}: not a NIfTI image ({type(img).__name__})")
+    return img
+
+
+def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
+    """Read a ``.nii`` / ``.nii.gz`` file; the affine follows the header's sform/qform codes."""
+    frames = frames or FrameChoice()
+    img = _load(path)
+    header = img.header
+    shape = tuple(int(s) for s in img.shape)
+    check_voxel_count(shape, path.name)
+    if header.get_data_dtype() == RGB24:
+        raise InvalidInputError(f"{path.name}: RGB NIfTI input is not supported; convert it to greyscale")
+    while len(shape) > 4 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) > 4:
+        raise GeometryError(f"{path.name}: {len(shape)}D NIfTI images are not supported")
+    if len(shape) < 2:
+        raise GeometryError(f"{path.name}: a {len(shape)}D NIfTI is not an image")
+    slope, inter = img.dataobj.slope, img.dataobj.inter
+    scaled = not (slope in (None, 1.0) and inter in (None, 0.0))
+    try:
+        if len(shape) == 4 and shape[3] > 1:
+            index = frames.select(shape[3], path.name)
+            proxy = img.dataobj
+            raw = np.mean(np.asarray(img.get_fdata(dtype=np.float32)), axis=3) if index is None else proxy[..., index]
+        else:
+            raw = np.asanyarray(img.dataobj)
+        data = np.asarray(raw)
+    except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InvalidInputError(f"{path.name}: truncated or corrupt NIfTI data ({exc})") from exc
+    data = data.reshape(data.shape[:3] if data.ndim >= 3 else data.shape + (1,) * (3 - data.ndim))
+    if data.dtype.byteorder not in ("=", "|"):
+        data = data.astype(data.dtype.newbyteorder("="))
+    if data.dtype not in _NATIVE_DTYPES and data.dtype != np.float32:
+        data = data.astype(np.float32)
+    if scaled and data.dtype.kind in "iu":
+        data = data.astype(np.float32)  # nibabel already applied the scaling to floats
+    affine = img.affine
+    if affine is None:
+        raise GeometryError(f"{path.name}: no usable affine in the header")
+    return Image(
+        data=data,
+        affine=affine.astype(np.float64),
+        modality=Modality.OT,
+        units=None,
+        provenance=Provenance(source=path.name, format="nifti"),
+        nifti_geometry=_geometry(header, affine),
+    )
+
+
+def _header_for(image: Image, dtype: np.dtype) -> nib.Nifti1Header:
+    header = nib.Nifti1Header()
+    header.set_data_dtype(dtype)
+    geom = image.nifti_geometry
+    if geom is not None and np.array_equal(np.asarray(geom.affine), image.affine):
+        header["pixdim"] = np.asarray(geom.pixdim, dtype=np.float32)
+        header["srow_x"], header["srow_y"], header["srow_z"] = (np.asarray(r, np.float32) for r in geom.sform)
+        header["sform_code"] = geom.sform_code
+        header["quatern_b"], header["quatern_c"], header["quatern_d"] = geom.quatern
+        header["qoffset_x"], header["qoffset_y"], header["qoffset_z"] = geom.qoffset
+        header["qform_code"] = geom.qform_code
+    else:
+        code = 1 if geom is None else (geom.sform_code or geom.qform_code or 1)
+        header.set_sform(image.affine, code=code)
+        header.set_qform(image.affine, code=code)
+    header.set_xyzt_units("mm", "sec")
+    header["descrip"] = f"medfuse {__version__}".encode()
+    return header
+
+
+def nifti_bytes(image: Image, gz: bool) -> bytes:
+    """Encode an image as a single-file NIfTI-1 (gzip-compressed when ``gz``)."""
+    data = image.data
+    if image.is_color:
+        rgb = np.clip(np.rint(data), 0, 255).astype(np.uint8) if data.dtype != np.uint8 else data
+        data = np.ascontiguousarray(rgb).view(RGB24)[..., 0]
+    elif data.dtype == bool:
+        data = data.astype(np.uint8)
+    elif data.dtype not in _NATIVE_DTYPES:
+        data = data.astype(np.float32)
+    header = _header_for(image, data.dtype)
+    nimg = nib.Nifti1Image(data, None, header=header)
+    # Nifti1Image(..., None, header) keeps the header's sform/qform as set above.
+    nimg.header.set_data_shape(data.shape)
+    raw = nimg.to_bytes()
+    return gzip.compress(raw, compresslevel=6, mtime=0) if gz else raw
+
+
+def write_nifti(image: Image, path: Path, overwrite: bool = False) -> None:
+    """Write ``image`` to ``path`` (gzip when it ends in ``.gz``), atomically."""
+    atomic_write_bytes(path, nifti_bytes(image, gz=path.name.endswith(".gz")), overwrite)

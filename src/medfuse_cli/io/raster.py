@@ -1,0 +1,132 @@
+"""2D raster slices: PNG (Pillow) and TIFF (tifffile), greyscale or RGB, 8 or 16 bit.
+
+A raster pixel (column i, row j) is placed at RAS+ ``(-i, -j, 0)`` mm: 1 mm pixels in the
+radiological display convention (image left = patient right, top = anterior), the same
+voxel order a DICOM axial slice has. The array is stored as ``(width, height, 1[, 3])``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GeometryError, InvalidInputError
+from ..image import Image, Modality, Provenance
+from .atomic import atomic_write_bytes
+from .limits import check_voxel_count
+
+log = logging.getLogger(__name__)
+
+RASTER_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
+PNG_SUFFIXES = (".png",)
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def _from_pixels(pixels: np.ndarray, name: str, fmt: str) -> Image:
+    if pixels.ndim == 3 and pixels.shape[2] == 4:
+        pixels = pixels[:, :, :3]  # drop alpha
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    if pixels.ndim == 3 and pixels.shape[2] == 3:
+        r, g, b = (pixels[..., c] for c in range(3))
+        if np.array_equal(r, g) and np.array_equal(g, b):
+            pixels = r  # greyscale stored as RGB
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] != 3):
+        raise GeometryError(f"{name}: unsupported raster layout {pixels.shape}; expected greyscale or RGB")
+    if pixels.dtype.kind not in "uif":
+        pixels = pixels.astype(np.float32)
+    data = np.ascontiguousarray(np.swapaxes(pixels, 0, 1)[:, :, None])
+    return Image(data=data, affine=RASTER_AFFINE.copy(), modality=Modality.OT,
+                 provenance=Provenance(source=name, format=fmt))
+
+
+def read_raster(path: Path) -> Image:
+    """Read a PNG or TIFF slice."""
+    suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                check_voxel_count(page.shape, path.name)
+                if len(tif.pages) > 1 and len(tif.series[0].shape) > page.ndim:
+                    raise GeometryError(f"{path.name}: multi-page TIFF stacks are not supported; give one slice")
+                pixels = page.asarray()
+        except (GeometryError, InvalidInputError):
+            raise
+        except Exception as exc:
+            raise InvalidInputError(f"{path.name}: not a readable TIFF ({exc})") from exc
+        return _from_pixels(np.asarray(pixels), path.name, "tiff")
+    from PIL import Image as PILImage, UnidentifiedImageError
+
+    try:
+        with PILImage.open(path) as im:
+            check_voxel_count(im.size, path.name)
+            if im.mode == "P" or im.mode == "PA":
+                im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
+            elif im.mode in ("LA", "La"):
+                im = im.convert("L")
+            elif im.mode == "I":
+                pass
+            elif im.mode not in ("L", "RGB", "RGBA", "I;16", "I;16B", "F", "1"):
+                im = im.convert("RGB")
+            pixels = np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInputError(f"{path.name}: not a readable PNG ({exc})") from exc
+    if pixels.dtype == bool:
+        pixels = pixels.astype(np.uint8) * 255
+    return _from_pixels(pixels, path.name, "png")
+
+
+def _to_storable(data: np.ndarray, name: str, allow_float: bool) -> np.ndarray:
+    """Integer pixels for PNG (uint8 / uint16); TIFF also keeps float32."""
+    if data.dtype in (np.uint8, np.uint16):
+        return data
+    if data.dtype.kind == "f" and allow_float:
+        return data.astype(np.float32)
+    finite = data[np.isfinite(data)] if data.dtype.kind == "f" else data
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    integral = data.dtype.kind in "iu" or bool(np.all(np.equal(np.mod(finite, 1), 0)))
+    if integral and lo >= 0 and hi <= 255:
+        return np.rint(np.nan_to_num(data)).astype(np.uint8)
+    if integral and lo >= 0 and hi <= 65535:
+        return np.rint(np.nan_to_num(data)).astype(np.uint16)
+    if data.dtype.kind == "f" and lo >= 0 and hi <= 255:
+        return np.rint(np.nan_to_num(data)).astype(np.uint8)
+    log.warning("%s: values %.4g..%.4g do not fit 8-bit PNG; scaled linearly to 0..255", name, lo, hi)
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.rint((np.nan_to_num(data, nan=lo) - lo) * scale).clip(0, 255).astype(np.uint8)
+
+
+def raster_bytes(image: Image, fmt: str) -> bytes:
+    """Encode a single-slice image as PNG or TIFF bytes."""
+    if not image.is_2d:
+        raise GeometryError(
+            f"a {image.shape[0]}x{image.shape[1]}x{image.shape[2]} volume cannot be written as {fmt.upper()}; "
+            "write NIfTI (.nii.gz) instead"
+        )
+    data = image.data[:, :, 0]
+    pixels = np.ascontiguousarray(np.swapaxes(data, 0, 1))  # back to (rows, cols[, 3])
+    if image.is_color:
+        pixels = np.clip(np.rint(pixels), 0, 255).astype(np.uint8) if pixels.dtype != np.uint8 else pixels
+    else:
+        pixels = _to_storable(pixels, image.provenance.source, allow_float=fmt == "tiff")
+    buf = io.BytesIO()
+    if fmt == "tiff":
+        import tifffile
+
+        tifffile.imwrite(buf, pixels, photometric="rgb" if image.is_color else "minisblack")
+    else:
+        from PIL import Image as PILImage
+
+        PILImage.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_raster(image: Image, path: Path, overwrite: bool = False) -> None:
+    fmt = "tiff" if path.suffix.lower() in TIFF_SUFFIXES else "png"
+    atomic_write_bytes(path, raster_bytes(image, fmt), overwrite)

@@ -1,0 +1,42 @@
+"""Shared fixtures: the real data in ../shared (skipped when absent) and a CLI runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+EXAMPLES = ROOT / "examples"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test when it is not there (a user's clone)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs ../shared/data/{'/'.join(parts)}")
+    return path
+
+
+@dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli():
+    """Run ``medfuse ARGS`` in-process; returns exit code, stdout and stderr."""
+    from medfuse_cli.cli import app
+
+    runner = CliRunner()
+
+    def run(*args: object) -> Result:
+        res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        return Result(res.exit_code, res.stdout, res.stderr)
+
+    return run

@@ -1,0 +1,235 @@
+"""DICOM series reading against the dcm2niix references in ../shared/data/dicom."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from scipy import ndimage
+
+from conftest import shared_path
+from medfuse_cli import read_image
+from medfuse_cli.errors import ChoiceRequiredError, InvalidInputError
+from medfuse_cli.io import FrameChoice
+
+MR = ("dicom", "mr_siemens_xa30_t1w")
+PET = ("dicom", "pt_ge_discoveryst_fdg_sts001")
+CT = ("dicom", "ct_ge_hispeed_head_tilt")
+
+
+def _voxel_map(mine: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Signed permutation + integer offset taking my voxel indices to the reference's."""
+    m = np.linalg.inv(ref) @ mine
+    mapped = np.eye(4)
+    mapped[:3, :3] = np.round(m[:3, :3])
+    mapped[:3, 3] = np.round(m[:3, 3])
+    assert np.allclose(np.abs(mapped[:3, :3]).sum(axis=0), 1), "voxel axes are not a permutation of the reference's"
+    return mapped
+
+
+def _world_error(image, ref_affine: np.ndarray, mapped: np.ndarray) -> float:
+    """Largest world distance (mm) between my voxel centres and the reference's, over all corners."""
+    sh = np.array(image.shape) - 1
+    corners = np.array([[i, j, k, 1] for i in (0, sh[0]) for j in (0, sh[1]) for k in (0, sh[2])]).T
+    diff = (ref_affine @ mapped - image.affine) @ corners
+    return float(np.linalg.norm(diff[:3], axis=0).max())
+
+
+def _in_reference_order(image, ref_data: np.ndarray, mapped: np.ndarray) -> np.ndarray:
+    idx = np.indices(image.shape).reshape(3, -1)
+    ref_idx = (mapped[:3, :3] @ idx + mapped[:3, 3:4]).astype(int)
+    assert ref_data.shape == tuple(image.shape[a] for a in np.argmax(np.abs(mapped[:3, :3]), axis=1))
+    return ref_data[ref_idx[0], ref_idx[1], ref_idx[2]].reshape(image.shape)
+
+
+def _check_against(image, ref_path: Path, exact: bool) -> None:
+    ref = nib.load(ref_path)
+    # dcm2niix's sform and qform can disagree by float32 rounding (PET: 2e-5 mm per slice);
+    # the voxel grid must match one of them to 1e-3 mm everywhere.
+    errors = []
+    for affine in (ref.header.get_sform(), ref.header.get_qform()):
+        mapped = _voxel_map(image.affine, affine)
+        errors.append(_world_error(image, affine, mapped))
+    assert min(errors) < 1e-3, errors
+    expected = _in_reference_order(image, np.asarray(ref.dataobj), mapped)
+    if exact:
+        assert image.data.dtype.kind in "iu"
+        np.testing.assert_array_equal(image.data, expected)
+    else:
+        np.testing.assert_allclose(image.data, expected, rtol=1e-6, atol=1e-6)
+
+
+def _check_positions(image, folder: Path) -> None:
+    """Every slice's ImagePositionPatient is a voxel centre of the volume.
+
+    Within 0.05 mm: the grid step comes from the first two slices (as dcm2niix), positions
+    are written with 1e-4 mm rounding that accumulates over ~100 slices, and the PET's table
+    positions jitter by a few hundredths of a mm (a misplaced slice would be millimetres off).
+    """
+    inv = np.linalg.inv(image.affine)
+    for f in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        lps = np.array([float(v) for v in ds.ImagePositionPatient])
+        ras = np.array([-lps[0], -lps[1], lps[2], 1.0])
+        ijk = (inv @ ras)[:3]
+        world_back = image.affine @ np.r_[np.round(ijk), 1]
+        assert np.linalg.norm(world_back[:3] - ras[:3]) < 0.05, (f.name, ijk)
+
+
+def test_mr_matches_dcm2niix_exactly():
+    folder = shared_path(*MR, "dicom")
+    image = read_image(folder)
+    assert image.modality.value == "MR" and image.shape == (128, 128, 96)
+    _check_against(image, shared_path(*MR, "reference", "5001_anat-T1w_acq-tfl.nii.gz"), exact=True)
+    _check_positions(image, folder)
+
+
+def test_pet_per_slice_rescale_matches_dcm2niix():
+    folder = shared_path(*PET, "dicom")
+    slopes = {float(pydicom.dcmread(f, stop_before_pixels=True).RescaleSlope) for f in folder.glob("*.dcm")}
+    assert len(slopes) > 100  # the case this test is about: a different slope on each slice
+    image = read_image(folder)  # the folder also holds an RTSTRUCT, which must be ignored
+    assert image.modality.value == "PT" and image.units == "BQML" and image.shape == (128, 128, 267)
+    _check_against(image, shared_path(*PET, "reference", "1_PET_AC.nii.gz"), exact=False)
+    _check_positions(image, folder)
+
+
+def test_pet_suv_uses_weight_dose_and_decay():
+    folder = shared_path(*PET, "dicom")
+    bq = read_image(folder)
+    suv = read_image(folder, suv=True)
+    assert suv.units == "SUVbw"
+    # FDG 388.777 MBq at 10:35:00, series 11:20:11 (2711 s), half-life 6588 s, 71 kg
+    factor = 71000.0 / (3.88777472e8 * 2 ** (-2711 / 6588.0))
+    np.testing.assert_allclose(suv.data, bq.data * factor, rtol=1e-5)
+    body = suv.data[suv.data > 0.05]
+    assert 0.2 < float(np.median(body)) < 3.0  # soft tissue is around SUV 1
+
+
+def test_tilted_uneven_ct_matches_dcm2niix_tilt_corrected_in_world_space():
+    folder = shared_path(*CT, "dicom")
+    image = read_image(folder)
+    ref = nib.load(shared_path(*CT, "reference", "_2_Tilt_Eq_1.nii.gz"))
+    ref_data = np.asarray(ref.dataobj).astype(np.float32)
+    # regular orthogonal grid along the slice normal (no shear)
+    cols = image.affine[:3, :3] / np.asarray(image.spacing)
+    np.testing.assert_allclose(cols.T @ cols, np.eye(3), atol=1e-6)
+    # my volume sampled on the reference grid through both affines
+    m = np.linalg.inv(image.affine) @ ref.affine
+    mine = ndimage.affine_transform(
+        image.data.astype(np.float32), m[:3, :3], m[:3, 3], output_shape=ref_data.shape, order=1, cval=-1500
+    )
+    inside = (mine > -1400) & (ref_data > -1400)
+    assert np.corrcoef(mine[inside], ref_data[inside])[0, 1] > 0.99
+
+    def bone_centroid(vol: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        idx = np.argwhere(vol > 300)
+        w = vol[vol > 300]
+        return (affine @ np.r_[(idx * w[:, None]).sum(0) / w.sum(), 1])[:3]
+
+    offset_mm = bone_centroid(image.data.astype(np.float32), image.affine) - bone_centroid(ref_data, ref.affine)
+    offset_vox = np.linalg.inv(ref.affine[:3, :3]) @ offset_mm
+    assert np.all(np.abs(offset_vox) < 0.5), offset_vox
+    # the first acquired slice lies on the output lattice and is kept exactly
+    first = pydicom.dcmread(folder / "01.dcm")
+    raw = first.pixel_array.astype(np.int32) * int(first.RescaleSlope) + int(first.RescaleIntercept)
+    lps = np.array([float(v) for v in first.ImagePositionPatient])
+    i0, j0, k0 = np.round(np.linalg.inv(image.affine) @ np.array([-lps[0], -lps[1], lps[2], 1.0]))[:3].astype(int)
+    assert k0 == 0
+    np.testing.assert_array_equal(image.data[i0 : i0 + 512, j0 : j0 + 512, 0], raw.T)
+    assert any("gantry tilt" in s for s in image.provenance.steps)
+
+
+def _copy_with(folder: Path, dest: Path, edit=None, names=None) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    files = sorted(folder.glob("*.dcm"))
+    for n, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        if edit is not None:
+            edit(n, ds)
+        ds.save_as(dest / (names(n) if names else f.name))
+
+
+def test_slices_sorted_by_position_not_instance_number(tmp_path):
+    folder = shared_path(*MR, "dicom")
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(96)
+
+    def scramble(n, ds):
+        ds.InstanceNumber = int(perm[n]) + 1
+
+    _copy_with(folder, tmp_path / "s", scramble, names=lambda n: f"img{perm[n]:03d}.dcm")
+    a, b = read_image(folder), read_image(tmp_path / "s")
+    np.testing.assert_array_equal(a.data, b.data)
+    assert np.allclose(a.affine, b.affine, atol=0.02)  # anchor slice may differ: dcm2niix's 1e-4 mm steps
+
+
+def test_zip_equals_folder_and_non_image_files_are_ignored(tmp_path):
+    folder = shared_path(*MR, "dicom")
+    mixed = tmp_path / "with_junk"
+    shutil.copytree(folder, mixed / "nested" / "deeper")
+    (mixed / "DIRFILE").write_bytes(b"\x00" * 300)
+    (mixed / "README.txt").write_text("not an image")
+    archive = tmp_path / "mr.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(folder.glob("*.dcm")):
+            zf.write(f, f"series/{f.name}")
+    ref = read_image(folder)
+    for path in (mixed, archive):
+        other = read_image(path)
+        np.testing.assert_array_equal(other.data, ref.data)
+        np.testing.assert_array_equal(other.affine, ref.affine)
+
+
+def test_mixed_series_need_series_choice(tmp_path, cli):
+    both = tmp_path / "both"
+    shutil.copytree(shared_path(*MR, "dicom"), both / "mr")
+    shutil.copytree(shared_path(*CT, "dicom"), both / "ct")
+    with pytest.raises(ChoiceRequiredError, match="2 series"):
+        read_image(both)
+    out = tmp_path / "out.nii.gz"
+    res = cli("convert", both, "-o", out)
+    assert res.exit_code == 2 and "--series" in res.stderr and not out.exists()
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert read_image(both, series="5001").modality.value == "MR"
+    assert read_image(both, series="anat-T1w_acq-tfl").shape == (128, 128, 96)
+    listing = cli("info", both, "--json")
+    assert listing.exit_code == 0 and listing.stdout.count('"series_uid"') == 2
+
+
+def test_corrupt_dicom_is_refused(tmp_path, cli):
+    bad = tmp_path / "bad"
+    shutil.copytree(shared_path(*MR, "dicom"), bad)
+    victim = sorted(bad.glob("*.dcm"))[40]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size - 5000])  # truncated pixel data
+    with pytest.raises(InvalidInputError, match="corrupt"):
+        read_image(bad)
+    out = tmp_path / "o.nii.gz"
+    res = cli("convert", bad, "-o", out)
+    assert res.exit_code == 4 and not out.exists() and "Traceback" not in res.stderr
+
+
+def test_repeated_positions_are_frames(tmp_path):
+    """Two frames per position (a dynamic series): refused without --frame, chosen with it."""
+    folder = shared_path(*MR, "dicom")
+    dest = tmp_path / "dyn"
+
+    def later(n, ds):
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.AcquisitionTime = "235959.000000"
+        ds.InstanceNumber = int(ds.InstanceNumber) + 1000
+        ds.PixelData = (ds.pixel_array + 1).astype(ds.pixel_array.dtype).tobytes()
+
+    _copy_with(folder, dest)
+    _copy_with(folder, dest, later, names=lambda n: f"late_{n:03d}.dcm")
+    with pytest.raises(ChoiceRequiredError, match="--frame"):
+        read_image(dest)
+    base = read_image(folder)
+    np.testing.assert_array_equal(read_image(dest, frames=FrameChoice(frame=0)).data, base.data)
+    np.testing.assert_array_equal(read_image(dest, frames=FrameChoice(frame=1)).data, base.data + 1)
+    np.testing.assert_allclose(read_image(dest, frames=FrameChoice(mean=True)).data, base.data + 0.5)

@@ -1,0 +1,112 @@
+"""NIfTI reading and writing on the real volumes in ../shared/data/volumes."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import EXAMPLES, SHARED, shared_path
+from medfuse_cli import read_image, write_image
+from medfuse_cli.errors import ChoiceRequiredError, InvalidInputError
+from medfuse_cli.io import FrameChoice
+
+VOLUMES = sorted((SHARED / "volumes").glob("*/*.nii.gz")) if SHARED.exists() else []
+
+
+def _header_fields(path):
+    h = nib.load(path).header
+    return (int(h["sform_code"]), int(h["qform_code"]))
+
+
+@pytest.mark.parametrize("path", VOLUMES or [pytest.param(None, marks=pytest.mark.skip("needs ../shared"))],
+                         ids=lambda p: p.name if p else "none")
+def test_round_trip_is_identical(path, tmp_path):
+    image = read_image(path)
+    out = tmp_path / "copy.nii.gz"
+    write_image(image, out)
+    back = read_image(out)
+    np.testing.assert_array_equal(back.data, image.data)
+    assert back.data.dtype == image.data.dtype
+    np.testing.assert_array_equal(back.affine, image.affine)
+    np.testing.assert_array_equal(nib.load(out).affine, nib.load(path).affine)
+    assert _header_fields(out) == _header_fields(path)
+    np.testing.assert_allclose(image.data, nib.load(path).get_fdata(), rtol=1e-6, atol=1e-6)
+
+
+def test_scl_slope_and_x_flip_are_honoured():
+    path = shared_path("volumes", "spm12_mni_2mm", "OldNorm_T1.nii.gz")
+    raw = nib.load(path)
+    slope = float(raw.dataobj.slope)
+    assert slope != 1.0
+    image = read_image(path)
+    np.testing.assert_allclose(image.data, np.asarray(raw.dataobj.get_unscaled()) * slope, rtol=1e-6)
+    assert image.orientation == "LAS" and image.affine[0, 0] < 0
+
+
+def test_qform_only_volume_uses_qform():
+    path = shared_path("volumes", "ibsi_sts002_ct_mr_pet", "PET_image.nii.gz")
+    h = nib.load(path).header
+    assert int(h["sform_code"]) == 0
+    np.testing.assert_allclose(read_image(path).affine, h.get_qform(), atol=1e-6)
+
+
+def test_big_endian_reads_the_same_values(tmp_path):
+    src = EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+    img = nib.load(src)
+    data = np.asarray(img.dataobj.get_unscaled())
+    big = nib.Nifti1Image(data.astype(">u1"), img.affine, header=img.header.as_byteswapped(">"))
+    big.header.set_slope_inter(img.dataobj.slope, img.dataobj.inter)
+    path = tmp_path / "big.nii"
+    big.to_filename(path)
+    assert nib.load(path).header.endianness == ">"
+    a, b = read_image(src), read_image(path)
+    np.testing.assert_array_equal(a.data, b.data)
+    np.testing.assert_array_equal(a.affine, b.affine)
+    out = tmp_path / "back.nii"
+    write_image(b, out)
+    np.testing.assert_array_equal(read_image(out).data, a.data)
+
+
+def _four_d(tmp_path):
+    t1 = nib.load(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz")
+    pet = nib.load(EXAMPLES / "spm12" / "OldNorm_PET.nii.gz")
+    data = np.stack([t1.get_fdata(dtype=np.float32), pet.get_fdata(dtype=np.float32)], axis=3)
+    path = tmp_path / "two_frames.nii.gz"
+    nib.Nifti1Image(data, t1.affine).to_filename(path)
+    return path, data
+
+
+def test_4d_needs_a_frame_choice(tmp_path, cli):
+    path, data = _four_d(tmp_path)
+    with pytest.raises(ChoiceRequiredError, match="--frame"):
+        read_image(path)
+    np.testing.assert_array_equal(read_image(path, frames=FrameChoice(frame=1)).data, data[..., 1])
+    np.testing.assert_allclose(read_image(path, frames=FrameChoice(mean=True)).data, data.mean(axis=3), rtol=1e-6)
+    out = tmp_path / "x.nii.gz"
+    res = cli("convert", path, "-o", out)
+    assert res.exit_code == 2 and "--frame" in res.stderr and not out.exists()
+    assert cli("convert", path, "-o", out, "--frame", "1").exit_code == 0
+    assert cli("convert", path, "-o", tmp_path / "y.nii.gz", "--frame", "7").exit_code == 5
+
+
+def test_truncated_gzip_is_refused(tmp_path, cli):
+    whole = (EXAMPLES / "spm12" / "OldNorm_T1.nii.gz").read_bytes()
+    bad = tmp_path / "cut.nii.gz"
+    bad.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InvalidInputError):
+        read_image(bad)
+    out = tmp_path / "o.nii.gz"
+    res = cli("convert", bad, "-o", out)
+    assert res.exit_code == 4 and not out.exists() and "Traceback" not in res.stderr
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_plain_nii_and_gz_extension_decide_compression(tmp_path):
+    image = read_image(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz")
+    write_image(image, tmp_path / "a.nii")
+    write_image(image, tmp_path / "a.nii.gz")
+    assert (tmp_path / "a.nii").read_bytes()[344:348] == b"n+1\0"
+    assert gzip.decompress((tmp_path / "a.nii.gz").read_bytes())[344:348] == b"n+1\0"

@@ -1,0 +1,74 @@
+"""PNG / TIFF slices: the Harvard pairs (../shared) and 8/16-bit, grey/RGB round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from conftest import EXAMPLES, shared_path
+from medfuse_cli import Image, read_image, write_image
+from medfuse_cli.errors import GeometryError
+
+
+def test_harvard_grey_and_pseudocolour_pairs():
+    folder = shared_path("harvard", "mri-pet")
+    mri = read_image(folder / "25015_mri.png")
+    pet = read_image(folder / "25015_pet.png")
+    assert mri.shape == (256, 256, 1) and not mri.is_color and mri.modality.value == "MR"
+    assert pet.is_color and pet.data.shape == (256, 256, 1, 3) and pet.modality.value == "PT"
+    pixels = np.asarray(PILImage.open(folder / "25015_pet.png").convert("RGB"))
+    np.testing.assert_array_equal(pet.data[:, :, 0], pixels.swapaxes(0, 1))  # (column, row) order
+    assert read_image(shared_path("harvard", "mri-spect") / "03008_spect.png").modality.value == "NM"
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_round_trips(tmp_path, suffix):
+    folder = shared_path("harvard", "mri-pet")
+    for name in ("25015_mri.png", "25015_pet.png"):
+        image = read_image(folder / name)
+        out = tmp_path / (name[:-4] + suffix)
+        write_image(image, out)
+        back = read_image(out)
+        np.testing.assert_array_equal(back.data, image.data)
+        assert back.data.dtype == np.uint8
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_slices(tmp_path, suffix):
+    """A 16-bit slice of a real volume survives PNG and TIFF exactly."""
+    vol = read_image(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz")
+    raw = np.rint(vol.data[:, :, 45:46] / vol.data.max() * 60000).astype(np.uint16)
+    image = Image(raw, np.diag([-1.0, -1.0, 1.0, 1.0]))
+    out = tmp_path / ("slice" + suffix)
+    write_image(image, out)
+    back = read_image(out)
+    assert back.data.dtype == np.uint16
+    np.testing.assert_array_equal(back.data, raw)
+
+
+def test_rgb_16_bit_tiff(tmp_path):
+    import tifffile
+
+    pet = read_image(shared_path("harvard", "mri-pet") / "25015_pet.png")
+    rgb16 = pet.data[:, :, 0].swapaxes(0, 1).astype(np.uint16) * 257
+    path = tmp_path / "rgb16.tif"
+    tifffile.imwrite(path, rgb16, photometric="rgb")
+    image = read_image(path)
+    assert image.is_color and image.data.dtype == np.uint16
+    np.testing.assert_array_equal(image.data[:, :, 0], rgb16.swapaxes(0, 1))
+
+
+def test_volume_cannot_be_written_as_png(tmp_path):
+    vol = read_image(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz")
+    with pytest.raises(GeometryError, match="NIfTI"):
+        write_image(vol, tmp_path / "x.png")
+    assert not list(tmp_path.iterdir())
+
+
+def test_slice_to_nifti_keeps_the_raster_geometry(tmp_path):
+    image = read_image(shared_path("harvard", "mri-ct") / "02004_ct.png")
+    write_image(image, tmp_path / "ct.nii.gz")
+    back = read_image(tmp_path / "ct.nii.gz")
+    np.testing.assert_array_equal(back.data, image.data)
+    assert back.orientation == "LPS" and back.spacing == (1.0, 1.0, 1.0)

@@ -1,0 +1,128 @@
+"""The command line: help, version, exit codes, one-line errors, no partial output, no PHI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import EXAMPLES, shared_path
+from medfuse_cli import __version__, read_image
+
+MR_ZIP = EXAMPLES / "dicom" / "mr_t1_xa30.zip"
+T1 = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"
+
+
+def _one_line_error(res, code):
+    assert res.exit_code == code, (res.exit_code, res.stderr)
+    assert res.stderr.startswith("medfuse: error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_version_and_help(cli):
+    assert cli("--version").stdout.strip() == f"medfuse {__version__}"
+    for command in ("convert", "info"):
+        res = cli(command, "--help")
+        assert res.exit_code == 0 and "--debug" in res.stdout and "--series" in res.stdout
+    top = cli("--help")
+    assert "Exit codes" in top.stdout and "convert" in top.stdout and "info" in top.stdout
+
+
+def test_module_entry_point_runs():
+    res = subprocess.run([sys.executable, "-m", "medfuse_cli", "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and __version__ in res.stdout
+
+
+def test_convert_example_dicom_zip(tmp_path, cli):
+    out = tmp_path / "sub" / "mr.nii.gz"
+    res = cli("convert", MR_ZIP, "-o", out)
+    assert res.exit_code == 0, res.stderr
+    img = nib.load(out)
+    assert img.shape == (128, 128, 96) and img.get_data_dtype() == np.int16
+    assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
+    # NIfTI stores float32: a DICOM-derived affine survives to float32 precision
+    np.testing.assert_allclose(img.affine, read_image(MR_ZIP).affine, rtol=0, atol=2e-5)
+    _one_line_error(cli("convert", MR_ZIP, "-o", out), 6)  # exists
+    assert cli("convert", MR_ZIP, "-o", out, "--overwrite").exit_code == 0
+    assert [p.name for p in out.parent.iterdir()] == ["mr.nii.gz"]  # no temporary files left
+
+
+def test_bad_inputs_give_one_line_and_no_output(tmp_path, cli):
+    out = tmp_path / "out.nii.gz"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    junk = tmp_path / "notes.txt"
+    junk.write_text("this is not an image\n" * 30)
+    fake_png = tmp_path / "fake.png"
+    fake_png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    only_text = tmp_path / "textdir"
+    only_text.mkdir()
+    (only_text / "a.txt").write_text("hello")
+    cases = [
+        ((tmp_path / "missing.nii.gz",), 3),
+        ((empty,), 4),
+        ((junk,), 4),
+        ((fake_png,), 4),
+        ((only_text,), 4),
+    ]
+    for (src,), code in cases:
+        _one_line_error(cli("convert", src, "-o", out), code)
+        assert not out.exists()
+    _one_line_error(cli("convert", T1, "-o", tmp_path / "x.png"), 5)
+    _one_line_error(cli("convert", T1, "-o", tmp_path / "x.mha"), 6)
+    _one_line_error(cli("convert", T1, "-o", junk / "inside_a_file.nii.gz"), 6)
+    _one_line_error(cli("convert", T1, "-o", tmp_path), 6)
+    _one_line_error(cli("convert", T1, "-o", tmp_path / "s.nii.gz", "--suv"), 4)
+    _one_line_error(cli("info", tmp_path / "missing"), 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "fake.png", "notes.txt", "textdir"]
+
+
+def test_debug_shows_the_traceback(tmp_path, cli):
+    res = cli("convert", tmp_path / "missing.nii", "-o", tmp_path / "o.nii", "--debug")
+    assert res.exit_code == 3 and "Traceback" in res.stderr
+
+
+def test_info_reports_geometry(cli):
+    res = cli("info", T1, "--json")
+    assert res.exit_code == 0
+    (item,) = json.loads(res.stdout)
+    assert item["shape"] == [91, 109, 91] and item["orientation"] == "LAS"
+    assert item["spacing_mm"] == [2.0, 2.0, 2.0] and item["modality"] == "MR"
+    table = cli("info", MR_ZIP)
+    assert table.exit_code == 0 and "anat-T1w_acq-tfl" in table.stdout and "PIR" in table.stdout
+
+
+def test_no_patient_identifiers_in_outputs(tmp_path, cli):
+    src = shared_path("dicom", "pt_ge_discoveryst_fdg_sts001", "dicom")
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    for f in sorted(src.glob("*.dcm"))[:40]:
+        ds = pydicom.dcmread(f)
+        ds.PatientName = "MARKERNAME^SECRET"
+        ds.PatientID = "MARKERID12345"
+        ds.PatientBirthDate = "19010203"
+        ds.save_as(marked / f.name)
+    out = tmp_path / "pet.nii.gz"
+    res_convert = cli("convert", marked, "-o", out, "--verbose")
+    res_info = cli("info", marked, "--json")
+    res_table = cli("info", marked)
+    assert res_convert.exit_code == res_info.exit_code == res_table.exit_code == 0
+    text = "".join(r.stdout + r.stderr for r in (res_convert, res_info, res_table))
+    raw = gzip.decompress(out.read_bytes())
+    for marker in ("MARKERNAME", "SECRET", "MARKERID12345", "19010203"):
+        assert marker not in text and marker.encode() not in raw
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_read_only_output_folder(tmp_path, cli):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    _one_line_error(cli("convert", T1, "-o", ro / "x.nii.gz"), 6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import zipfile
 from pathlib import Path
@@ -233,3 +234,31 @@ def test_repeated_positions_are_frames(tmp_path):
     np.testing.assert_array_equal(read_image(dest, frames=FrameChoice(frame=0)).data, base.data)
     np.testing.assert_array_equal(read_image(dest, frames=FrameChoice(frame=1)).data, base.data + 1)
     np.testing.assert_allclose(read_image(dest, frames=FrameChoice(mean=True)).data, base.data + 0.5)
+
+
+def test_nm_multiframe_tomo(tmp_path):
+    """An NM (SPECT) multi-frame object built from real PET slices: frames along the normal."""
+    folder = shared_path(*PET, "dicom")
+    files = sorted(folder.glob("*.dcm"))[:20]  # instance 1..20, z descending
+    slices = [pydicom.dcmread(f) for f in files][::-1]  # ascending z: frame i at ipp0 + i*step*normal
+    frames = np.stack([s.pixel_array for s in slices])
+    ds = copy.deepcopy(slices[0])
+    ds.Modality = "NM"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.20"
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.NumberOfFrames = len(slices)
+    ds.SpacingBetweenSlices = "3.27"
+    ds.RescaleSlope, ds.RescaleIntercept = "1", "0"
+    det = pydicom.Dataset()
+    det.ImageOrientationPatient = slices[0].ImageOrientationPatient
+    det.ImagePositionPatient = slices[0].ImagePositionPatient
+    ds.DetectorInformationSequence = pydicom.Sequence([det])
+    del ds.ImagePositionPatient
+    ds.PixelData = frames.astype(slices[0].pixel_array.dtype).tobytes()
+    path = tmp_path / "nm.dcm"
+    ds.save_as(path, enforce_file_format=False)
+    image = read_image(path)
+    assert image.modality.value == "NM" and image.shape == (128, 128, 20)
+    np.testing.assert_array_equal(image.data, frames.transpose(2, 1, 0))
+    top = np.array([float(v) for v in slices[-1].ImagePositionPatient])
+    np.testing.assert_allclose(image.affine @ [0, 0, 19, 1], [-top[0], -top[1], top[2], 1], atol=1e-3)

@@ -1,0 +1,108 @@
+"""Intensity normalisation per modality, colour (YCbCr) handling, and mapping back.
+
+Normalisation maps an image to float32 in [0, 1] through a window ``(lo, hi)``:
+
+- 8-bit raster slices (PNG/TIFF as in the Harvard pairs) are already display-windowed:
+  ``(0, 255)``, i.e. divided by 255.
+- CT with ``--ct-window``: ``brain`` (level 40, width 80 HU), ``bone`` (level 600, width 2800)
+  or ``L,W``; the window is ``L - W/2 .. L + W/2``.
+- Everything else (MR, CT without a window, PET, SPECT): the robust percentile window
+  0.5th .. 99.5th percentile of the finite voxels.
+
+Colour (RGB pseudo-colour PET/SPECT) is split into full-range BT.601 YCbCr; Y is fused, Cb/Cr
+are reattached to the fused Y, so the output is colour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidInputError
+from .image import Image, Modality
+
+CT_WINDOWS = {"brain": (40.0, 80.0), "bone": (600.0, 2800.0)}
+PERCENTILES = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class Window:
+    lo: float
+    hi: float
+    rule: str
+
+    def apply(self, data: np.ndarray) -> np.ndarray:
+        scale = 1.0 / (self.hi - self.lo) if self.hi > self.lo else 0.0
+        return np.clip((data.astype(np.float32) - self.lo) * scale, 0.0, 1.0).astype(np.float32)
+
+    def invert(self, unit: np.ndarray) -> np.ndarray:
+        return (unit.astype(np.float32) * (self.hi - self.lo) + self.lo).astype(np.float32)
+
+
+def parse_ct_window(text: str | None) -> tuple[float, float] | None:
+    """``brain`` / ``bone`` / ``"L,W"`` -> (level, width)."""
+    if text is None:
+        return None
+    key = text.strip().lower()
+    if key in CT_WINDOWS:
+        return CT_WINDOWS[key]
+    try:
+        level, width = (float(v) for v in key.split(","))
+    except ValueError:
+        raise InvalidInputError(f"--ct-window {text!r}: use brain, bone or LEVEL,WIDTH (e.g. 40,80)") from None
+    if width <= 0:
+        raise InvalidInputError("--ct-window width must be positive")
+    return level, width
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """Full-range BT.601 luma Y of an RGB array (last axis), same scale as the input."""
+    rgb = rgb.astype(np.float32)
+    return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+
+
+def rgb_to_ycbcr(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Full-range BT.601 (JPEG) YCbCr of 0..255 RGB."""
+    rgb = rgb.astype(np.float32)
+    y = luminance(rgb)
+    cb = 128.0 + (-0.168736 * rgb[..., 0] - 0.331264 * rgb[..., 1] + 0.5 * rgb[..., 2])
+    cr = 128.0 + (0.5 * rgb[..., 0] - 0.418688 * rgb[..., 1] - 0.081312 * rgb[..., 2])
+    return y, cb, cr
+
+
+def ycbcr_to_rgb(y: np.ndarray, cb: np.ndarray, cr: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`rgb_to_ycbcr`, rounded and clipped to uint8."""
+    cb, cr = cb - 128.0, cr - 128.0
+    r = y + 1.402 * cr
+    g = y - 0.344136 * cb - 0.714136 * cr
+    b = y + 1.772 * cb
+    return np.clip(np.rint(np.stack([r, g, b], axis=-1)), 0, 255).astype(np.uint8)
+
+
+def window_for(image: Image, ct_window: tuple[float, float] | None = None) -> Window:
+    """The normalisation window of an image (see module docstring)."""
+    data = luminance(image.data) if image.is_color else image.data
+    if image.provenance.format in ("png", "tiff") and data.dtype == np.uint8 or image.is_color:
+        return Window(0.0, 255.0, "8-bit display range 0..255")
+    if image.modality is Modality.CT and ct_window is not None:
+        level, width = ct_window
+        return Window(level - width / 2, level + width / 2, f"CT window L={level:g} W={width:g} HU")
+    finite = data[np.isfinite(data)]
+    lo, hi = (float(v) for v in np.percentile(finite, PERCENTILES))
+    if hi <= lo:
+        lo, hi = float(finite.min()), float(finite.max())
+    return Window(lo, hi, f"percentiles {PERCENTILES[0]}..{PERCENTILES[1]}")
+
+
+def check_usable(image: Image, role: str) -> None:
+    """Refuse images with NaN/inf voxels or a single value: nothing sensible can be fused."""
+    data = image.data
+    if data.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise InvalidInputError(f"{role} {image.provenance.source} has {bad} NaN/inf voxels")
+    if float(np.min(data)) == float(np.max(data)):
+        raise InvalidInputError(
+            f"{role} {image.provenance.source} is constant (every voxel is {float(np.min(data)):g}); nothing to fuse"
+        )

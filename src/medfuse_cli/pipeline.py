@@ -1,0 +1,288 @@
+"""``fuse_pair``: read -> register -> resample -> normalise -> fuse -> map back -> write -> report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import GeometryError, InvalidInputError
+from .fusion import CLASSIC_RULES, fuse_classic
+from .image import Image, Modality
+from .intensity import check_usable, parse_ct_window, rgb_to_ycbcr, window_for, ycbcr_to_rgb
+from .io import FrameChoice, check_output, read_image, write_image
+from .io.atomic import atomic_write_bytes, check_writable
+from .register import Registration, register, resample_to
+
+log = logging.getLogger(__name__)
+
+METHODS = tuple(CLASSIC_RULES)
+
+
+@dataclass
+class FuseOptions:
+    """Every parameter of one fusion; recorded in the report."""
+
+    method: str = "laplacian"
+    transform: str = "rigid"
+    fixed_modality: str | None = None
+    moving_modality: str | None = None
+    ct_window: str | None = None
+    fixed_series: str | None = None
+    moving_series: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidInputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.transform not in ("rigid", "affine", "none"):
+            raise InvalidInputError(f"unknown transform {self.transform!r}; choose rigid, affine or none")
+        parse_ct_window(self.ct_window)
+        for m in (self.fixed_modality, self.moving_modality):
+            if m is not None:
+                try:
+                    Modality.parse(m)
+                except ValueError as exc:
+                    raise InvalidInputError(str(exc)) from None
+
+
+@dataclass
+class FuseResult:
+    fused: Image
+    moving_on_fixed: Image
+    registration: Registration
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+Stage = Callable[[str], None]
+
+
+def _load(path: str | os.PathLike[str] | Image, series: str | None) -> Image:
+    return path if isinstance(path, Image) else read_image(path, series=series, frames=FrameChoice())
+
+
+def _assign_modality(image: Image, given: str | None, default: Modality) -> str:
+    if given is not None:
+        image.modality = Modality.parse(given)
+        return "option"
+    if image.modality is not Modality.OT:
+        return "dicom header" if image.provenance.format == "dicom" else "file name"
+    image.modality = default
+    log.warning("%s: modality unknown, assumed %s", image.provenance.source, default.value)
+    return "assumed"
+
+
+def _check_pair(fixed: Image, moving: Image) -> None:
+    if fixed.is_color:
+        raise InvalidInputError(f"FIXED {fixed.provenance.source} is colour; the anatomical image must be greyscale")
+    if fixed.is_2d != moving.is_2d:
+        two, three = (fixed, moving) if fixed.is_2d else (moving, fixed)
+        raise GeometryError(
+            f"{two.provenance.source} is a 2D slice but {three.provenance.source} is a 3D volume; give two of a kind"
+        )
+    if fixed.is_2d and fixed.shape != moving.shape:
+        raise GeometryError(
+            f"2D sizes differ: {fixed.provenance.source} is {fixed.shape[0]}x{fixed.shape[1]}, "
+            f"{moving.provenance.source} is {moving.shape[0]}x{moving.shape[1]}"
+        )
+
+
+def _describe(image: Image, modality_source: str) -> dict[str, Any]:
+    return {
+        "file": image.provenance.source,
+        "format": image.provenance.format,
+        "series_description": image.provenance.series_description,
+        "modality": image.modality.value,
+        "modality_source": modality_source,
+        "shape": list(image.data.shape),
+        "spacing_mm": [round(s, 6) for s in image.spacing],
+        "orientation": image.orientation,
+        "units": image.units,
+        "notes": list(image.provenance.steps),
+    }
+
+
+def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Image, Image, Registration, dict]:
+    """The pure part of the pipeline on in-memory images (no files)."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    check_usable(fixed, "FIXED")
+    check_usable(moving, "MOVING")
+    _check_pair(fixed, moving)
+    reg = register(fixed, moving, options.transform, seed=options.seed)
+    for w in reg.warnings:
+        log.warning("%s", w)
+    if reg.skipped:
+        log.info("registration skipped: %s", reg.skipped)
+    timings["register_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    transform = None if reg.skipped else reg.transform
+    moved = resample_to(moving, fixed, transform)
+    timings["resample_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ct_window = parse_ct_window(options.ct_window)
+    fwin = window_for(fixed, ct_window)
+    a = fwin.apply(fixed.data)
+    if moved.is_color:
+        y, cb, cr = rgb_to_ycbcr(moved.data)
+        mwin = window_for(moving, ct_window)
+        b = mwin.apply(y)
+    else:
+        mwin = window_for(moving, ct_window)
+        b = mwin.apply(moved.data)
+    timings["normalise_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    f = fuse_classic(options.method, a, b)
+    timings["fuse_s"] = time.perf_counter() - t0
+
+    if moved.is_color:
+        data = ycbcr_to_rgb(f * 255.0, cb, cr)
+        units = None
+    elif fixed.provenance.format in ("png", "tiff"):
+        data = np.clip(np.rint(f * 255.0), 0, 255).astype(np.uint8)
+        units = None
+    else:
+        data = fwin.invert(f)
+        units = fixed.units
+    fused = Image(
+        data=data,
+        affine=fixed.affine.copy(),
+        modality=fixed.modality,
+        units=units,
+        provenance=fixed.provenance,
+        nifti_geometry=fixed.nifti_geometry,
+    )
+    details = {
+        "timings": timings,
+        "normalisation": {
+            "fixed": {"lo": fwin.lo, "hi": fwin.hi, "rule": fwin.rule},
+            "moving": {"lo": mwin.lo, "hi": mwin.hi, "rule": mwin.rule},
+        },
+        "colour": "YCbCr: Y fused, Cb/Cr of MOVING kept" if moved.is_color else None,
+    }
+    return fused, moved, reg, details
+
+
+def fuse_pair(
+    fixed: str | os.PathLike[str] | Image,
+    moving: str | os.PathLike[str] | Image,
+    output: str | os.PathLike[str] | None = None,
+    options: FuseOptions | None = None,
+    report: str | os.PathLike[str] | None = None,
+    figure: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    stage: Stage | None = None,
+) -> FuseResult:
+    """Fuse MOVING into FIXED's geometry; optionally write the image, a JSON report and a figure.
+
+    The report goes to ``report`` or, when an output is given, beside it as ``<output>.json``.
+    Outputs are checked before any work and written atomically.
+    """
+    options = options or FuseOptions()
+    stage = stage or (lambda name: None)
+    out_path = Path(output) if output is not None else None
+    report_path = Path(report) if report is not None else (_report_beside(out_path) if out_path else None)
+    if out_path is not None:
+        check_output(out_path, overwrite)
+    for extra in (report_path, Path(figure) if figure else None):
+        if extra is not None:
+            check_writable(extra, overwrite)
+
+    started = time.perf_counter()
+    stage("reading")
+    t0 = time.perf_counter()
+    fixed_img = _load(fixed, options.fixed_series)
+    moving_img = _load(moving, options.moving_series)
+    read_s = time.perf_counter() - t0
+    fixed_src = _assign_modality(fixed_img, options.fixed_modality, Modality.MR)
+    moving_src = _assign_modality(moving_img, options.moving_modality, Modality.PT)
+
+    stage("registering and fusing")
+    fused, moved, reg, details = fuse_images(fixed_img, moving_img, options)
+
+    if out_path is not None:
+        stage("writing")
+        write_image(fused, out_path, overwrite=overwrite)
+    details["timings"] = {"read_s": read_s, **details["timings"]}
+    rep: dict[str, Any] = {
+        "tool": "medfuse",
+        "version": __version__,
+        "output": out_path.name if out_path else None,
+        "inputs": {"fixed": _describe(fixed_img, fixed_src), "moving": _describe(moving_img, moving_src)},
+        "parameters": {**options.__dict__},
+        "registration": reg.summary(),
+        **details,
+    }
+    rep["timings"]["total_s"] = time.perf_counter() - started
+    result = FuseResult(fused, moved, reg, rep)
+    if figure is not None:
+        stage("drawing figure")
+        from .report import write_figure
+
+        write_figure(fixed_img, moved, fused, Path(figure), overwrite=overwrite)
+    if report_path is not None:
+        from .report import write_report
+
+        write_report(rep, report_path, overwrite=overwrite)
+    return result
+
+
+def _report_beside(out: Path) -> Path:
+    name = out.name
+    for suffix in (".nii.gz", ".nii", ".png", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return out.with_name(name + ".json")
+
+
+
+def register_pair(
+    fixed: str | os.PathLike[str],
+    moving: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    transform: str = "rigid",
+    save_transform: str | os.PathLike[str] | None = None,
+    fixed_series: str | None = None,
+    moving_series: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Registration:
+    """Register MOVING onto FIXED, write MOVING on FIXED's grid (and the transform, if asked)."""
+    import tempfile
+
+    FuseOptions(transform=transform)  # validates the name
+    out_path = Path(output)
+    check_output(out_path, overwrite)
+    if save_transform is not None:
+        check_writable(Path(save_transform), overwrite)
+    fixed_img, moving_img = _load(fixed, fixed_series), _load(moving, moving_series)
+    check_usable(fixed_img, "FIXED")
+    check_usable(moving_img, "MOVING")
+    _check_pair(fixed_img, moving_img)
+    reg = register(fixed_img, moving_img, transform, seed=seed)
+    for w in reg.warnings:
+        log.warning("%s", w)
+    moved = resample_to(moving_img, fixed_img, None if reg.skipped else reg.transform)
+    if fixed_img.is_2d and moved.data.dtype != moving_img.data.dtype and moving_img.data.dtype == np.uint8:
+        moved = moved.with_data(np.clip(np.rint(moved.data), 0, 255).astype(np.uint8))
+    write_image(moved, out_path, overwrite=overwrite)
+    if save_transform is not None:
+        import SimpleITK as sitk
+
+        target = Path(save_transform)
+        with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
+            tmp_file = Path(tmp) / ("t" + "".join(target.suffixes or [".tfm"]))
+            sitk.WriteTransform(reg.transform, str(tmp_file))
+            atomic_write_bytes(target, tmp_file.read_bytes(), overwrite)
+    return reg

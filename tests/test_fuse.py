@@ -1,0 +1,162 @@
+"""`medfuse fuse` / `register` end to end on real images."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from conftest import EXAMPLES, shared_path
+from medfuse_cli import read_image, write_image
+from medfuse_cli.pipeline import METHODS, FuseOptions, fuse_pair
+from medfuse_cli.register import register
+
+T1 = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"
+PET = EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+
+
+def _misaligned(path, tmp_path, angles=(8, -6, 5), shift=(7, -5, 8)):
+    """The volume with its header moved by a known rigid transform R (RAS)."""
+    image = read_image(path)
+    rigid = np.eye(4)
+    rigid[:3, :3] = Rotation.from_euler("xyz", angles, degrees=True).as_matrix()
+    rigid[:3, 3] = shift
+    image.affine = rigid @ image.affine
+    image.nifti_geometry = None
+    out = tmp_path / f"moved_{path.name}"
+    write_image(image, out)
+    return out, rigid
+
+
+def _tre(fixed, transform, rigid) -> float:
+    """Mean target registration error (mm) over brain voxels of FIXED."""
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    pts = np.argwhere(fixed.data > 0.3 * fixed.data.max())[::10]
+    world = lps @ fixed.affine @ np.c_[pts, np.ones(len(pts))].T
+    true = (lps @ rigid @ lps @ world)[:3].T
+    est = np.array([transform.TransformPoint(tuple(p)) for p in world[:3].T])
+    return float(np.linalg.norm(est - true, axis=1).mean())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_example_fusion_keeps_fixed_geometry(method, tmp_path, cli):
+    out = tmp_path / f"{method}.nii.gz"
+    res = cli("fuse", T1, PET, "-o", out, "--method", method)
+    assert res.exit_code == 0, res.stderr
+    fused, fixed = nib.load(out), nib.load(T1)
+    assert fused.shape == fixed.shape
+    np.testing.assert_array_equal(fused.affine, fixed.affine)
+    np.testing.assert_array_equal(fused.header.get_sform(), fixed.header.get_sform())
+    np.testing.assert_array_equal(fused.header.get_qform(), fixed.header.get_qform())
+    report = json.loads((tmp_path / f"{method}.json").read_text())
+    assert report["parameters"]["method"] == method and report["registration"]["skipped"]
+    data = fused.get_fdata()
+    assert np.isfinite(data).all() and data.std() > 0
+    # the fused image keeps structure of both sources
+    t1, pet = read_image(T1).data.ravel(), read_image(PET).data.ravel()
+    assert np.corrcoef(data.ravel(), t1)[0, 1] > 0.5 and np.corrcoef(data.ravel(), pet)[0, 1] > 0.5
+
+
+def test_rigid_registration_recovers_a_known_misalignment(tmp_path):
+    fixed = read_image(T1)
+    moved_path, rigid = _misaligned(shared_path("volumes", "spm12_mni_2mm", "OldNorm_T2.nii.gz"), tmp_path)
+    reg = register(fixed, read_image(moved_path), "rigid")
+    assert reg.mi_after > reg.mi_before
+    assert _tre(fixed, reg.transform, rigid) < 1.0  # half a 2 mm voxel
+
+
+def test_fusion_with_registration_is_deterministic(tmp_path, cli):
+    moved, _ = _misaligned(PET, tmp_path)
+    outs = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
+    for out in outs:
+        assert cli("fuse", T1, moved, "-o", out, "--transform", "affine").exit_code == 0
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["registration"]["mattes_mi_after"] > report["registration"]["mattes_mi_before"]
+    assert nib.load(outs[0]).shape == (91, 109, 91)
+
+
+def test_register_command_writes_moving_on_fixed_grid(tmp_path, cli):
+    moved, _ = _misaligned(PET, tmp_path)
+    out, tfm = tmp_path / "reg.nii.gz", tmp_path / "t.tfm"
+    res = cli("register", T1, moved, "-o", out, "--save-transform", tfm)
+    assert res.exit_code == 0, res.stderr
+    np.testing.assert_array_equal(nib.load(out).affine, nib.load(T1).affine)
+    assert "Euler3DTransform" in tfm.read_text()
+    # registered PET agrees with the original, aligned PET
+    assert np.corrcoef(nib.load(out).get_fdata().ravel(), read_image(PET).data.ravel())[0, 1] > 0.97
+
+
+@pytest.mark.slow
+def test_dicom_ct_onto_nifti_mr(tmp_path, cli):
+    ct = shared_path("dicom", "ct_ge_hispeed_head_tilt", "dicom")
+    out = tmp_path / "ct_on_mr.nii.gz"
+    res = cli("fuse", T1, ct, "-o", out, "--ct-window", "brain", "--figure", tmp_path / "f.png")
+    assert res.exit_code == 0, res.stderr
+    assert nib.load(out).shape == (91, 109, 91)
+    np.testing.assert_array_equal(nib.load(out).affine, nib.load(T1).affine)
+    report = json.loads((tmp_path / "ct_on_mr.json").read_text())
+    assert report["inputs"]["moving"]["modality"] == "CT" and report["inputs"]["moving"]["modality_source"] == "dicom header"
+
+
+def test_dicom_ct_onto_nifti_mr_without_registration(tmp_path, cli):
+    ct = shared_path("dicom", "ct_ge_hispeed_head_tilt", "dicom")
+    for method in METHODS:
+        out = tmp_path / f"{method}.nii.gz"
+        assert cli("fuse", T1, ct, "-o", out, "--transform", "none", "--method", method).exit_code == 0
+        np.testing.assert_array_equal(nib.load(out).affine, nib.load(T1).affine)
+        assert nib.load(out).shape == (91, 109, 91)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_harvard_mri_pet_gives_a_colour_png(method, tmp_path):
+    folder = shared_path("harvard", "mri-pet")
+    out = tmp_path / "fused.png"
+    result = fuse_pair(folder / "25015_mri.png", folder / "25015_pet.png", out, FuseOptions(method=method))
+    from PIL import Image as PILImage
+
+    png = PILImage.open(out)
+    assert png.size == (256, 256) and png.mode == "RGB"
+    # the chroma of the PET survives; the MRI's structure is there
+    fused_rgb = np.asarray(png).astype(float)
+    pet_rgb = np.asarray(PILImage.open(folder / "25015_pet.png").convert("RGB")).astype(float)
+    mri = np.asarray(PILImage.open(folder / "25015_mri.png")).astype(float)
+    chroma = lambda rgb: rgb[..., 2] - rgb[..., 0]  # noqa: E731
+    assert np.corrcoef(chroma(fused_rgb).ravel(), chroma(pet_rgb).ravel())[0, 1] > 0.8
+    y = 0.299 * fused_rgb[..., 0] + 0.587 * fused_rgb[..., 1] + 0.114 * fused_rgb[..., 2]
+    assert np.corrcoef(y.ravel(), mri.ravel())[0, 1] > 0.6
+    assert result.report["colour"]
+
+
+def test_bad_pairs(tmp_path, cli):
+    mri_png = shared_path("harvard", "mri-pet", "25015_mri.png")
+    out = tmp_path / "o.nii.gz"
+
+    def refused(code, *args):
+        res = cli("fuse", *args, "-o", out)
+        assert res.exit_code == code, (args, res.exit_code, res.stderr)
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+        assert not out.exists() and not (tmp_path / "o.json").exists()
+
+    refused(5, T1, shared_path("volumes", "ibsi_sts002_ct_mr_pet", "PET_image.nii.gz"))  # no overlap
+    refused(5, mri_png, T1)  # 2D with 3D
+    small = tmp_path / "small.png"
+    from PIL import Image as PILImage
+
+    PILImage.open(mri_png).resize((128, 128)).save(small)
+    refused(5, mri_png, small)  # 2D sizes differ
+    image = read_image(PET)
+    nan = image.with_data(image.data.copy())
+    nan.data[40, 40, 40] = np.nan
+    write_image(nan, tmp_path / "nan.nii.gz")
+    refused(4, T1, tmp_path / "nan.nii.gz")
+    write_image(image.with_data(np.full(image.shape, 3.0, np.float32)), tmp_path / "flat.nii.gz")
+    refused(4, T1, tmp_path / "flat.nii.gz")
+    refused(4, T1, PET, "--method", "nonsense")
+    refused(4, T1, PET, "--ct-window", "wide")
+    assert cli("fuse", T1, PET, "-o", out).exit_code == 0
+    res = cli("fuse", T1, PET, "-o", out)  # exists
+    assert res.exit_code == 6

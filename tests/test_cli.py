@@ -110,12 +110,13 @@ def test_no_patient_identifiers_in_outputs(tmp_path, cli):
         ds.PatientBirthDate = "19010203"
         ds.save_as(marked / f.name)
     out = tmp_path / "pet.nii.gz"
-    res_convert = cli("convert", marked, "-o", out, "--verbose")
+    res_convert = cli("convert", marked, "-o", out, "--verbose", "--suv")
     res_info = cli("info", marked, "--json")
     res_table = cli("info", marked)
     assert res_convert.exit_code == res_info.exit_code == res_table.exit_code == 0
     text = "".join(r.stdout + r.stderr for r in (res_convert, res_info, res_table))
     raw = gzip.decompress(out.read_bytes())
+    assert read_image(out).data.max() < 100  # SUV, not Bq/ml
     for marker in ("MARKERNAME", "SECRET", "MARKERID12345", "19010203"):
         assert marker not in text and marker.encode() not in raw
 

@@ -86,6 +86,7 @@ def test_register_command_writes_moving_on_fixed_grid(tmp_path, cli):
     assert res.exit_code == 0, res.stderr
     np.testing.assert_array_equal(nib.load(out).affine, nib.load(T1).affine)
     assert "Euler3DTransform" in tfm.read_text()
+    assert "rigid registration, Mattes MI" in res.stdout
     # registered PET agrees with the original, aligned PET
     assert np.corrcoef(nib.load(out).get_fdata().ravel(), read_image(PET).data.ravel())[0, 1] > 0.97
 
@@ -106,9 +107,14 @@ def test_dicom_ct_onto_nifti_mr_without_registration(tmp_path, cli):
     ct = shared_path("dicom", "ct_ge_hispeed_head_tilt", "dicom")
     for method in METHODS:
         out = tmp_path / f"{method}.nii.gz"
-        assert cli("fuse", T1, ct, "-o", out, "--transform", "none", "--method", method).exit_code == 0
+        res = cli("fuse", T1, ct, "-o", out, "--transform", "none", "--method", method, "--ct-window", "brain")
+        assert res.exit_code == 0, res.stderr
         np.testing.assert_array_equal(nib.load(out).affine, nib.load(T1).affine)
         assert nib.load(out).shape == (91, 109, 91)
+    report = json.loads((tmp_path / "wavelet.json").read_text())
+    assert report["normalisation"]["moving"]["lo"] == 0.0  # brain window: 40 - 80/2 HU
+    assert report["normalisation"]["moving"]["hi"] == 80.0
+    assert report["normalisation"]["fixed"]["rule"].startswith("percentiles")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -161,3 +167,16 @@ def test_bad_pairs(tmp_path, cli):
     assert cli("fuse", T1, PET, "-o", out).exit_code == 0
     res = cli("fuse", T1, PET, "-o", out)  # exists
     assert res.exit_code == 6
+
+
+def test_figure_and_8_bit_registration_output(tmp_path, cli):
+    folder = shared_path("harvard", "mri-ct")
+    fig = tmp_path / "fig.png"
+    res = cli("fuse", folder / "02004_mri.png", folder / "02004_ct.png", "-o", tmp_path / "f.png", "--figure", fig)
+    assert res.exit_code == 0, res.stderr
+    from PIL import Image as PILImage
+
+    assert PILImage.open(fig).size[0] > 600  # four panels side by side
+    out = tmp_path / "ct_on_mri.png"
+    assert cli("register", folder / "02004_mri.png", folder / "02004_ct.png", "-o", out).exit_code == 0
+    np.testing.assert_array_equal(np.asarray(PILImage.open(out)), np.asarray(PILImage.open(folder / "02004_ct.png")))

@@ -232,6 +232,12 @@ FixedArg = Annotated[Path, typer.Argument(help="Anatomical reference (normally t
 MovingArg = Annotated[Path, typer.Argument(help="The other modality (CT, PET, SPECT): NIfTI, DICOM folder/zip/file, PNG/TIFF (RGB pseudo-colour allowed).", show_default=False)]
 
 
+def _registration_line(summary: dict) -> str:
+    if summary["skipped"]:
+        return f"registration skipped ({summary['skipped']})"
+    return f"{summary['kind']} registration, Mattes MI {summary['mattes_mi_before']:.3f} -> {summary['mattes_mi_after']:.3f}"
+
+
 def _status(quiet: bool):
     """A stage callback that shows a spinner on a terminal and nothing otherwise."""
     from rich.console import Console
@@ -284,9 +290,7 @@ def fuse(
             if status is not None:
                 status.stop()
         if not quiet:
-            reg = result.report["registration"]
-            how = f"registration skipped ({reg['skipped']})" if reg["skipped"] else (
-                f"{reg['kind']} registration, Mattes MI {reg['mattes_mi_before']:.3f} -> {reg['mattes_mi_after']:.3f}")
+            how = _registration_line(result.report["registration"])
             typer.echo(f"{output}  {method}  {how}  {result.report['timings']['total_s']:.1f} s")
 
     _run(debug, quiet, verbose, body)
@@ -315,9 +319,7 @@ def register(
         reg = register_pair(fixed, moving, output, transform=transform, save_transform=save_transform,
                             fixed_series=fixed_series, moving_series=moving_series, seed=seed, overwrite=overwrite)
         if not quiet:
-            s = reg.summary()
-            how = f"skipped ({s['skipped']})" if s["skipped"] else f"Mattes MI {s['mattes_mi_before']:.3f} -> {s['mattes_mi_after']:.3f}"
-            typer.echo(f"{output}  {transform}  {how}")
+            typer.echo(f"{output}  {_registration_line(reg.summary())}")
 
     _run(debug, quiet, verbose, body)
 

@@ -44,8 +44,10 @@ EXIT_CODES: dict[int, str] = {
     1: "unexpected internal error (please report it; rerun with --debug for a traceback)",
     2: "usage error, or an ambiguous input that needs a choice (--series, --frame / --mean-frames)",
     3: "input not found or not readable",
-    4: "no usable image: empty folder, not an image, corrupt or truncated file, unsupported encoding",
-    5: "unusable geometry: 4D without a frame choice, 3D written to a 2D format, bad affine",
+    4: "no usable image or option value: empty folder, not an image, corrupt or truncated file, "
+    "unsupported encoding, NaN/inf or constant image, unknown method/modality/window",
+    5: "unusable geometry: 4D frame out of range, a volume written to a 2D format, bad affine, "
+    "a pair that does not overlap, 2D with 3D, 2D slices of different sizes",
     6: "output exists (use --overwrite) or cannot be written",
     10: "out of memory",
     130: "interrupted (Ctrl-C)",

@@ -132,12 +132,11 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     ct_window = parse_ct_window(options.ct_window)
     fwin = window_for(fixed, ct_window)
     a = fwin.apply(fixed.data)
+    mwin = window_for(moving, ct_window)
     if moved.is_color:
         y, cb, cr = rgb_to_ycbcr(moved.data)
-        mwin = window_for(moving, ct_window)
         b = mwin.apply(y)
     else:
-        mwin = window_for(moving, ct_window)
         b = mwin.apply(moved.data)
     timings["normalise_s"] = time.perf_counter() - t0
 
@@ -274,8 +273,6 @@ def register_pair(
     for w in reg.warnings:
         log.warning("%s", w)
     moved = resample_to(moving_img, fixed_img, None if reg.skipped else reg.transform)
-    if fixed_img.is_2d and moved.data.dtype != moving_img.data.dtype and moving_img.data.dtype == np.uint8:
-        moved = moved.with_data(np.clip(np.rint(moved.data), 0, 255).astype(np.uint8))
     write_image(moved, out_path, overwrite=overwrite)
     if save_transform is not None:
         import SimpleITK as sitk

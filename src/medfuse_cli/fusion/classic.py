@@ -27,7 +27,7 @@ def _down(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
 
 
 def _up(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    factors = [t / s for t, s in zip(shape, x.shape)]
+    factors = [t / s for t, s in zip(shape, x.shape, strict=True)]
     out = ndimage.zoom(x, factors, order=1, mode="nearest", grid_mode=True)
     return out[tuple(slice(0, s) for s in shape)]
 
@@ -50,7 +50,7 @@ def laplacian(a: np.ndarray, b: np.ndarray, levels: int = 4) -> np.ndarray:
 
     pa, pb = pyramid(a), pyramid(b)
     fused = 0.5 * (pa[-1] + pb[-1])
-    for da, db in zip(reversed(pa[:-1]), reversed(pb[:-1])):
+    for da, db in zip(reversed(pa[:-1]), reversed(pb[:-1]), strict=True):
         fused = _up(fused, da.shape) + _max_abs(da, db)
     return fused
 
@@ -62,7 +62,7 @@ def wavelet(a: np.ndarray, b: np.ndarray, wavelet_name: str = "db2", levels: int
     ca = pywt.wavedecn(a, wavelet_name, level=levels, axes=axes, mode="symmetric")
     cb = pywt.wavedecn(b, wavelet_name, level=levels, axes=axes, mode="symmetric")
     fused = [0.5 * (ca[0] + cb[0])]
-    for da, db in zip(ca[1:], cb[1:]):
+    for da, db in zip(ca[1:], cb[1:], strict=True):
         fused.append({k: _max_abs(da[k], db[k]) for k in da})
     out = pywt.waverecn(fused, wavelet_name, axes=axes, mode="symmetric")
     return out[tuple(slice(0, s) for s in a.shape)]

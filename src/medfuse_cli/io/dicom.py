@@ -21,7 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from ..errors import ChoiceRequiredError, GeometryError, InvalidInputError
+from ..errors import ChoiceRequiredError, InvalidInputError
 from ..image import Image, Modality, Provenance
 from .frames import FrameChoice
 from .limits import check_voxel_count
@@ -195,7 +195,7 @@ def _multiframe_slices(ds: Dataset, arr: np.ndarray, name: str) -> list[Slice]:
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is not None:
         for i, fg in enumerate(per_frame):
-            def item(seq: str, fg: Dataset = fg) -> Dataset:
+            def item(seq: str, fg: Dataset = fg, i: int = i) -> Dataset:
                 if seq in fg:
                     return fg[seq].value[0]
                 if seq in shared:

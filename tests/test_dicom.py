@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from conftest import shared_path
 from scipy import ndimage
 
-from conftest import shared_path
 from medfuse_cli import read_image
 from medfuse_cli.errors import ChoiceRequiredError, InvalidInputError
 from medfuse_cli.io import FrameChoice

@@ -7,9 +7,9 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import EXAMPLES, shared_path
 from scipy.spatial.transform import Rotation
 
-from conftest import EXAMPLES, shared_path
 from medfuse_cli import read_image, write_image
 from medfuse_cli.pipeline import METHODS, FuseOptions, fuse_pair
 from medfuse_cli.register import register
@@ -130,7 +130,7 @@ def test_harvard_mri_pet_gives_a_colour_png(method, tmp_path):
     fused_rgb = np.asarray(png).astype(float)
     pet_rgb = np.asarray(PILImage.open(folder / "25015_pet.png").convert("RGB")).astype(float)
     mri = np.asarray(PILImage.open(folder / "25015_mri.png")).astype(float)
-    chroma = lambda rgb: rgb[..., 2] - rgb[..., 0]  # noqa: E731
+    chroma = lambda rgb: rgb[..., 2] - rgb[..., 0]
     assert np.corrcoef(chroma(fused_rgb).ravel(), chroma(pet_rgb).ravel())[0, 1] > 0.8
     y = 0.299 * fused_rgb[..., 0] + 0.587 * fused_rgb[..., 1] + 0.114 * fused_rgb[..., 2]
     assert np.corrcoef(y.ravel(), mri.ravel())[0, 1] > 0.6

@@ -7,8 +7,8 @@ import gzip
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import EXAMPLES, SHARED, shared_path
+
 from medfuse_cli import read_image, write_image
 from medfuse_cli.errors import ChoiceRequiredError, InvalidInputError
 from medfuse_cli.io import FrameChoice

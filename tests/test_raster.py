@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import EXAMPLES, shared_path
 from PIL import Image as PILImage
 
-from conftest import EXAMPLES, shared_path
 from medfuse_cli import Image, read_image, write_image
 from medfuse_cli.errors import GeometryError
 

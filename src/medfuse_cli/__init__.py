@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .image import Image, Modality  # noqa: E402
-from .io import read_image, write_image  # noqa: E402
+from .image import Image, Modality
+from .io import read_image, write_image
 
 __all__ = ["Image", "Modality", "__version__", "read_image", "write_image"]

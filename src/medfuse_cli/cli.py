@@ -8,7 +8,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -34,7 +34,7 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print details of
 Debug = Annotated[bool, typer.Option("--debug", help="Show a full traceback on errors (for bug reports).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output file if it exists.")]
 Series = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--series",
         help="DICOM input with several series: take this one (SeriesInstanceUID, SeriesNumber or "
@@ -42,7 +42,7 @@ Series = Annotated[
     ),
 ]
 Frame = Annotated[
-    Optional[int],
+    int | None,
     typer.Option("--frame", min=0, help="4D input: take this frame (0-based)."),
 ]
 MeanFrames = Annotated[bool, typer.Option("--mean-frames", help="4D input: average all frames.")]
@@ -217,16 +217,16 @@ Transform = Annotated[
     typer.Option("--transform", "-t", help="Registration: rigid, affine (rigid then affine) or none. Skipped when both inputs share one grid."),
 ]
 FixedModality = Annotated[
-    Optional[str], typer.Option("--fixed-modality", help="Modality of FIXED (MR, CT, PT/PET, NM/SPECT) when the header or file name does not say; default assumed MR.")
+    str | None, typer.Option("--fixed-modality", help="Modality of FIXED (MR, CT, PT/PET, NM/SPECT) when the header or file name does not say; default assumed MR.")
 ]
 MovingModality = Annotated[
-    Optional[str], typer.Option("--moving-modality", help="Modality of MOVING (MR, CT, PT/PET, NM/SPECT) when the header or file name does not say; default assumed PT.")
+    str | None, typer.Option("--moving-modality", help="Modality of MOVING (MR, CT, PT/PET, NM/SPECT) when the header or file name does not say; default assumed PT.")
 ]
 CtWindow = Annotated[
-    Optional[str], typer.Option("--ct-window", help="CT intensity window: brain (L40 W80), bone (L600 W2800) or LEVEL,WIDTH in HU. Default: 0.5-99.5 percentile window.")
+    str | None, typer.Option("--ct-window", help="CT intensity window: brain (L40 W80), bone (L600 W2800) or LEVEL,WIDTH in HU. Default: 0.5-99.5 percentile window.")
 ]
-FixedSeries = Annotated[Optional[str], typer.Option("--fixed-series", help="FIXED is DICOM with several series: take this one (UID, number or description).")]
-MovingSeries = Annotated[Optional[str], typer.Option("--moving-series", help="MOVING is DICOM with several series: take this one (UID, number or description).")]
+FixedSeries = Annotated[str | None, typer.Option("--fixed-series", help="FIXED is DICOM with several series: take this one (UID, number or description).")]
+MovingSeries = Annotated[str | None, typer.Option("--moving-series", help="MOVING is DICOM with several series: take this one (UID, number or description).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the registration's metric sampling (same inputs + seed = same output bit for bit).")]
 FixedArg = Annotated[Path, typer.Argument(help="Anatomical reference (normally the MRI): NIfTI, DICOM folder/zip/file, PNG/TIFF. The output lives on its grid.", show_default=False)]
 MovingArg = Annotated[Path, typer.Argument(help="The other modality (CT, PET, SPECT): NIfTI, DICOM folder/zip/file, PNG/TIFF (RGB pseudo-colour allowed).", show_default=False)]
@@ -260,11 +260,12 @@ def fuse(
     fixed_modality: FixedModality = None,
     moving_modality: MovingModality = None,
     ct_window: CtWindow = None,
-    report: Annotated[Optional[Path], typer.Option("--report", help="JSON report path (default: beside the output, OUT.json).")] = None,
-    figure: Annotated[Optional[Path], typer.Option("--figure", help="Also write a PNG figure: FIXED, MOVING, fused and an overlay, middle slice of each plane.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="JSON report path (default: beside the output, OUT.json).")] = None,
+    figure: Annotated[Path | None, typer.Option("--figure", help="Also write a PNG figure: FIXED, MOVING, fused and an overlay, middle slice of each plane.")] = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
     seed: Seed = 0,
+    metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Score the fusion with medfuse eval's metrics (in the report and the summary line).")] = True,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -281,7 +282,8 @@ def fuse(
 
         options = FuseOptions(method=method, transform=transform, fixed_modality=fixed_modality,
                               moving_modality=moving_modality, ct_window=ct_window,
-                              fixed_series=fixed_series, moving_series=moving_series, seed=seed)
+                              fixed_series=fixed_series, moving_series=moving_series, seed=seed,
+                              metrics=metrics)
         status, stage = _status(quiet)
         try:
             result = fuse_pair(fixed, moving, output, options, report=report, figure=figure,
@@ -291,7 +293,11 @@ def fuse(
                 status.stop()
         if not quiet:
             how = _registration_line(result.report["registration"])
-            typer.echo(f"{output}  {method}  {how}  {result.report['timings']['total_s']:.1f} s")
+            scores = ""
+            if "metrics" in result.report:
+                v = result.report["metrics"]["values"]
+                scores = f"  SSIM {v['SSIM']:.3f} (worst {v['SSIM_worst']:.3f})  Qabf {v['Qabf']:.3f}  MI {v['MI']:.2f} bits"
+            typer.echo(f"{output}  {method}  {how}{scores}  {result.report['timings']['total_s']:.1f} s")
 
     _run(debug, quiet, verbose, body)
 
@@ -302,7 +308,7 @@ def register(
     moving: MovingArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="MOVING resampled onto FIXED's grid: .nii.gz / .nii / .png / .tif.", show_default=False)],
     transform: Transform = "rigid",
-    save_transform: Annotated[Optional[Path], typer.Option("--save-transform", help="Also save the transform (ITK .tfm, LPS, FIXED point -> MOVING point).")] = None,
+    save_transform: Annotated[Path | None, typer.Option("--save-transform", help="Also save the transform (ITK .tfm, LPS, FIXED point -> MOVING point).")] = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
     seed: Seed = 0,
@@ -322,6 +328,125 @@ def register(
             typer.echo(f"{output}  {_registration_line(reg.summary())}")
 
     _run(debug, quiet, verbose, body)
+
+_EVAL_FORMAT = {"EN": 3, "SD": 2, "SF": 2, "AG": 2, "PSNR": 2}
+
+
+def _eval_tables(means: dict, quiet: bool) -> None:
+    """One Rich table per modality pair: methods as rows, the best value of each column marked *."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluate import best_per_column
+    from .metrics import METRICS
+
+    if quiet:
+        return
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=240)
+    for group, methods in means.items():
+        n = max(v["n"] for v in methods.values())
+        table = Table(title=f"{group} ({n} pair{'s' if n != 1 else ''}; * = best)", title_justify="left")
+        table.add_column("method", style="bold")
+        table.add_column("n", justify="right")
+        for k in METRICS:
+            table.add_column(k, justify="right")
+        best = best_per_column(methods) if len(methods) > 1 else {k: set() for k in METRICS}
+        for method, v in methods.items():
+            cells = []
+            for k in METRICS:
+                text = f"{v[k]:.{_EVAL_FORMAT.get(k, 3)}f}"
+                cells.append(f"[bold green]{text}*[/]" if method in best[k] else text)
+            table.add_row(method, str(v["n"]), *cells)
+        console.print(table)
+
+
+@app.command("eval")
+def eval_(
+    fused: Annotated[list[Path] | None, typer.Argument(help="Fused images of the pair given by --fixed/--moving (one row each).", show_default=False)] = None,
+    fixed: Annotated[Path | None, typer.Option("--fixed", help="Source A (the MRI) of one pair.", show_default=False)] = None,
+    moving: Annotated[Path | None, typer.Option("--moving", help="Source B (CT/PET/SPECT) of one pair, on FIXED's grid.", show_default=False)] = None,
+    pairs: Annotated[Path | None, typer.Option("--pairs", help="Folder of pairs named ID_mri.png + ID_ct/pet/spect.png (searched recursively, as ../shared/data/harvard).", show_default=False)] = None,
+    fused_dirs: Annotated[list[Path] | None, typer.Option("--fused", help="With --pairs: a folder of fused images named ID.png (one method per folder; repeat to compare).", show_default=False)] = None,
+    split: Annotated[str | None, typer.Option("--split", help="With --pairs: only the pairs of this split in PAIRS/splits.csv (columns pair_id, split), e.g. val.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write per-image and mean values, with the conventions, as JSON.")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-image rows and mean rows as CSV.")] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    debug: Debug = False,
+) -> None:
+    """Score fused images: PSNR, SSIM, MI and EN, SD, SF, AG, FMI, Qabf, VIF, SCD, CC.
+
+    Give one pair (`--fixed A --moving B FUSED...`) or folders (`--pairs DIR --fused DIR [--fused DIR...]`).
+    Conventions: greyscale 0..255 (colour as Y of full-range BT.601 YCbCr; 8-bit slices as stored,
+    other images by their 0.5-99.5 percentile window); MI = MI(A,F) + MI(B,F) in bits (256 bins);
+    SSIM = mean of SSIM(A,F) and SSIM(B,F), Gaussian window 11, sigma 1.5, L = 255, with SSIM_A,
+    SSIM_B and SSIM_worst (the lower) beside it; PSNR = 10 log10(255^2 / mean of the two MSEs);
+    VIF = VIF(A,F) + VIF(B,F); CC = mean of the two correlations; SCD = corr(F-B, A) + corr(F-A, B).
+    Volumes must share one grid; Qabf, VIF and FMI are pooled over axial slices.
+    """
+
+    def body() -> None:
+        from .errors import InvalidInputError
+        from .evaluate import (
+            evaluate_cases,
+            find_cases,
+            single_pair_cases,
+            summarise,
+            to_csv,
+            to_json,
+        )
+        from .io import read_image
+        from .io.atomic import atomic_write_bytes, check_writable
+
+        if pairs is not None:
+            if fixed or moving or fused:
+                raise InvalidInputError("give either --pairs/--fused or --fixed/--moving FUSED..., not both")
+            if not fused_dirs:
+                raise InvalidInputError("--pairs needs at least one --fused folder")
+            cases, methods = find_cases(pairs, fused_dirs, split)
+        else:
+            if fixed is None or moving is None:
+                raise InvalidInputError("give --fixed and --moving with FUSED images, or --pairs with --fused folders")
+            if fused_dirs or split:
+                raise InvalidInputError("--fused and --split go with --pairs")
+            cases, methods = single_pair_cases(fixed, moving, fused or [])
+        for out in (json_out, csv_out):
+            if out is not None:
+                check_writable(out, overwrite)
+        rows = _with_progress(len(cases), quiet, "scoring",
+                              lambda tick: evaluate_cases(cases, methods, read_image, tick))
+        means = summarise(rows)
+        if json_out is not None:
+            from .report import write_report
+
+            write_report(to_json(rows, means), json_out, overwrite=overwrite)
+        if csv_out is not None:
+            atomic_write_bytes(csv_out, to_csv(rows, means).encode(), overwrite)
+        _eval_tables(means, quiet)
+
+    _run(debug, quiet, verbose, body)
+
+
+def _with_progress(total: int, quiet: bool, label: str, work: Callable[[Callable[[], None] | None], Any]) -> Any:
+    """Run ``work(tick)`` under a Rich progress bar on a terminal (``tick`` is None otherwise)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal or total < 2:
+        return work(None)
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task(label, total=total)
+        return work(lambda: bar.advance(task))
 
 
 def main() -> None:

@@ -16,7 +16,13 @@ from . import __version__
 from .errors import GeometryError, InvalidInputError
 from .fusion import CLASSIC_RULES, fuse_classic
 from .image import Image, Modality
-from .intensity import check_usable, parse_ct_window, rgb_to_ycbcr, window_for, ycbcr_to_rgb
+from .intensity import (
+    check_usable,
+    parse_ct_window,
+    rgb_to_ycbcr,
+    window_for,
+    ycbcr_to_rgb,
+)
 from .io import FrameChoice, check_output, read_image, write_image
 from .io.atomic import atomic_write_bytes, check_writable
 from .register import Registration, register, resample_to
@@ -38,6 +44,7 @@ class FuseOptions:
     fixed_series: str | None = None
     moving_series: str | None = None
     seed: int = 0
+    metrics: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -161,7 +168,7 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
         provenance=fixed.provenance,
         nifti_geometry=fixed.nifti_geometry,
     )
-    details = {
+    details: dict[str, Any] = {
         "timings": timings,
         "normalisation": {
             "fixed": {"lo": fwin.lo, "hi": fwin.hi, "rule": fwin.rule},
@@ -169,7 +176,20 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
         },
         "colour": "YCbCr: Y fused, Cb/Cr of MOVING kept" if moved.is_color else None,
     }
+    if options.metrics:
+        t0 = time.perf_counter()
+        details["metrics"] = _metrics(fixed, moved, fused)
+        timings["metrics_s"] = time.perf_counter() - t0
     return fused, moved, reg, details
+
+
+def _metrics(fixed: Image, moved: Image, fused: Image) -> dict[str, Any]:
+    """``medfuse eval``'s metrics of this fusion (A = FIXED, B = MOVING on FIXED's grid)."""
+    from .evaluate import CONVENTIONS, metric_array
+    from .metrics import compute
+
+    values = compute(metric_array(fixed), metric_array(moved), metric_array(fused))
+    return {"values": values, "A": "FIXED", "B": "MOVING on FIXED's grid", "conventions": CONVENTIONS}
 
 
 def fuse_pair(

@@ -61,7 +61,8 @@ def read_raster(path: Path) -> Image:
         except Exception as exc:
             raise InvalidInputError(f"{path.name}: not a readable TIFF ({exc})") from exc
         return _from_pixels(np.asarray(pixels), path.name, "tiff")
-    from PIL import Image as PILImage, UnidentifiedImageError
+    from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
 
     try:
         with PILImage.open(path) as im:

@@ -1,0 +1,296 @@
+"""Fusion quality metrics with one stated set of conventions (numpy/scipy, vectorised).
+
+A and B are the sources (A = FIXED, normally the MRI; B = CT/PET/SPECT), F the fused image, all
+greyscale float arrays on a 0..255 scale of one shape: ``(rows, cols)`` for a slice,
+``(slices, rows, cols)`` for a volume. Conventions (the same as ``../shared/notes/PEERS.md``):
+
+- **EN** entropy of F, bits, 256 bins of round(F) clipped to 0..255. **SD** population std of F.
+- **SF** sqrt of the sum over axes of the mean squared first difference (2D: sqrt(RF^2 + CF^2)).
+- **AG** forward differences on the grid cropped by one voxel per axis,
+  mean of sqrt(sum of squared differences / number of axes).
+- **MI** MI(A,F) + MI(B,F), bits, 256x256 joint histogram of rounded values.
+- **FMI** fast FMI of raw pixels (Haghighat & Razian 2014), 3x3 windows, mean over windows of
+  (FMI(A,F) + FMI(B,F)) / 2.
+- **Qabf** Xydeas-Petrovic: 3x3 Sobel, zero padding, L=1, Tg=0.9994, kg=-15, Dg=0.5,
+  Ta=0.9879, ka=-22, Da=0.8, angle atan(Sy/Sx) (pi/2 where Sx=0).
+- **VIF** VIF(A,F) + VIF(B,F): pixel-domain VIFP (Sheikh & Bovik), 4 scales, Gaussian window
+  N=2^(5-s)+1 with sigma N/5, valid filtering, dyadic down-sampling, sigma_n^2 = 2.
+- **SCD** corr(F-B, A) + corr(F-A, B). **CC** mean of corr(A,F) and corr(B,F) (Pearson; a
+  correlation with a constant image is defined as 0).
+- **SSIM** mean of SSIM(A,F) and SSIM(B,F) (also reported apart, and the worse of the two):
+  Wang et al. 2004, Gaussian sigma 1.5 truncated to 11 taps per axis (a 3D window for volumes),
+  K1=0.01, K2=0.03, L=255, population (co)variances, mean over the region 5 voxels in from
+  every border.
+- **PSNR** 10 log10(255^2 / mean of MSE(A,F) and MSE(B,F)); a perfect match is reported as 100 dB.
+
+Qabf, VIF and FMI are 2D by definition; for volumes they are pooled over the axial slices
+(sums of numerators and denominators, or of window values, over all slices). FMI of a volume
+with more than 2^20 windows uses the windows on a regular in-plane grid (every k-th row and
+column) so that a 1 mm brain takes seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy import ndimage
+
+from .errors import GeometryError, InvalidInputError
+
+METRICS = ("EN", "SD", "SF", "AG", "MI", "FMI", "Qabf", "VIF", "SCD", "CC", "SSIM", "SSIM_A", "SSIM_B", "SSIM_worst", "PSNR")
+PSNR_PERFECT = 100.0
+FMI_MAX_WINDOWS = 2**20
+SSIM_SIGMA, SSIM_TRUNCATE = 1.5, 3.5
+SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)  # 5 -> an 11-tap window
+
+
+def _hist_entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def _levels(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x), 0, 255).astype(np.int64).ravel()
+
+
+def entropy(f: np.ndarray) -> float:
+    return _hist_entropy(np.bincount(_levels(f), minlength=256))
+
+
+def mutual_information(x: np.ndarray, y: np.ndarray) -> float:
+    """MI in bits from the 256x256 joint histogram of rounded values."""
+    joint = np.bincount(_levels(x) * 256 + _levels(y), minlength=256 * 256).reshape(256, 256)
+    return _hist_entropy(joint.sum(1)) + _hist_entropy(joint.sum(0)) - _hist_entropy(joint)
+
+
+def spatial_frequency(f: np.ndarray) -> float:
+    return float(np.sqrt(sum(np.mean(np.diff(f, axis=ax) ** 2) for ax in range(f.ndim))))
+
+
+def average_gradient(f: np.ndarray) -> float:
+    core = tuple(slice(0, n - 1) for n in f.shape)
+    sq = sum(np.diff(f, axis=ax)[core] ** 2 for ax in range(f.ndim))
+    return float(np.mean(np.sqrt(sq / f.ndim)))
+
+
+def correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation; 0 when either image is constant."""
+    x = x.ravel() - x.mean()
+    y = y.ravel() - y.mean()
+    den = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / den) if den > 0 else 0.0
+
+
+def ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean SSIM, Gaussian window (see module docstring), data range 255."""
+    if min(x.shape) < 2 * SSIM_RADIUS + 1:
+        raise GeometryError(f"SSIM needs at least {2 * SSIM_RADIUS + 1} voxels along every axis, got {x.shape}")
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def blur(z):
+        return ndimage.gaussian_filter(z, SSIM_SIGMA, truncate=SSIM_TRUNCATE, mode="reflect")
+
+    mx, my = blur(x), blur(y)
+    vx = blur(x * x) - mx * mx
+    vy = blur(y * y) - my * my
+    cxy = blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    r = SSIM_RADIUS
+    return float(s[tuple(slice(r, n - r) for n in s.shape)].mean())
+
+
+def psnr(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> float:
+    mse = (np.mean((a - f) ** 2) + np.mean((b - f) ** 2)) / 2
+    return PSNR_PERFECT if mse == 0 else float(min(PSNR_PERFECT, 10 * np.log10(255.0**2 / mse)))
+
+
+# --- slice-wise (2D by definition) metrics; inputs are (slices, rows, cols) ----------------------
+
+
+def _correlate2d(x: np.ndarray, kernel: np.ndarray, mode: str = "constant") -> np.ndarray:
+    return ndimage.correlate(x, kernel[None], mode=mode, cval=0.0)
+
+
+_SOBEL_Y = np.array([[1.0, 2, 1], [0, 0, 0], [-1, -2, -1]])
+_SOBEL_X = np.array([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]])
+
+
+def _edges(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sx, sy = _correlate2d(x, _SOBEL_X), _correlate2d(x, _SOBEL_Y)
+    g = np.sqrt(sx * sx + sy * sy)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        angle = np.where(sx == 0, np.pi / 2, np.arctan(sy / np.where(sx == 0, 1.0, sx)))
+    return g, angle
+
+
+def _edge_preservation(g_s, a_s, g_f, a_f) -> np.ndarray:
+    big, small = np.maximum(g_s, g_f), np.minimum(g_s, g_f)
+    ratio = np.divide(small, big, out=np.zeros_like(big), where=big > 0)
+    orient = 1 - np.abs(a_s - a_f) / (np.pi / 2)
+    q_g = 0.9994 / (1 + np.exp(-15 * (ratio - 0.5)))
+    q_a = 0.9879 / (1 + np.exp(-22 * (orient - 0.8)))
+    return q_g * q_a
+
+
+def qabf(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> float:
+    (ga, aa), (gb, ab), (gf, af) = _edges(a), _edges(b), _edges(f)
+    num = (_edge_preservation(ga, aa, gf, af) * ga + _edge_preservation(gb, ab, gf, af) * gb).sum()
+    den = (ga + gb).sum()
+    return float(num / den) if den > 0 else 0.0
+
+
+def _gaussian_taps(n: int) -> np.ndarray:
+    """1D factor of the normalised n x n Gaussian window with sigma n/5 (the window is separable)."""
+    ax = np.arange(n) - (n - 1) / 2
+    g = np.exp(-(ax**2) / (2 * (n / 5.0) ** 2))
+    return g / g.sum()
+
+
+def _valid_blur(z: np.ndarray, taps: np.ndarray) -> np.ndarray:
+    """In-plane separable correlation of ``(slices, rows, cols)``, 'valid' region only."""
+    h = len(taps) // 2
+    z = ndimage.correlate1d(z, taps, axis=1, mode="constant")
+    z = ndimage.correlate1d(z, taps, axis=2, mode="constant")
+    return z[:, h : z.shape[1] - h, h : z.shape[2] - h]
+
+
+def _vif_terms(ref: np.ndarray, dist: np.ndarray) -> tuple[float, float]:
+    sigma_n2, eps = 2.0, 1e-10
+    num = den = 0.0
+    for scale in range(1, 5):
+        n = 2 ** (5 - scale) + 1
+        taps = _gaussian_taps(n)
+
+        def valid(z, taps=taps):
+            return _valid_blur(z, taps)
+
+        if scale > 1:
+            ref, dist = valid(ref)[:, ::2, ::2], valid(dist)[:, ::2, ::2]
+        if min(ref.shape[1:]) < n:
+            break
+        mu1, mu2 = valid(ref), valid(dist)
+        s1 = np.maximum(valid(ref * ref) - mu1 * mu1, 0)
+        s2 = np.maximum(valid(dist * dist) - mu2 * mu2, 0)
+        s12 = valid(ref * dist) - mu1 * mu2
+        g = s12 / (s1 + eps)
+        sv = s2 - g * s12
+        low1 = s1 < eps
+        g[low1], sv[low1], s1[low1] = 0, s2[low1], 0
+        low2 = s2 < eps
+        g[low2], sv[low2] = 0, 0
+        neg = g < 0
+        sv[neg], g[neg] = s2[neg], 0
+        sv = np.maximum(sv, eps)
+        num += float(np.log10(1 + g * g * s1 / (sv + sigma_n2)).sum())
+        den += float(np.log10(1 + s1 / sigma_n2).sum())
+    return num, den
+
+
+def vif(ref: np.ndarray, dist: np.ndarray) -> float:
+    num, den = _vif_terms(ref, dist)
+    return num / den if den > 0 else 0.0
+
+
+def _window_fmi(s: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """Fast-FMI of raw pixels for windows ``(n, l)`` (column-major flattened).
+
+    The joint pdf mixes the product of the two window pdfs with Frechet's upper (or, for a
+    negative correlation, lower) bound so that it has their Pearson correlation (Nelsen).
+    Windows equal to the source score 1; uncorrelated windows have MI 0 and score 0.
+    """
+
+    def pdf(w):
+        lo, hi = w.min(1, keepdims=True), w.max(1, keepdims=True)
+        span = hi - lo
+        u = np.where(span > 0, (w - lo) / np.where(span > 0, span, 1), 1.0)
+        return u / u.sum(1, keepdims=True)
+
+    def ent(p):
+        return -(p * np.log2(np.where(p > 0, p, 1.0))).sum(-1)
+
+    out = np.where(np.all(s == f, axis=1), 1.0, 0.0)
+    ps, pf = pdf(s), pdf(f)
+    ds, df = ps - ps.mean(1, keepdims=True), pf - pf.mean(1, keepdims=True)
+    cov = (ds * df).sum(1)
+    idx = np.arange(1, s.shape[1] + 1, dtype=np.float64)
+
+    def sd(p):
+        return np.sqrt(np.maximum((p * idx**2).sum(1) - (p * idx).sum(1) ** 2, 0))
+
+    sd_prod = sd(ps) * sd(pf)
+    live = (out == 0) & (cov != 0) & (sd_prod > 0)
+    if not live.any():
+        return out
+    ps, pf, ds, df, cov, sd_prod = ps[live], pf[live], ds[live], df[live], cov[live], sd_prod[live]
+    c = cov / np.sqrt((ds * ds).sum(1) * (df * df).sum(1))
+    fi, sj = np.cumsum(pf, 1)[:, :, None], np.cumsum(ps, 1)[:, None, :]  # fused index i, source j
+    bound = np.where((c >= 0)[:, None, None], np.minimum(fi, sj), np.maximum(fi + sj - 1, 0))
+    weight = (c * sd_prod / (bound - fi * sj).sum((1, 2)))[:, None, None]
+    padded = np.pad(bound, ((0, 0), (1, 0), (1, 0)))
+    cell = padded[:, 1:, 1:] - padded[:, :-1, 1:] - padded[:, 1:, :-1] + padded[:, :-1, :-1]
+    joint = weight * cell + (1 - weight) * pf[:, :, None] * ps[:, None, :]
+    h_joint = -(joint * np.log2(np.where(joint != 0, np.abs(joint), 1.0))).sum((1, 2))
+    hs, hf = ent(ps), ent(pf)
+    mi = hs + hf - h_joint
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out[live] = np.nan_to_num(np.where(mi == 0, 0.0, 2 * mi / (hs + hf)))
+    return out
+
+
+def fmi(a: np.ndarray, b: np.ndarray, f: np.ndarray, window: int = 3, chunk: int = 32768) -> float:
+    """Mean over windows of (FMI(A,F) + FMI(B,F)) / 2, raw pixels.
+
+    Every window of a slice is used; a stack with more than :data:`FMI_MAX_WINDOWS` windows is
+    sampled on a regular in-plane grid (every k-th row and column) to stay within seconds.
+    """
+    n = a.shape[0] * (a.shape[1] - window + 1) * (a.shape[2] - window + 1)
+    step = max(1, int(np.ceil(np.sqrt(n / FMI_MAX_WINDOWS))))
+
+    def windows(x):  # (slices, r, c, w, w) -> (n, w*w), column-major inside a window
+        v = sliding_window_view(x, (window, window), axis=(1, 2))[:, ::step, ::step]
+        return v.swapaxes(-1, -2).reshape(-1, window * window)
+
+    wa, wb, wf = windows(a), windows(b), windows(f)
+    total = 0.0
+    for i in range(0, len(wf), chunk):
+        sl = slice(i, i + chunk)
+        total += float((_window_fmi(wa[sl], wf[sl]) + _window_fmi(wb[sl], wf[sl])).sum()) / 2
+    return total / len(wf) if len(wf) else 0.0
+
+
+# --- all at once -----------------------------------------------------------------------------
+
+
+def check_triplet(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> None:
+    if not (a.shape == b.shape == f.shape):
+        raise GeometryError(f"sizes differ: sources {a.shape} and {b.shape}, fused {f.shape}")
+    for name, x in (("source A", a), ("source B", b), ("fused image", f)):
+        if not np.all(np.isfinite(x)):
+            raise InvalidInputError(f"{name} has NaN/inf values; metrics are undefined")
+
+
+def compute(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> dict[str, float]:
+    """Every metric of :data:`METRICS` for sources A, B and fused F (0..255 greyscale)."""
+    a, b, f = (np.asarray(x, dtype=np.float64) for x in (a, b, f))
+    check_triplet(a, b, f)
+    s3 = (lambda x: x[None]) if f.ndim == 2 else (lambda x: x)
+    sa, sb = ssim(a, f), ssim(b, f)
+    vif_a, vif_b = vif(s3(a), s3(f)), vif(s3(b), s3(f))
+    out = {
+        "EN": entropy(f),
+        "SD": float(f.std()),
+        "SF": spatial_frequency(f),
+        "AG": average_gradient(f),
+        "MI": mutual_information(a, f) + mutual_information(b, f),
+        "FMI": fmi(s3(a), s3(b), s3(f)),
+        "Qabf": qabf(s3(a), s3(b), s3(f)),
+        "VIF": vif_a + vif_b,
+        "SCD": correlation(f - b, a) + correlation(f - a, b),
+        "CC": (correlation(a, f) + correlation(b, f)) / 2,
+        "SSIM": (sa + sb) / 2,
+        "SSIM_A": sa,
+        "SSIM_B": sb,
+        "SSIM_worst": min(sa, sb),
+        "PSNR": psnr(a, b, f),
+    }
+    return out

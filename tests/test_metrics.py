@@ -1,0 +1,153 @@
+"""Fusion metrics against independent implementations, closed-form cases and the PEERS.md table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import EXAMPLES, shared_path
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from sklearn.metrics import mutual_info_score
+
+from medfuse_cli import metrics as M
+from medfuse_cli import read_image
+from medfuse_cli.errors import GeometryError, InvalidInputError
+from medfuse_cli.evaluate import find_cases, metric_array, score
+from medfuse_cli.pipeline import FuseOptions, fuse_images
+
+Q_IDENTICAL = 0.9994 / (1 + np.exp(-15 * 0.5)) * 0.9879 / (1 + np.exp(-22 * 0.2))
+
+
+def _pair(pair_id="25015", other="pet"):
+    folder = shared_path("harvard", f"mri-{other}")
+    a = metric_array(read_image(folder / f"{pair_id}_mri.png"))
+    b = metric_array(read_image(folder / f"{pair_id}_{other}.png"))
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def volumes():
+    """The SPM T1 and PET templates (examples/) as 0..255 metric arrays, cropped for speed."""
+    a = metric_array(read_image(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"))[20:60, 20:80, 15:75]
+    b = metric_array(read_image(EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"))[20:60, 20:80, 15:75]
+    return a, b
+
+
+def test_ssim_and_psnr_match_scikit_image_2d():
+    a, b = _pair()
+    f = np.maximum(a, b)
+    ref = structural_similarity(a, f, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255)
+    assert M.ssim(a, f) == pytest.approx(ref, abs=1e-12)
+    # PSNR of the mean MSE equals scikit-image's when both sources are the same image
+    assert M.psnr(a, a, f) == pytest.approx(peak_signal_noise_ratio(a, f, data_range=255), abs=1e-9)
+    mse = (np.mean((a - f) ** 2) + np.mean((b - f) ** 2)) / 2
+    assert M.psnr(a, b, f) == pytest.approx(10 * np.log10(255**2 / mse))
+
+
+def test_ssim_3d_window_matches_scikit_image(volumes):
+    a, b = volumes
+    f = (a + b) / 2
+    ref = structural_similarity(a, f, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255)
+    assert M.ssim(a, f) == pytest.approx(ref, abs=1e-12)
+
+
+def test_mutual_information_matches_sklearn_in_bits():
+    a, b = _pair("03008", "spect")
+    f = (a + b) / 2
+    for x in (a, b):
+        labels_x, labels_f = np.rint(x).astype(int).ravel(), np.clip(np.rint(f), 0, 255).astype(int).ravel()
+        assert M.mutual_information(x, f) == pytest.approx(mutual_info_score(labels_x, labels_f) / np.log(2), abs=1e-9)
+
+
+def test_first_order_metrics_on_closed_forms():
+    rows, cols = np.mgrid[0:40, 0:50].astype(float)
+    ramp = 3 * cols + 4 * rows  # horizontal step 3, vertical step 4
+    assert M.spatial_frequency(ramp) == pytest.approx(5.0)
+    assert M.average_gradient(ramp) == pytest.approx(np.sqrt((9 + 16) / 2))
+    halves = np.where(cols < 25, 10.0, 200.0)
+    assert M.entropy(halves) == pytest.approx(1.0)
+    assert M.compute(halves, ramp, halves)["SD"] == pytest.approx(95.0)
+
+
+def test_identical_images_give_the_ideal_values():
+    a, _ = _pair()
+    r = M.compute(a, a, a)
+    assert r["SSIM"] == r["SSIM_worst"] == pytest.approx(1.0)
+    assert r["PSNR"] == M.PSNR_PERFECT
+    assert r["CC"] == pytest.approx(1.0)
+    assert r["FMI"] == 1.0
+    assert r["VIF"] == pytest.approx(2.0, abs=1e-6)
+    assert r["Qabf"] == pytest.approx(Q_IDENTICAL, abs=1e-3)  # every edge kept exactly
+    assert r["MI"] == pytest.approx(2 * M.entropy(a))
+    assert r["SCD"] == 0.0  # F - B is constant: its correlation is defined as 0
+
+
+def test_fused_equal_to_one_source():
+    a, b = _pair("02004", "ct")
+    r = M.compute(a, b, a)
+    assert r["SSIM_A"] == pytest.approx(1.0)
+    assert r["SSIM_worst"] == pytest.approx(M.ssim(b, a))
+    assert r["VIF"] == pytest.approx(1.0 + M.vif(b[None], a[None]), abs=1e-6)
+    assert r["MI"] == pytest.approx(M.entropy(a) + M.mutual_information(b, a))
+    assert r["CC"] == pytest.approx((1 + M.correlation(a, b)) / 2)
+
+
+def test_swapping_the_sources_changes_only_the_per_source_ssim():
+    a, b = _pair()
+    f = np.maximum(a, b)
+    ab, ba = M.compute(a, b, f), M.compute(b, a, f)
+    for k in M.METRICS:
+        if k in ("SSIM_A", "SSIM_B"):
+            continue
+        assert ab[k] == pytest.approx(ba[k], rel=1e-9, abs=1e-12), k
+    assert (ab["SSIM_A"], ab["SSIM_B"]) == pytest.approx((ba["SSIM_B"], ba["SSIM_A"]))
+
+
+def test_degenerate_inputs_give_defined_values_or_clear_errors():
+    a, b = _pair()
+    for f in (np.zeros_like(a), np.full_like(a, 255.0)):
+        r = M.compute(a, b, f)
+        assert all(np.isfinite(v) for v in r.values())
+    const = np.full_like(a, 7.0)
+    r = M.compute(const, const, const)
+    assert all(np.isfinite(v) for v in r.values())
+    assert r["CC"] == 0.0 and r["SSIM"] == pytest.approx(1.0) and r["PSNR"] == M.PSNR_PERFECT
+    with pytest.raises(GeometryError, match="sizes differ"):
+        M.compute(a, b, a[:-1])
+    bad = a.copy()
+    bad[3, 3] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN"):
+        M.compute(a, b, bad)
+
+
+def test_volume_metrics_are_finite_and_pool_slices(volumes):
+    a, b = volumes
+    f = np.maximum(a, b)
+    r = M.compute(a, b, f)
+    assert all(np.isfinite(v) for v in r.values())
+    # pooling: the volume's Qabf lies between its best and worst slice
+    per_slice = [M.qabf(a[i : i + 1], b[i : i + 1], f[i : i + 1]) for i in range(a.shape[0])]
+    assert min(per_slice) <= r["Qabf"] <= max(per_slice)
+
+
+@pytest.mark.parametrize(
+    "other, expected",
+    [
+        # PEERS.md, pixel max on the val pairs (another implementation of the same conventions)
+        ("ct", {"EN": 3.413, "SD": 92.37, "SF": 33.45, "AG": 8.99, "MI": 3.929, "Qabf": 0.590, "VIF": 0.577,
+                "SCD": 1.618, "CC": 0.749, "SSIM": 0.713, "SSIM_A": 0.655, "SSIM_B": 0.771, "PSNR": 11.92}),
+        ("pet", {"EN": 3.889, "SD": 81.50, "SF": 34.25, "AG": 11.98, "MI": 4.146, "Qabf": 0.804, "VIF": 0.988,
+                 "SCD": 1.541, "CC": 0.768, "SSIM": 0.752, "SSIM_A": 0.908, "SSIM_B": 0.597, "PSNR": 13.47}),
+    ],
+)
+def test_pixel_max_on_val_pairs_reproduces_the_peers_table(other, expected):
+    harvard = shared_path("harvard")
+    cases, _ = find_cases(harvard, [], "val")
+    rows = []
+    for case in (c for c in cases if c.group == f"mri-{other}"):
+        fixed, moving = read_image(case.fixed), read_image(case.moving)
+        fused, moved, _, _ = fuse_images(fixed, moving, FuseOptions(method="max", metrics=False))
+        rows.append(score(fixed, moved, fused))
+    for k, v in expected.items():
+        mean = np.mean([r[k] for r in rows])
+        digits = len(str(v).split(".")[1])
+        assert mean == pytest.approx(v, abs=0.6 * 10**-digits), k

@@ -449,6 +449,107 @@ def _with_progress(total: int, quiet: bool, label: str, work: Callable[[Callable
         return work(lambda: bar.advance(task))
 
 
+@app.command()
+def batch(
+    source: Annotated[Path, typer.Argument(help="Folder of pairs (ID_mri + ID_ct/pet/spect, CASE_0000 + CASE_0001, or one sub-folder per case) or a CSV manifest id,fixed,moving[,output].", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--output", "-o", help="Output folder: fused images, one JSON report each, summary.csv.", show_default=False)],
+    method: Method = "laplacian",
+    transform: Transform = "rigid",
+    fixed_modality: FixedModality = None,
+    moving_modality: MovingModality = None,
+    ct_window: CtWindow = None,
+    fixed_series: FixedSeries = None,
+    moving_series: MovingSeries = None,
+    seed: Seed = 0,
+    metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Score every case with medfuse eval's metrics (report and summary.csv).")] = True,
+    engine: Annotated[str, typer.Option("--engine", help="dask (a dask.distributed LocalCluster, or --scheduler) or sequential (one case after another in this process; for debugging).")] = "dask",
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="LocalCluster worker processes (one thread each). Default: one per core.")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", help="Submit to an existing dask scheduler, e.g. tcp://10.0.0.5:8786 (workers must see the same paths).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo cases that are already complete.")] = False,
+    case_timeout: Annotated[float | None, typer.Option("--case-timeout", min=0.1, help="Stop a case after this many seconds (it then runs in its own process, ~1 s extra per case).")] = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    debug: Debug = False,
+) -> None:
+    """Fuse many pairs: resumable, on dask.distributed from one laptop to a cluster.
+
+    Every case writes its fused image and its JSON report (atomically; the report last) and
+    `summary.csv` lists every case (status, seconds, metrics, error). A re-run skips cases whose
+    output and report are complete and were made with the same inputs and options (`--force`
+    redoes them); a killed run loses nothing finished. A failing case never stops the others;
+    the exit code is 7 when some failed.
+    """
+
+    def body() -> None:
+        import signal
+
+        from .batch import run_batch
+
+        def _term(signum, frame):  # SIGTERM: stop like Ctrl-C (summary.csv is already up to date)
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _term)
+        options = {"method": method, "transform": transform, "fixed_modality": fixed_modality,
+                       "moving_modality": moving_modality, "ct_window": ct_window, "fixed_series": fixed_series,
+                       "moving_series": moving_series, "seed": seed, "metrics": metrics}
+        result = _batch_with_progress(
+            quiet, lambda on_start, on_done: run_batch(
+                source, out_dir, options, engine=engine, workers=workers, scheduler=scheduler, force=force,
+                case_timeout=case_timeout, on_start=on_start, on_done=on_done))
+        if not quiet:
+            _batch_table(result, out_dir)
+        if result.failed:
+            _fail(f"{len(result.failed)} of {len(result.rows)} cases failed; see {out_dir / 'summary.csv'}", 7)
+
+    _run(debug, quiet, verbose, body)
+
+
+def _batch_with_progress(quiet: bool, work: Callable[..., Any]) -> Any:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        return work(None, None)
+    with Progress(TextColumn("fusing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                  TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("fusing", total=None)
+
+        def on_start(total: int, done: int) -> None:
+            bar.reset(task, total=total, completed=done)
+
+        return work(on_start, lambda row: bar.advance(task))
+
+
+def _batch_table(result: Any, out_dir: Path) -> None:
+    from collections import Counter
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    counts = Counter(r["status"] for r in result.rows)
+    typer.echo(f"pairing rule: {result.rule}; {len(result.rows)} cases: "
+               + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"; summary: {out_dir / 'summary.csv'}")
+    for line in result.unpaired:
+        typer.echo(f"not paired: {line}")
+    if result.failed:
+        table = Table(title="failed cases", title_justify="left")
+        table.add_column("id")
+        table.add_column("status")
+        table.add_column("reason")
+        for r in sorted(result.failed, key=lambda r: r["id"]):
+            table.add_row(r["id"], r["status"], r.get("error", ""))
+        console.print(table)
+
+
 def main() -> None:
     """Console entry point."""
     app()

@@ -49,6 +49,7 @@ EXIT_CODES: dict[int, str] = {
     5: "unusable geometry: 4D frame out of range, a volume written to a 2D format, bad affine, "
     "a pair that does not overlap, 2D with 3D, 2D slices of different sizes",
     6: "output exists (use --overwrite) or cannot be written",
+    7: "batch finished but some cases failed or timed out (see summary.csv)",
     10: "out of memory",
     130: "interrupted (Ctrl-C)",
 }

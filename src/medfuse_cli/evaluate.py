@@ -200,7 +200,8 @@ def evaluate_cases(
     """Score every (case, method); rows with ``id``, ``group``, ``method``, ``fused`` and metrics."""
     rows = []
     for case in cases:
-        fixed, moving = read(case.fixed), read(case.moving)
+        if any(case.fused.get(m) for m in methods):
+            fixed, moving = read(case.fixed), read(case.moving)
         for method in methods:
             path = case.fused.get(method)
             row: dict[str, Any] = {"id": case.id, "group": case.group, "method": method, "fused": str(path) if path else None}

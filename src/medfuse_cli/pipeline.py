@@ -201,16 +201,18 @@ def fuse_pair(
     figure: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     stage: Stage | None = None,
+    report_extra: dict[str, Any] | None = None,
 ) -> FuseResult:
     """Fuse MOVING into FIXED's geometry; optionally write the image, a JSON report and a figure.
 
-    The report goes to ``report`` or, when an output is given, beside it as ``<output>.json``.
-    Outputs are checked before any work and written atomically.
+    The report goes to ``report`` or, when an output is given, beside it as ``<output>.json``;
+    ``report_extra`` is merged into it. Outputs are checked before any work and written
+    atomically, the report last.
     """
     options = options or FuseOptions()
     stage = stage or (lambda name: None)
     out_path = Path(output) if output is not None else None
-    report_path = Path(report) if report is not None else (_report_beside(out_path) if out_path else None)
+    report_path = Path(report) if report is not None else (report_beside(out_path) if out_path else None)
     if out_path is not None:
         check_output(out_path, overwrite)
     for extra in (report_path, Path(figure) if figure else None):
@@ -241,6 +243,7 @@ def fuse_pair(
         "parameters": {**options.__dict__},
         "registration": reg.summary(),
         **details,
+        **(report_extra or {}),
     }
     rep["timings"]["total_s"] = time.perf_counter() - started
     result = FuseResult(fused, moved, reg, rep)
@@ -256,7 +259,7 @@ def fuse_pair(
     return result
 
 
-def _report_beside(out: Path) -> Path:
+def report_beside(out: Path) -> Path:
     name = out.name
     for suffix in (".nii.gz", ".nii", ".png", ".tiff", ".tif"):
         if name.lower().endswith(suffix):

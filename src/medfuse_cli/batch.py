@@ -1,0 +1,392 @@
+"""``medfuse batch``: find the pairs in a folder or CSV manifest and fuse them all, resumably,
+sequentially or on dask.distributed (a local cluster or an existing scheduler).
+
+Pairing rules, tried in this order (the first that finds a pair wins):
+
+1. ``benchmark``: ``ID_mri.EXT`` + ``ID_{ct,pet,spect}.EXT`` anywhere below the folder (as in
+   the Harvard set); output ``OUT_DIR/SUBFOLDER/ID.png`` (``OUT_DIR/ID.png`` at the top level),
+   so ``medfuse eval --pairs IN --fused OUT_DIR`` reads it directly.
+2. ``nnunet``: ``CASE_0000.EXT`` (FIXED) + ``CASE_0001.EXT`` (MOVING); output ``OUT_DIR/CASE.EXT``.
+3. ``subfolders``: one sub-folder per case holding two inputs (NIfTI / PNG / TIFF files or DICOM
+   series); the MR one (from DICOM or the file name) is FIXED; output ``OUT_DIR/CASE.nii.gz``.
+
+A CSV manifest has columns ``id,fixed,moving[,output]`` (paths relative to the CSV's folder).
+Each case writes its fused image and then its JSON report (both atomically); a case is complete
+when both exist and the report's fingerprint (inputs, options, version) matches, so a re-run skips
+it. Stale ``.*.partial`` files left by a killed run are removed at the start.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import InputNotFoundError, InvalidInputError, MedfuseError
+from .metrics import METRICS
+
+log = logging.getLogger(__name__)
+
+RASTER = (".png", ".tif", ".tiff")
+INPUT_EXT = (".nii.gz", ".nii", *RASTER, ".dcm", ".zip")
+BENCH_RE = re.compile(r"^(?P<id>.+)_mri(?P<ext>\.png|\.tiff?|\.nii(\.gz)?)$", re.IGNORECASE)
+NNUNET_RE = re.compile(r"^(?P<id>.+)_(?P<ch>000[01])(?P<ext>\.png|\.tiff?|\.nii(\.gz)?)$", re.IGNORECASE)
+SUMMARY_EVERY_S = 2.0
+SUMMARY_FIELDS = ["id", "status", "seconds", "fixed", "moving", "output", "registration", *METRICS, "error"]
+
+
+@dataclass
+class BatchCase:
+    id: str
+    fixed: str
+    moving: str
+    output: str
+
+    @property
+    def report(self) -> Path:
+        from .pipeline import report_beside
+
+        return report_beside(Path(self.output))
+
+
+def _abs(path: Path) -> Path:
+    return Path(os.path.abspath(path))
+
+
+def _output_ext(fixed: Path) -> str:
+    return ".png" if fixed.suffix.lower() in RASTER else ".nii.gz"
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in INPUT_EXT:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _benchmark(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
+    cases, unpaired = [], []
+    for mri in sorted(root.rglob("*_mri.*")):
+        m = BENCH_RE.match(mri.name)
+        if not m:
+            continue
+        partners = [mri.with_name(f"{m['id']}_{o}{m['ext']}") for o in ("ct", "pet", "spect")]
+        partners = [p for p in partners if p.is_file()]
+        if len(partners) != 1:
+            unpaired.append(f"{mri}: {'no' if not partners else 'several'} CT/PET/SPECT partner")
+            continue
+        rel = mri.parent.relative_to(root)
+        cases.append(BatchCase(m["id"], str(mri), str(partners[0]), str(out / rel / f"{m['id']}.png")))
+    return cases, unpaired
+
+
+def _nnunet(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
+    found: dict[str, dict[str, Path]] = {}
+    for p in sorted(root.iterdir()):
+        m = NNUNET_RE.match(p.name)
+        if m:
+            found.setdefault(m["id"], {})[m["ch"]] = p
+    cases, unpaired = [], []
+    for cid, chans in found.items():
+        if set(chans) != {"0000", "0001"}:
+            unpaired.append(f"{cid}: needs {cid}_0000 and {cid}_0001")
+            continue
+        cases.append(BatchCase(cid, str(chans["0000"]), str(chans["0001"]), str(out / f"{cid}{_output_ext(chans['0000'])}")))
+    return cases, unpaired
+
+
+def _is_input(path: Path) -> bool:
+    return path.is_dir() or path.name.lower().endswith(INPUT_EXT) or path.suffix == ""
+
+
+def _subfolders(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
+    from .image import Modality
+    from .io import guess_modality, read_image
+
+    cases, unpaired = [], []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        inputs = [p for p in sorted(sub.iterdir()) if not p.name.startswith(".") and _is_input(p)]
+        if len(inputs) != 2:
+            unpaired.append(f"{sub.name}: {len(inputs)} inputs, needs exactly 2")
+            continue
+        mods = []
+        for p in inputs:
+            mod = guess_modality(p.name)
+            if mod is Modality.OT:
+                try:
+                    mod = read_image(p).modality
+                except MedfuseError as exc:
+                    unpaired.append(f"{sub.name}: {p.name} unreadable ({exc})")
+                    break
+            mods.append(mod)
+        else:
+            mr = [i for i, m in enumerate(mods) if m is Modality.MR]
+            if len(mr) != 1:
+                unpaired.append(f"{sub.name}: cannot tell which input is the MRI (modalities {[m.value for m in mods]})")
+                continue
+            fixed, moving = inputs[mr[0]], inputs[1 - mr[0]]
+            cases.append(BatchCase(sub.name, str(fixed), str(moving), str(out / f"{sub.name}.nii.gz")))
+    return cases, unpaired
+
+
+def _manifest(path: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"id", "fixed", "moving"} <= set(rows[0]):
+        raise InvalidInputError(f"{path}: a manifest needs the columns id,fixed,moving[,output]")
+    cases, problems = [], []
+    for r in rows:
+        fixed, moving = (_abs(path.parent / r[k]) for k in ("fixed", "moving"))
+        output = r.get("output") or f"{r['id']}{_output_ext(fixed)}"
+        cases.append(BatchCase(r["id"], str(fixed), str(moving), str(out / output)))
+    return cases, problems
+
+
+def discover(source: Path, out: Path) -> tuple[list[BatchCase], str, list[str]]:
+    """The cases of a folder or manifest, the pairing rule that matched, and what was not paired."""
+    if not source.exists():
+        raise InputNotFoundError(f"{source}: no such folder or manifest")
+    out = _abs(out)
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise InvalidInputError(f"{source}: give a folder or a CSV manifest (id,fixed,moving[,output])")
+        cases, problems = _manifest(source, out)
+        rule = "manifest"
+    else:
+        source = _abs(source)
+        for rule, finder in (("benchmark", _benchmark), ("nnunet", _nnunet), ("subfolders", _subfolders)):
+            cases, problems = finder(source, out)
+            if cases:
+                break
+        else:
+            raise InputNotFoundError(
+                f"{source}: no pairs found (ID_mri + ID_ct/pet/spect, CASE_0000 + CASE_0001, or one sub-folder per case)"
+            )
+    ids = [c.output for c in cases]
+    if len(set(ids)) < len(ids):
+        raise InvalidInputError(f"{source}: several cases would write the same output; give a manifest with outputs")
+    return cases, rule, problems
+
+
+def fingerprint(case: BatchCase, options: dict[str, Any]) -> str:
+    """Hash of what determines a case's output: inputs (path, size, mtime), options, version."""
+
+    def stat(p: str) -> list[Any]:
+        s = Path(p).stat() if Path(p).exists() else None
+        return [p, s.st_size, s.st_mtime_ns] if s and Path(p).is_file() else [p]
+
+    blob = json.dumps({"fixed": stat(case.fixed), "moving": stat(case.moving), "options": options,
+                       "version": __version__}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _report_of(case: BatchCase) -> dict[str, Any] | None:
+    try:
+        return json.loads(case.report.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(case: BatchCase, fp: str) -> bool:
+    report = _report_of(case)
+    return bool(report and Path(case.output).is_file() and report.get("batch", {}).get("fingerprint") == fp)
+
+
+def _limit_threads() -> None:
+    """One worker = one core: cap the thread pools of numpy/torch/ITK inside a worker."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def run_case(case: dict[str, str], options: dict[str, Any], fp: str, timeout: float | None = None) -> dict[str, Any]:
+    """Fuse one case (in this process, or in a child process killed after ``timeout`` s).
+
+    Never raises: returns a summary row with ``status`` done / failed / timeout.
+    """
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"id": case["id"], "fixed": case["fixed"], "moving": case["moving"], "output": case["output"]}
+    if timeout:
+        payload = json.dumps({"case": case, "options": options, "fp": fp})
+        try:
+            proc = subprocess.run([sys.executable, "-m", "medfuse_cli.batch"], input=payload, capture_output=True,
+                                  text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return {**row, "status": "timeout", "seconds": round(time.perf_counter() - t0, 3),
+                    "error": f"stopped after --case-timeout {timeout:g} s"}
+        try:
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return {**row, "status": "failed", "seconds": round(time.perf_counter() - t0, 3),
+                    "error": f"worker process exited with {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+    _limit_threads()
+    from .pipeline import FuseOptions, fuse_pair
+
+    try:
+        Path(case["output"]).parent.mkdir(parents=True, exist_ok=True)
+        result = fuse_pair(case["fixed"], case["moving"], case["output"], FuseOptions(**options), overwrite=True,
+                           report_extra={"batch": {"id": case["id"], "fingerprint": fp}})
+        row.update(status="done", **_row_from_report(result.report))
+    except MedfuseError as exc:
+        row.update(status="failed", error=" ".join(str(exc).split()))
+    except MemoryError:
+        row.update(status="failed", error="out of memory")
+    except Exception as exc:  # noqa: BLE001 - one bad case must never stop the batch
+        row.update(status="failed", error=f"unexpected {type(exc).__name__}: {exc}")
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    return row
+
+
+def _row_from_report(report: dict[str, Any]) -> dict[str, Any]:
+    reg = report.get("registration", {})
+    values = report.get("metrics", {}).get("values", {})
+    how = f"skipped: {reg['skipped']}" if reg.get("skipped") else reg.get("kind", "")
+    return {"registration": how, **{k: values[k] for k in METRICS if k in values}}
+
+
+@dataclass
+class BatchResult:
+    rows: list[dict[str, Any]]
+    rule: str
+    unpaired: list[str]
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] in ("failed", "timeout")]
+
+
+def clean_partials(out: Path) -> int:
+    """Remove ``.NAME.XXXX.partial`` temporaries a killed run left behind."""
+    n = 0
+    if out.is_dir():
+        for p in out.rglob(".*.partial"):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
+    from .io.atomic import atomic_write_bytes
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in sorted(rows, key=lambda r: r["id"]):
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_bytes(path, buf.getvalue().encode(), overwrite=True)
+
+
+def run_batch(
+    source: Path,
+    out: Path,
+    options: dict[str, Any],
+    engine: str = "dask",
+    workers: int | None = None,
+    scheduler: str | None = None,
+    force: bool = False,
+    case_timeout: float | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+    on_done: Callable[[dict[str, Any]], None] | None = None,
+) -> BatchResult:
+    """Fuse every case; finished rows are reported through ``on_done`` as they complete.
+
+    ``summary.csv`` in ``out`` is rewritten (atomically) at most every few seconds while cases
+    finish and at the end; the reports beside the outputs are what a re-run trusts.
+    """
+    from .pipeline import FuseOptions
+
+    FuseOptions(**options)  # validate before any work
+    if engine not in ("dask", "sequential"):
+        raise InvalidInputError(f"unknown engine {engine!r}; choose dask or sequential")
+    cases, rule, unpaired = discover(source, out)
+    out.mkdir(parents=True, exist_ok=True)
+    removed = clean_partials(out)
+    if removed:
+        log.warning("removed %d partial files left by an interrupted run", removed)
+    rows: list[dict[str, Any]] = []
+    todo: list[tuple[BatchCase, str]] = []
+    for case in cases:
+        fp = fingerprint(case, options)
+        if not force and is_complete(case, fp):
+            rows.append({**asdict(case), "status": "skipped", "seconds": 0.0, **_row_from_report(_report_of(case) or {})})
+        else:
+            todo.append((case, fp))
+    if on_start:
+        on_start(len(cases), len(rows))
+    summary = out / "summary.csv"
+
+    last_write = [0.0]
+
+    def finish(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if time.monotonic() - last_write[0] > SUMMARY_EVERY_S:
+            write_summary(rows, summary)
+            last_write[0] = time.monotonic()
+        if on_done:
+            on_done(row)
+
+    write_summary(rows, summary)
+    if engine == "sequential" or not todo:
+        for case, fp in todo:
+            finish(run_case(asdict(case), options, fp, case_timeout))
+    else:
+        _run_dask(todo, options, workers, scheduler, case_timeout, finish)
+    write_summary(rows, summary)
+    return BatchResult(rows, rule, unpaired)
+
+
+def _run_dask(todo, options, workers, scheduler, case_timeout, finish) -> None:
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise InvalidInputError("the dask engine needs dask.distributed: pip install 'dask[distributed]'") from None
+    cluster = None
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except OSError as exc:
+            raise InputNotFoundError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
+    else:
+        n = workers or min(os.cpu_count() or 1, len(todo))
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR)
+        client = Client(cluster)
+    try:
+        futures = {client.submit(run_case, asdict(c), options, fp, case_timeout, key=f"medfuse-{c.id}-{fp[:16]}",
+                                 pure=False): c for c, fp in todo}
+        for future in as_completed(futures):
+            try:
+                finish(future.result())
+            except Exception as exc:  # noqa: BLE001 - a lost worker fails its case, not the batch
+                finish({**asdict(futures[future]), "status": "failed", "error": f"worker lost: {exc}"})
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _child() -> None:
+    """``python -m medfuse_cli.batch``: run one case from JSON on stdin (for --case-timeout)."""
+    job = json.loads(sys.stdin.read())
+    print(json.dumps(run_case(job["case"], job["options"], job["fp"])))
+
+
+if __name__ == "__main__":
+    _child()

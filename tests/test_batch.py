@@ -1,0 +1,162 @@
+"""`medfuse batch`: pairing rules, failures, timeouts, resume after SIGKILL, a real dask scheduler."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import EXAMPLES, shared_path
+
+from medfuse_cli.batch import discover
+
+T1 = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"
+PET = EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+MEDFUSE = [sys.executable, "-m", "medfuse_cli"]
+
+
+def _harvard_pairs(dest: Path, folder: str, n: int) -> list[str]:
+    """Symlink the first n pairs of a Harvard folder into dest; returns their IDs."""
+    src = shared_path("harvard", folder)
+    other = folder.split("-")[1]
+    ids = sorted(p.name.split("_")[0] for p in src.glob("*_mri.png"))[:n]
+    dest.mkdir(parents=True, exist_ok=True)
+    for pid in ids:
+        for kind in ("mri", other):
+            (dest / f"{pid}_{kind}.png").symlink_to(src / f"{pid}_{kind}.png")
+    return ids
+
+
+def _summary(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / "summary.csv", newline="") as fh:
+        return {r["id"]: r for r in csv.DictReader(fh)}
+
+
+def test_mixed_good_and_bad_cases(tmp_path, cli):
+    pairs = tmp_path / "in"
+    good = _harvard_pairs(pairs, "mri-pet", 3)
+    (pairs / "90001_mri.png").write_text("not a png")  # corrupt
+    shutil.copy(pairs / f"{good[0]}_pet.png", pairs / "90001_pet.png")
+    from PIL import Image
+
+    Image.new("L", (256, 256), 40).save(pairs / "90002_mri.png")  # constant
+    shutil.copy(pairs / f"{good[0]}_pet.png", pairs / "90002_pet.png")
+    Image.open(pairs / f"{good[1]}_mri.png").resize((128, 128)).save(pairs / "90003_ct.png")  # size differs
+    shutil.copy(pairs / f"{good[1]}_mri.png", pairs / "90003_mri.png")
+    (pairs / "90004_mri.png").symlink_to(pairs / f"{good[2]}_mri.png")  # no partner
+    out = tmp_path / "out"
+    res = cli("batch", pairs, "-o", out, "--engine", "sequential", "--method", "max")
+    assert res.exit_code == 7, res.stderr
+    assert "3 of 6 cases failed" in res.stderr
+    assert "90004_mri.png: no CT/PET/SPECT partner" in res.stdout
+    rows = _summary(out)
+    assert {i for i, r in rows.items() if r["status"] == "done"} == set(good)
+    assert "not a readable" in rows["90001"]["error"] or "PNG" in rows["90001"]["error"]
+    assert "constant" in rows["90002"]["error"]
+    assert "differ" in rows["90003"]["error"] or "size" in rows["90003"]["error"]
+    for pid in good:
+        assert (out / f"{pid}.png").is_file() and (out / f"{pid}.json").is_file()
+        assert float(rows[pid]["SSIM_worst"]) > 0.4
+    assert not list(out.glob("9000*.png"))
+    # the outputs are where `medfuse eval` looks for them
+    ev = cli("eval", "--pairs", pairs, "--fused", out)
+    assert ev.exit_code == 0 and "mri-pet (3 pairs" in ev.stdout
+
+
+def test_pairing_rules_manifest_and_timeout(tmp_path, cli):
+    # nnU-Net naming: CASE_0000 (FIXED) + CASE_0001 (MOVING)
+    nn = tmp_path / "nn"
+    nn.mkdir()
+    (nn / "brain_0000.nii.gz").symlink_to(T1)
+    (nn / "brain_0001.nii.gz").symlink_to(PET)
+    cases, rule, _ = discover(nn, tmp_path / "o")
+    assert rule == "nnunet" and cases[0].fixed.endswith("brain_0000.nii.gz")
+    # one sub-folder per case: the MR (by file name) is FIXED
+    sub = tmp_path / "sub" / "case1"
+    sub.mkdir(parents=True)
+    (sub / "pet.nii.gz").symlink_to(PET)
+    (sub / "t1.nii.gz").symlink_to(T1)
+    cases, rule, _ = discover(tmp_path / "sub", tmp_path / "o")
+    assert rule == "subfolders" and cases[0].fixed.endswith("t1.nii.gz") and cases[0].output.endswith("case1.nii.gz")
+    # a CSV manifest with relative paths
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,fixed,moving,output\nspm,nn/brain_0000.nii.gz,nn/brain_0001.nii.gz,spm_fused.nii.gz\n")
+    out = tmp_path / "out"
+    res = cli("batch", manifest, "-o", out, "--engine", "sequential", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    assert (out / "spm_fused.nii.gz").is_file() and _summary(out)["spm"]["status"] == "done"
+    # a case over --case-timeout is stopped, reported, and leaves no output
+    res = cli("batch", nn, "-o", tmp_path / "slow", "--engine", "sequential", "--case-timeout", "0.5")
+    assert res.exit_code == 7
+    row = _summary(tmp_path / "slow")["brain"]
+    assert row["status"] == "timeout" and "--case-timeout" in row["error"]
+    assert not (tmp_path / "slow" / "brain.nii.gz").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_existing_dask_scheduler_and_worker(tmp_path, cli):
+    pairs = tmp_path / "in"
+    ids = _harvard_pairs(pairs, "mri-spect", 4)
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = Path(sys.executable).with_name("dask")
+    procs = [subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(2)
+        procs.append(subprocess.Popen([str(dask), "worker", address, "--nthreads", "1", "--nworkers", "1",
+                                       "--no-dashboard", "--host", "127.0.0.1"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        from dask.distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(1, timeout=60)
+        res = cli("batch", pairs, "-o", tmp_path / "dask", "--scheduler", address, "--method", "wavelet")
+        assert res.exit_code == 0, res.stderr
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+    assert cli("batch", pairs, "-o", tmp_path / "seq", "--engine", "sequential", "--method", "wavelet").exit_code == 0
+    for pid in ids:
+        assert (tmp_path / "dask" / f"{pid}.png").read_bytes() == (tmp_path / "seq" / f"{pid}.png").read_bytes()
+        assert _summary(tmp_path / "dask")[pid]["status"] == "done"
+
+
+def test_sigkill_part_way_then_resume(tmp_path, cli):
+    pairs = tmp_path / "in"
+    ids = _harvard_pairs(pairs, "mri-pet", 16)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*MEDFUSE, "batch", str(pairs), "-o", str(out), "--workers", "2", "-q"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.json"))) < 4:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.stem: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    assert 4 <= len(finished) < len(ids), "the kill should land part-way"
+    res = cli("batch", pairs, "-o", out, "--engine", "sequential")
+    assert res.exit_code == 0, res.stderr
+    rows = _summary(out)
+    for pid, mtime in finished.items():
+        assert rows[pid]["status"] == "skipped" and (out / f"{pid}.json").stat().st_mtime_ns == mtime
+    assert {r["status"] for i, r in rows.items() if i not in finished} == {"done"}
+    assert not list(out.rglob("*.partial"))
+    clean = tmp_path / "clean"
+    assert cli("batch", pairs, "-o", clean, "--engine", "sequential").exit_code == 0
+    for pid in ids:
+        assert (out / f"{pid}.png").read_bytes() == (clean / f"{pid}.png").read_bytes(), pid

@@ -210,8 +210,9 @@ def info(
 
 Method = Annotated[
     str,
-    typer.Option("--method", "-m", help="Fusion rule: mean, max, laplacian (pyramid: max-abs details, mean base) or wavelet (db2, 3 levels)."),
+    typer.Option("--method", "-m", help="Fusion method: a classic rule (mean, max, laplacian: pyramid with max-abs details and mean base, wavelet: db2, 3 levels), adafuse (trained network, slice by slice for volumes) or auto (adafuse when its weights are installed, else laplacian)."),
 ]
+Device = Annotated[str, typer.Option("--device", help="Where networks run: auto (CUDA when present), cpu or cuda.")]
 Transform = Annotated[
     str,
     typer.Option("--transform", "-t", help="Registration: rigid, affine (rigid then affine) or none. Skipped when both inputs share one grid."),
@@ -266,6 +267,7 @@ def fuse(
     moving_series: MovingSeries = None,
     seed: Seed = 0,
     metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Score the fusion with medfuse eval's metrics (in the report and the summary line).")] = True,
+    device: Device = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -283,7 +285,7 @@ def fuse(
         options = FuseOptions(method=method, transform=transform, fixed_modality=fixed_modality,
                               moving_modality=moving_modality, ct_window=ct_window,
                               fixed_series=fixed_series, moving_series=moving_series, seed=seed,
-                              metrics=metrics)
+                              metrics=metrics, device=device)
         status, stage = _status(quiet)
         try:
             result = fuse_pair(fixed, moving, output, options, report=report, figure=figure,
@@ -297,7 +299,7 @@ def fuse(
             if "metrics" in result.report:
                 v = result.report["metrics"]["values"]
                 scores = f"  SSIM {v['SSIM']:.3f} (worst {v['SSIM_worst']:.3f})  Qabf {v['Qabf']:.3f}  MI {v['MI']:.2f} bits"
-            typer.echo(f"{output}  {method}  {how}{scores}  {result.report['timings']['total_s']:.1f} s")
+            typer.echo(f"{output}  {result.report['method']}  {how}{scores}  {result.report['timings']['total_s']:.1f} s")
 
     _run(debug, quiet, verbose, body)
 
@@ -462,6 +464,7 @@ def batch(
     moving_series: MovingSeries = None,
     seed: Seed = 0,
     metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Score every case with medfuse eval's metrics (report and summary.csv).")] = True,
+    device: Device = "auto",
     engine: Annotated[str, typer.Option("--engine", help="dask (a dask.distributed LocalCluster, or --scheduler) or sequential (one case after another in this process; for debugging).")] = "dask",
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="LocalCluster worker processes (one thread each). Default: one per core.")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Submit to an existing dask scheduler, e.g. tcp://10.0.0.5:8786 (workers must see the same paths).")] = None,
@@ -548,6 +551,118 @@ def _batch_table(result: Any, out_dir: Path) -> None:
         for r in sorted(result.failed, key=lambda r: r["id"]):
             table.add_row(r["id"], r["status"], r.get("error", ""))
         console.print(table)
+
+
+@app.command("train")
+def train_cmd(
+    data: Annotated[Path, typer.Option("--data", help="Folder of pairs with splits.csv (e.g. ../shared/data/harvard); trains on 'train', validates on 'val'.", show_default=False)],
+    model: Annotated[str, typer.Option("--model", help="Network to train: adafuse.")] = "adafuse",
+    task: Annotated[str, typer.Option("--task", help="mri-ct, mri-pet, mri-spect, or all (one model for the three, with a task input).")] = "all",
+    out: Annotated[Path, typer.Option("--out", help="Folder for NAME.safetensors, the model card NAME.json and the checkpoint.")] = Path("weights"),
+    name: Annotated[str | None, typer.Option("--name", help="Model name (default: the model).")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps (cosine learning-rate decay over them).")] = 2000,
+    batch_size: Annotated[int, typer.Option("--batch", min=1, help="Pairs per step.")] = 8,
+    crop: Annotated[int, typer.Option("--crop", min=32, help="Random crop size (multiple of 16).")] = 128,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 1e-3,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of weights, batches and augmentation.")] = 0,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads.")] = 2,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 50,
+    val_every: Annotated[int, typer.Option("--val-every", min=0, help="Steps between validations (0: only at the end).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/NAME.checkpoint.safetensors.")] = False,
+    recipe: Annotated[str, typer.Option("--recipe", help="Loss: medfuse (SSIM to each source + worst source + texture + intensity + Qabf) or asfe (the AdaFuse authors' successor recipe).")] = "medfuse",
+    no_frequency: Annotated[bool, typer.Option("--no-frequency", help="Ablation: drop the Fourier branch.")] = False,
+    no_exchange: Annotated[bool, typer.Option("--no-exchange", help="Ablation: self-attention instead of exchanged attention.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    debug: Debug = False,
+) -> None:
+    """Train a 2D fusion network and write safetensors weights plus a model card (with sha256 and validation metrics).
+
+    Checkpoints every --checkpoint-every steps; --resume continues exactly where a run stopped.
+    """
+
+    def body() -> None:
+        from .errors import InvalidInputError
+        from .train import TrainConfig, train
+
+        if model != "adafuse":
+            raise InvalidInputError(f"unknown model {model!r}; trainable: adafuse")
+        if crop % 16:
+            raise InvalidInputError("--crop must be a multiple of 16")
+        if recipe not in ("medfuse", "asfe"):
+            raise InvalidInputError(f"unknown recipe {recipe!r}; choose medfuse or asfe")
+        cfg = TrainConfig(data=str(data), out=str(out), name=name or model, model=model, task=task, steps=steps,
+                          batch=batch_size, crop=crop, lr=lr, seed=seed, threads=threads,
+                          checkpoint_every=checkpoint_every, val_every=val_every, recipe=recipe,
+                          frequency=not no_frequency, exchange=not no_exchange)
+        card = _train_with_progress(quiet, steps, lambda cb: train(cfg, resume=resume, progress=cb))
+        if not quiet:
+            typer.echo(f"wrote {out / card['weights']} ({card['parameters']:,} parameters, "
+                       f"{card['training_seconds'] / 60:.1f} min) and {out / (card['name'] + '.json')}")
+            for t, v in card["validation"].items():
+                typer.echo(f"  val {t}: SSIM {v['SSIM']:.3f} (worst {v['SSIM_worst']:.3f})  Qabf {v['Qabf']:.3f}  "
+                           f"VIF {v['VIF']:.3f}  MI {v['MI']:.3f}")
+
+    _run(debug, quiet, verbose, body)
+
+
+def _train_with_progress(quiet: bool, total: int, work: Callable[..., Any]) -> Any:
+    """A Rich bar with the loss on a terminal; a log line every 25 steps otherwise."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if quiet:
+        return work(None)
+    if not console.is_terminal:
+        def line(step: int, parts: dict) -> None:
+            if step % 25 == 0 or step == total or "val" in parts:
+                text = " ".join(f"{k} {v:.4f}" for k, v in parts.items() if isinstance(v, float))
+                sys.stderr.write(f"step {step}/{total} {text}{' val ' + json.dumps(parts['val']) if 'val' in parts else ''}\n")
+                sys.stderr.flush()
+        return work(line)
+    with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("train", total=total, loss="")
+
+        def update(step: int, parts: dict) -> None:
+            bar.update(task, completed=step, loss=f"loss {parts['loss']:.4f}")
+
+        return work(update)
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the model cards as JSON.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    debug: Debug = False,
+) -> None:
+    """List the installed fusion models (weights/ with model cards) and the classic rules."""
+
+    def body() -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        from .fusion import CLASSIC_RULES
+        from .models.weights import WEIGHTS_DIR, list_cards
+
+        cards = list_cards()
+        if as_json:
+            typer.echo(json.dumps(cards, indent=2))
+            return
+        table = Table(title=f"models ({WEIGHTS_DIR})", title_justify="left")
+        for col in ("method", "kind", "tasks", "parameters", "val SSIM / worst / Qabf", "sha256"):
+            table.add_column(col)
+        for c in cards:
+            val = "; ".join(f"{t.split('-')[1]} {v['SSIM']:.3f}/{v['SSIM_worst']:.3f}/{v['Qabf']:.3f}"
+                            for t, v in c.get("validation", {}).items())
+            table.add_row(c["name"], "network", ", ".join(c["tasks"]), f"{c['parameters']:,}", val, c["sha256"][:12])
+        for rule in CLASSIC_RULES:
+            table.add_row(rule, "classic rule", "any", "0", "", "")
+        Console().print(table)
+
+    _run(debug, quiet, verbose, body)
 
 
 def main() -> None:

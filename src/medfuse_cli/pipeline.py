@@ -14,7 +14,7 @@ import numpy as np
 
 from . import __version__
 from .errors import GeometryError, InvalidInputError
-from .fusion import CLASSIC_RULES, fuse_classic
+from .fusion import fuse, resolve_method
 from .image import Image, Modality
 from .intensity import (
     check_usable,
@@ -29,7 +29,9 @@ from .register import Registration, register, resample_to
 
 log = logging.getLogger(__name__)
 
-METHODS = tuple(CLASSIC_RULES)
+
+
+TASK_OF_MODALITY = {Modality.CT: "mri-ct", Modality.PT: "mri-pet", Modality.NM: "mri-spect"}
 
 
 @dataclass
@@ -45,10 +47,12 @@ class FuseOptions:
     moving_series: str | None = None
     seed: int = 0
     metrics: bool = True
+    device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InvalidInputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        resolve_method(self.method)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InvalidInputError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         if self.transform not in ("rigid", "affine", "none"):
             raise InvalidInputError(f"unknown transform {self.transform!r}; choose rigid, affine or none")
         parse_ct_window(self.ct_window)
@@ -148,7 +152,9 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     timings["normalise_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    f = fuse_classic(options.method, a, b)
+    method = resolve_method(options.method)
+    task = TASK_OF_MODALITY.get(moving.modality, "mri-pet")
+    f = fuse(method, a, b, task=task, device=options.device)
     timings["fuse_s"] = time.perf_counter() - t0
 
     if moved.is_color:
@@ -175,6 +181,7 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
             "moving": {"lo": mwin.lo, "hi": mwin.hi, "rule": mwin.rule},
         },
         "colour": "YCbCr: Y fused, Cb/Cr of MOVING kept" if moved.is_color else None,
+        "method": method if method == options.method else f"{method} (from {options.method})",
     }
     if options.metrics:
         t0 = time.perf_counter()

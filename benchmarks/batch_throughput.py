@@ -1,0 +1,54 @@
+"""Batch throughput on the Harvard pairs: sequential engine vs dask LocalCluster with 1 and 2 workers.
+
+Each configuration fuses the same pairs into a fresh folder (default options: laplacian rule,
+metrics on) and the wall time includes starting the cluster. Prints cases per second and the
+speed-up of 2 workers over 1, measured in one run. Needs ../shared/data.
+
+    python benchmarks/batch_throughput.py            # all 622 pairs
+    python benchmarks/batch_throughput.py --limit 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import tempfile
+import time
+from pathlib import Path
+
+from medfuse_cli.batch import run_batch
+
+HARVARD = Path(__file__).resolve().parents[2] / "shared" / "data" / "harvard"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, help="only the first N pairs (a manifest is written)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        source = HARVARD
+        if args.limit:
+            pairs = sorted(HARVARD.rglob("*_mri.png"))[: args.limit]
+            source = Path(tmp) / "manifest.csv"
+            with open(source, "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["id", "fixed", "moving", "output"])
+                for mri in pairs:
+                    other = next(mri.parent.glob(mri.name.replace("_mri.png", "_[cps]*.png")))
+                    w.writerow([f"{mri.parent.name}-{mri.name[:5]}", mri, other, f"{mri.parent.name}/{mri.name[:5]}.png"])
+        results = {}
+        for name, engine, workers in (("sequential", "sequential", None), ("dask, 1 worker", "dask", 1),
+                                      ("dask, 2 workers", "dask", 2)):
+            t0 = time.perf_counter()
+            res = run_batch(source, Path(tmp) / name.replace(" ", "_").replace(",", ""), {}, engine=engine,
+                            workers=workers)
+            wall = time.perf_counter() - t0
+            n = len(res.rows)
+            assert not res.failed, res.failed[:3]
+            results[name] = n / wall
+            print(f"{name:16} {n} cases in {wall:7.1f} s: {n / wall:6.2f} cases/s", flush=True)
+    print(f"speed-up, 2 workers over 1: {results['dask, 2 workers'] / results['dask, 1 worker']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Training losses for the fusion networks (torch, images in [0, 1]).
+
+``fusion_loss`` keeps both sources and their edges:
+
+- SSIM to each source (Gaussian 11 / 1.5, as the metric) and, weighted apart, the *worse* of the
+  two, so the network cannot win by copying the source with more structure (PEERS.md: losses
+  built from the metrics alone learned to copy the MRI);
+- a texture term: Sobel magnitude of F close to the larger of the sources' magnitudes (keeps the
+  strongest edge of either source, what pixel max does well on Qabf);
+- an intensity term: F close to max(A, B) (keeps bright PET/SPECT uptake and bone);
+- 1 - a differentiable Qabf (Xydeas-Petrovic with the standard constants).
+
+The AdaFuse successor's recipe (L2 to the mean image, structure tensor, SSIM to each source;
+METHODS.md A.1.3) is available as ``recipe="asfe"`` for the ablation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_SOBEL_X = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]])
+_SOBEL_Y = torch.tensor([[1.0, 2, 1], [0, 0, 0], [-1, -2, -1]])
+
+
+def _gauss(device: torch.device) -> torch.Tensor:
+    ax = torch.arange(11, dtype=torch.float32, device=device) - 5
+    g = torch.exp(-(ax**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM per image (N,), Gaussian 11 / 1.5, valid region, data range 1."""
+    w = _gauss(x.device)
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = F.conv2d(x, w), F.conv2d(y, w)
+    vx = F.conv2d(x * x, w) - mx * mx
+    vy = F.conv2d(y * y, w) - my * my
+    cxy = F.conv2d(x * y, w) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+def sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    kx = _SOBEL_X.to(x)[None, None]
+    ky = _SOBEL_Y.to(x)[None, None]
+    return F.conv2d(x, kx, padding=1), F.conv2d(x, ky, padding=1)
+
+
+def qabf(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Differentiable Qabf per image (N,) on [0, 1] images (edge angles via atan of Sy/Sx)."""
+
+    def edges(x):
+        sx, sy = sobel(x)
+        g = torch.sqrt(sx * sx + sy * sy + eps)
+        sx_safe = torch.where(sx.abs() < eps, torch.full_like(sx, eps), sx)
+        return g, torch.atan(sy / sx_safe)
+
+    (ga, aa), (gb, ab), (gf, af) = edges(a), edges(b), edges(f)
+
+    def keep(gs, as_):
+        ratio = torch.minimum(gs, gf) / torch.maximum(gs, gf)
+        orient = 1 - (as_ - af).abs() / (math.pi / 2)
+        return 0.9994 / (1 + torch.exp(-15 * (ratio - 0.5))) * 0.9879 / (1 + torch.exp(-22 * (orient - 0.8)))
+
+    num = (keep(ga, aa) * ga + keep(gb, ab) * gb).sum(dim=(1, 2, 3))
+    return num / (ga + gb).sum(dim=(1, 2, 3))
+
+
+def fusion_loss(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, recipe: str = "medfuse") -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss and its parts (for the progress bar)."""
+    if recipe == "asfe":
+        content = torch.linalg.vector_norm(f - (a + b) / 2, dim=(1, 2, 3)).mean()
+
+        def tensor(x):
+            dx = F.pad(x[..., :, 1:] - x[..., :, :-1], (0, 1))
+            dy = F.pad(x[..., 1:, :] - x[..., :-1, :], (0, 0, 0, 1))
+            return torch.stack([dx * dx, dx * dy, dy * dy]).sum(2)
+
+        struct = torch.linalg.vector_norm(tensor(f) - tensor(torch.cat([a, b], 1)), dim=(0, 2, 3)).mean()
+        s = (2 - ssim(f, a) - ssim(f, b)).mean()
+        loss = 0.5 * content + 0.5 * torch.log1p(struct) + s
+        return loss, {"loss": loss.item(), "ssim": s.item()}
+    sa, sb = ssim(f, a), ssim(f, b)
+    ssim_term = (2 - sa - sb).mean() / 2
+    worst = torch.maximum(1 - sa, 1 - sb).mean()
+    gfx, gfy = sobel(f)
+    gax, gay = sobel(a)
+    gbx, gby = sobel(b)
+    mag = lambda x, y: torch.sqrt(x * x + y * y + 1e-6)  # noqa: E731
+    texture = (mag(gfx, gfy) - torch.maximum(mag(gax, gay), mag(gbx, gby))).abs().mean()
+    intensity = (f - torch.maximum(a, b)).abs().mean()
+    q = 1 - qabf(a, b, f).mean()
+    loss = ssim_term + worst + 2 * texture + intensity + q
+    parts = {"loss": loss.item(), "ssim": ssim_term.item(), "worst": worst.item(), "tex": texture.item(),
+             "int": intensity.item(), "q": q.item()}
+    return loss, parts

@@ -1,0 +1,62 @@
+"""Shipped weights: safetensors files checked against the sha256 in their model card (no pickles)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import MedfuseError
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[3] / "weights"
+
+
+class WeightsError(MedfuseError):
+    """Model weights missing, or not matching their model card."""
+
+    exit_code = 8
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def card_path(name: str, folder: Path | None = None) -> Path:
+    return (folder or WEIGHTS_DIR) / f"{name}.json"
+
+
+def list_cards(folder: Path | None = None) -> list[dict[str, Any]]:
+    """Every model card in the weights folder."""
+    folder = folder or WEIGHTS_DIR
+    cards = []
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            card = json.loads(p.read_text())
+        except ValueError:
+            continue
+        if "sha256" in card and "weights" in card:
+            cards.append({**card, "_card": str(p)})
+    return cards
+
+
+def load_checked(name: str, folder: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state dict and model card of ``name``; the file's sha256 must match the card."""
+    from safetensors.torch import load_file
+
+    card_file = card_path(name, folder)
+    if not card_file.is_file():
+        raise WeightsError(f"no model card {card_file}; 'medfuse models' lists the installed models")
+    card = json.loads(card_file.read_text())
+    weights = card_file.parent / card["weights"]
+    if not weights.is_file():
+        raise WeightsError(f"{weights} is missing (model card {card_file.name})")
+    digest = sha256(weights)
+    if digest != card["sha256"]:
+        raise WeightsError(f"{weights.name}: sha256 {digest[:12]}... does not match its model card "
+                           f"({card['sha256'][:12]}...); the file is damaged or was replaced")
+    return load_file(str(weights)), card

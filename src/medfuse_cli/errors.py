@@ -50,6 +50,7 @@ EXIT_CODES: dict[int, str] = {
     "a pair that does not overlap, 2D with 3D, 2D slices of different sizes",
     6: "output exists (use --overwrite) or cannot be written",
     7: "batch finished but some cases failed or timed out (see summary.csv)",
+    8: "model weights missing, or not matching the sha256 of their model card",
     10: "out of memory",
     130: "interrupted (Ctrl-C)",
 }

@@ -48,6 +48,7 @@ class TrainConfig:
     exchange: bool = True
     widths: list[int] = field(default_factory=lambda: [16, 32, 48, 64])
     val_limit: int = 0  # validate on the first N val pairs only (0: all; for quick runs and tests)
+    baselines: bool = True  # score the classic rules on the same val pairs for the model card
 
 
 def load_split(data: Path, split: str, task: str) -> list[dict[str, Any]]:
@@ -239,7 +240,7 @@ def finish(model: AdaFuse, cfg: TrainConfig, val_pairs, train_pairs, seconds: fl
         "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "name")},
         "training_seconds": round(seconds, 1),
         "validation": validate(model, val_pairs),
-        "classic_rules_on_val": classic_baselines(val_pairs),
+        "classic_rules_on_val": classic_baselines(val_pairs) if cfg.baselines else None,
         "history": history,
         "metric_conventions": "medfuse eval (PEERS.md); sources and output as float 0..255 luminance",
     }

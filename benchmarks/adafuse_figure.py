@@ -11,11 +11,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from medfuse_cli import read_image  # noqa: E402
-from medfuse_cli.pipeline import FuseOptions, fuse_images  # noqa: E402
+from medfuse_cli import read_image
+from medfuse_cli.pipeline import FuseOptions, fuse_images
 
 ROOT = Path(__file__).resolve().parents[1]
 HARVARD = ROOT.parent / "shared" / "data" / "harvard"

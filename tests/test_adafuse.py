@@ -89,9 +89,8 @@ def shipped():
 
 def test_fuse_with_the_shipped_adafuse(shipped, tmp_path, cli):
     import nibabel as nib
-    from PIL import Image
-
     from conftest import EXAMPLES
+    from PIL import Image
 
     folder = shared_path("harvard", "mri-spect")
     out = tmp_path / "f.png"

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import EXAMPLES, shared_path
 
 from medfuse_cli.batch import discover
@@ -89,9 +88,10 @@ def test_pairing_rules_manifest_and_timeout(tmp_path, cli):
     manifest = tmp_path / "m.csv"
     manifest.write_text("id,fixed,moving,output\nspm,nn/brain_0000.nii.gz,nn/brain_0001.nii.gz,spm_fused.nii.gz\n")
     out = tmp_path / "out"
-    res = cli("batch", manifest, "-o", out, "--engine", "sequential", "--no-metrics")
+    res = cli("batch", manifest, "-o", out, "--engine", "sequential", "--no-metrics", "--figures")
     assert res.exit_code == 0, res.stderr
     assert (out / "spm_fused.nii.gz").is_file() and _summary(out)["spm"]["status"] == "done"
+    assert (out / "spm_fused_figure.png").stat().st_size > 10_000
     # a case over --case-timeout is stopped, reported, and leaves no output
     res = cli("batch", nn, "-o", tmp_path / "slow", "--engine", "sequential", "--case-timeout", "0.5")
     assert res.exit_code == 7

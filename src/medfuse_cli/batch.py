@@ -237,11 +237,17 @@ def run_case(case: dict[str, str], options: dict[str, Any], fp: str, timeout: fl
             return {**row, "status": "failed", "seconds": round(time.perf_counter() - t0, 3),
                     "error": f"worker process exited with {proc.returncode}: {proc.stderr.strip()[-300:]}"}
     _limit_threads()
-    from .pipeline import FuseOptions, fuse_pair
+    from .pipeline import FuseOptions, fuse_pair, report_beside
 
     try:
         Path(case["output"]).parent.mkdir(parents=True, exist_ok=True)
-        result = fuse_pair(case["fixed"], case["moving"], case["output"], FuseOptions(**options), overwrite=True,
+        opts = {k: v for k, v in options.items() if k != "figures"}
+        figure = None
+        if options.get("figures"):
+            out = Path(case["output"])
+            figure = out.with_name(report_beside(out).stem + "_figure.png")
+        result = fuse_pair(case["fixed"], case["moving"], case["output"], FuseOptions(**opts), figure=figure,
+                           overwrite=True,
                            report_extra={"batch": {"id": case["id"], "fingerprint": fp}})
         row.update(status="done", **_row_from_report(result.report))
     except MedfuseError as exc:
@@ -312,7 +318,7 @@ def run_batch(
     """
     from .pipeline import FuseOptions
 
-    FuseOptions(**options)  # validate before any work
+    FuseOptions(**{k: v for k, v in options.items() if k != "figures"})  # validate before any work
     if engine not in ("dask", "sequential"):
         raise InvalidInputError(f"unknown engine {engine!r}; choose dask or sequential")
     cases, rule, unpaired = discover(source, out)

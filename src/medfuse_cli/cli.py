@@ -465,6 +465,7 @@ def batch(
     seed: Seed = 0,
     metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Score every case with medfuse eval's metrics (report and summary.csv).")] = True,
     device: Device = "auto",
+    figures: Annotated[bool, typer.Option("--figures", help="Also write ID_figure.png beside each output (as fuse --figure).")] = False,
     engine: Annotated[str, typer.Option("--engine", help="dask (a dask.distributed LocalCluster, or --scheduler) or sequential (one case after another in this process; for debugging).")] = "dask",
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="LocalCluster worker processes (one thread each). Default: one per core.")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Submit to an existing dask scheduler, e.g. tcp://10.0.0.5:8786 (workers must see the same paths).")] = None,
@@ -494,7 +495,8 @@ def batch(
         signal.signal(signal.SIGTERM, _term)
         options = {"method": method, "transform": transform, "fixed_modality": fixed_modality,
                        "moving_modality": moving_modality, "ct_window": ct_window, "fixed_series": fixed_series,
-                       "moving_series": moving_series, "seed": seed, "metrics": metrics}
+                       "moving_series": moving_series, "seed": seed, "metrics": metrics, "device": device,
+                       "figures": figures}
         result = _batch_with_progress(
             quiet, lambda on_start, on_done: run_batch(
                 source, out_dir, options, engine=engine, workers=workers, scheduler=scheduler, force=force,
@@ -609,7 +611,14 @@ def train_cmd(
 def _train_with_progress(quiet: bool, total: int, work: Callable[..., Any]) -> Any:
     """A Rich bar with the loss on a terminal; a log line every 25 steps otherwise."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     if quiet:

@@ -129,3 +129,14 @@ def test_tampered_shipped_weights_are_refused(shipped, tmp_path, cli, monkeypatc
     infer.load_model.cache_clear()
     assert res.exit_code == 8 and "sha256" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    torch.manual_seed(0)
+    model = AdaFuse().eval()
+    a, b = np.random.default_rng(1).random((2, 2, 96, 96), dtype=np.float32)
+    cpu = fuse_stack(model, a, b, "mri-ct")
+    gpu = fuse_stack(model.to("cuda"), a, b, "mri-ct", device=torch.device("cuda"))
+    np.testing.assert_allclose(gpu, cpu, atol=1e-4)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import MedfuseError
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[3] / "weights"
+# the repository's weights/ (editable install), or MEDFUSE_WEIGHTS for other layouts
+WEIGHTS_DIR = Path(os.environ.get("MEDFUSE_WEIGHTS", Path(__file__).resolve().parents[3] / "weights"))
 
 
 class WeightsError(MedfuseError):

@@ -336,7 +336,6 @@ _EVAL_FORMAT = {"EN": 3, "SD": 2, "SF": 2, "AG": 2, "PSNR": 2}
 
 def _eval_tables(means: dict, quiet: bool) -> None:
     """One Rich table per modality pair: methods as rows, the best value of each column marked *."""
-    from rich.console import Console
     from rich.table import Table
 
     from .evaluate import best_per_column
@@ -344,9 +343,7 @@ def _eval_tables(means: dict, quiet: bool) -> None:
 
     if quiet:
         return
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=240)
+    console = _wide_console()
     for group, methods in means.items():
         n = max(v["n"] for v in methods.values())
         table = Table(title=f"{group} ({n} pair{'s' if n != 1 else ''}; * = best)", title_justify="left")
@@ -650,7 +647,6 @@ def models(
     """List the installed fusion models (weights/ with model cards) and the classic rules."""
 
     def body() -> None:
-        from rich.console import Console
         from rich.table import Table
 
         from .fusion import CLASSIC_RULES
@@ -669,9 +665,17 @@ def models(
             table.add_row(c["name"], "network", ", ".join(c["tasks"]), f"{c['parameters']:,}", val, c["sha256"][:12])
         for rule in CLASSIC_RULES:
             table.add_row(rule, "classic rule", "any", "0", "", "")
-        Console().print(table)
+        _wide_console().print(table)
 
     _run(debug, quiet, verbose, body)
+
+
+def _wide_console():
+    """A Rich console; off a terminal (pipes, logs) wide enough that tables are not squeezed."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=240)
 
 
 def main() -> None:

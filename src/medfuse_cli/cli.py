@@ -429,21 +429,32 @@ def eval_(
     _run(debug, quiet, verbose, body)
 
 
-def _with_progress(total: int, quiet: bool, label: str, work: Callable[[Callable[[], None] | None], Any]) -> Any:
-    """Run ``work(tick)`` under a Rich progress bar on a terminal (``tick`` is None otherwise)."""
+def _progress(quiet: bool, label: str, *extra: str) -> Any:
+    """A Rich progress bar on stderr (label, bar, done/total, extra columns, elapsed, ETA), or None
+    when quiet or not on a terminal."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
         TextColumn,
+        TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
     console = Console(stderr=True)
-    if quiet or not console.is_terminal or total < 2:
+    if quiet or not console.is_terminal:
+        return None
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), *(TextColumn(e) for e in extra),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+
+
+def _with_progress(total: int, quiet: bool, label: str, work: Callable[[Callable[[], None] | None], Any]) -> Any:
+    """Run ``work(tick)`` under a Rich progress bar on a terminal (``tick`` is None otherwise)."""
+    bar = _progress(quiet or total < 2, label)
+    if bar is None:
         return work(None)
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as bar:
+    with bar:
         task = bar.add_task(label, total=total)
         return work(lambda: bar.advance(task))
 
@@ -507,21 +518,10 @@ def batch(
 
 
 def _batch_with_progress(quiet: bool, work: Callable[..., Any]) -> Any:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
-    if quiet or not console.is_terminal:
+    bar = _progress(quiet, "fusing")
+    if bar is None:
         return work(None, None)
-    with Progress(TextColumn("fusing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                  TimeRemainingColumn(), console=console) as bar:
+    with bar:
         task = bar.add_task("fusing", total=None)
 
         def on_start(total: int, done: int) -> None:
@@ -607,28 +607,17 @@ def train_cmd(
 
 def _train_with_progress(quiet: bool, total: int, work: Callable[..., Any]) -> Any:
     """A Rich bar with the loss on a terminal; a log line every 25 steps otherwise."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
     if quiet:
         return work(None)
-    if not console.is_terminal:
+    bar = _progress(quiet, "training", "{task.fields[loss]}")
+    if bar is None:
         def line(step: int, parts: dict) -> None:
             if step % 25 == 0 or step == total or "val" in parts:
                 text = " ".join(f"{k} {v:.4f}" for k, v in parts.items() if isinstance(v, float))
                 sys.stderr.write(f"step {step}/{total} {text}{' val ' + json.dumps(parts['val']) if 'val' in parts else ''}\n")
                 sys.stderr.flush()
         return work(line)
-    with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
+    with bar:
         task = bar.add_task("train", total=total, loss="")
 
         def update(step: int, parts: dict) -> None:

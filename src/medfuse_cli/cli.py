@@ -533,15 +533,22 @@ def _batch_with_progress(quiet: bool, work: Callable[..., Any]) -> Any:
 def _batch_table(result: Any, out_dir: Path) -> None:
     from collections import Counter
 
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _wide_console()
     counts = Counter(r["status"] for r in result.rows)
     typer.echo(f"pairing rule: {result.rule}; {len(result.rows)} cases: "
                + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"; summary: {out_dir / 'summary.csv'}")
     for line in result.unpaired:
         typer.echo(f"not paired: {line}")
+    scored = [r for r in result.rows if isinstance(r.get("SSIM"), float)]
+    if scored:
+        keys = ("seconds", "SSIM", "SSIM_worst", "Qabf", "VIF", "MI", "PSNR")
+        summary = Table(title=f"mean over {len(scored)} fused cases", title_justify="left")
+        for k in keys:
+            summary.add_column(k, justify="right")
+        summary.add_row(*(f"{sum(float(r.get(k) or 0) for r in scored) / len(scored):.3f}" for k in keys))
+        console.print(summary)
     if result.failed:
         table = Table(title="failed cases", title_justify="left")
         table.add_column("id")

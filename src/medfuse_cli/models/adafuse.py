@@ -7,7 +7,7 @@ frequency CAF on their log-amplitude spectra (``log(1 + |fftshift(fft2(x))|)``, 
 ``|ifft2(ifftshift(.))|``) and a third CAF that fuses the two branches; CAF = patch tokens, a
 transformer block per input, then *exchanged* attention (each input's attention map re-weights
 the other's values), averaged, un-patched and added to both inputs. What we changed for 2 CPU
-cores: ~1.5 M parameters instead of ~540 M (channels 16/32/48/64, 64-dim tokens, one block per
+cores: ~3.0 M parameters instead of ~540 M (channels 16/32/48/64, 64-dim tokens, one block per
 input, patches sized so each scale has (H/16)x(W/16) tokens), full resolution fused by a 1x1
 convolution instead of a CAF, and a residual head ``F = (A + B)/2 + h`` whose last layer starts
 at zero, so training starts from the mean rule. A task embedding (CT / PET / SPECT) lets one

@@ -160,3 +160,18 @@ def test_sigkill_part_way_then_resume(tmp_path, cli):
     assert cli("batch", pairs, "-o", clean, "--engine", "sequential").exit_code == 0
     for pid in ids:
         assert (out / f"{pid}.png").read_bytes() == (clean / f"{pid}.png").read_bytes(), pid
+
+
+def test_fuse_options_reach_every_case(tmp_path, cli):
+    pairs = tmp_path / "in"
+    _harvard_pairs(pairs, "mri-ct", 1)
+    bad = cli("batch", pairs, "-o", tmp_path / "o1", "--engine", "sequential", "--device", "tpu")
+    assert bad.exit_code == 4 and "device" in bad.stderr
+    res = cli("batch", pairs, "-o", tmp_path / "o2", "--engine", "sequential", "--method", "mean", "--device", "cpu",
+              "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    import json
+
+    report = json.loads(next((tmp_path / "o2").glob("*.json")).read_text())
+    assert report["parameters"]["device"] == "cpu" and report["parameters"]["method"] == "mean"
+    assert "metrics" not in report

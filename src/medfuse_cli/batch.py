@@ -69,14 +69,6 @@ def _output_ext(fixed: Path) -> str:
     return ".png" if fixed.suffix.lower() in RASTER else ".nii.gz"
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for ext in INPUT_EXT:
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
 def _benchmark(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
     cases, unpaired = [], []
     for mri in sorted(root.rglob("*_mri.*")):

@@ -149,6 +149,10 @@ def validate(model: AdaFuse, pairs: list[dict]) -> dict[str, dict[str, float]]:
         f = predict(model, p["a"], p["b"], p["task"])
         per_task.setdefault(p["task"], []).append(compute(p["a"] * 255.0, p["b"] * 255.0, f * 255.0))
     model.train()
+    return _task_means(per_task)
+
+
+def _task_means(per_task: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
     return {t: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for t, rows in per_task.items()}
 
 
@@ -163,7 +167,7 @@ def classic_baselines(pairs: list[dict]) -> dict[str, dict[str, dict[str, float]
         for p in pairs:
             f = fuse_classic(rule, p["a"], p["b"])
             per_task.setdefault(p["task"], []).append(compute(p["a"] * 255.0, p["b"] * 255.0, f * 255.0))
-        out[rule] = {t: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for t, rows in per_task.items()}
+        out[rule] = _task_means(per_task)
     return out
 
 
@@ -224,8 +228,10 @@ def finish(model: AdaFuse, cfg: TrainConfig, val_pairs, train_pairs, seconds: fl
 
     out = Path(cfg.out)
     weights = out / f"{cfg.name}.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights),
+    tmp = weights.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
               metadata={"config": json.dumps(model.config)})
+    tmp.replace(weights)
     card = {
         "name": cfg.name,
         "model": cfg.model,
@@ -244,6 +250,7 @@ def finish(model: AdaFuse, cfg: TrainConfig, val_pairs, train_pairs, seconds: fl
         "history": history,
         "metric_conventions": "medfuse eval (PEERS.md); sources and output as float 0..255 luminance",
     }
-    card_file = out / f"{cfg.name}.json"
-    card_file.write_text(json.dumps(card, indent=2) + "\n")
+    from .io.atomic import atomic_write_bytes
+
+    atomic_write_bytes(out / f"{cfg.name}.json", (json.dumps(card, indent=2) + "\n").encode(), overwrite=True)
     return card

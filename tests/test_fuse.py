@@ -181,3 +181,30 @@ def test_figure_and_8_bit_registration_output(tmp_path, cli):
     out = tmp_path / "ct_on_mri.png"
     assert cli("register", folder / "02004_mri.png", folder / "02004_ct.png", "-o", out).exit_code == 0
     np.testing.assert_array_equal(np.asarray(PILImage.open(out)), np.asarray(PILImage.open(folder / "02004_ct.png")))
+
+
+def test_guided_filter_limits():
+    from medfuse_cli.fusion.classic import _box, guided_filter
+
+    rng = np.random.default_rng(0)
+    guide, p = rng.random((64, 64)), rng.random((64, 64))
+    # tiny eps and p == guide: the filter keeps the guide (edge preserving)
+    np.testing.assert_allclose(guided_filter(guide, guide, 3, 1e-9, (0, 1)), guide, atol=1e-5)
+    # huge eps: no steering left, the filter is the box mean of p's box mean
+    np.testing.assert_allclose(guided_filter(p, guide, 3, 1e6, (0, 1)), _box(_box(p, 3, (0, 1)), 3, (0, 1)), atol=1e-5)
+
+
+def test_gff_keeps_the_salient_source_on_real_pet():
+    """gff follows the source with more local detail: the MRI's texture and the PET's uptake."""
+    folder = shared_path("harvard", "mri-pet")
+    from medfuse_cli.evaluate import metric_array
+    from medfuse_cli.metrics import compute
+
+    a = metric_array(read_image(folder / "25015_mri.png")) / 255.0
+    b = metric_array(read_image(folder / "25015_pet.png")) / 255.0
+    from medfuse_cli.fusion import fuse_classic
+
+    scores = {m: compute(a * 255, b * 255, fuse_classic(m, a, b) * 255) for m in ("mean", "gff")}
+    # the published gff behaviour (PEERS.md): far more edge transfer than the mean, MRI-leaning
+    assert scores["gff"]["Qabf"] > scores["mean"]["Qabf"] + 0.2
+    assert scores["gff"]["SSIM_A"] > scores["mean"]["SSIM_A"]

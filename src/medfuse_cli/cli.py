@@ -562,20 +562,23 @@ def _batch_table(result: Any, out_dir: Path) -> None:
 @app.command("train")
 def train_cmd(
     data: Annotated[Path, typer.Option("--data", help="Folder of pairs with splits.csv (e.g. ../shared/data/harvard); trains on 'train', validates on 'val'.", show_default=False)],
-    model: Annotated[str, typer.Option("--model", help="Network to train: adafuse.")] = "adafuse",
+    model: Annotated[str, typer.Option("--model", help="Network to train: adafuse (learns to fuse pairs) or dran (autoencoder on single images, fixed fusion rule).")] = "adafuse",
     task: Annotated[str, typer.Option("--task", help="mri-ct, mri-pet, mri-spect, or all (one model for the three, with a task input).")] = "all",
     out: Annotated[Path, typer.Option("--out", help="Folder for NAME.safetensors, the model card NAME.json and the checkpoint.")] = Path("weights"),
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: the model).")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps (cosine learning-rate decay over them).")] = 2000,
     batch_size: Annotated[int, typer.Option("--batch", min=1, help="Pairs per step.")] = 8,
     crop: Annotated[int, typer.Option("--crop", min=32, help="Random crop size (multiple of 16).")] = 128,
+    init: Annotated[str | None, typer.Option("--init", help="Fine-tune: start from this installed model (name) or .safetensors file; the card records it.")] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 1e-3,
     seed: Annotated[int, typer.Option("--seed", help="Seed of weights, batches and augmentation.")] = 0,
     threads: Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads.")] = 2,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 50,
     val_every: Annotated[int, typer.Option("--val-every", min=0, help="Steps between validations (0: only at the end).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/NAME.checkpoint.safetensors.")] = False,
-    recipe: Annotated[str, typer.Option("--recipe", help="Loss: medfuse (SSIM to each source + worst source + texture + intensity + Qabf) or asfe (the AdaFuse authors' successor recipe).")] = "medfuse",
+    recipe: Annotated[str | None, typer.Option("--recipe", help="Loss. AdaFuse: balanced (default; SSIM to each source + worst source + survival against pixel max + texture + intensity + Qabf), medfuse (no survival term) or asfe (the authors' successor recipe). DRAN: recon (default; MSE + Sobel + SSIM), recon-grad, recon-mse.", show_default=False)] = None,
+    rule: Annotated[str, typer.Option("--rule", help="DRAN fusion rule stored in the card: sfnn (softmax + nuclear norm), l1 or mean.")] = "sfnn",
+    channels: Annotated[int, typer.Option("--channels", min=4, help="DRAN feature channels.")] = 32,
     no_frequency: Annotated[bool, typer.Option("--no-frequency", help="Ablation: drop the Fourier branch.")] = False,
     no_exchange: Annotated[bool, typer.Option("--no-exchange", help="Ablation: self-attention instead of exchanged attention.")] = False,
     quiet: Quiet = False,
@@ -589,18 +592,20 @@ def train_cmd(
 
     def body() -> None:
         from .errors import InvalidInputError
-        from .train import TrainConfig, train
+        from .models.dran import RULES
+        from .train import DEFAULT_RECIPE, TrainConfig, train
 
-        if model != "adafuse":
-            raise InvalidInputError(f"unknown model {model!r}; trainable: adafuse")
+        if model not in DEFAULT_RECIPE:
+            raise InvalidInputError(f"unknown model {model!r}; trainable: {', '.join(DEFAULT_RECIPE)}")
         if crop % 16:
             raise InvalidInputError("--crop must be a multiple of 16")
-        if recipe not in ("medfuse", "asfe"):
-            raise InvalidInputError(f"unknown recipe {recipe!r}; choose medfuse or asfe")
+        if rule not in RULES:
+            raise InvalidInputError(f"unknown --rule {rule!r}; choose {', '.join(RULES)}")
         cfg = TrainConfig(data=str(data), out=str(out), name=name or model, model=model, task=task, steps=steps,
                           batch=batch_size, crop=crop, lr=lr, seed=seed, threads=threads,
-                          checkpoint_every=checkpoint_every, val_every=val_every, recipe=recipe,
-                          frequency=not no_frequency, exchange=not no_exchange)
+                          checkpoint_every=checkpoint_every, val_every=val_every, recipe=recipe or "",
+                          frequency=not no_frequency, exchange=not no_exchange, init=init or "", rule=rule,
+                          channels=channels)
         card = _train_with_progress(quiet, steps, lambda cb: train(cfg, resume=resume, progress=cb))
         if not quiet:
             typer.echo(f"wrote {out / card['weights']} ({card['parameters']:,} parameters, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -182,12 +183,25 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
         },
         "colour": "YCbCr: Y fused, Cb/Cr of MOVING kept" if moved.is_color else None,
         "method": method if method == options.method else f"{method} (from {options.method})",
+        "model": _model_used(method, task),
     }
     if options.metrics:
         t0 = time.perf_counter()
         details["metrics"] = _metrics(fixed, moved, fused)
         timings["metrics_s"] = time.perf_counter() - t0
     return fused, moved, reg, details
+
+
+def _model_used(method: str, task: str) -> dict[str, Any] | None:
+    """Name, task and sha256 of the network weights a fusion used (None for classic rules)."""
+    from .fusion import NETWORKS, model_name
+
+    if method not in NETWORKS:
+        return None
+    from .models.weights import card_path
+
+    card = json.loads(card_path(model_name(method, task)).read_text())
+    return {"name": card["name"], "task": task, "sha256": card["sha256"]}
 
 
 def _metrics(fixed: Image, moved: Image, fused: Image) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """``medfuse train``: train a 2D fusion network on folders of registered pairs (Harvard layout).
 
+AdaFuse learns to fuse pairs (``fusion_loss``); DRAN learns to reconstruct single images, both
+sources of every pair (``reconstruction_loss``), and fuses with its fixed rule only at validation.
+
 Train only on the ``train`` rows of ``splits.csv``; validation uses the ``val`` rows. A run
 writes a checkpoint (safetensors: weights, Adam state, step and RNG state; no pickles) every
 ``checkpoint_every`` steps and resumes from it with ``resume=True`` bit for bit. At the end it
@@ -24,6 +27,10 @@ import torch
 from . import __version__
 from .errors import InvalidInputError
 from .models.adafuse import TASKS, AdaFuse
+from .models.dran import DRAN
+
+MODELS = ("adafuse", "dran")
+DEFAULT_RECIPE = {"adafuse": "balanced", "dran": "recon"}
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +50,16 @@ class TrainConfig:
     threads: int = 2
     checkpoint_every: int = 50
     val_every: int = 0  # 0: only at the end
-    recipe: str = "medfuse"
-    frequency: bool = True
-    exchange: bool = True
-    widths: list[int] = field(default_factory=lambda: [16, 32, 48, 64])
+    recipe: str = ""  # "": the model's default (DEFAULT_RECIPE)
+    frequency: bool = True  # AdaFuse
+    exchange: bool = True  # AdaFuse
+    widths: list[int] = field(default_factory=lambda: [16, 32, 48, 64])  # AdaFuse
+    channels: int = 32  # DRAN
+    rule: str = "sfnn"  # DRAN fusion rule
     val_limit: int = 0  # validate on the first N val pairs only (0: all; for quick runs and tests)
     baselines: bool = True  # score the classic rules on the same val pairs for the model card
+    init: str = ""  # fine-tune: start from this installed model (name in the weights folder) or .safetensors file
+    loss_weights: dict[str, float] = field(default_factory=dict)  # override the recipe's term weights
 
 
 def load_split(data: Path, split: str, task: str) -> list[dict[str, Any]]:
@@ -73,9 +84,14 @@ def load_split(data: Path, split: str, task: str) -> list[dict[str, Any]]:
     return out
 
 
-def build_model(cfg: dict[str, Any]) -> AdaFuse:
-    return AdaFuse(widths=tuple(cfg.get("widths", (16, 32, 48, 64))), frequency=cfg.get("frequency", True),
-                   exchange=cfg.get("exchange", True))
+def build_model(model: str, arch: dict[str, Any]) -> AdaFuse | DRAN:
+    """A network from its name and architecture (a model card's ``architecture``)."""
+    if model == "dran":
+        return DRAN(channels=arch.get("channels", 32), rule=arch.get("rule", "sfnn"))
+    if model == "adafuse":
+        return AdaFuse(widths=tuple(arch.get("widths", (16, 32, 48, 64))), frequency=arch.get("frequency", True),
+                       exchange=arch.get("exchange", True))
+    raise InvalidInputError(f"unknown model {model!r}; choose {', '.join(MODELS)}")
 
 
 def _batch(pairs: list[dict], cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -132,14 +148,14 @@ def _load_checkpoint(path: Path, model, opt, gen: torch.Generator) -> int:
 
 
 @torch.inference_mode()
-def predict(model: AdaFuse, a: np.ndarray, b: np.ndarray, task: str) -> np.ndarray:
+def predict(model: AdaFuse | DRAN, a: np.ndarray, b: np.ndarray, task: str) -> np.ndarray:
     """Fuse one (rows, cols) pair in [0, 1] (padded to the model's multiple)."""
     from .models.infer import fuse_stack
 
     return fuse_stack(model, a[None], b[None], task)[0]
 
 
-def validate(model: AdaFuse, pairs: list[dict]) -> dict[str, dict[str, float]]:
+def validate(model: AdaFuse | DRAN, pairs: list[dict]) -> dict[str, dict[str, float]]:
     """Mean of every metric per task on full validation images (0..255, as medfuse eval)."""
     from .metrics import compute
 
@@ -173,8 +189,12 @@ def classic_baselines(pairs: list[dict]) -> dict[str, dict[str, dict[str, float]
 
 def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a training; returns the model card."""
-    from .models.losses import fusion_loss
+    from .models.losses import RECIPES, RECON_RECIPES, fusion_loss, reconstruction_loss
 
+    cfg.recipe = cfg.recipe or DEFAULT_RECIPE.get(cfg.model, "")
+    recipes = RECON_RECIPES if cfg.model == "dran" else RECIPES
+    if cfg.recipe not in recipes:
+        raise InvalidInputError(f"recipe {cfg.recipe!r} does not train {cfg.model}; choose {', '.join(recipes)}")
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     data, out = Path(cfg.data), Path(cfg.out)
@@ -184,7 +204,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
     val_pairs = load_split(data, "val", cfg.task)
     if cfg.val_limit:
         val_pairs = val_pairs[: cfg.val_limit]
-    model = build_model(asdict(cfg))
+    model = build_model(cfg.model, asdict(cfg))
+    parent = _init_from(model, cfg.init) if cfg.init else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, elapsed = 0, 0.0
@@ -201,8 +222,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
         for g in opt.param_groups:
             g["lr"] = lr
         a, b, t = _batch(train_pairs, cfg, gen)
-        f = model(a, b, t)
-        loss, parts = fusion_loss(a, b, f, cfg.recipe)
+        if cfg.model == "dran":
+            x = torch.cat([a, b])
+            loss, parts = reconstruction_loss(x, model.reconstruct(x), cfg.recipe, cfg.loss_weights)
+        else:
+            loss, parts = fusion_loss(a, b, model(a, b, t), cfg.recipe, cfg.loss_weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -217,10 +241,33 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
         if progress:
             progress(step, parts)
     elapsed = time.perf_counter() - t_start
-    return finish(model, cfg, val_pairs, train_pairs, elapsed, history)
+    return finish(model, cfg, val_pairs, train_pairs, elapsed, history, parent)
 
 
-def finish(model: AdaFuse, cfg: TrainConfig, val_pairs, train_pairs, seconds: float, history) -> dict[str, Any]:
+def _init_from(model: AdaFuse | DRAN, init: str) -> dict[str, Any]:
+    """Load the starting weights of a fine-tune; returns what the card records of the parent."""
+    from .models.weights import load_checked, sha256
+
+    path = Path(init)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise InvalidInputError(f"--init {init}: no such file")
+        state, parent = load_file(str(path)), {"weights": path.name, "sha256": sha256(path)}
+    else:
+        state, card = load_checked(init)
+        parent = {"name": card["name"], "weights": card["weights"], "sha256": card["sha256"],
+                  "training_seconds": card.get("training_seconds")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise InvalidInputError(f"--init {init}: its weights do not fit this architecture ({str(exc).splitlines()[0]})") from None
+    return parent
+
+
+def finish(model: AdaFuse | DRAN, cfg: TrainConfig, val_pairs, train_pairs, seconds: float, history,
+           parent: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the weights and the model card."""
     from safetensors.torch import save_file
 
@@ -245,6 +292,8 @@ def finish(model: AdaFuse, cfg: TrainConfig, val_pairs, train_pairs, seconds: fl
                  "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)},
         "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "name")},
         "training_seconds": round(seconds, 1),
+        "fine_tuned_from": parent,
+        "total_training_seconds": round(seconds + ((parent or {}).get("training_seconds") or 0), 1),
         "validation": validate(model, val_pairs),
         "classic_rules_on_val": classic_baselines(val_pairs) if cfg.baselines else None,
         "history": history,

@@ -7,10 +7,10 @@ import numpy as np
 from ..errors import InvalidInputError
 from .classic import CLASSIC_RULES, fuse_classic
 
-NETWORKS = ("adafuse",)
+NETWORKS = ("adafuse", "dran")
 METHODS = (*CLASSIC_RULES, *NETWORKS, "auto")
 
-__all__ = ["CLASSIC_RULES", "METHODS", "NETWORKS", "fuse", "fuse_classic", "resolve_method"]
+__all__ = ["CLASSIC_RULES", "METHODS", "NETWORKS", "fuse", "fuse_classic", "model_name", "resolve_method"]
 
 
 def resolve_method(method: str) -> str:
@@ -24,6 +24,13 @@ def resolve_method(method: str) -> str:
     return "adafuse" if card_path("adafuse").is_file() else "laplacian"
 
 
+def model_name(method: str, task: str) -> str:
+    """The installed weights of a network for one task: ``NETWORK-TASK`` if shipped, else ``NETWORK``."""
+    from ..models.weights import card_path
+
+    return f"{method}-{task}" if card_path(f"{method}-{task}").is_file() else method
+
+
 def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", device: str = "auto") -> np.ndarray:
     """Fuse normalised arrays ``(x, y, z)`` in [0, 1] of one shape; networks go slice by slice (axial)."""
     method = resolve_method(method)
@@ -32,6 +39,6 @@ def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", devic
     from ..models.infer import fuse_stack, load_model, pick_device
 
     dev = pick_device(device)
-    model = load_model(method, str(dev))
+    model = load_model(model_name(method, task), str(dev))
     stack = fuse_stack(model, a.transpose(2, 1, 0), b.transpose(2, 1, 0), task, device=dev)
     return np.clip(stack.transpose(2, 1, 0), 0.0, 1.0).astype(np.float32)

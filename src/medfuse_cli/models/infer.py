@@ -28,7 +28,7 @@ def load_model(name: str, device: str = "cpu") -> torch.nn.Module:
     from .weights import load_checked
 
     state, card = load_checked(name)
-    model = build_model(card["architecture"])
+    model = build_model(card.get("model", "adafuse"), card["architecture"])
     model.load_state_dict(state)
     return model.to(device).eval()
 

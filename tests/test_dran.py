@@ -1,0 +1,69 @@
+"""DRAN: shapes, fusion rules, determinism, the autoencoder loss falls on real images, training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_path
+
+from medfuse_cli.models.dran import DRAN, RULES, fuse_features
+from medfuse_cli.models.infer import fuse_stack
+from medfuse_cli.models.losses import reconstruction_loss
+from medfuse_cli.train import TrainConfig, load_split, train
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_shapes_padding_and_determinism(rule):
+    torch.manual_seed(0)
+    model = DRAN(channels=8, rule=rule).eval()
+    a, b = np.random.default_rng(0).random((2, 3, 51, 64), dtype=np.float32)
+    out1 = fuse_stack(model, a, b, "mri-ct", batch=2)
+    out2 = fuse_stack(model, a, b, "mri-ct", batch=3)
+    assert out1.shape == (3, 51, 64) and out1.dtype == np.float32
+    assert out1.min() >= 0 and out1.max() <= 1
+    np.testing.assert_allclose(out1, out2, atol=1e-6)
+
+
+def test_fusion_rules_on_features():
+    rng = torch.Generator().manual_seed(0)
+    fa, fb = torch.randn(2, 8, 16, 16, generator=rng), torch.randn(2, 8, 16, 16, generator=rng)
+    torch.testing.assert_close(fuse_features(fa, fb, "mean"), (fa + fb) / 2)
+    # identical encodings fuse to themselves under every rule
+    for rule in RULES:
+        torch.testing.assert_close(fuse_features(fa, fa, rule), fa)
+    # a blank encoding has no energy: the L1 rule keeps the other one
+    torch.testing.assert_close(fuse_features(fa, torch.zeros_like(fa), "l1"), fa)
+    # sfnn gives one weight per image, the same at every pixel: the result is a blend of fa and fb
+    fused = fuse_features(fa, fb, "sfnn")
+    w = ((fused - fb) / (fa - fb))[:, 0]
+    assert torch.allclose(w, w.flatten(1)[:, :1, None], atol=1e-4)
+    assert ((w > 0) & (w < 1)).all()
+
+
+def test_a_few_steps_lower_the_reconstruction_loss_on_real_images():
+    pairs = load_split(shared_path("harvard"), "train", "mri-spect")[:4]
+    x = torch.from_numpy(np.stack([p[k][96:160, 96:160] for p in pairs for k in "ab"]))[:, None]
+    torch.manual_seed(0)
+    model = DRAN(channels=16)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(15):
+        loss, _ = reconstruction_loss(x, model.reconstruct(x))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-3:]) < 0.7 * losses[0], losses
+
+
+def test_train_dran_writes_a_card_with_its_rule(tmp_path):
+    card = train(TrainConfig(data=str(shared_path("harvard")), out=str(tmp_path), name="d", model="dran",
+                             task="mri-ct", steps=3, batch=2, crop=64, channels=8, rule="l1", val_limit=2,
+                             threads=1, baselines=False))
+    assert card["model"] == "dran" and card["architecture"] == {"channels": 8, "rule": "l1"}
+    assert card["recipe"]["recipe"] == "recon" and card["tasks"] == ["mri-ct"]
+    assert 0 < card["validation"]["mri-ct"]["SSIM"] <= 1
+    with pytest.raises(Exception, match="does not train dran"):
+        train(TrainConfig(data=str(shared_path("harvard")), out=str(tmp_path), name="e", model="dran",
+                          recipe="medfuse", steps=1))

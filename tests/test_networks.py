@@ -1,0 +1,85 @@
+"""The shipped networks: fuse real pairs and volumes, weights checked at load, CUDA when present."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import EXAMPLES, shared_path
+from PIL import Image
+
+from medfuse_cli.fusion import NETWORKS, model_name
+from medfuse_cli.models import infer, weights
+from medfuse_cli.models.infer import fuse_stack, load_model
+
+
+def _shipped(network: str, task: str = "mri-ct"):
+    name = model_name(network, task)
+    if not weights.card_path(name).is_file():
+        pytest.skip(f"weights/{name}.json not installed")
+    return weights.card_path(name)
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+def test_fuse_a_real_colour_pair_and_a_volume(network, tmp_path, cli):
+    card = json.loads(_shipped(network, "mri-spect").read_text())
+    folder = shared_path("harvard", "mri-spect")
+    out = tmp_path / "f.png"
+    res = cli("fuse", folder / "03008_mri.png", folder / "03008_spect.png", "-o", out, "--method", network,
+              "--device", "cpu")
+    assert res.exit_code == 0, res.stderr
+    with Image.open(out) as im:
+        assert im.size == (256, 256) and im.mode == "RGB"
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert report["method"] == network
+    assert report["model"] == {"name": card["name"], "task": "mri-spect", "sha256": card["sha256"]}
+    assert report["metrics"]["values"]["SSIM_worst"] > 0.5
+    # a volume, slice by slice, in FIXED's geometry
+    t1, pet = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz", EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+    vol = tmp_path / "v.nii.gz"
+    res = cli("fuse", t1, pet, "-o", vol, "--method", network, "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    np.testing.assert_array_equal(nib.load(vol).affine, nib.load(t1).affine)
+    assert nib.load(vol).shape == nib.load(t1).shape
+
+
+def test_auto_picks_adafuse_for_2d(tmp_path, cli):
+    _shipped("adafuse")
+    folder = shared_path("harvard", "mri-pet")
+    res = cli("fuse", folder / "25015_mri.png", folder / "25015_pet.png", "-o", tmp_path / "a.png", "--method", "auto",
+              "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads((tmp_path / "a.json").read_text())["method"] == "adafuse (from auto)"
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+def test_tampered_shipped_weights_are_refused(network, tmp_path, cli, monkeypatch):
+    shipped = _shipped(network)
+    card = json.loads(shipped.read_text())
+    shutil.copy(shipped, tmp_path / shipped.name)
+    raw = bytearray((shipped.parent / card["weights"]).read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (tmp_path / card["weights"]).write_bytes(bytes(raw))
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
+    infer.load_model.cache_clear()
+    folder = shared_path("harvard", "mri-ct")
+    res = cli("fuse", folder / "02004_mri.png", folder / "02004_ct.png", "-o", tmp_path / "x.png", "--method", network)
+    infer.load_model.cache_clear()
+    assert res.exit_code == 8 and "sha256" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("network", NETWORKS)
+def test_cuda_matches_cpu(network):
+    _shipped(network)
+    model = load_model(model_name(network, "mri-ct"), "cpu")
+    a, b = np.random.default_rng(1).random((2, 2, 96, 96), dtype=np.float32)
+    cpu = fuse_stack(model, a, b, "mri-ct")
+    gpu = fuse_stack(load_model(model_name(network, "mri-ct"), "cuda"), a, b, "mri-ct", device=torch.device("cuda"))
+    np.testing.assert_allclose(gpu, cpu, atol=1e-4)

@@ -16,9 +16,9 @@ from medfuse_cli.train import TrainConfig, train
 
 HARVARD = Path(__file__).resolve().parents[2] / "shared" / "data" / "harvard"
 VARIANTS = {
-    "full (medfuse loss)": {},
-    "no frequency branch": {"frequency": False},
-    "no attention exchange": {"exchange": False},
+    "full (medfuse loss)": {"recipe": "medfuse"},
+    "no frequency branch": {"frequency": False, "recipe": "medfuse"},
+    "no attention exchange": {"exchange": False, "recipe": "medfuse"},
     "asfe loss (authors' successor)": {"recipe": "asfe"},
 }
 

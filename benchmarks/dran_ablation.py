@@ -12,6 +12,8 @@ import copy
 import tempfile
 from pathlib import Path
 
+import torch
+
 from medfuse_cli.models.infer import load_model
 from medfuse_cli.train import TrainConfig, load_split, train, validate
 
@@ -29,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="steps of each loss variant (0: rules only)")
     args = parser.parse_args()
+    torch.set_num_threads(2)
     header = ("| variant | " + " | ".join(f"{t.split('-')[1].upper()} SSIM / worst / Qabf / VIF" for t in TASKS)
               + " |\n|---|" + "---|" * len(TASKS))
     val = load_split(HARVARD, "val", "all")

@@ -210,7 +210,7 @@ def info(
 
 Method = Annotated[
     str,
-    typer.Option("--method", "-m", help="Fusion method: a classic rule (mean, max, laplacian: pyramid with max-abs details and mean base, wavelet: db2, 3 levels), adafuse (trained network, slice by slice for volumes) or auto (adafuse when its weights are installed, else laplacian)."),
+    typer.Option("--method", "-m", help="Fusion method: a classic rule (mean, max, laplacian: pyramid with max-abs details and mean base, wavelet: db2, 3 levels, gff: guided filtering fusion), a trained network slice by slice for volumes (adafuse: spatial + Fourier cross-attention; dran: dilated residual attention autoencoder with its fixed fusion rule) or auto (adafuse when its weights are installed, else laplacian)."),
 ]
 Device = Annotated[str, typer.Option("--device", help="Where networks run: auto (CUDA when present), cpu or cuda.")]
 Transform = Annotated[
@@ -663,7 +663,9 @@ def models(
         for c in cards:
             val = "; ".join(f"{t.split('-')[1]} {v['SSIM']:.3f}/{v['SSIM_worst']:.3f}/{v['Qabf']:.3f}"
                             for t, v in c.get("validation", {}).items())
-            table.add_row(c["name"], "network", ", ".join(c["tasks"]), f"{c['parameters']:,}", val, c["sha256"][:12])
+            rule = c.get("architecture", {}).get("rule")
+            kind = f"network {c.get('model', c['name'])}" + (f", {rule} rule" if rule else "")
+            table.add_row(c["name"], kind, ", ".join(c["tasks"]), f"{c['parameters']:,}", val, c["sha256"][:12])
         for rule in CLASSIC_RULES:
             table.add_row(rule, "classic rule", "any", "0", "", "")
         _wide_console().print(table)

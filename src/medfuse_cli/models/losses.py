@@ -78,8 +78,8 @@ def qabf(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, eps: float = 1e-6) -
 RECIPES: dict[str, dict[str, float]] = {
     "medfuse": {"ssim": 1.0, "worst": 1.0, "texture": 2.0, "intensity": 1.0, "qabf": 1.0, "survive": 0.0,
                 "margin": 0.0},
-    "balanced": {"ssim": 1.0, "worst": 1.0, "texture": 2.0, "intensity": 1.0, "qabf": 1.0, "survive": 4.0,
-                 "margin": 0.0},
+    "balanced": {"ssim": 2.0, "worst": 1.0, "texture": 2.0, "intensity": 1.0, "qabf": 3.0, "survive": 10.0,
+                 "margin": 0.02},
     "asfe": {},
 }
 

@@ -73,3 +73,40 @@ def test_resume_continues_exactly_and_weights_are_checked(tmp_path):
     with pytest.raises(WeightsError, match="sha256"):
         load_checked("m", tmp_path / "a")
     assert straight["recipe"]["recipe"] == "balanced"
+
+
+def test_fine_tune_starts_from_given_weights_and_records_them(tmp_path):
+    from medfuse_cli.errors import InvalidInputError
+    from medfuse_cli.models.weights import sha256
+
+    common = dict(data=str(shared_path("harvard")), task="mri-pet", batch=2, crop=64, val_limit=1, threads=1,
+                  baselines=False)
+    base = train(TrainConfig(out=str(tmp_path / "base"), name="m", steps=2, **common))
+    parent = tmp_path / "base" / "m.safetensors"
+    # zero learning rate: the fine-tune's output is its starting point, bit for bit
+    tuned = train(TrainConfig(out=str(tmp_path / "ft"), name="m", steps=1, lr=0.0, init=str(parent), **common))
+    st_parent, _ = load_checked("m", tmp_path / "base")
+    st_tuned, _ = load_checked("m", tmp_path / "ft")
+    for k in st_parent:
+        torch.testing.assert_close(st_tuned[k], st_parent[k], rtol=0, atol=0)
+    assert tuned["fine_tuned_from"] == {"weights": "m.safetensors", "sha256": sha256(parent)}
+    assert base["fine_tuned_from"] is None
+    # weights of another network, or a damaged file: one clear error, nothing written
+    with pytest.raises(InvalidInputError, match="do not fit"):
+        train(TrainConfig(out=str(tmp_path / "x"), name="d", model="dran", steps=1, init=str(parent), **common))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(parent.read_bytes()[:100])
+    with pytest.raises(InvalidInputError, match="not a readable safetensors"):
+        train(TrainConfig(out=str(tmp_path / "y"), name="m", steps=1, init=str(bad), **common))
+    assert not (tmp_path / "x" / "d.safetensors").exists() and not (tmp_path / "y" / "m.safetensors").exists()
+
+
+def test_survival_term_is_zero_for_pixel_max_and_high_for_a_copy():
+    pair = load_split(shared_path("harvard"), "val", "mri-spect")[0]
+    a = torch.from_numpy(pair["a"])[None, None]
+    b = torch.from_numpy(pair["b"])[None, None]
+    weights = {"margin": 0.0}
+    _, at_max = fusion_loss(a, b, torch.maximum(a, b), "balanced", weights)
+    _, copy = fusion_loss(a, b, a.clone(), "balanced", weights)
+    assert at_max["surv"] == pytest.approx(0.0, abs=1e-6)
+    assert copy["surv"] > 0.2  # the SPECT is lost in a copy of the MRI

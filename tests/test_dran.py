@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import shared_path
 
+from medfuse_cli.errors import InvalidInputError
 from medfuse_cli.models.dran import DRAN, RULES, fuse_features
 from medfuse_cli.models.infer import fuse_stack
 from medfuse_cli.models.losses import reconstruction_loss
@@ -64,6 +65,14 @@ def test_train_dran_writes_a_card_with_its_rule(tmp_path):
     assert card["model"] == "dran" and card["architecture"] == {"channels": 8, "rule": "l1"}
     assert card["recipe"]["recipe"] == "recon" and card["tasks"] == ["mri-ct"]
     assert 0 < card["validation"]["mri-ct"]["SSIM"] <= 1
-    with pytest.raises(Exception, match="does not train dran"):
+    with pytest.raises(InvalidInputError, match="does not train dran"):
         train(TrainConfig(data=str(shared_path("harvard")), out=str(tmp_path), name="e", model="dran",
                           recipe="medfuse", steps=1))
+
+
+@pytest.mark.parametrize("args, message", [(("--model", "nope"), "unknown model"), (("--rule", "max"), "unknown DRAN rule"),
+                                           (("--crop", "40"), "multiple of 16")])
+def test_bad_training_options_fail_in_one_line(args, message, tmp_path, cli):
+    res = cli("train", "--model", "dran", "--data", shared_path("harvard"), "--out", tmp_path, "--steps", "1", *args)
+    assert res.exit_code == 4 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())

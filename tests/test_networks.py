@@ -73,6 +73,16 @@ def test_tampered_shipped_weights_are_refused(network, tmp_path, cli, monkeypatc
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_per_task_model_is_preferred(tmp_path, monkeypatch):
+    shipped = _shipped("adafuse")
+    card = json.loads(shipped.read_text())
+    shutil.copy(shipped.parent / card["weights"], tmp_path / card["weights"])
+    (tmp_path / "adafuse-mri-pet.json").write_text(json.dumps({**card, "name": "adafuse-mri-pet"}))
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
+    assert model_name("adafuse", "mri-pet") == "adafuse-mri-pet"
+    assert model_name("adafuse", "mri-ct") == "adafuse"  # no adafuse.json here: the fallback name
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("network", NETWORKS)

@@ -591,16 +591,8 @@ def train_cmd(
     """
 
     def body() -> None:
-        from .errors import InvalidInputError
-        from .models.dran import RULES
-        from .train import DEFAULT_RECIPE, TrainConfig, train
+        from .train import TrainConfig, train
 
-        if model not in DEFAULT_RECIPE:
-            raise InvalidInputError(f"unknown model {model!r}; trainable: {', '.join(DEFAULT_RECIPE)}")
-        if crop % 16:
-            raise InvalidInputError("--crop must be a multiple of 16")
-        if rule not in RULES:
-            raise InvalidInputError(f"unknown --rule {rule!r}; choose {', '.join(RULES)}")
         cfg = TrainConfig(data=str(data), out=str(out), name=name or model, model=model, task=task, steps=steps,
                           batch=batch_size, crop=crop, lr=lr, seed=seed, threads=threads,
                           checkpoint_every=checkpoint_every, val_every=val_every, recipe=recipe or "",

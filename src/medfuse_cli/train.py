@@ -29,7 +29,6 @@ from .errors import InvalidInputError
 from .models.adafuse import TASKS, AdaFuse
 from .models.dran import DRAN
 
-MODELS = ("adafuse", "dran")
 DEFAULT_RECIPE = {"adafuse": "balanced", "dran": "recon"}
 
 log = logging.getLogger(__name__)
@@ -91,7 +90,7 @@ def build_model(model: str, arch: dict[str, Any]) -> AdaFuse | DRAN:
     if model == "adafuse":
         return AdaFuse(widths=tuple(arch.get("widths", (16, 32, 48, 64))), frequency=arch.get("frequency", True),
                        exchange=arch.get("exchange", True))
-    raise InvalidInputError(f"unknown model {model!r}; choose {', '.join(MODELS)}")
+    raise InvalidInputError(f"unknown model {model!r}; choose {', '.join(DEFAULT_RECIPE)}")
 
 
 def _batch(pairs: list[dict], cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -189,9 +188,16 @@ def classic_baselines(pairs: list[dict]) -> dict[str, dict[str, dict[str, float]
 
 def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a training; returns the model card."""
+    from .models.dran import RULES
     from .models.losses import RECIPES, RECON_RECIPES, fusion_loss, reconstruction_loss
 
-    cfg.recipe = cfg.recipe or DEFAULT_RECIPE.get(cfg.model, "")
+    if cfg.model not in DEFAULT_RECIPE:
+        raise InvalidInputError(f"unknown model {cfg.model!r}; trainable: {', '.join(DEFAULT_RECIPE)}")
+    if cfg.crop % 16:
+        raise InvalidInputError(f"crop {cfg.crop}: must be a multiple of 16")
+    if cfg.rule not in RULES:
+        raise InvalidInputError(f"unknown DRAN rule {cfg.rule!r}; choose {', '.join(RULES)}")
+    cfg.recipe = cfg.recipe or DEFAULT_RECIPE[cfg.model]
     recipes = RECON_RECIPES if cfg.model == "dran" else RECIPES
     if cfg.recipe not in recipes:
         raise InvalidInputError(f"recipe {cfg.recipe!r} does not train {cfg.model}; choose {', '.join(recipes)}")
@@ -250,11 +256,16 @@ def _init_from(model: AdaFuse | DRAN, init: str) -> dict[str, Any]:
 
     path = Path(init)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         if not path.is_file():
             raise InvalidInputError(f"--init {init}: no such file")
-        state, parent = load_file(str(path)), {"weights": path.name, "sha256": sha256(path)}
+        try:
+            state = load_file(str(path))
+        except SafetensorError as exc:
+            raise InvalidInputError(f"--init {init}: not a readable safetensors file ({exc})") from None
+        parent = {"weights": path.name, "sha256": sha256(path)}
     else:
         state, card = load_checked(init)
         parent = {"name": card["name"], "weights": card["weights"], "sha256": card["sha256"],

@@ -8,15 +8,17 @@
 - a texture term: Sobel magnitude of F close to the larger of the sources' magnitudes (keeps the
   strongest edge of either source, what pixel max does well on Qabf);
 - an intensity term: F close to max(A, B) (keeps bright PET/SPECT uptake and bone);
-- 1 - a differentiable Qabf (Xydeas-Petrovic with the standard constants).
+- 1 - a differentiable Qabf (Xydeas-Petrovic with the standard constants);
+- survival: a hinge that asks each source to survive in F (SSIM) at least as well as it survives
+  in pixel max, plus a margin (target (1) of PEERS.md as a per-crop training constraint).
 
 The AdaFuse successor's recipe (L2 to the mean image, structure tensor, SSIM to each source;
 METHODS.md A.1.3) is available as ``recipe="asfe"`` for the ablation.
 
-``RECIPES`` holds the weights of the medfuse terms. ``medfuse`` trained the first shipped model;
-``balanced`` weighs the worse-source SSIM up and the texture term down: with ``medfuse`` the
-validation Qabf kept rising after step 1000 while SSIM to the functional source fell below pixel
-max's on SPECT, so the edges of the MRI were winning over the content of the other source.
+``RECIPES`` holds the weights of the terms. ``medfuse`` (no survival term) trained the first
+shipped model; with it validation Qabf kept rising after step 1000 while SSIM to the SPECT fell
+below pixel max's, the MRI's edges winning over the other source's content. ``balanced`` adds the
+survival term (x10, margin 0.02) and weighs mean SSIM x2 and Qabf x3; it fine-tuned the shipped model.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from medfuse_cli import read_image
-from medfuse_cli.fusion import NETWORKS, fuse_classic, model_name
+from medfuse_cli.fusion import NETWORKS, VOLUME_NETWORKS, fuse_classic, model_name
 from medfuse_cli.intensity import window_for
 from medfuse_cli.models.infer import fuse_stack, load_model
 from medfuse_cli.models.weights import card_path
@@ -33,7 +33,7 @@ def _timed(fn, repeat: int) -> float:
 
 
 def main() -> None:
-    names = {n: model_name(n, "mri-pet") for n in NETWORKS}
+    names = {n: model_name(n, "mri-pet") for n in NETWORKS if n not in VOLUME_NETWORKS}  # 2D networks
     models = {n: load_model(name) for n, name in names.items() if card_path(name).is_file()}
     print("networks:", ", ".join(f"{n} ({names[n]})" for n in models) or "none installed")
     if HARVARD.is_dir():

@@ -12,7 +12,7 @@ import torch
 from conftest import EXAMPLES, shared_path
 from PIL import Image
 
-from medfuse_cli.fusion import NETWORKS, model_name
+from medfuse_cli.fusion import NETWORKS, VOLUME_NETWORKS, model_name
 from medfuse_cli.models import infer, weights
 from medfuse_cli.models.infer import fuse_stack, load_model
 
@@ -24,7 +24,10 @@ def _shipped(network: str, task: str = "mri-ct"):
     return weights.card_path(name)
 
 
-@pytest.mark.parametrize("network", NETWORKS)
+SLICE_NETWORKS = [n for n in NETWORKS if n not in VOLUME_NETWORKS]
+
+
+@pytest.mark.parametrize("network", SLICE_NETWORKS)
 def test_fuse_a_real_colour_pair_and_a_volume(network, tmp_path, cli):
     card = json.loads(_shipped(network, "mri-spect").read_text())
     folder = shared_path("harvard", "mri-spect")
@@ -66,11 +69,11 @@ def test_tampered_shipped_weights_are_refused(network, tmp_path, cli, monkeypatc
     (tmp_path / card["weights"]).write_bytes(bytes(raw))
     monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
     infer.load_model.cache_clear()
-    folder = shared_path("harvard", "mri-ct")
-    res = cli("fuse", folder / "02004_mri.png", folder / "02004_ct.png", "-o", tmp_path / "x.png", "--method", network)
+    t1, pet = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz", EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+    res = cli("fuse", t1, pet, "-o", tmp_path / "x.nii.gz", "--method", network, "--transform", "none")
     infer.load_model.cache_clear()
     assert res.exit_code == 8 and "sha256" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "x.png").exists()
+    assert not (tmp_path / "x.nii.gz").exists()
 
 
 def test_a_per_task_model_is_preferred(tmp_path, monkeypatch):
@@ -85,7 +88,7 @@ def test_a_per_task_model_is_preferred(tmp_path, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("network", NETWORKS)
+@pytest.mark.parametrize("network", SLICE_NETWORKS)
 def test_cuda_matches_cpu(network):
     _shipped(network)
     model = load_model(model_name(network, "mri-ct"), "cpu")

@@ -213,6 +213,8 @@ Method = Annotated[
     typer.Option("--method", "-m", help="Fusion method: a classic rule (mean, max, laplacian: pyramid with max-abs details and mean base, wavelet: db2, 3 levels, gff: guided filtering fusion), a trained network slice by slice for volumes (adafuse: spatial + Fourier cross-attention; dran: dilated residual attention autoencoder with its fixed fusion rule) or auto (adafuse when its weights are installed, else laplacian)."),
 ]
 Device = Annotated[str, typer.Option("--device", help="Where networks run: auto (CUDA when present), cpu or cuda.")]
+Patch = Annotated[int, typer.Option("--patch", help="Volume networks (dcfb3d): side of the sliding window in voxels (rounded up to a multiple of 8); memory grows with its cube.")]
+Overlap = Annotated[float, typer.Option("--overlap", help="Volume networks (dcfb3d): overlap of neighbouring windows, 0 to below 1; windows are blended with Gaussian weights.")]
 Transform = Annotated[
     str,
     typer.Option("--transform", "-t", help="Registration: rigid, affine (rigid then affine) or none. Skipped when both inputs share one grid."),
@@ -268,6 +270,8 @@ def fuse(
     seed: Seed = 0,
     metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Score the fusion with medfuse eval's metrics (in the report and the summary line).")] = True,
     device: Device = "auto",
+    patch: Patch = 96,
+    overlap: Overlap = 0.25,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -285,7 +289,7 @@ def fuse(
         options = FuseOptions(method=method, transform=transform, fixed_modality=fixed_modality,
                               moving_modality=moving_modality, ct_window=ct_window,
                               fixed_series=fixed_series, moving_series=moving_series, seed=seed,
-                              metrics=metrics, device=device)
+                              metrics=metrics, device=device, patch=patch, overlap=overlap)
         status, stage = _status(quiet)
         try:
             result = fuse_pair(fixed, moving, output, options, report=report, figure=figure,
@@ -473,6 +477,8 @@ def batch(
     seed: Seed = 0,
     metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Score every case with medfuse eval's metrics (report and summary.csv).")] = True,
     device: Device = "auto",
+    patch: Patch = 96,
+    overlap: Overlap = 0.25,
     figures: Annotated[bool, typer.Option("--figures", help="Also write ID_figure.png beside each output (as fuse --figure).")] = False,
     engine: Annotated[str, typer.Option("--engine", help="dask (a dask.distributed LocalCluster, or --scheduler) or sequential (one case after another in this process; for debugging).")] = "dask",
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="LocalCluster worker processes (one thread each). Default: one per core.")] = None,
@@ -504,7 +510,7 @@ def batch(
         options = {"method": method, "transform": transform, "fixed_modality": fixed_modality,
                        "moving_modality": moving_modality, "ct_window": ct_window, "fixed_series": fixed_series,
                        "moving_series": moving_series, "seed": seed, "metrics": metrics, "device": device,
-                       "figures": figures}
+                       "patch": patch, "overlap": overlap, "figures": figures}
         result = _batch_with_progress(
             quiet, lambda on_start, on_done: run_batch(
                 source, out_dir, options, engine=engine, workers=workers, scheduler=scheduler, force=force,
@@ -561,14 +567,14 @@ def _batch_table(result: Any, out_dir: Path) -> None:
 
 @app.command("train")
 def train_cmd(
-    data: Annotated[Path, typer.Option("--data", help="Folder of pairs with splits.csv (e.g. ../shared/data/harvard); trains on 'train', validates on 'val'.", show_default=False)],
-    model: Annotated[str, typer.Option("--model", help="Network to train: adafuse (learns to fuse pairs) or dran (autoencoder on single images, fixed fusion rule).")] = "adafuse",
-    task: Annotated[str, typer.Option("--task", help="mri-ct, mri-pet, mri-spect, or all (one model for the three, with a task input).")] = "all",
+    data: Annotated[Path, typer.Option("--data", help="2D networks: folder of pairs with splits.csv (e.g. ../shared/data/harvard); trains on 'train', validates on 'val'. dcfb3d: the volumes folder (../shared/data/volumes); trains on its training pairs, validates on the held-out ones.", show_default=False)],
+    model: Annotated[str, typer.Option("--model", help="Network to train: adafuse (learns to fuse 2D pairs), dran (2D autoencoder on single images, fixed fusion rule) or dcfb3d (learns to fuse 3D patches).")] = "adafuse",
+    task: Annotated[str, typer.Option("--task", help="mri-ct, mri-pet, mri-spect (2D only), or all (one model for every pair).")] = "all",
     out: Annotated[Path, typer.Option("--out", help="Folder for NAME.safetensors, the model card NAME.json and the checkpoint.")] = Path("weights"),
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: the model).")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps (cosine learning-rate decay over them).")] = 2000,
-    batch_size: Annotated[int, typer.Option("--batch", min=1, help="Pairs per step.")] = 8,
-    crop: Annotated[int, typer.Option("--crop", min=32, help="Random crop size (multiple of 16).")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch", min=0, help="Pairs (3D: patches) per step; 0: 8 for 2D networks, 2 for dcfb3d.")] = 0,
+    crop: Annotated[int, typer.Option("--crop", min=0, help="Random crop side (2D: multiple of 16, default 128; dcfb3d: 3D patch side, multiple of 8, default 48); 0: the default.")] = 0,
     init: Annotated[str | None, typer.Option("--init", help="Fine-tune: start from this installed model (name) or .safetensors file; the card records it.")] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 1e-3,
     seed: Annotated[int, typer.Option("--seed", help="Seed of weights, batches and augmentation.")] = 0,
@@ -576,16 +582,19 @@ def train_cmd(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 50,
     val_every: Annotated[int, typer.Option("--val-every", min=0, help="Steps between validations (0: only at the end).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/NAME.checkpoint.safetensors.")] = False,
-    recipe: Annotated[str | None, typer.Option("--recipe", help="Loss. AdaFuse: balanced (default; SSIM to each source + worst source + survival against pixel max + texture + intensity + Qabf), medfuse (no survival term) or asfe (the authors' successor recipe). DRAN: recon (default; MSE + Sobel + SSIM), recon-grad, recon-mse.", show_default=False)] = None,
+    recipe: Annotated[str | None, typer.Option("--recipe", help="Loss. AdaFuse and dcfb3d: balanced (default; SSIM to each source + worst source + survival against pixel max + texture + intensity + Qabf), medfuse (no survival term), asfe (AdaFuse authors' successor recipe, 2D only) or dc2fusion (DCFB-3D's official LNCC + SSIM + L1, MRI weighted 2:1). DRAN: recon (default; MSE + Sobel + SSIM), recon-grad, recon-mse.", show_default=False)] = None,
     rule: Annotated[str, typer.Option("--rule", help="DRAN fusion rule stored in the card: sfnn (softmax + nuclear norm), l1 or mean.")] = "sfnn",
     channels: Annotated[int, typer.Option("--channels", min=4, help="DRAN feature channels.")] = 32,
     no_frequency: Annotated[bool, typer.Option("--no-frequency", help="Ablation: drop the Fourier branch.")] = False,
     no_exchange: Annotated[bool, typer.Option("--no-exchange", help="Ablation: self-attention instead of exchanged attention.")] = False,
+    widths: Annotated[str | None, typer.Option("--widths", help="Channels per scale, comma-separated (AdaFuse: four, default 16,32,48,64; dcfb3d: three, default 8,16,32).", show_default=False)] = None,
+    depth: Annotated[int, typer.Option("--depth", min=0, help="dcfb3d: DCFB blocks (each applied both ways with shared weights).")] = 2,
+    no_deformable: Annotated[bool, typer.Option("--no-deformable", help="dcfb3d ablation: no learned offsets (plain cross-attention).")] = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
     debug: Debug = False,
 ) -> None:
-    """Train a 2D fusion network and write safetensors weights plus a model card (with sha256 and validation metrics).
+    """Train a fusion network (adafuse, dran, dcfb3d) and write safetensors weights plus a model card (with sha256 and validation metrics).
 
     Checkpoints every --checkpoint-every steps; --resume continues exactly where a run stopped.
     """
@@ -593,11 +602,16 @@ def train_cmd(
     def body() -> None:
         from .train import TrainConfig, train
 
+        try:
+            width_list = [int(w) for w in widths.split(",")] if widths else []
+        except ValueError:
+            _fail(f"--widths {widths!r}: give whole numbers separated by commas, e.g. 12,24,48", 2)
         cfg = TrainConfig(data=str(data), out=str(out), name=name or model, model=model, task=task, steps=steps,
                           batch=batch_size, crop=crop, lr=lr, seed=seed, threads=threads,
                           checkpoint_every=checkpoint_every, val_every=val_every, recipe=recipe or "",
                           frequency=not no_frequency, exchange=not no_exchange, init=init or "", rule=rule,
-                          channels=channels)
+                          channels=channels, depth=depth, deformable=not no_deformable,
+                          widths=width_list)
         card = _train_with_progress(quiet, steps, lambda cb: train(cfg, resume=resume, progress=cb))
         if not quiet:
             typer.echo(f"wrote {out / card['weights']} ({card['parameters']:,} parameters, "
@@ -650,13 +664,14 @@ def models(
             typer.echo(json.dumps(cards, indent=2))
             return
         table = Table(title=f"models ({WEIGHTS_DIR})", title_justify="left")
-        for col in ("method", "kind", "tasks", "parameters", "val SSIM / worst / Qabf", "sha256"):
+        for col in ("method", "kind", "tasks", "parameters", "val (held-out for volumes) SSIM / worst / Qabf", "sha256"):
             table.add_column(col)
         for c in cards:
-            val = "; ".join(f"{t.split('-')[1]} {v['SSIM']:.3f}/{v['SSIM_worst']:.3f}/{v['Qabf']:.3f}"
+            val = "; ".join(f"{t.removeprefix('mri-')} {v['SSIM']:.3f}/{v['SSIM_worst']:.3f}/{v['Qabf']:.3f}"
                             for t, v in c.get("validation", {}).items())
             rule = c.get("architecture", {}).get("rule")
             kind = f"network {c.get('model', c['name'])}" + (f", {rule} rule" if rule else "")
+            kind += ", volumes" if c.get("model") == "dcfb3d" else ""
             table.add_row(c["name"], kind, ", ".join(c["tasks"]), f"{c['parameters']:,}", val, c["sha256"][:12])
         for rule in CLASSIC_RULES:
             table.add_row(rule, "classic rule", "any", "0", "", "")

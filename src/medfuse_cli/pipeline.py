@@ -49,9 +49,15 @@ class FuseOptions:
     seed: int = 0
     metrics: bool = True
     device: str = "auto"
+    patch: int = 96  # volume networks: sliding-window side, voxels
+    overlap: float = 0.25  # volume networks: overlap of neighbouring windows (fraction)
 
     def __post_init__(self) -> None:
         resolve_method(self.method)
+        if self.patch < 8:
+            raise InvalidInputError(f"--patch {self.patch}: must be at least 8 voxels")
+        if not 0 <= self.overlap < 1:
+            raise InvalidInputError(f"--overlap {self.overlap}: must be at least 0 and below 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise InvalidInputError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         if self.transform not in ("rigid", "affine", "none"):
@@ -153,9 +159,9 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     timings["normalise_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    method = resolve_method(options.method)
+    method = resolve_method(options.method, volume=not fixed.is_2d)
     task = TASK_OF_MODALITY.get(moving.modality, "mri-pet")
-    f = fuse(method, a, b, task=task, device=options.device)
+    f = fuse(method, a, b, task=task, device=options.device, patch=options.patch, overlap=options.overlap)
     timings["fuse_s"] = time.perf_counter() - t0
 
     if moved.is_color:

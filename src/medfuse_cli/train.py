@@ -1,9 +1,12 @@
-"""``medfuse train``: train a 2D fusion network on folders of registered pairs (Harvard layout).
+"""``medfuse train``: train a fusion network on registered pairs.
 
-AdaFuse learns to fuse pairs (``fusion_loss``); DRAN learns to reconstruct single images, both
+AdaFuse learns to fuse 2D pairs (``fusion_loss``); DRAN learns to reconstruct single images, both
 sources of every pair (``reconstruction_loss``), and fuses with its fixed rule only at validation.
+DCFB-3D learns to fuse random 3D patches of the volume pairs of :mod:`medfuse_cli.volumes`
+(``fusion_loss`` on volumes) and is validated on the held-out volumes by sliding window.
 
-Train only on the ``train`` rows of ``splits.csv``; validation uses the ``val`` rows. A run
+2D networks train only on the ``train`` rows of ``splits.csv`` (Harvard layout); validation uses
+the ``val`` rows. A run
 writes a checkpoint (safetensors: weights, Adam state, step and RNG state; no pickles) every
 ``checkpoint_every`` steps and resumes from it with ``resume=True`` bit for bit. At the end it
 writes ``NAME.safetensors`` and the model card ``NAME.json`` (architecture, parameter count, data,
@@ -27,9 +30,13 @@ import torch
 from . import __version__
 from .errors import InvalidInputError
 from .models.adafuse import TASKS, AdaFuse
+from .models.dcfb3d import DCFB3D
 from .models.dran import DRAN
 
-DEFAULT_RECIPE = {"adafuse": "balanced", "dran": "recon"}
+DEFAULT_RECIPE = {"adafuse": "balanced", "dran": "recon", "dcfb3d": "balanced"}
+DEFAULT_CROP = {"adafuse": 128, "dran": 128, "dcfb3d": 48}  # crop side (3D: patch side)
+DEFAULT_BATCH = {"adafuse": 8, "dran": 8, "dcfb3d": 2}
+VOLUME_TASKS = ("mri-ct", "mri-pet")
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +49,8 @@ class TrainConfig:
     model: str = "adafuse"
     task: str = "all"
     steps: int = 2000
-    batch: int = 8
-    crop: int = 128
+    batch: int = 0  # 0: the model's default (DEFAULT_BATCH)
+    crop: int = 0  # 0: the model's default (DEFAULT_CROP)
     lr: float = 1e-3
     seed: int = 0
     threads: int = 2
@@ -52,7 +59,9 @@ class TrainConfig:
     recipe: str = ""  # "": the model's default (DEFAULT_RECIPE)
     frequency: bool = True  # AdaFuse
     exchange: bool = True  # AdaFuse
-    widths: list[int] = field(default_factory=lambda: [16, 32, 48, 64])  # AdaFuse
+    widths: list[int] = field(default_factory=list)  # AdaFuse / DCFB-3D channels per scale ([]: the model's default)
+    depth: int = 2  # DCFB-3D: DCFB blocks (each applied both ways)
+    deformable: bool = True  # DCFB-3D: learned offsets (False: ablation)
     channels: int = 32  # DRAN
     rule: str = "sfnn"  # DRAN fusion rule
     val_limit: int = 0  # validate on the first N val pairs only (0: all; for quick runs and tests)
@@ -83,13 +92,16 @@ def load_split(data: Path, split: str, task: str) -> list[dict[str, Any]]:
     return out
 
 
-def build_model(model: str, arch: dict[str, Any]) -> AdaFuse | DRAN:
+def build_model(model: str, arch: dict[str, Any]) -> AdaFuse | DRAN | DCFB3D:
     """A network from its name and architecture (a model card's ``architecture``)."""
     if model == "dran":
         return DRAN(channels=arch.get("channels", 32), rule=arch.get("rule", "sfnn"))
     if model == "adafuse":
-        return AdaFuse(widths=tuple(arch.get("widths", (16, 32, 48, 64))), frequency=arch.get("frequency", True),
+        return AdaFuse(widths=tuple(arch.get("widths") or (16, 32, 48, 64)), frequency=arch.get("frequency", True),
                        exchange=arch.get("exchange", True))
+    if model == "dcfb3d":
+        return DCFB3D(widths=tuple(arch.get("widths") or (8, 16, 32)), depth=arch.get("depth", 2),
+                      deformable=arch.get("deformable", True))
     raise InvalidInputError(f"unknown model {model!r}; choose {', '.join(DEFAULT_RECIPE)}")
 
 
@@ -114,6 +126,31 @@ def _batch(pairs: list[dict], cfg: TrainConfig, gen: torch.Generator) -> tuple[t
         b_out.append((b * scale_b).clamp(0, 1))
         t_out.append(TASKS.index(p["task"]))
     return torch.stack(a_out)[:, None], torch.stack(b_out)[:, None], torch.tensor(t_out)
+
+
+def _patch_batch(pairs: list[dict], cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random 3D patches (mostly inside the head: up to 4 draws for one a quarter foreground),
+    flips on every axis, in-plane transposition, mild intensity scaling (same ops on A and B)."""
+    idx = torch.randint(len(pairs), (cfg.batch,), generator=gen).tolist()
+    a_out, b_out = [], []
+    p_ = cfg.crop
+    for i in idx:
+        p = pairs[i]
+        for _ in range(4):
+            z, y, x = (int(torch.randint(n - p_ + 1, (1,), generator=gen)) for n in p["a"].shape)
+            sl = (slice(z, z + p_), slice(y, y + p_), slice(x, x + p_))
+            if (p["a"][sl] > 0.1).mean() > 0.25:
+                break
+        a, b = torch.from_numpy(p["a"][sl].copy()), torch.from_numpy(p["b"][sl].copy())
+        flips = [d for d in range(3) if bool(torch.randint(2, (1,), generator=gen))]
+        if flips:
+            a, b = a.flip(flips), b.flip(flips)
+        if bool(torch.randint(2, (1,), generator=gen)):
+            a, b = a.transpose(1, 2), b.transpose(1, 2)
+        scale_a, scale_b = (0.85 + 0.3 * torch.rand(2, generator=gen)).tolist()
+        a_out.append((a * scale_a).clamp(0, 1))
+        b_out.append((b * scale_b).clamp(0, 1))
+    return torch.stack(a_out)[:, None], torch.stack(b_out)[:, None], torch.zeros(cfg.batch, dtype=torch.long)
 
 
 def _save_checkpoint(path: Path, model, opt, step: int, gen: torch.Generator, cfg: TrainConfig) -> None:
@@ -147,22 +184,25 @@ def _load_checkpoint(path: Path, model, opt, gen: torch.Generator) -> int:
 
 
 @torch.inference_mode()
-def predict(model: AdaFuse | DRAN, a: np.ndarray, b: np.ndarray, task: str) -> np.ndarray:
-    """Fuse one (rows, cols) pair in [0, 1] (padded to the model's multiple)."""
-    from .models.infer import fuse_stack
+def predict(model: AdaFuse | DRAN | DCFB3D, a: np.ndarray, b: np.ndarray, task: str) -> np.ndarray:
+    """Fuse one (rows, cols) pair, or one (z, y, x) volume pair for 3D models, in [0, 1]."""
+    from .models.infer import fuse_stack, sliding_window
 
+    if getattr(model, "dims", 2) == 3:
+        return np.clip(sliding_window(model, a, b), 0.0, 1.0)
     return fuse_stack(model, a[None], b[None], task)[0]
 
 
-def validate(model: AdaFuse | DRAN, pairs: list[dict]) -> dict[str, dict[str, float]]:
-    """Mean of every metric per task on full validation images (0..255, as medfuse eval)."""
+def validate(model: AdaFuse | DRAN | DCFB3D, pairs: list[dict], by: str = "task") -> dict[str, dict[str, float]]:
+    """Mean of every metric per task (or per pair: ``by="id"``) on full validation images or
+    volumes (0..255, as medfuse eval)."""
     from .metrics import compute
 
     model.eval()
     per_task: dict[str, list[dict]] = {}
     for p in pairs:
         f = predict(model, p["a"], p["b"], p["task"])
-        per_task.setdefault(p["task"], []).append(compute(p["a"] * 255.0, p["b"] * 255.0, f * 255.0))
+        per_task.setdefault(p[by], []).append(compute(p["a"] * 255.0, p["b"] * 255.0, f * 255.0))
     model.train()
     return _task_means(per_task)
 
@@ -171,7 +211,7 @@ def _task_means(per_task: dict[str, list[dict[str, float]]]) -> dict[str, dict[s
     return {t: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for t, rows in per_task.items()}
 
 
-def classic_baselines(pairs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+def classic_baselines(pairs: list[dict], by: str = "task") -> dict[str, dict[str, dict[str, float]]]:
     """The classic rules scored the same way, for the model card."""
     from .fusion import CLASSIC_RULES, fuse_classic
     from .metrics import compute
@@ -181,7 +221,7 @@ def classic_baselines(pairs: list[dict]) -> dict[str, dict[str, dict[str, float]
         per_task: dict[str, list[dict]] = {}
         for p in pairs:
             f = fuse_classic(rule, p["a"], p["b"])
-            per_task.setdefault(p["task"], []).append(compute(p["a"] * 255.0, p["b"] * 255.0, f * 255.0))
+            per_task.setdefault(p[by], []).append(compute(p["a"] * 255.0, p["b"] * 255.0, f * 255.0))
         out[rule] = _task_means(per_task)
     return out
 
@@ -193,12 +233,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
 
     if cfg.model not in DEFAULT_RECIPE:
         raise InvalidInputError(f"unknown model {cfg.model!r}; trainable: {', '.join(DEFAULT_RECIPE)}")
-    if cfg.crop % 16:
-        raise InvalidInputError(f"crop {cfg.crop}: must be a multiple of 16")
+    volume = cfg.model == "dcfb3d"
+    cfg.crop = cfg.crop or DEFAULT_CROP[cfg.model]
+    cfg.batch = cfg.batch or DEFAULT_BATCH[cfg.model]
+    if cfg.crop % (8 if volume else 16):
+        raise InvalidInputError(f"crop {cfg.crop}: must be a multiple of {8 if volume else 16}")
     if cfg.rule not in RULES:
         raise InvalidInputError(f"unknown DRAN rule {cfg.rule!r}; choose {', '.join(RULES)}")
+    if volume and len(cfg.widths) not in (0, 3):
+        raise InvalidInputError(f"widths {cfg.widths}: DCFB-3D takes three (full, 1/2, 1/4 resolution)")
     cfg.recipe = cfg.recipe or DEFAULT_RECIPE[cfg.model]
-    recipes = RECON_RECIPES if cfg.model == "dran" else RECIPES
+    recipes = RECON_RECIPES if cfg.model == "dran" else [r for r in RECIPES if not (volume and r == "asfe")]
     if cfg.recipe not in recipes:
         raise InvalidInputError(f"recipe {cfg.recipe!r} does not train {cfg.model}; choose {', '.join(recipes)}")
     torch.manual_seed(cfg.seed)
@@ -206,8 +251,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
     data, out = Path(cfg.data), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / f"{cfg.name}.checkpoint.safetensors"
-    train_pairs = load_split(data, "train", cfg.task)
-    val_pairs = load_split(data, "val", cfg.task)
+    if volume:
+        from . import volumes
+
+        if cfg.task not in ("all", *VOLUME_TASKS):
+            raise InvalidInputError(f"unknown task {cfg.task!r} for volumes; choose {', '.join(VOLUME_TASKS)} or all")
+        keep = lambda rows: [r for r in rows if cfg.task in ("all", r["task"])]
+        train_pairs = keep(volumes.load_split(data, "train"))
+        val_pairs = keep(volumes.load_split(data, "held-out"))
+    else:
+        train_pairs = load_split(data, "train", cfg.task)
+        val_pairs = load_split(data, "val", cfg.task)
     if cfg.val_limit:
         val_pairs = val_pairs[: cfg.val_limit]
     model = build_model(cfg.model, asdict(cfg))
@@ -227,7 +281,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
         lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        a, b, t = _batch(train_pairs, cfg, gen)
+        a, b, t = (_patch_batch if volume else _batch)(train_pairs, cfg, gen)
         if cfg.model == "dran":
             x = torch.cat([a, b])
             loss, parts = reconstruction_loss(x, model.reconstruct(x), cfg.recipe, cfg.loss_weights)
@@ -250,7 +304,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
     return finish(model, cfg, val_pairs, train_pairs, elapsed, history, parent)
 
 
-def _init_from(model: AdaFuse | DRAN, init: str) -> dict[str, Any]:
+def _init_from(model: AdaFuse | DRAN | DCFB3D, init: str) -> dict[str, Any]:
     """Load the starting weights of a fine-tune; returns what the card records of the parent."""
     from .models.weights import load_checked, sha256
 
@@ -277,7 +331,7 @@ def _init_from(model: AdaFuse | DRAN, init: str) -> dict[str, Any]:
     return parent
 
 
-def finish(model: AdaFuse | DRAN, cfg: TrainConfig, val_pairs, train_pairs, seconds: float, history,
+def finish(model: AdaFuse | DRAN | DCFB3D, cfg: TrainConfig, val_pairs, train_pairs, seconds: float, history,
            parent: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the weights and the model card."""
     from safetensors.torch import save_file
@@ -285,6 +339,7 @@ def finish(model: AdaFuse | DRAN, cfg: TrainConfig, val_pairs, train_pairs, seco
     from .models.weights import sha256
 
     out = Path(cfg.out)
+    volume = getattr(model, "dims", 2) == 3
     weights = out / f"{cfg.name}.safetensors"
     tmp = weights.with_suffix(".partial")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
@@ -298,15 +353,18 @@ def finish(model: AdaFuse | DRAN, cfg: TrainConfig, val_pairs, train_pairs, seco
         "medfuse_version": __version__,
         "architecture": model.config,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "tasks": list(TASKS) if cfg.task == "all" else [cfg.task],
-        "data": {"folder": Path(cfg.data).name, "split": "splits.csv train (val for validation only)",
-                 "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)},
+        "tasks": [cfg.task] if cfg.task != "all" else list(VOLUME_TASKS if volume else TASKS),
+        "data": {"folder": Path(cfg.data).name,
+                 "split": "medfuse_cli.volumes: train pairs; held-out pairs for validation only" if volume
+                 else "splits.csv train (val for validation only)",
+                 "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
+                 **({"train": [p["id"] for p in train_pairs], "held_out": [p["id"] for p in val_pairs]} if volume else {})},
         "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "name")},
         "training_seconds": round(seconds, 1),
         "fine_tuned_from": parent,
         "total_training_seconds": round(seconds + ((parent or {}).get("training_seconds") or 0), 1),
-        "validation": validate(model, val_pairs),
-        "classic_rules_on_val": classic_baselines(val_pairs) if cfg.baselines else None,
+        "validation": validate(model, val_pairs, by="id" if volume else "task"),
+        "classic_rules_on_val": classic_baselines(val_pairs, by="id" if volume else "task") if cfg.baselines else None,
         "history": history,
         "metric_conventions": "medfuse eval (PEERS.md); sources and output as float 0..255 luminance",
     }

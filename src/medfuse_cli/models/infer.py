@@ -55,3 +55,66 @@ def fuse_stack(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, task: str, 
         f = model(ta, tb, t)[:, 0, :h, :w]
         out[i : i + batch] = f.float().cpu().numpy()
     return out
+
+
+def _starts(length: int, patch: int, step: int) -> list[int]:
+    """Window starts covering ``length``: every ``step``, the last one flush with the end."""
+    if length <= patch:
+        return [0]
+    starts = list(range(0, length - patch, step))
+    return [*starts, length - patch]
+
+
+def gaussian_importance(shape: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
+    """A separable Gaussian centred on a window (sigma = side / 8), floored at 1e-3 of its peak."""
+    w = np.ones(shape, np.float32)
+    for axis, n in enumerate(shape):
+        x = np.arange(n, dtype=np.float32) - (n - 1) / 2
+        g = np.exp(-0.5 * (x / max(n * sigma_scale, 1e-6)) ** 2).astype(np.float32)
+        w = w * g.reshape([n if i == axis else 1 for i in range(len(shape))])
+    return np.maximum(w / w.max(), 1e-3)
+
+
+@torch.inference_mode()
+def sliding_window(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, patch: int = 96, overlap: float = 0.25,
+                   device: torch.device | None = None) -> np.ndarray:
+    """Fuse volumes ``(z, y, x)`` in [0, 1] with a 3D network, window by window.
+
+    Windows of ``patch`` voxels a side (rounded up to the model's multiple; shorter sides are
+    padded by replication) overlap by ``overlap`` and are blended with Gaussian weights, so
+    memory is bounded by the window, not the volume (besides the output itself). A volume that
+    fits in one window is fused in one call.
+    """
+    if not 0 <= overlap < 1:
+        raise InvalidInputError(f"--overlap {overlap}: must be at least 0 and below 1")
+    if patch < 8:
+        raise InvalidInputError(f"--patch {patch}: must be at least 8")
+    device = device or next(model.parameters()).device
+    m = getattr(model, "multiple", 1)
+    patch = -(-patch // m) * m
+    dims = a.shape
+    win = tuple(min(patch, -(-n // m) * m) for n in dims)
+    pad = [max(w - n, 0) for w, n in zip(win, dims, strict=True)]
+    if any(pad):
+        widths = [(0, p) for p in pad]
+        a, b = np.pad(a, widths, mode="edge"), np.pad(b, widths, mode="edge")
+    full = a.shape
+    steps = [max(m, round(w * (1 - overlap) / m) * m) for w in win]
+    grids = [_starts(n, w, s) for n, w, s in zip(full, win, steps, strict=True)]
+    if all(len(g) == 1 for g in grids):
+        ta = torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None].to(device)
+        tb = torch.from_numpy(np.ascontiguousarray(b, np.float32))[None, None].to(device)
+        out = model(ta, tb)[0, 0].float().cpu().numpy()
+        return out[tuple(slice(0, n) for n in dims)]
+    weight = gaussian_importance(win)
+    acc = np.zeros(full, np.float32)
+    norm = np.zeros(full, np.float32)
+    for z in grids[0]:
+        for y in grids[1]:
+            for x in grids[2]:
+                sl = (slice(z, z + win[0]), slice(y, y + win[1]), slice(x, x + win[2]))
+                ta = torch.from_numpy(np.ascontiguousarray(a[sl], np.float32))[None, None].to(device)
+                tb = torch.from_numpy(np.ascontiguousarray(b[sl], np.float32))[None, None].to(device)
+                acc[sl] += model(ta, tb)[0, 0].float().cpu().numpy() * weight
+                norm[sl] += weight
+    return (acc / norm)[tuple(slice(0, n) for n in dims)]

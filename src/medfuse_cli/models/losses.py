@@ -13,7 +13,11 @@
   in pixel max, plus a margin (target (1) of PEERS.md as a per-crop training constraint).
 
 The AdaFuse successor's recipe (L2 to the mean image, structure tensor, SSIM to each source;
-METHODS.md A.1.3) is available as ``recipe="asfe"`` for the ablation.
+METHODS.md A.1.3) is available as ``recipe="asfe"`` for the ablation (2D only); DCFB-3D's official
+loss (local NCC + SSIM + L1 to each source, MRI weighted 2 : 1; A.2.3) as ``recipe="dc2fusion"``.
+
+Every term works on 2D batches (N, 1, H, W) and on volumes (N, 1, D, H, W): SSIM and LNCC with 3D
+windows, the Sobel terms and Qabf on the axial slices (as ``medfuse eval`` scores volumes).
 
 ``RECIPES`` holds the weights of the terms. ``medfuse`` (no survival term) trained the first
 shipped model; with it validation Qabf kept rising after step 1000 while SSIM to the SPECT fell
@@ -35,30 +39,48 @@ _SOBEL_Y = torch.tensor([[1.0, 2, 1], [0, 0, 0], [-1, -2, -1]])
 def _gauss(device: torch.device) -> torch.Tensor:
     ax = torch.arange(11, dtype=torch.float32, device=device) - 5
     g = torch.exp(-(ax**2) / (2 * 1.5**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :])[None, None]
+    return g / g.sum()
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    """Valid Gaussian filtering (11 taps, sigma 1.5) along every spatial axis of (N, 1, ...)."""
+    g = _gauss(x.device)
+    nd = x.ndim - 2
+    conv = F.conv2d if nd == 2 else F.conv3d
+    for axis in range(nd):
+        shape = [1, 1] + [11 if i == axis else 1 for i in range(nd)]
+        x = conv(x, g.view(shape))
+    return x
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM per image (N,), Gaussian 11 / 1.5, valid region, data range 1."""
-    w = _gauss(x.device)
+    """Mean SSIM per image (N,) of (N, 1, H, W) or (N, 1, D, H, W), Gaussian 11 / 1.5 (a 3D window for
+    volumes, as the metric), valid region, data range 1."""
     c1, c2 = 0.01**2, 0.03**2
-    mx, my = F.conv2d(x, w), F.conv2d(y, w)
-    vx = F.conv2d(x * x, w) - mx * mx
-    vy = F.conv2d(y * y, w) - my * my
-    cxy = F.conv2d(x * y, w) - mx * my
+    mx, my = _blur(x), _blur(y)
+    vx = _blur(x * x) - mx * mx
+    vy = _blur(y * y) - my * my
+    cxy = _blur(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.mean(dim=(1, 2, 3))
+    return s.flatten(1).mean(1)
+
+
+def slices(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, D, H, W) volumes as (N * D, 1, H, W) axial slices; 2D batches unchanged."""
+    return x if x.ndim == 4 else x.transpose(1, 2).reshape(-1, 1, *x.shape[-2:])
 
 
 def sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-plane Sobel responses (of every axial slice for volumes)."""
+    x = slices(x)
     kx = _SOBEL_X.to(x)[None, None]
     ky = _SOBEL_Y.to(x)[None, None]
     return F.conv2d(x, kx, padding=1), F.conv2d(x, ky, padding=1)
 
 
 def qabf(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Differentiable Qabf per image (N,) on [0, 1] images (edge angles via atan of Sy/Sx)."""
+    """Differentiable Qabf per image (N,) on [0, 1] images (edge angles via atan of Sy/Sx); volumes
+    pool their axial slices, as the metric does."""
 
     def edges(x):
         sx, sy = sobel(x)
@@ -73,8 +95,20 @@ def qabf(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, eps: float = 1e-6) -
         orient = 1 - (as_ - af).abs() / (math.pi / 2)
         return 0.9994 / (1 + torch.exp(-15 * (ratio - 0.5))) * 0.9879 / (1 + torch.exp(-22 * (orient - 0.8)))
 
-    num = (keep(ga, aa) * ga + keep(gb, ab) * gb).sum(dim=(1, 2, 3))
-    return num / (ga + gb).sum(dim=(1, 2, 3))
+    n = a.shape[0]
+    num = (keep(ga, aa) * ga + keep(gb, ab) * gb).reshape(n, -1).sum(1)
+    return num / (ga + gb).reshape(n, -1).sum(1)
+
+
+def lncc(x: torch.Tensor, y: torch.Tensor, size: int = 3, eps: float = 1e-5) -> torch.Tensor:
+    """Local normalised cross-correlation (squared, box windows of ``size``), mean per image (N,)."""
+    nd = x.ndim - 2
+    pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
+    mean = lambda t: pool(t, size, stride=1, padding=size // 2, count_include_pad=False)
+    mx, my = mean(x), mean(y)
+    cross = mean(x * y) - mx * my
+    vx, vy = mean(x * x) - mx * mx, mean(y * y) - my * my
+    return (cross * cross / (vx * vy + eps)).flatten(1).mean(1)
 
 
 RECIPES: dict[str, dict[str, float]] = {
@@ -83,12 +117,18 @@ RECIPES: dict[str, dict[str, float]] = {
     "balanced": {"ssim": 2.0, "worst": 1.0, "texture": 2.0, "intensity": 1.0, "qabf": 3.0, "survive": 10.0,
                  "margin": 0.02},
     "asfe": {},
+    "dc2fusion": {"mri": 2.0, "other": 1.0},
 }
 
 
 def fusion_loss(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, recipe: str = "medfuse",
                 weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss and its parts (for the progress bar); ``weights`` override the recipe's."""
+    if recipe == "dc2fusion":  # METHODS.md A.2.3: LNCC + SSIM + L1 to each source, MRI weighted 2 : 1
+        w = {**RECIPES[recipe], **(weights or {})}
+        terms = [(1 - lncc(f, s)) + (1 - ssim(f, s)) + (f - s).abs().flatten(1).mean(1) for s in (a, b)]
+        loss = (w["mri"] * terms[0] + w["other"] * terms[1]).mean()
+        return loss, {"loss": loss.item(), "mri": terms[0].mean().item(), "other": terms[1].mean().item()}
     if recipe == "asfe":
         content = torch.linalg.vector_norm(f - (a + b) / 2, dim=(1, 2, 3)).mean()
 

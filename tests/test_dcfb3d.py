@@ -1,0 +1,159 @@
+"""DCFB-3D: shapes, sliding-window inference, geometry of the fused volume, training on real patches."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import EXAMPLES, shared_path
+
+from medfuse_cli import volumes
+from medfuse_cli.fusion import AUTO_3D
+from medfuse_cli.models import weights
+from medfuse_cli.models.dcfb3d import DCFB3D, warp
+from medfuse_cli.models.infer import load_model, sliding_window
+from medfuse_cli.models.losses import fusion_loss
+from medfuse_cli.train import TrainConfig, train
+
+T1, PET = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz", EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled SPM T1 + PET templates, normalised as ``medfuse fuse`` does, (z, y, x)."""
+    p = volumes.VolumePair("t1+pet", "mri-pet", T1, PET)
+    return volumes.load_pair(p)
+
+
+def _model(seed: int = 0) -> DCFB3D:
+    """A small DCFB-3D with a non-zero head (a fresh one starts as the mean rule)."""
+    torch.manual_seed(seed)
+    m = DCFB3D(widths=(4, 8, 16), heads=2)
+    torch.nn.init.normal_(m.head.weight, std=0.2)
+    return m.eval()
+
+
+def test_a_fresh_model_is_the_mean_rule_and_shapes_hold(pair):
+    a, b = (torch.from_numpy(x[20:44, 30:62, 20:52].copy())[None, None] for x in pair)
+    m = DCFB3D(widths=(4, 8, 16), heads=2)
+    with torch.inference_mode():
+        f = m(a, b)
+    assert f.shape == a.shape
+    torch.testing.assert_close(f, (a + b) / 2)
+    with torch.inference_mode():
+        g, h = _model()(a, b), _model()(a, b)
+    torch.testing.assert_close(g, h, rtol=0, atol=0)  # deterministic
+    assert not torch.allclose(g, f)
+
+
+def test_warp_with_zero_offsets_is_identity_and_shifts_by_whole_voxels():
+    x = torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(1, 1, 4, 5, 6)
+    torch.testing.assert_close(warp(x, torch.zeros(1, 3, 4, 5, 6)), x)
+    off = torch.zeros(1, 3, 4, 5, 6)
+    off[:, 2] = 1.0  # one voxel along x
+    torch.testing.assert_close(warp(x, off)[..., :-1], x[..., 1:])
+
+
+def test_sliding_window_equals_the_whole_volume_where_both_fit(pair):
+    m = _model()
+    a, b = (x[10:50, 20:68, 16:64] for x in pair)  # 40 x 48 x 48
+    with torch.inference_mode():
+        whole = m(torch.from_numpy(a.copy())[None, None], torch.from_numpy(b.copy())[None, None])[0, 0].numpy()
+    np.testing.assert_array_equal(sliding_window(m, a, b, patch=48), whole)
+    # several overlapping windows: close to the whole volume (what the network adds to the mean
+    # rule changes by under a tenth; window borders see less context)
+    tiled = sliding_window(m, a, b, patch=32, overlap=0.5)
+    assert tiled.shape == whole.shape
+    assert np.abs(tiled - whole).mean() < 0.1 * np.abs(whole - (a + b) / 2).mean()
+    # odd sizes are padded, never cropped
+    odd = sliding_window(m, a[:37, :45, :41], b[:37, :45, :41], patch=24, overlap=0.25)
+    assert odd.shape == (37, 45, 41) and np.isfinite(odd).all()
+
+
+def test_bad_window_options_exit_4(tmp_path, cli):
+    res = cli("fuse", T1, PET, "-o", tmp_path / "f.nii.gz", "--method", "dcfb3d", "--overlap", "1.0")
+    assert res.exit_code == 4 and "--overlap" in res.stderr
+    res = cli("fuse", T1, PET, "-o", tmp_path / "f.nii.gz", "--method", "dcfb3d", "--patch", "4")
+    assert res.exit_code == 4 and "--patch" in res.stderr
+    assert not (tmp_path / "f.nii.gz").exists()
+
+
+def test_fuse_dcfb3d_keeps_fixed_geometry(tmp_path, cli):
+    if not weights.card_path("dcfb3d").is_file():
+        pytest.skip("weights/dcfb3d.json not installed")
+    out = tmp_path / "f.nii.gz"
+    res = cli("fuse", T1, PET, "-o", out, "--method", "dcfb3d", "--transform", "none", "--patch", "48")
+    assert res.exit_code == 0, res.stderr
+    fixed, fused = nib.load(T1), nib.load(out)
+    np.testing.assert_array_equal(fused.affine, fixed.affine)
+    assert fused.shape == fixed.shape
+    assert fused.header.get_zooms() == fixed.header.get_zooms()
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert report["model"]["sha256"] == json.loads(weights.card_path("dcfb3d").read_text())["sha256"]
+    v = report["metrics"]["values"]
+    assert v["SSIM_worst"] > 0.5 and v["Qabf"] > 0.4
+    res = cli("fuse", T1, PET, "-o", tmp_path / "g.nii.gz", "--method", "auto", "--transform", "none", "--no-metrics")
+    assert json.loads((tmp_path / "g.json").read_text())["method"] == f"{AUTO_3D} (from auto)"
+
+
+def test_dcfb3d_refuses_2d_slices(tmp_path, cli):
+    folder = shared_path("harvard", "mri-ct")
+    res = cli("fuse", folder / "02004_mri.png", folder / "02004_ct.png", "-o", tmp_path / "x.png", "--method", "dcfb3d")
+    assert res.exit_code == 4 and "volumes" in res.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_training_steps_lower_the_loss_on_real_patches(pair):
+    torch.manual_seed(0)
+    m = DCFB3D(widths=(4, 8, 16), heads=2)
+    a, b = (torch.from_numpy(np.stack([x[30:54, 40:64, 30:54], x[40:64, 50:74, 40:64]]))[:, None] for x in pair)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss, _ = fusion_loss(a, b, m(a, b), "balanced")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_train_resumes_bit_for_bit_and_writes_a_card(tmp_path, monkeypatch):
+    root = shared_path("volumes")
+    monkeypatch.setattr(volumes, "TRAIN_MRI", ("spm12_mni_2mm/OldNorm_T1",))
+    monkeypatch.setattr(volumes, "TRAIN_OTHER", {"spm12_mni_2mm/OldNorm_PET": "mri-pet"})
+    monkeypatch.setattr(volumes, "HELD_OUT", (("spm12_mni_2mm/OldNorm_T2", "spm12_mni_2mm/OldNorm_Transm", "mri-ct"),))
+    common = {"data": str(root), "model": "dcfb3d", "steps": 4, "batch": 1, "crop": 24, "widths": [4, 8, 16],
+              "checkpoint_every": 2, "baselines": False, "threads": 1}
+    full = train(TrainConfig(out=str(tmp_path / "a"), name="m", **common))
+
+    def stop(step, parts):  # interrupted right after the checkpoint of step 2
+        if step == 2:
+            raise KeyboardInterrupt
+
+    cfg = TrainConfig(out=str(tmp_path / "b"), name="m", **common)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=stop)
+    assert not (tmp_path / "b" / "m.safetensors").exists()
+    resumed = train(cfg, resume=True)
+    assert resumed["sha256"] == full["sha256"]
+    assert full["model"] == "dcfb3d" and full["tasks"] == ["mri-ct", "mri-pet"]
+    assert full["data"]["held_out"] == ["OldNorm_T2+OldNorm_Transm"]
+    assert set(full["validation"]) == {"OldNorm_T2+OldNorm_Transm"}
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path / "a")
+    load_model.cache_clear()
+    assert isinstance(load_model("m"), DCFB3D)
+    load_model.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(pair):
+    m = _model()
+    a, b = (x[:40, :48, :48] for x in pair)
+    cpu = sliding_window(m, a, b, patch=24, overlap=0.5)
+    gpu = sliding_window(m.cuda(), a, b, patch=24, overlap=0.5, device=torch.device("cuda"))
+    np.testing.assert_allclose(gpu, cpu, atol=1e-4)

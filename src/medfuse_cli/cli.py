@@ -257,7 +257,7 @@ def _status(quiet: bool):
 def fuse(
     fixed: FixedArg,
     moving: MovingArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Fused image: .nii.gz / .nii (3D or 2D) or .png / .tif (2D).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Fused image: .nii.gz / .nii (3D or 2D), .png / .tif (2D), or a folder (a path without extension): a new derived DICOM series.", show_default=False)],
     method: Method = "laplacian",
     transform: Transform = "rigid",
     fixed_modality: FixedModality = None,
@@ -272,6 +272,7 @@ def fuse(
     device: Device = "auto",
     patch: Patch = 96,
     overlap: Overlap = 0.25,
+    anonymize: Annotated[bool, typer.Option("--anonymize", help="DICOM output: leave out patient name, ID, birth date and sex and the study's date, ID and accession number; new study UIDs.")] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -289,7 +290,8 @@ def fuse(
         options = FuseOptions(method=method, transform=transform, fixed_modality=fixed_modality,
                               moving_modality=moving_modality, ct_window=ct_window,
                               fixed_series=fixed_series, moving_series=moving_series, seed=seed,
-                              metrics=metrics, device=device, patch=patch, overlap=overlap)
+                              metrics=metrics, device=device, patch=patch, overlap=overlap,
+                              anonymize=anonymize)
         status, stage = _status(quiet)
         try:
             result = fuse_pair(fixed, moving, output, options, report=report, figure=figure,

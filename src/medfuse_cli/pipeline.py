@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import GeometryError, InvalidInputError
+from .errors import GeometryError, InvalidInputError, OutputError
 from .fusion import fuse, resolve_method
 from .image import Image, Modality
 from .intensity import (
@@ -24,7 +24,7 @@ from .intensity import (
     window_for,
     ycbcr_to_rgb,
 )
-from .io import FrameChoice, check_output, read_image, write_image
+from .io import FrameChoice, check_output, output_format, read_image, write_image
 from .io.atomic import atomic_write_bytes, check_writable
 from .register import Registration, register, resample_to
 
@@ -49,6 +49,7 @@ class FuseOptions:
     seed: int = 0
     metrics: bool = True
     device: str = "auto"
+    anonymize: bool = False  # DICOM output: no patient identity, new study UIDs
     patch: int = 96  # volume networks: sliding-window side, voxels
     overlap: float = 0.25  # volume networks: overlap of neighbouring windows (fraction)
 
@@ -252,6 +253,8 @@ def fuse_pair(
     fixed_img = _load(fixed, options.fixed_series)
     moving_img = _load(moving, options.moving_series)
     read_s = time.perf_counter() - t0
+    if out_path is not None and fixed_img.is_2d and output_format(out_path) == "dicom":
+        raise OutputError(f"{out_path.name}: DICOM output is for volumes; write a 2D result as .png, .tif or .nii.gz")
     fixed_src = _assign_modality(fixed_img, options.fixed_modality, Modality.MR)
     moving_src = _assign_modality(moving_img, options.moving_modality, Modality.PT)
 
@@ -260,7 +263,7 @@ def fuse_pair(
 
     if out_path is not None:
         stage("writing")
-        write_image(fused, out_path, overwrite=overwrite)
+        write_image(fused, out_path, overwrite=overwrite, dicom=_dicom_context(fixed, moving, fixed_img, moving_img, options, details))
     details["timings"] = {"read_s": read_s, **details["timings"]}
     rep: dict[str, Any] = {
         "tool": "medfuse",
@@ -284,6 +287,23 @@ def fuse_pair(
 
         write_report(rep, report_path, overwrite=overwrite)
     return result
+
+
+def _dicom_context(fixed, moving, fixed_img: Image, moving_img: Image, options: FuseOptions, details: dict):
+    """Sources, method and privacy of a DICOM series output."""
+    from .io.dicom_write import DicomContext
+
+    model = details.get("model")
+    how = f"medfuse {__version__} fusion, method {details['method']}"
+    if model:
+        how += f", model {model['name']} sha256 {model['sha256'][:16]}"
+    is_dicom = fixed_img.provenance.format == "dicom" and not isinstance(fixed, Image)
+    return DicomContext(
+        fixed=Path(fixed) if is_dicom else None,
+        fixed_series=fixed_img.provenance.series_uid,
+        moving=Path(moving) if moving_img.provenance.format == "dicom" and not isinstance(moving, Image) else None,
+        moving_series=moving_img.provenance.series_uid,
+        description=how, anonymize=options.anonymize)
 
 
 def report_beside(out: Path) -> Path:

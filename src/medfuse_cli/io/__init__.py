@@ -11,7 +11,7 @@ from ..image import Image, Modality
 from .atomic import check_writable
 from .frames import FrameChoice
 
-__all__ = ["FrameChoice", "check_output", "guess_modality", "read_image", "write_image"]
+__all__ = ["FrameChoice", "check_output", "guess_modality", "output_format", "read_image", "write_image"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 RASTER_SUFFIXES = (".png", ".tif", ".tiff")
@@ -108,26 +108,49 @@ def read_image(
     return image
 
 
-def _format_of(path: Path) -> str:
+def output_format(path: str | os.PathLike[str]) -> str:
+    """``nifti``, ``raster`` or ``dicom`` (a path without an extension, or an existing folder: a
+    DICOM series folder)."""
+    path = Path(path)
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
     if name.endswith(RASTER_SUFFIXES):
         return "raster"
-    raise OutputError(f"{path.name}: unknown output format; use .nii.gz, .nii, .png, .tif or .tiff")
+    if path.is_dir() or not path.suffix:
+        return "dicom"
+    raise OutputError(f"{path.name}: unknown output format; use .nii.gz, .nii, .png, .tif, .tiff or a folder (DICOM)")
 
 
 def check_output(path: str | os.PathLike[str], overwrite: bool = False) -> None:
     """Fail before any work when ``path`` has an unknown format, exists, or cannot be written."""
     path = Path(path)
-    _format_of(path)
+    if output_format(path) == "dicom":
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"output {path} is a file; a DICOM series needs a folder")
+        if path.exists() and not overwrite:
+            raise OutputError(f"output {path} exists; use --overwrite to replace it")
+        parent = path.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not os.access(parent, os.W_OK):
+            raise OutputError(f"cannot write to {parent} (permission denied)")
+        return
     check_writable(path, overwrite)
 
 
-def write_image(image: Image, path: str | os.PathLike[str], overwrite: bool = False) -> None:
-    """Write ``image`` atomically; the format follows the extension."""
+def write_image(image: Image, path: str | os.PathLike[str], overwrite: bool = False, dicom=None) -> None:
+    """Write ``image`` atomically; the format follows the path (see :func:`output_format`).
+    ``dicom`` is the :class:`~medfuse_cli.io.dicom_write.DicomContext` of a DICOM series."""
     path = Path(path)
-    if _format_of(path) == "nifti":
+    fmt = output_format(path)
+    if fmt == "dicom":
+        from .dicom_write import DicomContext, write_dicom_series
+
+        if image.is_2d:
+            raise OutputError(f"{path.name}: DICOM output is for volumes; write a 2D result as .png, .tif or .nii.gz")
+        write_dicom_series(image, path, dicom or DicomContext(), overwrite)
+    elif fmt == "nifti":
         from .nifti import write_nifti
 
         write_nifti(image, path, overwrite)

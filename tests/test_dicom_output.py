@@ -1,0 +1,166 @@
+"""DICOM output: a new derived series on FIXED's geometry, read back by pydicom, SimpleITK and medfuse."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from conftest import EXAMPLES, shared_path
+
+from medfuse_cli import read_image
+from medfuse_cli.io.dicom import group_series, scan
+
+MR = EXAMPLES / "dicom" / "mr_t1_xa30.zip"
+PET = EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+
+
+def _corners(affine: np.ndarray, shape) -> np.ndarray:
+    """World (RAS) corners of a grid, sorted (readers may order the slices either way)."""
+    idx = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    return np.array(sorted(map(tuple, np.round((affine @ idx.T).T[:, :3], 6))))
+
+
+def _sitk_corners(img) -> np.ndarray:
+    n = img.GetSize()
+    pts = [np.array(img.TransformContinuousIndexToPhysicalPoint([float(i), float(j), float(k)])) * [-1, -1, 1]
+           for i in (0, n[0] - 1) for j in (0, n[1] - 1) for k in (0, n[2] - 1)]
+    return np.array(sorted(map(tuple, np.round(pts, 6))))
+
+
+@pytest.fixture(scope="module")
+def fused_series(tmp_path_factory):
+    """The bundled MR series fused with the SPM PET, written as DICOM and as NIfTI."""
+    from typer.testing import CliRunner
+
+    from medfuse_cli.cli import app
+
+    tmp = tmp_path_factory.mktemp("dicom_out")
+    runner = CliRunner()
+    args = [str(MR), str(PET), "--method", "mean", "--no-metrics"]
+    res = runner.invoke(app, ["fuse", *args, "-o", str(tmp / "series")], catch_exceptions=False)
+    assert res.exit_code == 0, res.stderr
+    res = runner.invoke(app, ["fuse", *args, "-o", str(tmp / "fused.nii.gz")], catch_exceptions=False)
+    assert res.exit_code == 0, res.stderr
+    return tmp
+
+
+def test_series_is_new_derived_and_in_the_fixed_study(fused_series):
+    header = next(iter(group_series(scan(MR)).values()))[0].header
+    files = sorted((fused_series / "series").glob("*.dcm"))
+    fixed = read_image(MR)
+    assert len(files) == fixed.shape[2]
+    ds = [pydicom.dcmread(f) for f in files]
+    assert {d.SeriesInstanceUID for d in ds} != {header.SeriesInstanceUID}
+    assert len({d.SeriesInstanceUID for d in ds}) == 1
+    assert len({d.SOPInstanceUID for d in ds}) == len(ds)
+    for d in ds:
+        assert d.StudyInstanceUID == header.StudyInstanceUID
+        assert d.FrameOfReferenceUID == header.FrameOfReferenceUID
+        assert list(d.ImageType) == ["DERIVED", "SECONDARY"]
+        assert d.ContentQualification == "RESEARCH"
+        assert "method mean" in d.DerivationDescription
+        assert header.SeriesInstanceUID in [i.SeriesInstanceUID for i in d.ReferencedSeriesSequence]
+        assert d.PatientID == header.PatientID
+        assert float(d.WindowWidth) > 0
+
+
+def test_geometry_reads_back_with_pydicom_simpleitk_and_medfuse(fused_series, cli, tmp_path):
+    fixed = read_image(MR)
+    want = _corners(fixed.affine, fixed.shape)
+    # medfuse (convert to NIfTI)
+    res = cli("convert", fused_series / "series", "-o", tmp_path / "back.nii.gz")
+    assert res.exit_code == 0, res.stderr
+    back = nib.load(tmp_path / "back.nii.gz")
+    assert back.shape == fixed.shape
+    np.testing.assert_allclose(_corners(back.affine, back.shape), want, atol=1e-3)
+    # SimpleITK (LPS)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(fused_series / "series")))
+    img = reader.Execute()
+    assert img.GetSize() == fixed.shape
+    np.testing.assert_allclose(_sitk_corners(img), want, atol=1e-3)
+    # the values: the NIfTI output of the same fusion, up to the 12-bit mapping
+    nii = np.asarray(nib.load(fused_series / "fused.nii.gz").dataobj, np.float64)
+    assert np.corrcoef(nii.ravel(), np.asarray(back.dataobj, np.float64).ravel())[0, 1] > 0.9999
+    # pydicom: every file's position is FIXED's slice position
+    ds = sorted((pydicom.dcmread(f) for f in (fused_series / "series").glob("*.dcm")), key=lambda d: d.InstanceNumber)
+    for k, d in enumerate(ds):
+        pos = (fixed.affine @ [0, 0, k, 1])[:3] * [-1, -1, 1]
+        np.testing.assert_allclose([float(v) for v in d.ImagePositionPatient], pos, atol=1e-3)
+
+
+MARKERS = {"PatientName": "Zorblat^Quinnexa", "PatientID": "MRK-7Q3XZ-ID", "PatientBirthDate": "19010203"}
+
+
+def _marked_series(folder):
+    """The bundled MR series with known marker strings as the patient's identity."""
+    import zipfile
+
+    folder.mkdir()
+    with zipfile.ZipFile(MR) as zf:
+        for i, name in enumerate(n for n in zf.namelist() if not n.endswith("/")):
+            with zf.open(name) as fh:
+                ds = pydicom.dcmread(fh)
+            for key, value in MARKERS.items():
+                setattr(ds, key, value)
+            ds.save_as(folder / f"{i:04d}.dcm")
+    return folder
+
+
+def test_anonymize_leaves_no_patient_identity(tmp_path, cli):
+    marked = _marked_series(tmp_path / "mr")
+    res = cli("fuse", marked, PET, "-o", tmp_path / "kept", "--method", "mean", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    kept = pydicom.dcmread(next((tmp_path / "kept").glob("*.dcm")))
+    assert kept.PatientID == MARKERS["PatientID"]  # without --anonymize the identity is the study's
+    res = cli("fuse", marked, PET, "-o", tmp_path / "anon", "--method", "mean", "--no-metrics", "--anonymize")
+    assert res.exit_code == 0, res.stderr
+    outputs = [*(tmp_path / "anon").glob("*.dcm"), tmp_path / "anon.json"]
+    for path in outputs:
+        raw = path.read_bytes()
+        for m in (*MARKERS.values(), "Zorblat", "Quinnexa"):
+            assert m.encode() not in raw, (m, path.name)
+        assert m not in res.stderr and m not in res.stdout
+    d = pydicom.dcmread(next((tmp_path / "anon").glob("*.dcm")))
+    assert d.PatientIdentityRemoved == "YES" and d.StudyInstanceUID != kept.StudyInstanceUID
+    assert not d.get("PatientBirthDate")
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="needs dciodvfy (Debian package dicom3tools)")
+def test_dciodvfy_finds_no_errors(fused_series):
+    f = min((fused_series / "series").glob("*.dcm"))
+    out = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True, check=False)
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, errors
+
+
+def test_dicom_output_of_2d_slices_is_refused_before_work(tmp_path, cli):
+    folder = shared_path("harvard", "mri-ct")
+    res = cli("fuse", folder / "02004_mri.png", folder / "02004_ct.png", "-o", tmp_path / "out", "--method", "mean")
+    assert res.exit_code != 0 and "DICOM output is for volumes" in res.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.json").exists()
+
+
+def test_colour_results_are_an_rgb_series(tmp_path):
+    from medfuse_cli.image import Image
+    from medfuse_cli.io import write_image
+
+    t1, pet = read_image(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"), read_image(PET)
+    rgb = np.stack([t1.data, pet.data, (t1.data + pet.data) / 2], -1)
+    rgb = np.clip(rgb / rgb.max() * 255, 0, 255).astype(np.uint8)
+    write_image(Image(rgb, t1.affine), tmp_path / "rgb")
+    files = sorted((tmp_path / "rgb").glob("*.dcm"))
+    assert len(files) == t1.shape[2]
+    d = pydicom.dcmread(files[40])
+    assert d.PhotometricInterpretation == "RGB" and d.SamplesPerPixel == 3
+    np.testing.assert_array_equal(d.pixel_array, rgb[:, :, int(d.InstanceNumber) - 1].transpose(1, 0, 2))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "rgb")))
+    img = reader.Execute()
+    assert img.GetSize() == t1.shape and img.GetNumberOfComponentsPerPixel() == 3
+    np.testing.assert_allclose(_sitk_corners(img), _corners(t1.affine, t1.shape), atol=1e-3)

@@ -156,4 +156,4 @@ def test_cuda_matches_cpu(pair):
     a, b = (x[:40, :48, :48] for x in pair)
     cpu = sliding_window(m, a, b, patch=24, overlap=0.5)
     gpu = sliding_window(m.cuda(), a, b, patch=24, overlap=0.5, device=torch.device("cuda"))
-    np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+    np.testing.assert_allclose(gpu, cpu, atol=2e-2)  # float16 mixed precision on CUDA

@@ -95,4 +95,37 @@ def test_cuda_matches_cpu(network):
     a, b = np.random.default_rng(1).random((2, 2, 96, 96), dtype=np.float32)
     cpu = fuse_stack(model, a, b, "mri-ct")
     gpu = fuse_stack(load_model(model_name(network, "mri-ct"), "cuda"), a, b, "mri-ct", device=torch.device("cuda"))
-    np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+    np.testing.assert_allclose(gpu, cpu, atol=2e-2)  # float16 mixed precision on CUDA
+
+
+def test_gpu_out_of_memory_falls_back_to_smaller_sizes_then_the_cpu(caplog):
+    calls = []
+
+    def run(device, size):
+        calls.append((device.type, size))
+        if device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return size
+
+    assert infer.on_gpu_memory_error(run, torch.device("cuda"), [96, 48, 8]) == 96
+    assert calls == [("cuda", 96), ("cuda", 48), ("cuda", 8), ("cpu", 96)]
+    assert "falling back to the CPU" in caplog.text
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a CPU run is never retried
+        infer.on_gpu_memory_error(lambda d, s: run(torch.device("cuda"), s), torch.device("cpu"), [8])
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "cuda:-1", "CPU "])
+def test_bad_device_names_exit_4(name, tmp_path, cli):
+    t1, pet = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz", EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+    res = cli("fuse", t1, pet, "-o", tmp_path / "f.nii.gz", "--device", name)
+    assert res.exit_code == 4 and "--device" in res.stderr
+    assert not (tmp_path / "f.nii.gz").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, cli):
+    t1, pet = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz", EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+    res = cli("fuse", t1, pet, "-o", tmp_path / "f.nii.gz", "--method", "adafuse", "--device", "cuda:1",
+              "--transform", "none", "--no-metrics")
+    assert res.exit_code == 4 and "no CUDA device" in res.stderr
+    assert not (tmp_path / "f.nii.gz").exists()

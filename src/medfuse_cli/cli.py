@@ -212,7 +212,8 @@ Method = Annotated[
     str,
     typer.Option("--method", "-m", help="Fusion method: a classic rule (mean, max, laplacian: pyramid with max-abs details and mean base, wavelet: db2, 3 levels, gff: guided filtering fusion), a trained network slice by slice for volumes (adafuse: spatial + Fourier cross-attention; dran: dilated residual attention autoencoder with its fixed fusion rule) or auto (adafuse when its weights are installed, else laplacian)."),
 ]
-Device = Annotated[str, typer.Option("--device", help="Where networks run: auto (CUDA when present), cpu or cuda.")]
+Device = Annotated[str, typer.Option("--device", help="Where networks run: auto (the first CUDA device when present, else the CPU), cpu, cuda or cuda:N. On CUDA: float16 mixed precision; out of GPU memory falls back to smaller windows, then the CPU, with a warning.")]
+Threads = Annotated[int, typer.Option("--threads", min=0, help="CPU threads for the networks (0: torch's default, all cores).")]
 Patch = Annotated[int, typer.Option("--patch", help="Volume networks (dcfb3d): side of the sliding window in voxels (rounded up to a multiple of 8); memory grows with its cube.")]
 Overlap = Annotated[float, typer.Option("--overlap", help="Volume networks (dcfb3d): overlap of neighbouring windows, 0 to below 1; windows are blended with Gaussian weights.")]
 Transform = Annotated[
@@ -270,6 +271,7 @@ def fuse(
     seed: Seed = 0,
     metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Score the fusion with medfuse eval's metrics (in the report and the summary line).")] = True,
     device: Device = "auto",
+    threads: Threads = 0,
     patch: Patch = 96,
     overlap: Overlap = 0.25,
     anonymize: Annotated[bool, typer.Option("--anonymize", help="DICOM output: leave out patient name, ID, birth date and sex and the study's date, ID and accession number; new study UIDs.")] = False,
@@ -291,7 +293,7 @@ def fuse(
                               moving_modality=moving_modality, ct_window=ct_window,
                               fixed_series=fixed_series, moving_series=moving_series, seed=seed,
                               metrics=metrics, device=device, patch=patch, overlap=overlap,
-                              anonymize=anonymize)
+                              anonymize=anonymize, threads=threads)
         status, stage = _status(quiet)
         try:
             result = fuse_pair(fixed, moving, output, options, report=report, figure=figure,

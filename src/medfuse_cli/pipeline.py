@@ -49,6 +49,7 @@ class FuseOptions:
     seed: int = 0
     metrics: bool = True
     device: str = "auto"
+    threads: int = 0  # torch CPU threads for the networks (0: torch's default)
     anonymize: bool = False  # DICOM output: no patient identity, new study UIDs
     patch: int = 96  # volume networks: sliding-window side, voxels
     overlap: float = 0.25  # volume networks: overlap of neighbouring windows (fraction)
@@ -59,8 +60,11 @@ class FuseOptions:
             raise InvalidInputError(f"--patch {self.patch}: must be at least 8 voxels")
         if not 0 <= self.overlap < 1:
             raise InvalidInputError(f"--overlap {self.overlap}: must be at least 0 and below 1")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise InvalidInputError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
+        from .models.infer import check_device_name
+
+        check_device_name(self.device)
+        if self.threads < 0:
+            raise InvalidInputError(f"--threads {self.threads}: must be 0 (torch's default) or more")
         if self.transform not in ("rigid", "affine", "none"):
             raise InvalidInputError(f"unknown transform {self.transform!r}; choose rigid, affine or none")
         parse_ct_window(self.ct_window)
@@ -162,7 +166,8 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     t0 = time.perf_counter()
     method = resolve_method(options.method, volume=not fixed.is_2d)
     task = TASK_OF_MODALITY.get(moving.modality, "mri-pet")
-    f = fuse(method, a, b, task=task, device=options.device, patch=options.patch, overlap=options.overlap)
+    f = fuse(method, a, b, task=task, device=options.device, patch=options.patch, overlap=options.overlap,
+             threads=options.threads)
     timings["fuse_s"] = time.perf_counter() - t0
 
     if moved.is_color:

@@ -41,21 +41,32 @@ def model_name(method: str, task: str) -> str:
 
 
 def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", device: str = "auto",
-         patch: int = 96, overlap: float = 0.25) -> np.ndarray:
+         patch: int = 96, overlap: float = 0.25, threads: int = 0) -> np.ndarray:
     """Fuse normalised arrays ``(x, y, z)`` in [0, 1] of one shape. 2D networks go slice by slice
-    (axial); volume networks by overlapping windows of ``patch`` voxels."""
+    (axial); volume networks by overlapping windows of ``patch`` voxels. ``threads`` > 0 sets
+    torch's CPU threads."""
     volume = a.shape[2] > 1
     method = resolve_method(method, volume)
     if method in CLASSIC_RULES:
         return fuse_classic(method, a, b)
-    from ..models.infer import fuse_stack, load_model, pick_device, sliding_window
+    import torch
+
+    from ..models.infer import fuse_stack, load_model, on_gpu_memory_error, pick_device, sliding_window
 
     if method in VOLUME_NETWORKS and not volume:
         raise InvalidInputError(f"--method {method} fuses volumes; for 2D slices use adafuse, dran or a classic rule")
-    dev = pick_device(device)
-    model = load_model(model_name(method, task), str(dev))
-    if method in VOLUME_NETWORKS:
-        out = sliding_window(model, a.transpose(2, 1, 0), b.transpose(2, 1, 0), patch, overlap, device=dev)
-    else:
-        out = fuse_stack(model, a.transpose(2, 1, 0), b.transpose(2, 1, 0), task, device=dev)
+    if threads:
+        torch.set_num_threads(threads)
+    name = model_name(method, task)
+    sa, sb = a.transpose(2, 1, 0), b.transpose(2, 1, 0)
+
+    def run(dev: torch.device, size: int) -> np.ndarray:
+        model = load_model(name, str(dev))
+        if method in VOLUME_NETWORKS:
+            return sliding_window(model, sa, sb, size, overlap, device=dev)
+        return fuse_stack(model, sa, sb, task, batch=size, device=dev)
+
+    # on a GPU out-of-memory error: smaller windows (batches of slices), then the CPU
+    sizes = [patch, max(patch // 2, 8), 8] if method in VOLUME_NETWORKS else [8, 2, 1]
+    out = on_gpu_memory_error(run, pick_device(device), sizes)
     return np.clip(out.transpose(2, 1, 0), 0.0, 1.0).astype(np.float32)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import re
 
 import numpy as np
 import torch
@@ -10,15 +12,54 @@ import torch.nn.functional as F
 
 from ..errors import InvalidInputError
 
+log = logging.getLogger(__name__)
+
+
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device_name(name: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; anything else is a one-line error (exit 4)."""
+    if not DEVICE_RE.match(name):
+        raise InvalidInputError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
+
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The torch device of ``--device``: ``auto`` is the first CUDA device when there is one."""
+    check_device_name(name)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError("--device cuda: no CUDA device is available (use cpu or auto)")
-    if name not in ("cpu", "cuda"):
-        raise InvalidInputError(f"--device {name!r}: choose auto, cpu or cuda")
-    return torch.device(name)
+        if torch.cuda.is_available():
+            log.info("using CUDA device 0 (%s)", torch.cuda.get_device_name(0))
+            return torch.device("cuda:0")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"--device {name}: no CUDA device is available (use cpu or auto)")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise InvalidInputError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device):
+    """Mixed precision (float16) on CUDA; a no-op on the CPU."""
+    return torch.autocast(device_type="cuda", dtype=torch.float16, enabled=device.type == "cuda")
+
+
+def on_gpu_memory_error(run, device: torch.device, sizes: list[int]):
+    """``run(device, size)`` with the first size; on a CUDA out-of-memory error retry with the next
+    (smaller) sizes, then on the CPU, each time with a warning."""
+    for size in sizes:
+        try:
+            return run(device, size)
+        except torch.cuda.OutOfMemoryError:
+            if device.type != "cuda":
+                raise
+            torch.cuda.empty_cache()
+            log.warning("out of GPU memory with size %d; retrying smaller", size)
+    log.warning("out of GPU memory at every size; falling back to the CPU")
+    return run(torch.device("cpu"), sizes[0])
 
 
 @functools.lru_cache(maxsize=4)
@@ -52,7 +93,8 @@ def fuse_stack(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, task: str, 
             mode = "reflect" if ph < h and pw < w else "replicate"
             ta, tb = F.pad(ta, (0, pw, 0, ph), mode=mode), F.pad(tb, (0, pw, 0, ph), mode=mode)
         t = torch.full((ta.shape[0],), tid, dtype=torch.long, device=device)
-        f = model(ta, tb, t)[:, 0, :h, :w]
+        with autocast(device):
+            f = model(ta, tb, t)[:, 0, :h, :w]
         out[i : i + batch] = f.float().cpu().numpy()
     return out
 
@@ -104,7 +146,8 @@ def sliding_window(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, patch: 
     if all(len(g) == 1 for g in grids):
         ta = torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None].to(device)
         tb = torch.from_numpy(np.ascontiguousarray(b, np.float32))[None, None].to(device)
-        out = model(ta, tb)[0, 0].float().cpu().numpy()
+        with autocast(device):
+            out = model(ta, tb)[0, 0].float().cpu().numpy()
         return out[tuple(slice(0, n) for n in dims)]
     weight = gaussian_importance(win)
     acc = np.zeros(full, np.float32)
@@ -115,6 +158,7 @@ def sliding_window(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, patch: 
                 sl = (slice(z, z + win[0]), slice(y, y + win[1]), slice(x, x + win[2]))
                 ta = torch.from_numpy(np.ascontiguousarray(a[sl], np.float32))[None, None].to(device)
                 tb = torch.from_numpy(np.ascontiguousarray(b[sl], np.float32))[None, None].to(device)
-                acc[sl] += model(ta, tb)[0, 0].float().cpu().numpy() * weight
+                with autocast(device):
+                    acc[sl] += model(ta, tb)[0, 0].float().cpu().numpy() * weight
                 norm[sl] += weight
     return (acc / norm)[tuple(slice(0, n) for n in dims)]

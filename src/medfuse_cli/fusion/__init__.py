@@ -51,7 +51,13 @@ def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", devic
         return fuse_classic(method, a, b)
     import torch
 
-    from ..models.infer import fuse_stack, load_model, on_gpu_memory_error, pick_device, sliding_window
+    from ..models.infer import (
+        fuse_stack,
+        load_model,
+        on_gpu_memory_error,
+        pick_device,
+        sliding_window,
+    )
 
     if method in VOLUME_NETWORKS and not volume:
         raise InvalidInputError(f"--method {method} fuses volumes; for 2D slices use adafuse, dran or a classic rule")

@@ -1,0 +1,141 @@
+"""One table: every method's speed, peak memory and, for networks, achieved GFLOP/s beside the
+machine's measured float32 matmul GFLOP/s, all measured in one run.
+
+- 2D: milliseconds per 256x256 pair (a real Harvard MRI-PET pair, or the bundled T1/PET middle
+  slices without ../shared), fusion step only, first call excluded.
+- 3D: seconds for the bundled 91x109x91 SPM T1 + PET pair (slice by slice for 2D networks,
+  sliding window for DCFB-3D).
+- Peak memory: resident set of a fresh process that runs only that method (``os.wait4``).
+- GFLOP/s: floating-point operations of one forward (``torch.utils.flop_counter``) / its time.
+- Optimisations, before -> after in the same run: 1 -> 2 threads; for volumes with 2D networks,
+  one slice per forward -> batches of 8 slices.
+
+    python benchmarks/run_all.py [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HARVARD = ROOT.parent / "shared" / "data" / "harvard" / "mri-pet"
+SPM = ROOT / "examples" / "spm12"
+
+
+def _pair2d() -> tuple[np.ndarray, np.ndarray]:
+    from medfuse_cli import read_image
+
+    if HARVARD.is_dir():
+        a = read_image(HARVARD / "25015_mri.png").data[:, :, 0].T / 255.0
+        b = read_image(HARVARD / "25015_pet.png").data[:, :, 0, 0].T / 255.0
+    else:
+        a, b = (x[:256, :256] for x in _volume()[0:2])
+        a, b = a[a.shape[0] // 2], b[b.shape[0] // 2]
+        a, b = np.pad(a, ((0, 256 - a.shape[0]), (0, 256 - a.shape[1]))), np.pad(b, ((0, 256 - b.shape[0]), (0, 256 - b.shape[1])))
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+def _volume() -> tuple[np.ndarray, np.ndarray]:
+    from medfuse_cli import read_image
+    from medfuse_cli.intensity import window_for
+
+    t1, pet = read_image(SPM / "OldNorm_T1.nii.gz"), read_image(SPM / "OldNorm_PET.nii.gz")
+    return (window_for(t1).apply(t1.data).transpose(2, 1, 0), window_for(pet).apply(pet.data).transpose(2, 1, 0))
+
+
+def _timed(fn, repeat: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def matmul_gflops(threads: int, n: int = 2048) -> float:
+    torch.set_num_threads(threads)
+    x, y = torch.rand(n, n), torch.rand(n, n)
+    return 2 * n**3 / _timed(lambda: x @ y, 5) / 1e9
+
+
+def measure(method: str, threads: int) -> dict:
+    """Every figure of one method (run in its own process for the memory figure)."""
+    from medfuse_cli.fusion import CLASSIC_RULES, VOLUME_NETWORKS, fuse_classic, model_name
+    from medfuse_cli.models.infer import fuse_stack, load_model, sliding_window
+
+    torch.set_num_threads(threads)
+    a, b = _pair2d()
+    va, vb = _volume()
+    row: dict = {"method": method}
+    if method in CLASSIC_RULES:
+        row["ms_2d"] = _timed(lambda: fuse_classic(method, a, b), 20) * 1000
+        row["s_3d"] = _timed(lambda: fuse_classic(method, va, vb), 1)
+        return row
+    model = load_model(model_name(method, "mri-pet"))
+    if method in VOLUME_NETWORKS:
+        row["s_3d"] = _timed(lambda: sliding_window(model, va, vb), 1)
+        x = torch.from_numpy(np.ascontiguousarray(va[:88, :104, :88]))[None, None]
+        y = torch.from_numpy(np.ascontiguousarray(vb[:88, :104, :88]))[None, None]
+        seconds = _timed(lambda: model(x, y), 2)
+        args = (x, y)
+    else:
+        for t in (1, threads):
+            torch.set_num_threads(t)
+            row[f"ms_2d_{t}t"] = _timed(lambda: fuse_stack(model, a[None], b[None], "mri-pet"), 5) * 1000
+        row["ms_2d"] = row[f"ms_2d_{threads}t"]
+        row["s_3d_batch1"] = _timed(lambda: fuse_stack(model, va, vb, "mri-pet", batch=1), 1)
+        row["s_3d"] = _timed(lambda: fuse_stack(model, va, vb, "mri-pet", batch=8), 1)
+        x, y = torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None]
+        args = (x, y, torch.tensor([1]))
+        seconds = row["ms_2d"] / 1000
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(*args)
+    row["gflop"] = counter.get_total_flops() / 1e9
+    row["gflops_per_s"] = row["gflop"] / seconds
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.threads)))
+        return
+    from medfuse_cli.fusion import CLASSIC_RULES, NETWORKS
+    from medfuse_cli.models.weights import card_path
+
+    peak = {t: matmul_gflops(t) for t in sorted({1, args.threads})}
+    print("matmul float32 2048^3: " + ", ".join(f"{t} thread(s) {g:.1f} GFLOP/s" for t, g in peak.items()))
+    methods = [*CLASSIC_RULES, *(n for n in NETWORKS if card_path(n).is_file())]
+    print("| method | 2D ms / pair | 2D ms, 1 thread | 3D s / volume | 3D s, 1 slice per forward | peak GiB | GFLOP per forward | GFLOP/s | % of matmul |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for m in methods:
+        proc = subprocess.Popen([sys.executable, __file__, "--one", m, "--threads", str(args.threads)],
+                                stdout=subprocess.PIPE, text=True)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status):
+            print(f"| {m} | failed |")
+            continue
+        r = json.loads(out.strip().splitlines()[-1])
+        gib = usage.ru_maxrss / 2**20
+        f = lambda k, fmt: format(r[k], fmt) if k in r else ""  # noqa: E731
+        pct = f"{100 * r['gflops_per_s'] / peak[args.threads]:.0f}%" if "gflops_per_s" in r else ""
+        print(f"| {m} | {f('ms_2d', '.1f')} | {f('ms_2d_1t', '.1f')} | {f('s_3d', '.2f')} | {f('s_3d_batch1', '.2f')} "
+              f"| {gib:.2f} | {f('gflop', '.2f')} | {f('gflops_per_s', '.1f')} | {pct} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

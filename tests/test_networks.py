@@ -129,3 +129,25 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, cli):
               "--transform", "none", "--no-metrics")
     assert res.exit_code == 4 and "no CUDA device" in res.stderr
     assert not (tmp_path / "f.nii.gz").exists()
+
+
+@pytest.mark.parametrize("network", SLICE_NETWORKS)
+def test_speed_ups_keep_the_output(network):
+    """Batches of slices and thread counts change the speed, not the result (tolerance 1e-5)."""
+    from medfuse_cli import read_image
+    from medfuse_cli.intensity import window_for
+
+    _shipped(network)
+    t1, pet = read_image(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"), read_image(EXAMPLES / "spm12" / "OldNorm_PET.nii.gz")
+    a = window_for(t1).apply(t1.data).transpose(2, 1, 0)[40:46]
+    b = window_for(pet).apply(pet.data).transpose(2, 1, 0)[40:46]
+    model = load_model(model_name(network, "mri-pet"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fuse_stack(model, a, b, "mri-pet", batch=1)
+        torch.set_num_threads(2)
+        batched = fuse_stack(model, a, b, "mri-pet", batch=8)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(batched, one, atol=1e-5)

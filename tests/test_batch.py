@@ -175,3 +175,27 @@ def test_fuse_options_reach_every_case(tmp_path, cli):
     report = json.loads(next((tmp_path / "o2").glob("*.json")).read_text())
     assert report["parameters"]["device"] == "cpu" and report["parameters"]["method"] == "mean"
     assert "metrics" not in report
+
+
+def test_dicom_series_outputs_with_anonymize_and_resume(tmp_path, cli):
+    import shutil
+
+    import pydicom
+    from conftest import EXAMPLES
+
+    case = tmp_path / "in" / "c1"
+    case.mkdir(parents=True)
+    shutil.copy(EXAMPLES / "dicom" / "mr_t1_xa30.zip", case / "mr_t1_xa30.zip")
+    shutil.copy(EXAMPLES / "spm12" / "OldNorm_PET.nii.gz", case / "OldNorm_PET.nii.gz")
+    args = ("batch", tmp_path / "in", "-o", tmp_path / "out", "--engine", "sequential", "--method", "mean",
+            "--no-metrics", "--dicom", "--anonymize")
+    res = cli(*args)
+    assert res.exit_code == 0, res.stderr
+    files = sorted((tmp_path / "out" / "c1").glob("*.dcm"))
+    assert len(files) > 10
+    d = pydicom.dcmread(files[0])
+    assert d.PatientIdentityRemoved == "YES" and list(d.ImageType) == ["DERIVED", "SECONDARY"]
+    again = cli(*args)
+    assert again.exit_code == 0, again.stderr
+    with open(tmp_path / "out" / "summary.csv") as fh:
+        assert "skipped" in fh.read()  # the complete series is not redone

@@ -25,11 +25,12 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ INPUT_EXT = (".nii.gz", ".nii", *RASTER, ".dcm", ".zip")
 BENCH_RE = re.compile(r"^(?P<id>.+)_mri(?P<ext>\.png|\.tiff?|\.nii(\.gz)?)$", re.IGNORECASE)
 NNUNET_RE = re.compile(r"^(?P<id>.+)_(?P<ch>000[01])(?P<ext>\.png|\.tiff?|\.nii(\.gz)?)$", re.IGNORECASE)
 SUMMARY_EVERY_S = 2.0
+BATCH_ONLY = ("figures", "dicom")  # batch options that are not FuseOptions
 SUMMARY_FIELDS = ["id", "status", "seconds", "fixed", "moving", "output", "registration", *METRICS, "error"]
 
 
@@ -63,6 +65,14 @@ class BatchCase:
 
 def _abs(path: Path) -> Path:
     return Path(os.path.abspath(path))
+
+
+def _as_folder(output: str) -> str:
+    """A NIfTI output path as a DICOM series folder (the name without its extension)."""
+    for suffix in (".nii.gz", ".nii"):
+        if output.lower().endswith(suffix):
+            return output[: -len(suffix)]
+    return output
 
 
 def _output_ext(fixed: Path) -> str:
@@ -147,8 +157,9 @@ def _manifest(path: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
     return cases, problems
 
 
-def discover(source: Path, out: Path) -> tuple[list[BatchCase], str, list[str]]:
-    """The cases of a folder or manifest, the pairing rule that matched, and what was not paired."""
+def discover(source: Path, out: Path, dicom: bool = False) -> tuple[list[BatchCase], str, list[str]]:
+    """The cases of a folder or manifest, the pairing rule that matched, and what was not paired.
+    ``dicom``: volumes are written as DICOM series folders (``OUT_DIR/CASE``) instead of NIfTI."""
     if not source.exists():
         raise InputNotFoundError(f"{source}: no such folder or manifest")
     out = _abs(out)
@@ -167,6 +178,8 @@ def discover(source: Path, out: Path) -> tuple[list[BatchCase], str, list[str]]:
             raise InputNotFoundError(
                 f"{source}: no pairs found (ID_mri + ID_ct/pet/spect, CASE_0000 + CASE_0001, or one sub-folder per case)"
             )
+    if dicom:
+        cases = [replace(c, output=_as_folder(c.output)) for c in cases]
     ids = [c.output for c in cases]
     if len(set(ids)) < len(ids):
         raise InvalidInputError(f"{source}: several cases would write the same output; give a manifest with outputs")
@@ -194,7 +207,7 @@ def _report_of(case: BatchCase) -> dict[str, Any] | None:
 
 def is_complete(case: BatchCase, fp: str) -> bool:
     report = _report_of(case)
-    return bool(report and Path(case.output).is_file() and report.get("batch", {}).get("fingerprint") == fp)
+    return bool(report and Path(case.output).exists() and report.get("batch", {}).get("fingerprint") == fp)
 
 
 def _limit_threads() -> None:
@@ -233,7 +246,7 @@ def run_case(case: dict[str, str], options: dict[str, Any], fp: str, timeout: fl
 
     try:
         Path(case["output"]).parent.mkdir(parents=True, exist_ok=True)
-        opts = {k: v for k, v in options.items() if k != "figures"}
+        opts = {k: v for k, v in options.items() if k not in BATCH_ONLY}
         figure = None
         if options.get("figures"):
             out = Path(case["output"])
@@ -275,7 +288,10 @@ def clean_partials(out: Path) -> int:
     n = 0
     if out.is_dir():
         for p in out.rglob(".*.partial"):
-            p.unlink(missing_ok=True)
+            if p.is_dir():  # an unfinished DICOM series
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             n += 1
     return n
 
@@ -310,10 +326,10 @@ def run_batch(
     """
     from .pipeline import FuseOptions
 
-    FuseOptions(**{k: v for k, v in options.items() if k != "figures"})  # validate before any work
+    FuseOptions(**{k: v for k, v in options.items() if k not in BATCH_ONLY})  # validate before any work
     if engine not in ("dask", "sequential"):
         raise InvalidInputError(f"unknown engine {engine!r}; choose dask or sequential")
-    cases, rule, unpaired = discover(source, out)
+    cases, rule, unpaired = discover(source, out, dicom=bool(options.get("dicom")))
     out.mkdir(parents=True, exist_ok=True)
     removed = clean_partials(out)
     if removed:

@@ -483,6 +483,8 @@ def batch(
     device: Device = "auto",
     patch: Patch = 96,
     overlap: Overlap = 0.25,
+    dicom: Annotated[bool, typer.Option("--dicom", help="Write every fused volume as a new derived DICOM series folder OUT_DIR/CASE (as fuse -o FOLDER); 2D results stay PNG.")] = False,
+    anonymize: Annotated[bool, typer.Option("--anonymize", help="DICOM output: leave out the patient's identity (as fuse --anonymize).")] = False,
     figures: Annotated[bool, typer.Option("--figures", help="Also write ID_figure.png beside each output (as fuse --figure).")] = False,
     engine: Annotated[str, typer.Option("--engine", help="dask (a dask.distributed LocalCluster, or --scheduler) or sequential (one case after another in this process; for debugging).")] = "dask",
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="LocalCluster worker processes (one thread each). Default: one per core.")] = None,
@@ -514,7 +516,7 @@ def batch(
         options = {"method": method, "transform": transform, "fixed_modality": fixed_modality,
                        "moving_modality": moving_modality, "ct_window": ct_window, "fixed_series": fixed_series,
                        "moving_series": moving_series, "seed": seed, "metrics": metrics, "device": device,
-                       "patch": patch, "overlap": overlap, "figures": figures}
+                       "patch": patch, "overlap": overlap, "figures": figures, "dicom": dicom, "anonymize": anonymize}
         result = _batch_with_progress(
             quiet, lambda on_start, on_done: run_batch(
                 source, out_dir, options, engine=engine, workers=workers, scheduler=scheduler, force=force,

@@ -166,8 +166,9 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     t0 = time.perf_counter()
     method = resolve_method(options.method, volume=not fixed.is_2d)
     task = TASK_OF_MODALITY.get(moving.modality, "mri-pet")
+    ran: dict[str, Any] = {}
     f = fuse(method, a, b, task=task, device=options.device, patch=options.patch, overlap=options.overlap,
-             threads=options.threads)
+             threads=options.threads, info=ran)
     timings["fuse_s"] = time.perf_counter() - t0
 
     if moved.is_color:
@@ -196,6 +197,7 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
         "colour": "YCbCr: Y fused, Cb/Cr of MOVING kept" if moved.is_color else None,
         "method": method if method == options.method else f"{method} (from {options.method})",
         "model": _model_used(method, task),
+        "device": ran.get("device"),
     }
     if options.metrics:
         t0 = time.perf_counter()

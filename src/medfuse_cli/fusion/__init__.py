@@ -41,10 +41,10 @@ def model_name(method: str, task: str) -> str:
 
 
 def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", device: str = "auto",
-         patch: int = 96, overlap: float = 0.25, threads: int = 0) -> np.ndarray:
+         patch: int = 96, overlap: float = 0.25, threads: int = 0, info: dict | None = None) -> np.ndarray:
     """Fuse normalised arrays ``(x, y, z)`` in [0, 1] of one shape. 2D networks go slice by slice
     (axial); volume networks by overlapping windows of ``patch`` voxels. ``threads`` > 0 sets
-    torch's CPU threads."""
+    torch's CPU threads. ``info``, when given, receives the device a network ran on."""
     volume = a.shape[2] > 1
     method = resolve_method(method, volume)
     if method in CLASSIC_RULES:
@@ -67,6 +67,8 @@ def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", devic
     sa, sb = a.transpose(2, 1, 0), b.transpose(2, 1, 0)
 
     def run(dev: torch.device, size: int) -> np.ndarray:
+        if info is not None:
+            info["device"] = str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)}, float16)"
         model = load_model(name, str(dev))
         if method in VOLUME_NETWORKS:
             return sliding_window(model, sa, sb, size, overlap, device=dev)

@@ -7,8 +7,8 @@ machine's measured float32 matmul GFLOP/s, all measured in one run.
   sliding window for DCFB-3D).
 - Peak memory: resident set of a fresh process that runs only that method (``os.wait4``).
 - GFLOP/s: floating-point operations of one forward (``torch.utils.flop_counter``) / its time.
-- Optimisations, before -> after in the same run: 1 -> 2 threads; for volumes with 2D networks,
-  one slice per forward -> batches of 8 slices.
+- Optimisations, before -> after in the same run: 1 -> 2 threads; contiguous -> channels-last
+  weights (2D networks); for volumes with 2D networks, one slice per forward -> batches of 8 slices.
 
     python benchmarks/run_all.py [--threads 2]
 """
@@ -91,8 +91,11 @@ def measure(method: str, threads: int) -> dict:
             torch.set_num_threads(t)
             row[f"ms_2d_{t}t"] = _timed(lambda: fuse_stack(model, a[None], b[None], "mri-pet"), 5) * 1000
         row["ms_2d"] = row[f"ms_2d_{threads}t"]
+        plain = load_model(model_name(method, "mri-pet"), channels_last=False)
+        row["ms_2d_contiguous"] = _timed(lambda: fuse_stack(plain, a[None], b[None], "mri-pet"), 5) * 1000
         row["s_3d_batch1"] = _timed(lambda: fuse_stack(model, va, vb, "mri-pet", batch=1), 1)
         row["s_3d"] = _timed(lambda: fuse_stack(model, va, vb, "mri-pet", batch=8), 1)
+        row["s_3d_contiguous"] = _timed(lambda: fuse_stack(plain, va, vb, "mri-pet", batch=8), 1)
         x, y = torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None]
         args = (x, y, torch.tensor([1]))
         seconds = row["ms_2d"] / 1000
@@ -119,8 +122,8 @@ def main() -> None:
     peak = {t: matmul_gflops(t) for t in sorted({1, args.threads})}
     print("matmul float32 2048^3: " + ", ".join(f"{t} thread(s) {g:.1f} GFLOP/s" for t, g in peak.items()))
     methods = [*CLASSIC_RULES, *(n for n in NETWORKS if card_path(n).is_file())]
-    print("| method | 2D ms / pair | 2D ms, 1 thread | 3D s / volume | 3D s, 1 slice per forward | peak GiB | GFLOP per forward | GFLOP/s | % of matmul |")
-    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+    print("| method | 2D ms / pair | 2D ms, 1 thread | 2D ms, not channels-last | 3D s / volume | 3D s, not channels-last | 3D s, 1 slice per forward | peak GiB | GFLOP per forward | GFLOP/s | % of matmul |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for m in methods:
         proc = subprocess.Popen([sys.executable, __file__, "--one", m, "--threads", str(args.threads)],
                                 stdout=subprocess.PIPE, text=True)
@@ -133,7 +136,8 @@ def main() -> None:
         gib = usage.ru_maxrss / 2**20
         f = lambda k, fmt: format(r[k], fmt) if k in r else ""  # noqa: E731
         pct = f"{100 * r['gflops_per_s'] / peak[args.threads]:.0f}%" if "gflops_per_s" in r else ""
-        print(f"| {m} | {f('ms_2d', '.1f')} | {f('ms_2d_1t', '.1f')} | {f('s_3d', '.2f')} | {f('s_3d_batch1', '.2f')} "
+        print(f"| {m} | {f('ms_2d', '.1f')} | {f('ms_2d_1t', '.1f')} | {f('ms_2d_contiguous', '.1f')} | {f('s_3d', '.2f')} "
+              f"| {f('s_3d_contiguous', '.2f')} | {f('s_3d_batch1', '.2f')} "
               f"| {gib:.2f} | {f('gflop', '.2f')} | {f('gflops_per_s', '.1f')} | {pct} |", flush=True)
 
 

@@ -134,7 +134,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, cli):
 
 @pytest.mark.parametrize("network", SLICE_NETWORKS)
 def test_speed_ups_keep_the_output(network):
-    """Batches of slices and thread counts change the speed, not the result (tolerance 1e-5)."""
+    """Batches of slices, thread counts and channels-last weights change the speed, not the result."""
     from medfuse_cli import read_image
     from medfuse_cli.intensity import window_for
 
@@ -152,3 +152,5 @@ def test_speed_ups_keep_the_output(network):
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_allclose(batched, one, atol=1e-5)
+    plain = fuse_stack(load_model(model_name(network, "mri-pet"), channels_last=False), a, b, "mri-pet")
+    np.testing.assert_allclose(plain, batched, atol=1e-4)  # channels-last weights

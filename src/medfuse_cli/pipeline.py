@@ -15,7 +15,7 @@ import numpy as np
 
 from . import __version__
 from .errors import GeometryError, InvalidInputError, OutputError
-from .fusion import fuse, resolve_method
+from .fusion import VOLUME_NETWORKS, fuse, resolve_method
 from .image import Image, Modality
 from .intensity import (
     check_usable,
@@ -139,6 +139,8 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     check_usable(fixed, "FIXED")
     check_usable(moving, "MOVING")
     _check_pair(fixed, moving)
+    if fixed.is_2d and resolve_method(options.method) in VOLUME_NETWORKS:  # refuse before registering
+        raise InvalidInputError(f"--method {options.method} fuses volumes; for 2D slices use adafuse, dran or a classic rule")
     reg = register(fixed, moving, options.transform, seed=options.seed)
     for w in reg.warnings:
         log.warning("%s", w)

@@ -259,6 +259,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
         keep = lambda rows: [r for r in rows if cfg.task in ("all", r["task"])]
         train_pairs = keep(volumes.load_split(data, "train"))
         val_pairs = keep(volumes.load_split(data, "held-out"))
+        smallest = min(min(p["a"].shape) for p in train_pairs)
+        if smallest < cfg.crop:
+            raise InvalidInputError(f"crop {cfg.crop}: a training volume has a side of only {smallest} voxels")
     else:
         train_pairs = load_split(data, "train", cfg.task)
         val_pairs = load_split(data, "val", cfg.task)

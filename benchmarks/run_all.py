@@ -17,85 +17,54 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-HARVARD = ROOT.parent / "shared" / "data" / "harvard" / "mri-pet"
-SPM = ROOT / "examples" / "spm12"
-
-
-def _pair2d() -> tuple[np.ndarray, np.ndarray]:
-    from medfuse_cli import read_image
-
-    if HARVARD.is_dir():
-        a = read_image(HARVARD / "25015_mri.png").data[:, :, 0].T / 255.0
-        b = read_image(HARVARD / "25015_pet.png").data[:, :, 0, 0].T / 255.0
-    else:
-        a, b = (x[:256, :256] for x in _volume()[0:2])
-        a, b = a[a.shape[0] // 2], b[b.shape[0] // 2]
-        a, b = np.pad(a, ((0, 256 - a.shape[0]), (0, 256 - a.shape[1]))), np.pad(b, ((0, 256 - b.shape[0]), (0, 256 - b.shape[1])))
-    return a.astype(np.float32), b.astype(np.float32)
-
-
-def _volume() -> tuple[np.ndarray, np.ndarray]:
-    from medfuse_cli import read_image
-    from medfuse_cli.intensity import window_for
-
-    t1, pet = read_image(SPM / "OldNorm_T1.nii.gz"), read_image(SPM / "OldNorm_PET.nii.gz")
-    return (window_for(t1).apply(t1.data).transpose(2, 1, 0), window_for(pet).apply(pet.data).transpose(2, 1, 0))
-
-
-def _timed(fn, repeat: int) -> float:
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - t0) / repeat
+from common import harvard_pair, run_measured, spm_volumes, timed
 
 
 def matmul_gflops(threads: int, n: int = 2048) -> float:
     torch.set_num_threads(threads)
     x, y = torch.rand(n, n), torch.rand(n, n)
-    return 2 * n**3 / _timed(lambda: x @ y, 5) / 1e9
+    return 2 * n**3 / timed(lambda: x @ y, 5) / 1e9
 
 
 def measure(method: str, threads: int) -> dict:
     """Every figure of one method (run in its own process for the memory figure)."""
-    from medfuse_cli.fusion import CLASSIC_RULES, VOLUME_NETWORKS, fuse_classic, model_name
+    from medfuse_cli.fusion import (
+        CLASSIC_RULES,
+        VOLUME_NETWORKS,
+        fuse_classic,
+        model_name,
+    )
     from medfuse_cli.models.infer import fuse_stack, load_model, sliding_window
 
     torch.set_num_threads(threads)
-    a, b = _pair2d()
-    va, vb = _volume()
+    a, b = harvard_pair()
+    va, vb = spm_volumes()
     row: dict = {"method": method}
     if method in CLASSIC_RULES:
-        row["ms_2d"] = _timed(lambda: fuse_classic(method, a, b), 20) * 1000
-        row["s_3d"] = _timed(lambda: fuse_classic(method, va, vb), 1)
+        row["ms_2d"] = timed(lambda: fuse_classic(method, a, b), 20) * 1000
+        row["s_3d"] = timed(lambda: fuse_classic(method, va, vb), 1)
         return row
     model = load_model(model_name(method, "mri-pet"))
     if method in VOLUME_NETWORKS:
-        row["s_3d"] = _timed(lambda: sliding_window(model, va, vb), 1)
+        row["s_3d"] = timed(lambda: sliding_window(model, va, vb), 1)
         x = torch.from_numpy(np.ascontiguousarray(va[:88, :104, :88]))[None, None]
         y = torch.from_numpy(np.ascontiguousarray(vb[:88, :104, :88]))[None, None]
-        seconds = _timed(lambda: model(x, y), 2)
+        seconds = timed(lambda: model(x, y), 2)
         args = (x, y)
     else:
         for t in (1, threads):
             torch.set_num_threads(t)
-            row[f"ms_2d_{t}t"] = _timed(lambda: fuse_stack(model, a[None], b[None], "mri-pet"), 5) * 1000
+            row[f"ms_2d_{t}t"] = timed(lambda: fuse_stack(model, a[None], b[None], "mri-pet"), 5) * 1000
         row["ms_2d"] = row[f"ms_2d_{threads}t"]
         plain = load_model(model_name(method, "mri-pet"), channels_last=False)
-        row["ms_2d_contiguous"] = _timed(lambda: fuse_stack(plain, a[None], b[None], "mri-pet"), 5) * 1000
-        row["s_3d_batch1"] = _timed(lambda: fuse_stack(model, va, vb, "mri-pet", batch=1), 1)
-        row["s_3d"] = _timed(lambda: fuse_stack(model, va, vb, "mri-pet", batch=8), 1)
-        row["s_3d_contiguous"] = _timed(lambda: fuse_stack(plain, va, vb, "mri-pet", batch=8), 1)
+        row["ms_2d_contiguous"] = timed(lambda: fuse_stack(plain, a[None], b[None], "mri-pet"), 5) * 1000
+        row["s_3d_batch1"] = timed(lambda: fuse_stack(model, va, vb, "mri-pet", batch=1), 1)
+        row["s_3d"] = timed(lambda: fuse_stack(model, va, vb, "mri-pet", batch=8), 1)
+        row["s_3d_contiguous"] = timed(lambda: fuse_stack(plain, va, vb, "mri-pet", batch=8), 1)
         x, y = torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None]
         args = (x, y, torch.tensor([1]))
         seconds = row["ms_2d"] / 1000
@@ -125,16 +94,13 @@ def main() -> None:
     print("| method | 2D ms / pair | 2D ms, 1 thread | 2D ms, not channels-last | 3D s / volume | 3D s, not channels-last | 3D s, 1 slice per forward | peak GiB | GFLOP per forward | GFLOP/s | % of matmul |")
     print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for m in methods:
-        proc = subprocess.Popen([sys.executable, __file__, "--one", m, "--threads", str(args.threads)],
-                                stdout=subprocess.PIPE, text=True)
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status):
+        try:
+            _, gib, out = run_measured([sys.executable, __file__, "--one", m, "--threads", str(args.threads)])
+        except RuntimeError:
             print(f"| {m} | failed |")
             continue
         r = json.loads(out.strip().splitlines()[-1])
-        gib = usage.ru_maxrss / 2**20
-        f = lambda k, fmt: format(r[k], fmt) if k in r else ""  # noqa: E731
+        f = lambda k, fmt, r=r: format(r[k], fmt) if k in r else ""
         pct = f"{100 * r['gflops_per_s'] / peak[args.threads]:.0f}%" if "gflops_per_s" in r else ""
         print(f"| {m} | {f('ms_2d', '.1f')} | {f('ms_2d_1t', '.1f')} | {f('ms_2d_contiguous', '.1f')} | {f('s_3d', '.2f')} "
               f"| {f('s_3d_contiguous', '.2f')} | {f('s_3d_batch1', '.2f')} "

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from common import run_measured
 from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,13 +45,8 @@ def run_once(fixed: Path, method: str, out: Path, extra: list[str]) -> tuple[flo
     """Seconds and peak RSS (GiB) of one fuse process."""
     cmd = [sys.executable, "-m", "medfuse_cli", "fuse", str(fixed), str(PET), "-o", str(out), "--method", method,
            "--no-metrics", "--overwrite", "--quiet", *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed")
-    return seconds, usage.ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+    seconds, gib, _ = run_measured(cmd, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    return seconds, gib
 
 
 def main() -> None:

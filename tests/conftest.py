@@ -40,3 +40,21 @@ def cli():
         return Result(res.exit_code, res.stdout, res.stderr)
 
     return run
+
+
+def straight_and_resumed(tmp_path: Path, **common: object) -> tuple[dict, dict]:
+    """Train model ``m`` straight to the end in ``tmp_path/a``; in ``tmp_path/b`` interrupt it right
+    after the checkpoint of step 2 (no weights written yet), then resume it. Returns both cards."""
+    from medfuse_cli.train import TrainConfig, train
+
+    straight = train(TrainConfig(out=str(tmp_path / "a"), name="m", **common))
+
+    def stop(step: int, parts: dict) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    cfg = TrainConfig(out=str(tmp_path / "b"), name="m", **common)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=stop)
+    assert not (tmp_path / "b" / "m.safetensors").exists()
+    return straight, train(cfg, resume=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import shared_path, straight_and_resumed
 
 from medfuse_cli.models.adafuse import AdaFuse
 from medfuse_cli.models.infer import fuse_stack
@@ -46,20 +46,9 @@ def test_a_few_training_steps_lower_the_loss_on_real_pairs():
 
 def test_resume_continues_exactly_and_weights_are_checked(tmp_path):
     data = shared_path("harvard")
-    common = dict(data=str(data), task="mri-ct", steps=4, batch=2, crop=64, checkpoint_every=2, val_limit=2,
-                  threads=1)
-    straight = train(TrainConfig(out=str(tmp_path / "a"), name="m", **common))
-    # interrupt after step 2 (a checkpoint was just written), then resume to step 4
-
-    def stop(step, parts):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    cfg = TrainConfig(out=str(tmp_path / "b"), name="m", **common)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, progress=stop)
-    assert not (tmp_path / "b" / "m.safetensors").exists()
-    resumed = train(cfg, resume=True)
+    common = {"data": str(data), "task": "mri-ct", "steps": 4, "batch": 2, "crop": 64, "checkpoint_every": 2, "val_limit": 2,
+                  "threads": 1}
+    straight, resumed = straight_and_resumed(tmp_path, **common)
     sa, _ = load_checked("m", tmp_path / "a")
     sb, _ = load_checked("m", tmp_path / "b")
     assert straight["parameters"] == resumed["parameters"]
@@ -79,8 +68,8 @@ def test_fine_tune_starts_from_given_weights_and_records_them(tmp_path):
     from medfuse_cli.errors import InvalidInputError
     from medfuse_cli.models.weights import sha256
 
-    common = dict(data=str(shared_path("harvard")), task="mri-pet", batch=2, crop=64, val_limit=1, threads=1,
-                  baselines=False)
+    common = {"data": str(shared_path("harvard")), "task": "mri-pet", "batch": 2, "crop": 64, "val_limit": 1, "threads": 1,
+                  "baselines": False}
     base = train(TrainConfig(out=str(tmp_path / "base"), name="m", steps=2, **common))
     parent = tmp_path / "base" / "m.safetensors"
     # zero learning rate: the fine-tune's output is its starting point, bit for bit

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import EXAMPLES, shared_path
+from conftest import EXAMPLES, shared_path, straight_and_resumed
 
 from medfuse_cli import volumes
 from medfuse_cli.fusion import AUTO_3D
@@ -16,7 +16,6 @@ from medfuse_cli.models import weights
 from medfuse_cli.models.dcfb3d import DCFB3D, warp
 from medfuse_cli.models.infer import load_model, sliding_window
 from medfuse_cli.models.losses import fusion_loss
-from medfuse_cli.train import TrainConfig, train
 
 T1, PET = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz", EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
 
@@ -128,17 +127,7 @@ def test_train_resumes_bit_for_bit_and_writes_a_card(tmp_path, monkeypatch):
     monkeypatch.setattr(volumes, "HELD_OUT", (("spm12_mni_2mm/OldNorm_T2", "spm12_mni_2mm/OldNorm_Transm", "mri-ct"),))
     common = {"data": str(root), "model": "dcfb3d", "steps": 4, "batch": 1, "crop": 24, "widths": [4, 8, 16],
               "checkpoint_every": 2, "baselines": False, "threads": 1}
-    full = train(TrainConfig(out=str(tmp_path / "a"), name="m", **common))
-
-    def stop(step, parts):  # interrupted right after the checkpoint of step 2
-        if step == 2:
-            raise KeyboardInterrupt
-
-    cfg = TrainConfig(out=str(tmp_path / "b"), name="m", **common)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, progress=stop)
-    assert not (tmp_path / "b" / "m.safetensors").exists()
-    resumed = train(cfg, resume=True)
+    full, resumed = straight_and_resumed(tmp_path, **common)
     assert resumed["sha256"] == full["sha256"]
     assert full["model"] == "dcfb3d" and full["tasks"] == ["mri-ct", "mri-pet"]
     assert full["data"]["held_out"] == ["OldNorm_T2+OldNorm_Transm"]

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import GeometryError, InvalidInputError, OutputError
-from .fusion import VOLUME_NETWORKS, fuse, resolve_method
+from .errors import GeometryError, InvalidInputError
+from .fusion import check_fits, fuse, resolve_method
 from .image import Image, Modality
 from .intensity import (
     check_usable,
@@ -24,7 +24,7 @@ from .intensity import (
     window_for,
     ycbcr_to_rgb,
 )
-from .io import FrameChoice, check_output, output_format, read_image, write_image
+from .io import FrameChoice, check_dicom_fits, check_output, read_image, write_image
 from .io.atomic import atomic_write_bytes, check_writable
 from .register import Registration, register, resample_to
 
@@ -56,12 +56,9 @@ class FuseOptions:
 
     def __post_init__(self) -> None:
         resolve_method(self.method)
-        if self.patch < 8:
-            raise InvalidInputError(f"--patch {self.patch}: must be at least 8 voxels")
-        if not 0 <= self.overlap < 1:
-            raise InvalidInputError(f"--overlap {self.overlap}: must be at least 0 and below 1")
-        from .models.infer import check_device_name
+        from .models.infer import check_device_name, check_window
 
+        check_window(self.patch, self.overlap)
         check_device_name(self.device)
         if self.threads < 0:
             raise InvalidInputError(f"--threads {self.threads}: must be 0 (torch's default) or more")
@@ -139,8 +136,7 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     check_usable(fixed, "FIXED")
     check_usable(moving, "MOVING")
     _check_pair(fixed, moving)
-    if fixed.is_2d and resolve_method(options.method) in VOLUME_NETWORKS:  # refuse before registering
-        raise InvalidInputError(f"--method {options.method} fuses volumes; for 2D slices use adafuse, dran or a classic rule")
+    check_fits(resolve_method(options.method), volume=not fixed.is_2d)  # before registering
     reg = register(fixed, moving, options.transform, seed=options.seed)
     for w in reg.warnings:
         log.warning("%s", w)
@@ -262,8 +258,8 @@ def fuse_pair(
     fixed_img = _load(fixed, options.fixed_series)
     moving_img = _load(moving, options.moving_series)
     read_s = time.perf_counter() - t0
-    if out_path is not None and fixed_img.is_2d and output_format(out_path) == "dicom":
-        raise OutputError(f"{out_path.name}: DICOM output is for volumes; write a 2D result as .png, .tif or .nii.gz")
+    if out_path is not None:
+        check_dicom_fits(out_path, fixed_img.is_2d)
     fixed_src = _assign_modality(fixed_img, options.fixed_modality, Modality.MR)
     moving_src = _assign_modality(moving_img, options.moving_modality, Modality.PT)
 

@@ -14,8 +14,8 @@ VOLUME_NETWORKS = ("dcfb3d",)  # fuse whole volumes (sliding window); the others
 AUTO_3D = "adafuse"
 METHODS = (*CLASSIC_RULES, *NETWORKS, "auto")
 
-__all__ = ["AUTO_3D", "CLASSIC_RULES", "METHODS", "NETWORKS", "VOLUME_NETWORKS", "fuse", "fuse_classic", "model_name",
-           "resolve_method"]
+__all__ = ["AUTO_3D", "CLASSIC_RULES", "METHODS", "NETWORKS", "VOLUME_NETWORKS", "check_fits", "fuse", "fuse_classic",
+           "model_name", "resolve_method"]
 
 
 def resolve_method(method: str, volume: bool = False) -> str:
@@ -31,6 +31,12 @@ def resolve_method(method: str, volume: bool = False) -> str:
         if card_path(choice).is_file():
             return choice
     return "laplacian"
+
+
+def check_fits(method: str, volume: bool) -> None:
+    """Volume networks need volumes: a 2D pair is a one-line error (exit 4)."""
+    if method in VOLUME_NETWORKS and not volume:
+        raise InvalidInputError(f"--method {method} fuses volumes; for 2D slices use adafuse, dran or a classic rule")
 
 
 def model_name(method: str, task: str) -> str:
@@ -59,8 +65,7 @@ def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", devic
         sliding_window,
     )
 
-    if method in VOLUME_NETWORKS and not volume:
-        raise InvalidInputError(f"--method {method} fuses volumes; for 2D slices use adafuse, dran or a classic rule")
+    check_fits(method, volume)
     if threads:
         torch.set_num_threads(threads)
     name = model_name(method, task)

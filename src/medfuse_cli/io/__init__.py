@@ -11,7 +11,8 @@ from ..image import Image, Modality
 from .atomic import check_writable
 from .frames import FrameChoice
 
-__all__ = ["FrameChoice", "check_output", "guess_modality", "output_format", "read_image", "write_image"]
+__all__ = ["FrameChoice", "check_dicom_fits", "check_output", "guess_modality", "output_format", "read_image",
+           "write_image"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 RASTER_SUFFIXES = (".png", ".tif", ".tiff")
@@ -139,6 +140,12 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False) -> None:
     check_writable(path, overwrite)
 
 
+def check_dicom_fits(path: str | os.PathLike[str], is_2d: bool) -> None:
+    """A DICOM series output needs a volume: a 2D result is a one-line error (exit 6)."""
+    if is_2d and output_format(path) == "dicom":
+        raise OutputError(f"{Path(path).name}: DICOM output is for volumes; write a 2D result as .png, .tif or .nii.gz")
+
+
 def write_image(image: Image, path: str | os.PathLike[str], overwrite: bool = False, dicom=None) -> None:
     """Write ``image`` atomically; the format follows the path (see :func:`output_format`).
     ``dicom`` is the :class:`~medfuse_cli.io.dicom_write.DicomContext` of a DICOM series."""
@@ -147,8 +154,7 @@ def write_image(image: Image, path: str | os.PathLike[str], overwrite: bool = Fa
     if fmt == "dicom":
         from .dicom_write import DicomContext, write_dicom_series
 
-        if image.is_2d:
-            raise OutputError(f"{path.name}: DICOM output is for volumes; write a 2D result as .png, .tif or .nii.gz")
+        check_dicom_fits(path, image.is_2d)
         write_dicom_series(image, path, dicom or DicomContext(), overwrite)
     elif fmt == "nifti":
         from .nifti import write_nifti

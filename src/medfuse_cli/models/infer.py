@@ -124,6 +124,14 @@ def gaussian_importance(shape: tuple[int, ...], sigma_scale: float = 0.125) -> n
     return np.maximum(w / w.max(), 1e-3)
 
 
+def check_window(patch: int, overlap: float) -> None:
+    """Sliding-window options: a side of at least 8 voxels, an overlap in [0, 1)."""
+    if patch < 8:
+        raise InvalidInputError(f"--patch {patch}: must be at least 8 voxels")
+    if not 0 <= overlap < 1:
+        raise InvalidInputError(f"--overlap {overlap}: must be at least 0 and below 1")
+
+
 @torch.inference_mode()
 def sliding_window(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, patch: int = 96, overlap: float = 0.25,
                    device: torch.device | None = None) -> np.ndarray:
@@ -134,10 +142,7 @@ def sliding_window(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, patch: 
     memory is bounded by the window, not the volume (besides the output itself). A volume that
     fits in one window is fused in one call.
     """
-    if not 0 <= overlap < 1:
-        raise InvalidInputError(f"--overlap {overlap}: must be at least 0 and below 1")
-    if patch < 8:
-        raise InvalidInputError(f"--patch {patch}: must be at least 8")
+    check_window(patch, overlap)
     device = device or next(model.parameters()).device
     m = getattr(model, "multiple", 1)
     patch = -(-patch // m) * m

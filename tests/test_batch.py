@@ -195,7 +195,10 @@ def test_dicom_series_outputs_with_anonymize_and_resume(tmp_path, cli):
     assert len(files) > 10
     d = pydicom.dcmread(files[0])
     assert d.PatientIdentityRemoved == "YES" and list(d.ImageType) == ["DERIVED", "SECONDARY"]
+    left = tmp_path / "out" / ".c2.abc123.partial"  # an unfinished series of a killed run
+    (left / "x").mkdir(parents=True)
     again = cli(*args)
     assert again.exit_code == 0, again.stderr
+    assert not left.exists()
     with open(tmp_path / "out" / "summary.csv") as fh:
         assert "skipped" in fh.read()  # the complete series is not redone

@@ -146,3 +146,57 @@ def test_cuda_matches_cpu(pair):
     cpu = sliding_window(m, a, b, patch=24, overlap=0.5)
     gpu = sliding_window(m.cuda(), a, b, patch=24, overlap=0.5, device=torch.device("cuda"))
     np.testing.assert_allclose(gpu, cpu, atol=2e-2)  # float16 mixed precision on CUDA
+
+
+def test_official_loss_weights_the_mri_two_to_one(pair):
+    a, b = (torch.from_numpy(x[30:62, 40:72, 30:62].copy())[None, None] for x in pair)
+    copy_mri, _ = fusion_loss(a, b, a.clone(), "dc2fusion")
+    copy_pet, _ = fusion_loss(a, b, b.clone(), "dc2fusion")
+    assert copy_mri < copy_pet  # keeping the MRI costs less than keeping the PET
+    even_mri, _ = fusion_loss(a, b, a.clone(), "dc2fusion", {"mri": 1.0, "other": 1.0})
+    even_pet, _ = fusion_loss(a, b, b.clone(), "dc2fusion", {"mri": 1.0, "other": 1.0})
+    assert copy_pet - copy_mri > even_pet - even_mri + 0.1  # the 2 : 1 weighting is what favours the MRI
+
+
+def test_no_deformable_ablation_has_no_offsets(pair):
+    from medfuse_cli.train import build_model
+
+    m = build_model("dcfb3d", {"widths": [4, 8, 16], "deformable": False})
+    assert m.config["deformable"] is False and all(b.offset_range == 0 for b in m.blocks)
+    for block in m.blocks:  # whatever the offset network says, nothing is warped
+        torch.nn.init.normal_(block.offsets[-1].weight, std=1.0)
+    a, b = (torch.from_numpy(x[30:62, 40:72, 30:62].copy())[None, None] for x in pair)
+    xa = m.enc_a(a)[2]
+    xb = m.enc_b(b)[2]
+    block = m.blocks[0]
+    off = torch.tanh(block.offsets(torch.cat([block.norm_x(xa), block.norm_o(xb)], 1))) * block.offset_range
+    assert off.abs().max() == 0
+
+
+def test_volume_pairs_need_the_shared_layout(tmp_path):
+    from medfuse_cli.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="missing"):
+        volumes.pairs(tmp_path, "train")
+    with pytest.raises(InvalidInputError, match="split"):
+        volumes.pairs(tmp_path, "test")
+
+
+def test_threads_option_sets_torch_threads(pair):
+    from medfuse_cli.fusion import fuse
+
+    if not weights.card_path("adafuse").is_file():
+        pytest.skip("weights/adafuse.json not installed")
+    before = torch.get_num_threads()
+    try:
+        a, b = (x[40:43].transpose(2, 1, 0) for x in pair)
+        info: dict = {}
+        fuse("adafuse", a, b, device="cpu", threads=1, info=info)
+        assert torch.get_num_threads() == 1 and info["device"] == "cpu"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bad_widths_is_one_line_exit_2(tmp_path, cli):
+    res = cli("train", "--model", "dcfb3d", "--data", tmp_path, "--widths", "12,x,48")
+    assert res.exit_code == 2 and "--widths" in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -97,8 +97,8 @@ def test_geometry_reads_back_with_pydicom_simpleitk_and_medfuse(fused_series, cl
 MARKERS = {"PatientName": "Zorblat^Quinnexa", "PatientID": "MRK-7Q3XZ-ID", "PatientBirthDate": "19010203"}
 
 
-def _marked_series(folder):
-    """The bundled MR series with known marker strings as the patient's identity."""
+def _marked_series(folder, **extra):
+    """The bundled MR series with known marker strings as the patient's identity (and ``extra``)."""
     import zipfile
 
     folder.mkdir()
@@ -106,7 +106,7 @@ def _marked_series(folder):
         for i, name in enumerate(n for n in zf.namelist() if not n.endswith("/")):
             with zf.open(name) as fh:
                 ds = pydicom.dcmread(fh)
-            for key, value in MARKERS.items():
+            for key, value in {**MARKERS, **extra}.items():
                 setattr(ds, key, value)
             ds.save_as(folder / f"{i:04d}.dcm")
     return folder
@@ -164,3 +164,11 @@ def test_colour_results_are_an_rgb_series(tmp_path):
     img = reader.Execute()
     assert img.GetSize() == t1.shape and img.GetNumberOfComponentsPerPixel() == 3
     np.testing.assert_allclose(_sitk_corners(img), _corners(t1.affine, t1.shape), atol=1e-3)
+
+
+def test_a_nonstandard_patient_sex_in_fixed_is_left_out(tmp_path, cli):
+    marked = _marked_series(tmp_path / "mr", PatientSex="Q")  # not M, F or O: highdicom refuses it
+    res = cli("fuse", marked, PET, "-o", tmp_path / "out", "--method", "mean", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    d = pydicom.dcmread(next((tmp_path / "out").glob("*.dcm")))
+    assert not d.get("PatientSex") and d.PatientID == MARKERS["PatientID"]

@@ -104,7 +104,7 @@ def write_dicom_series(image: Image, folder: Path, ctx: DicomContext, overwrite:
     if keep:
         patient = {
             "patient_name": ref.get("PatientName"), "patient_id": ref.get("PatientID"),
-            "patient_birth_date": ref.get("PatientBirthDate") or None, "patient_sex": ref.get("PatientSex") or None,
+            "patient_birth_date": ref.get("PatientBirthDate") or None, "patient_sex": ref.get("PatientSex") if ref.get("PatientSex") in ("M", "F", "O") else None,
             "accession_number": ref.get("AccessionNumber"), "study_id": ref.get("StudyID"),
             "study_date": ref.get("StudyDate") or None, "study_time": ref.get("StudyTime") or None,
             "referring_physician_name": ref.get("ReferringPhysicianName"),
@@ -174,5 +174,7 @@ def write_dicom_series(image: Image, folder: Path, ctx: DicomContext, overwrite:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         raise OutputError(f"cannot write {folder}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # highdicom refuses an attribute copied from FIXED
+        raise OutputError(f"cannot write {folder} as DICOM: {str(exc).splitlines()[0]}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -76,11 +76,18 @@ def _iter_sources(path: Path) -> Iterator[tuple[str, object]]:
         yield path.name, (lambda: open(path, "rb"))
 
 
+def _parse_all(ds: Dataset) -> None:
+    """Convert every element now (pydicom parses values lazily), so a damaged value fails here,
+    inside the reader's error handling, not later at first use."""
+    ds.walk(lambda _ds, _elem: None)
+
+
 def _read_header(name: str, opener: object) -> Dataset | None:
     """The header of an image DICOM file, or ``None`` when it is not one."""
     try:
         with opener() as fh:  # type: ignore[operator]
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
+        _parse_all(ds)
     except (InvalidDicomError, EOFError, zipfile.BadZipFile):
         return None
     except Exception as exc:  # pydicom raises many types on damaged headers
@@ -158,6 +165,7 @@ def _pixels(entry: _Entry) -> tuple[Dataset, np.ndarray]:
     try:
         with entry.opener() as fh:  # type: ignore[operator]
             ds = pydicom.dcmread(fh)
+        _parse_all(ds)
         arr = ds.pixel_array
     except Exception as exc:
         raise InvalidInputError(f"{entry.name}: corrupt or undecodable DICOM pixel data ({exc})") from exc

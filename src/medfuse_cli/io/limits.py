@@ -7,14 +7,15 @@ from collections.abc import Sequence
 from ..errors import InvalidInputError
 
 MAX_VOXELS = 2**31  # 8 GiB of float32: far beyond any clinical volume
+MAX_PIXELS_2D = 2**26  # a 8192 x 8192 slice: far beyond any radiological 2D image
 
 
-def check_voxel_count(shape: Sequence[int], name: str) -> None:
-    """Refuse headers that claim empty or absurd sizes."""
+def check_voxel_count(shape: Sequence[int], name: str, limit: int = MAX_VOXELS) -> None:
+    """Refuse headers that claim empty or absurd sizes (more than ``limit`` voxels)."""
     if any(int(s) <= 0 for s in shape):
         raise InvalidInputError(f"{name}: the header claims an empty image (shape {tuple(shape)})")
     total = 1
     for s in shape:
         total *= int(s)
-    if total > MAX_VOXELS:
+    if total > limit:
         raise InvalidInputError(f"{name}: the header claims {total:,} voxels (shape {tuple(shape)}); refusing")

@@ -35,11 +35,22 @@ def _geometry(header: nib.Nifti1Header, affine: np.ndarray) -> NiftiGeometry:
 def _load(path: Path) -> nib.Nifti1Image:
     try:
         img = nib.load(str(path))
-    except (nib.filebasedimages.ImageFileError, EOFError, OSError, ValueError, zlib.error) as exc:
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, EOFError, OSError, ValueError,
+            zlib.error) as exc:
         raise InvalidInputError(f"{path.name}: not a readable NIfTI file ({exc})") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InvalidInputError(f"{path.name}: not a NIfTI image ({type(img).__name__})")
     return img
+
+
+def _check_size(path: Path, header: nib.Nifti1Header, shape: tuple[int, ...]) -> None:
+    """Refuse an uncompressed file shorter than its header claims, before reading any voxel."""
+    if path.name.lower().endswith(".gz"):
+        return  # the decompressed size is only known by reading; a short stream fails while reading
+    need = int(header.get_data_offset()) + int(np.prod(shape, dtype=object)) * header.get_data_dtype().itemsize
+    have = path.stat().st_size
+    if need > have:
+        raise InvalidInputError(f"{path.name}: truncated: the header needs {need:,} bytes, the file has {have:,}")
 
 
 def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
@@ -49,6 +60,7 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     header = img.header
     shape = tuple(int(s) for s in img.shape)
     check_voxel_count(shape, path.name)
+    _check_size(path, header, shape)
     if header.get_data_dtype() == RGB24:
         raise InvalidInputError(f"{path.name}: RGB NIfTI input is not supported; convert it to greyscale")
     while len(shape) > 4 and shape[-1] == 1:
@@ -66,7 +78,7 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
         else:
             raw = np.asanyarray(img.dataobj)
         data = np.asarray(raw)
-    except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
+    except (EOFError, OSError, ValueError, OverflowError, zlib.error, gzip.BadGzipFile) as exc:
         raise InvalidInputError(f"{path.name}: truncated or corrupt NIfTI data ({exc})") from exc
     data = data.reshape(data.shape[:3] if data.ndim >= 3 else data.shape + (1,) * (3 - data.ndim))
     if data.dtype.byteorder not in ("=", "|"):

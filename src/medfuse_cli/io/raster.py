@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import GeometryError, InvalidInputError
 from ..image import Image, Modality, Provenance
 from .atomic import atomic_write_bytes
-from .limits import check_voxel_count
+from .limits import MAX_PIXELS_2D, check_voxel_count
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def read_raster(path: Path) -> Image:
         try:
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
-                check_voxel_count(page.shape, path.name)
+                check_voxel_count(page.shape, path.name, MAX_PIXELS_2D)
                 if len(tif.pages) > 1 and len(tif.series[0].shape) > page.ndim:
                     raise GeometryError(f"{path.name}: multi-page TIFF stacks are not supported; give one slice")
                 pixels = page.asarray()
@@ -66,7 +66,7 @@ def read_raster(path: Path) -> Image:
 
     try:
         with PILImage.open(path) as im:
-            check_voxel_count(im.size, path.name)
+            check_voxel_count(im.size, path.name, MAX_PIXELS_2D)
             if im.mode == "P" or im.mode == "PA":
                 im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
             elif im.mode in ("LA", "La"):
@@ -76,7 +76,7 @@ def read_raster(path: Path) -> Image:
             elif im.mode not in ("L", "RGB", "RGBA", "I;16", "I;16B", "F", "1"):
                 im = im.convert("RGB")
             pixels = np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, PILImage.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidInputError(f"{path.name}: not a readable PNG ({exc})") from exc
     if pixels.dtype == bool:
         pixels = pixels.astype(np.uint8) * 255

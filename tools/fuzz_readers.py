@@ -1,0 +1,112 @@
+"""Coverage-guided fuzzing of medfuse's image readers with atheris (libFuzzer for Python).
+
+Each input is written to a file of the reader's kind and read with ``read_image``, as
+``medfuse`` would read it. A reader may refuse the input with a :class:`MedfuseError` (one line,
+a documented exit code); anything else (another exception, a hang, a crash, memory use beyond
+libFuzzer's ``-rss_limit_mb``) is a finding, saved by libFuzzer as ``crash-*`` / ``timeout-*``.
+
+    python tools/fuzz_readers.py nifti CORPUS_DIR -max_total_time=600    # a long run
+    python tools/fuzz_readers.py all CORPUS_DIR -max_total_time=20       # what the tests run
+    python tools/fuzz_readers.py --seeds nifti CORPUS_DIR                 # write seed inputs from examples/
+
+Readers: nifti (.nii), nifti-gz (.nii.gz), dicom (.dcm), png, tiff, or ``all`` (the first byte of
+each input picks the reader: one process, one corpus, what the test suite runs). Seeds come from the bundled
+real examples (a cropped SPM12 T1, one slice of the XA30 DICOM series, PNG/TIFF slices of the T1).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import atheris
+
+with atheris.instrument_imports(include=["medfuse_cli", "nibabel", "pydicom", "PIL", "tifffile"]):
+    import nibabel as nib
+    import numpy as np
+    import medfuse_cli.io.dicom
+    import medfuse_cli.io.nifti
+    import medfuse_cli.io.raster
+    import medfuse_cli.io.stack
+    import tifffile
+    from medfuse_cli.errors import MedfuseError
+    from medfuse_cli.io import read_image
+    from PIL import PngImagePlugin, TiffImagePlugin  # noqa: F401 - instrumented before use
+
+ROOT = Path(__file__).resolve().parents[1]
+SUFFIX = {"nifti": ".nii", "nifti-gz": ".nii.gz", "dicom": ".dcm", "png": ".png", "tiff": ".tif"}
+_WORK = Path(tempfile.mkdtemp(prefix="medfuse-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+
+
+def seeds(kind: str) -> dict[str, bytes]:
+    """Small real inputs of one kind, made from the bundled examples."""
+    t1 = nib.load(str(ROOT / "examples" / "spm12" / "OldNorm_T1.nii.gz"))
+    crop = np.asarray(t1.dataobj)[30:46, 40:56, 40:48]
+    if kind in ("nifti", "nifti-gz"):
+        img = nib.Nifti1Image(crop, t1.affine)
+        raw = img.to_bytes()
+        return {"t1_crop": raw if kind == "nifti" else __import__("gzip").compress(raw)}
+    if kind == "dicom":
+        with zipfile.ZipFile(ROOT / "examples" / "dicom" / "mr_t1_xa30.zip") as zf:
+            name = sorted(n for n in zf.namelist() if not n.endswith("/"))[40]
+            return {"xa30_slice": zf.read(name)}
+    from PIL import Image as PILImage
+
+    grey = (np.asarray(t1.dataobj)[:, :, 45].astype(np.float32) / max(1, crop.max()) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    if kind == "png":
+        PILImage.fromarray(grey).save(buf, format="PNG")
+    else:
+        import tifffile
+
+        tifffile.imwrite(buf, grey.astype(np.uint16) * 200)
+    return {f"t1_slice_{kind}": buf.getvalue()}
+
+
+def all_seeds() -> dict[str, bytes]:
+    """Seeds of every reader for ``all``: one leading byte picks the reader."""
+    return {f"{i}_{name}": bytes([i]) + blob for i, kind in enumerate(SUFFIX) for name, blob in seeds(kind).items()}
+
+
+def target(kind: str):
+    kinds = list(SUFFIX)
+
+    def one_input(data: bytes) -> None:
+        k = kind
+        if kind == "all":
+            if not data:
+                return
+            k, data = kinds[data[0] % len(kinds)], data[1:]
+        path = _WORK / f"input{SUFFIX[k]}"
+        path.write_bytes(data)
+        try:
+            read_image(path)
+        except MedfuseError:
+            pass
+
+    return one_input
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    write_seeds = "--seeds" in args
+    args = [a for a in args if a != "--seeds"]
+    if not args or args[0] not in (*SUFFIX, "all"):
+        sys.exit(f"usage: fuzz_readers.py [--seeds] {{{','.join(SUFFIX)},all}} [CORPUS_DIR] [libFuzzer options]")
+    kind = args.pop(0)
+    if write_seeds:
+        corpus = Path(args[0])
+        corpus.mkdir(parents=True, exist_ok=True)
+        for name, blob in (all_seeds() if kind == "all" else seeds(kind)).items():
+            (corpus / name).write_bytes(blob)
+        return
+    atheris.Setup([sys.argv[0], *args], target(kind))
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()

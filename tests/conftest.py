@@ -21,6 +21,13 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def assert_one_line_error(res: Result, code: int) -> None:
+    """A failed command: exit ``code``, exactly one line on stderr, no traceback."""
+    assert res.exit_code == code, (res.exit_code, res.stderr)
+    assert res.stderr.startswith("medfuse: error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+
+
 @dataclass
 class Result:
     exit_code: int

@@ -12,18 +12,12 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import EXAMPLES, shared_path
+from conftest import EXAMPLES, assert_one_line_error, shared_path
 
 from medfuse_cli import __version__, read_image
 
 MR_ZIP = EXAMPLES / "dicom" / "mr_t1_xa30.zip"
 T1 = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"
-
-
-def _one_line_error(res, code):
-    assert res.exit_code == code, (res.exit_code, res.stderr)
-    assert res.stderr.startswith("medfuse: error: ") and res.stderr.count("\n") == 1, res.stderr
-    assert "Traceback" not in res.stderr + res.stdout
 
 
 def test_version_and_help(cli):
@@ -49,7 +43,7 @@ def test_convert_example_dicom_zip(tmp_path, cli):
     assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
     # NIfTI stores float32: a DICOM-derived affine survives to float32 precision
     np.testing.assert_allclose(img.affine, read_image(MR_ZIP).affine, rtol=0, atol=2e-5)
-    _one_line_error(cli("convert", MR_ZIP, "-o", out), 6)  # exists
+    assert_one_line_error(cli("convert", MR_ZIP, "-o", out), 6)  # exists
     assert cli("convert", MR_ZIP, "-o", out, "--overwrite").exit_code == 0
     assert [p.name for p in out.parent.iterdir()] == ["mr.nii.gz"]  # no temporary files left
 
@@ -73,14 +67,14 @@ def test_bad_inputs_give_one_line_and_no_output(tmp_path, cli):
         ((only_text,), 4),
     ]
     for (src,), code in cases:
-        _one_line_error(cli("convert", src, "-o", out), code)
+        assert_one_line_error(cli("convert", src, "-o", out), code)
         assert not out.exists()
-    _one_line_error(cli("convert", T1, "-o", tmp_path / "x.png"), 5)
-    _one_line_error(cli("convert", T1, "-o", tmp_path / "x.mha"), 6)
-    _one_line_error(cli("convert", T1, "-o", junk / "inside_a_file.nii.gz"), 6)
-    _one_line_error(cli("convert", T1, "-o", tmp_path), 6)
-    _one_line_error(cli("convert", T1, "-o", tmp_path / "s.nii.gz", "--suv"), 4)
-    _one_line_error(cli("info", tmp_path / "missing"), 3)
+    assert_one_line_error(cli("convert", T1, "-o", tmp_path / "x.png"), 5)
+    assert_one_line_error(cli("convert", T1, "-o", tmp_path / "x.mha"), 6)
+    assert_one_line_error(cli("convert", T1, "-o", junk / "inside_a_file.nii.gz"), 6)
+    assert_one_line_error(cli("convert", T1, "-o", tmp_path), 6)
+    assert_one_line_error(cli("convert", T1, "-o", tmp_path / "s.nii.gz", "--suv"), 4)
+    assert_one_line_error(cli("info", tmp_path / "missing"), 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "fake.png", "notes.txt", "textdir"]
 
 
@@ -126,4 +120,4 @@ def test_read_only_output_folder(tmp_path, cli):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    _one_line_error(cli("convert", T1, "-o", ro / "x.nii.gz"), 6)
+    assert_one_line_error(cli("convert", T1, "-o", ro / "x.nii.gz"), 6)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import InputNotFoundError, InvalidInputError, MedfuseError
+from .errors import InputNotFoundError, InvalidInputError, MedfuseError, OutputError
 from .metrics import METRICS
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,11 @@ def _manifest(path: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
     for r in rows:
         fixed, moving = (_abs(path.parent / r[k]) for k in ("fixed", "moving"))
         output = r.get("output") or f"{r['id']}{_output_ext(fixed)}"
-        cases.append(BatchCase(r["id"], str(fixed), str(moving), str(out / output)))
+        target = _abs(out / output)
+        if Path(output).is_absolute() or out not in target.parents:
+            raise InvalidInputError(f"{path.name}: case {r['id']!r}: output {output!r} is not inside the output "
+                                    "folder; give a relative path without '..'")
+        cases.append(BatchCase(r["id"], str(fixed), str(moving), str(target)))
     return cases, problems
 
 
@@ -170,6 +174,9 @@ def discover(source: Path, out: Path, dicom: bool = False) -> tuple[list[BatchCa
         rule = "manifest"
     else:
         source = _abs(source)
+        if out == source or source in out.parents:
+            raise OutputError(f"output folder {out} is inside the input folder {source}; a re-run would read "
+                              "the results as inputs: write them elsewhere")
         for rule, finder in (("benchmark", _benchmark), ("nnunet", _nnunet), ("subfolders", _subfolders)):
             cases, problems = finder(source, out)
             if cases:
@@ -304,7 +311,7 @@ def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
     writer.writeheader()
     for r in sorted(rows, key=lambda r: r["id"]):
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_bytes(path, buf.getvalue().encode(), overwrite=True)
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8", "surrogateescape"), overwrite=True)  # file names as on disk
 
 
 def run_batch(

@@ -56,6 +56,10 @@ Suv = Annotated[
 ]
 
 
+# Path parameters use readable=False: medfuse checks readability itself (one line, exit 3)
+THIRD_PARTY_LOGGERS = ("nibabel", "pydicom", "highdicom", "PIL", "tifffile", "py.warnings")
+
+
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
@@ -69,6 +73,14 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # libraries' own messages about damaged headers (nibabel "fixes", pydicom VR lookups) and
+    # Python warnings: shown with --verbose only, so a refused input stays one line
+    logging.captureWarnings(True)
+    for name in THIRD_PARTY_LOGGERS:
+        lib = logging.getLogger(name)
+        lib.handlers[:] = [handler]
+        lib.setLevel(logging.DEBUG if verbose else logging.CRITICAL + 1)
+        lib.propagate = False
 
 
 def _fail(message: str, code: int) -> None:
@@ -124,11 +136,11 @@ def _main(
 @app.command()
 def convert(
     input: Annotated[
-        Path, typer.Argument(help="NIfTI file, DICOM folder / zip / file, or PNG / TIFF slice.", show_default=False)
+        Path, typer.Argument(readable=False, help="NIfTI file, DICOM folder / zip / file, or PNG / TIFF slice.", show_default=False)
     ],
     output: Annotated[
         Path,
-        typer.Option("--output", "-o", help="Output file: .nii.gz, .nii, .png, .tif or .tiff.", show_default=False),
+        typer.Option("--output", "-o", readable=False, help="Output file: .nii.gz, .nii, .png, .tif or .tiff.", show_default=False),
     ],
     series: Series = None,
     frame: Frame = None,
@@ -149,7 +161,7 @@ def convert(
     def body() -> None:
         from .io import check_output, read_image, write_image
 
-        check_output(output, overwrite)
+        check_output(output, overwrite, inputs=[input])
         image = read_image(input, series=series, frames=_frames(frame, mean_frames), suv=suv)
         write_image(image, output, overwrite=overwrite)
         logging.getLogger("medfuse_cli").info("wrote %s: %r", output, image)
@@ -162,7 +174,7 @@ def convert(
 @app.command()
 def info(
     input: Annotated[
-        Path, typer.Argument(help="NIfTI file, DICOM folder / zip / file, or PNG / TIFF slice.", show_default=False)
+        Path, typer.Argument(readable=False, help="NIfTI file, DICOM folder / zip / file, or PNG / TIFF slice.", show_default=False)
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     series: Series = None,
@@ -232,8 +244,8 @@ CtWindow = Annotated[
 FixedSeries = Annotated[str | None, typer.Option("--fixed-series", help="FIXED is DICOM with several series: take this one (UID, number or description).")]
 MovingSeries = Annotated[str | None, typer.Option("--moving-series", help="MOVING is DICOM with several series: take this one (UID, number or description).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the registration's metric sampling (same inputs + seed = same output bit for bit).")]
-FixedArg = Annotated[Path, typer.Argument(help="Anatomical reference (normally the MRI): NIfTI, DICOM folder/zip/file, PNG/TIFF. The output lives on its grid.", show_default=False)]
-MovingArg = Annotated[Path, typer.Argument(help="The other modality (CT, PET, SPECT): NIfTI, DICOM folder/zip/file, PNG/TIFF (RGB pseudo-colour allowed).", show_default=False)]
+FixedArg = Annotated[Path, typer.Argument(readable=False, help="Anatomical reference (normally the MRI): NIfTI, DICOM folder/zip/file, PNG/TIFF. The output lives on its grid.", show_default=False)]
+MovingArg = Annotated[Path, typer.Argument(readable=False, help="The other modality (CT, PET, SPECT): NIfTI, DICOM folder/zip/file, PNG/TIFF (RGB pseudo-colour allowed).", show_default=False)]
 
 
 def _registration_line(summary: dict) -> str:
@@ -258,14 +270,14 @@ def _status(quiet: bool):
 def fuse(
     fixed: FixedArg,
     moving: MovingArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Fused image: .nii.gz / .nii (3D or 2D), .png / .tif (2D), or a folder (a path without extension): a new derived DICOM series.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Fused image: .nii.gz / .nii (3D or 2D), .png / .tif (2D), or a folder (a path without extension): a new derived DICOM series.", show_default=False)],
     method: Method = "laplacian",
     transform: Transform = "rigid",
     fixed_modality: FixedModality = None,
     moving_modality: MovingModality = None,
     ct_window: CtWindow = None,
-    report: Annotated[Path | None, typer.Option("--report", help="JSON report path (default: beside the output, OUT.json).")] = None,
-    figure: Annotated[Path | None, typer.Option("--figure", help="Also write a PNG figure: FIXED, MOVING, fused and an overlay, middle slice of each plane.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", readable=False, help="JSON report path (default: beside the output, OUT.json).")] = None,
+    figure: Annotated[Path | None, typer.Option("--figure", readable=False, help="Also write a PNG figure: FIXED, MOVING, fused and an overlay, middle slice of each plane.")] = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
     seed: Seed = 0,
@@ -316,9 +328,9 @@ def fuse(
 def register(
     fixed: FixedArg,
     moving: MovingArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="MOVING resampled onto FIXED's grid: .nii.gz / .nii / .png / .tif.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="MOVING resampled onto FIXED's grid: .nii.gz / .nii / .png / .tif.", show_default=False)],
     transform: Transform = "rigid",
-    save_transform: Annotated[Path | None, typer.Option("--save-transform", help="Also save the transform (ITK .tfm, LPS, FIXED point -> MOVING point).")] = None,
+    save_transform: Annotated[Path | None, typer.Option("--save-transform", readable=False, help="Also save the transform (ITK .tfm, LPS, FIXED point -> MOVING point).")] = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
     seed: Seed = 0,
@@ -371,14 +383,14 @@ def _eval_tables(means: dict, quiet: bool) -> None:
 
 @app.command("eval")
 def eval_(
-    fused: Annotated[list[Path] | None, typer.Argument(help="Fused images of the pair given by --fixed/--moving (one row each).", show_default=False)] = None,
-    fixed: Annotated[Path | None, typer.Option("--fixed", help="Source A (the MRI) of one pair.", show_default=False)] = None,
-    moving: Annotated[Path | None, typer.Option("--moving", help="Source B (CT/PET/SPECT) of one pair, on FIXED's grid.", show_default=False)] = None,
-    pairs: Annotated[Path | None, typer.Option("--pairs", help="Folder of pairs named ID_mri.png + ID_ct/pet/spect.png (searched recursively, as ../shared/data/harvard).", show_default=False)] = None,
-    fused_dirs: Annotated[list[Path] | None, typer.Option("--fused", help="With --pairs: a folder of fused images named ID.png (one method per folder; repeat to compare).", show_default=False)] = None,
+    fused: Annotated[list[Path] | None, typer.Argument(readable=False, help="Fused images of the pair given by --fixed/--moving (one row each).", show_default=False)] = None,
+    fixed: Annotated[Path | None, typer.Option("--fixed", readable=False, help="Source A (the MRI) of one pair.", show_default=False)] = None,
+    moving: Annotated[Path | None, typer.Option("--moving", readable=False, help="Source B (CT/PET/SPECT) of one pair, on FIXED's grid.", show_default=False)] = None,
+    pairs: Annotated[Path | None, typer.Option("--pairs", readable=False, help="Folder of pairs named ID_mri.png + ID_ct/pet/spect.png (searched recursively, as ../shared/data/harvard).", show_default=False)] = None,
+    fused_dirs: Annotated[list[Path] | None, typer.Option("--fused", readable=False, help="With --pairs: a folder of fused images named ID.png (one method per folder; repeat to compare).", show_default=False)] = None,
     split: Annotated[str | None, typer.Option("--split", help="With --pairs: only the pairs of this split in PAIRS/splits.csv (columns pair_id, split), e.g. val.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write per-image and mean values, with the conventions, as JSON.")] = None,
-    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-image rows and mean rows as CSV.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", readable=False, help="Write per-image and mean values, with the conventions, as JSON.")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", readable=False, help="Write per-image rows and mean rows as CSV.")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -431,7 +443,7 @@ def eval_(
 
             write_report(to_json(rows, means), json_out, overwrite=overwrite)
         if csv_out is not None:
-            atomic_write_bytes(csv_out, to_csv(rows, means).encode(), overwrite)
+            atomic_write_bytes(csv_out, to_csv(rows, means).encode("utf-8", "surrogateescape"), overwrite)
         _eval_tables(means, quiet)
 
     _run(debug, quiet, verbose, body)
@@ -469,8 +481,8 @@ def _with_progress(total: int, quiet: bool, label: str, work: Callable[[Callable
 
 @app.command()
 def batch(
-    source: Annotated[Path, typer.Argument(help="Folder of pairs (ID_mri + ID_ct/pet/spect, CASE_0000 + CASE_0001, or one sub-folder per case) or a CSV manifest id,fixed,moving[,output].", show_default=False)],
-    out_dir: Annotated[Path, typer.Option("--output", "-o", help="Output folder: fused images, one JSON report each, summary.csv.", show_default=False)],
+    source: Annotated[Path, typer.Argument(readable=False, help="Folder of pairs (ID_mri + ID_ct/pet/spect, CASE_0000 + CASE_0001, or one sub-folder per case) or a CSV manifest id,fixed,moving[,output].", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Output folder: fused images, one JSON report each, summary.csv.", show_default=False)],
     method: Method = "laplacian",
     transform: Transform = "rigid",
     fixed_modality: FixedModality = None,
@@ -573,10 +585,10 @@ def _batch_table(result: Any, out_dir: Path) -> None:
 
 @app.command("train")
 def train_cmd(
-    data: Annotated[Path, typer.Option("--data", help="2D networks: folder of pairs with splits.csv (e.g. ../shared/data/harvard); trains on 'train', validates on 'val'. dcfb3d: the volumes folder (../shared/data/volumes); trains on its training pairs, validates on the held-out ones.", show_default=False)],
+    data: Annotated[Path, typer.Option("--data", readable=False, help="2D networks: folder of pairs with splits.csv (e.g. ../shared/data/harvard); trains on 'train', validates on 'val'. dcfb3d: the volumes folder (../shared/data/volumes); trains on its training pairs, validates on the held-out ones.", show_default=False)],
     model: Annotated[str, typer.Option("--model", help="Network to train: adafuse (learns to fuse 2D pairs), dran (2D autoencoder on single images, fixed fusion rule) or dcfb3d (learns to fuse 3D patches).")] = "adafuse",
     task: Annotated[str, typer.Option("--task", help="mri-ct, mri-pet, mri-spect (2D only), or all (one model for every pair).")] = "all",
-    out: Annotated[Path, typer.Option("--out", help="Folder for NAME.safetensors, the model card NAME.json and the checkpoint.")] = Path("weights"),
+    out: Annotated[Path, typer.Option("--out", readable=False, help="Folder for NAME.safetensors, the model card NAME.json and the checkpoint.")] = Path("weights"),
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: the model).")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps (cosine learning-rate decay over them).")] = 2000,
     batch_size: Annotated[int, typer.Option("--batch", min=0, help="Pairs (3D: patches) per step; 0: 8 for 2D networks, 2 for dcfb3d.")] = 0,

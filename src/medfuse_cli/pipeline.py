@@ -247,10 +247,10 @@ def fuse_pair(
     out_path = Path(output) if output is not None else None
     report_path = Path(report) if report is not None else (report_beside(out_path) if out_path else None)
     if out_path is not None:
-        check_output(out_path, overwrite)
+        check_output(out_path, overwrite, inputs=[fixed, moving])
     for extra in (report_path, Path(figure) if figure else None):
         if extra is not None:
-            check_writable(extra, overwrite)
+            check_writable(extra, overwrite, inputs=[fixed, moving])
 
     started = time.perf_counter()
     stage("reading")
@@ -337,9 +337,9 @@ def register_pair(
 
     FuseOptions(transform=transform)  # validates the name
     out_path = Path(output)
-    check_output(out_path, overwrite)
+    check_output(out_path, overwrite, inputs=[fixed, moving])
     if save_transform is not None:
-        check_writable(Path(save_transform), overwrite)
+        check_writable(Path(save_transform), overwrite, inputs=[fixed, moving])
     fixed_img, moving_img = _load(fixed, fixed_series), _load(moving, moving_series)
     check_usable(fixed_img, "FIXED")
     check_usable(moving_img, "MOVING")

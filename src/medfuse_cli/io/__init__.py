@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InputNotFoundError, InvalidInputError, OutputError
 from ..image import Image, Modality
-from .atomic import check_writable
+from .atomic import check_name_and_place, check_writable
 from .frames import FrameChoice
 
 __all__ = ["FrameChoice", "check_dicom_fits", "check_output", "guess_modality", "output_format", "read_image",
@@ -123,10 +124,13 @@ def output_format(path: str | os.PathLike[str]) -> str:
     raise OutputError(f"{path.name}: unknown output format; use .nii.gz, .nii, .png, .tif, .tiff or a folder (DICOM)")
 
 
-def check_output(path: str | os.PathLike[str], overwrite: bool = False) -> None:
-    """Fail before any work when ``path`` has an unknown format, exists, or cannot be written."""
+def check_output(path: str | os.PathLike[str], overwrite: bool = False,
+                 inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
+    """Fail before any work when ``path`` has an unknown format, exists, cannot be written, or is
+    inside one of the folders of ``inputs``."""
     path = Path(path)
     if output_format(path) == "dicom":
+        check_name_and_place(path, inputs)
         if path.exists() and not path.is_dir():
             raise OutputError(f"output {path} is a file; a DICOM series needs a folder")
         if path.exists() and not overwrite:
@@ -137,7 +141,7 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False) -> None:
         if not os.access(parent, os.W_OK):
             raise OutputError(f"cannot write to {parent} (permission denied)")
         return
-    check_writable(path, overwrite)
+    check_writable(path, overwrite, inputs)
 
 
 def check_dicom_fits(path: str | os.PathLike[str], is_2d: bool) -> None:

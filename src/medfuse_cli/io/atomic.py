@@ -4,13 +4,37 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import OutputError
 
 
-def check_writable(path: Path, overwrite: bool) -> None:
-    """Fail early (before any work) when ``path`` cannot be written as asked."""
+TEMP_NAME_EXTRA = len("..XXXXXXXX.partial")  # what the temporary ".NAME.XXXXXXXX.partial" adds to NAME
+
+
+def check_name_and_place(path: Path, inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
+    """Refuse an output name the file system cannot hold (with its temporary name), and an output
+    inside an input folder (a DICOM folder would read it back as part of its series next time)."""
+    parent = _existing_parent(path)
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    size = len(os.fsencode(path.name))
+    if size + TEMP_NAME_EXTRA > name_max:
+        raise OutputError(f"output name too long ({size} bytes; at most {name_max - TEMP_NAME_EXTRA} here)")
+    target = Path(os.path.abspath(path))
+    for src in inputs:
+        src = Path(os.path.abspath(src))
+        if src.is_dir() and (target == src or src in target.parents):
+            raise OutputError(f"output {path} is inside the input folder {src}; write it elsewhere")
+
+
+def check_writable(path: Path, overwrite: bool, inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
+    """Fail early (before any work) when ``path`` cannot be written as asked, or is inside one of
+    the folders of ``inputs``."""
+    check_name_and_place(path, inputs)
     if path.exists() and path.is_dir():
         raise OutputError(f"output {path} is a folder, not a file")
     if path.exists() and not overwrite:

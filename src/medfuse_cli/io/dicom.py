@@ -88,12 +88,14 @@ def _read_header(name: str, opener: object) -> Dataset | None:
         with opener() as fh:  # type: ignore[operator]
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
         _parse_all(ds)
-    except (InvalidDicomError, EOFError, zipfile.BadZipFile):
-        return None
+    except (InvalidDicomError, zipfile.BadZipFile):
+        return None  # not DICOM (no DICM preamble): a README, a thumbnail... ignored
     except Exception as exc:  # pydicom raises many types on damaged headers
-        log.warning("ignoring %s: unreadable DICOM header (%s)", name, exc)
-        return None
+        raise InvalidInputError(f"{name}: damaged DICOM file ({exc})") from exc
     sop = str(ds.get("SOPClassUID", ""))
+    if "Rows" not in ds and "Image Storage" in pydicom.uid.UID(sop).name:
+        # pydicom stops quietly at the end of a short file: never drop a slice from a series silently
+        raise InvalidInputError(f"{name}: truncated DICOM image (the file ends before its pixel data)")
     if sop in _NON_IMAGE_SOP or "Rows" not in ds or "SeriesInstanceUID" not in ds:
         return None
     return ds

@@ -70,11 +70,15 @@ def load_model(name: str, device: str = "cpu", channels_last: bool = True) -> to
     CPU (same outputs within 1e-5); it does not pay for the 3D network.
     """
     from ..train import build_model
-    from .weights import load_checked
+    from .weights import WeightsError, load_checked
 
     state, card = load_checked(name)
-    model = build_model(card.get("model", "adafuse"), card["architecture"])
-    model.load_state_dict(state)
+    try:
+        model = build_model(card.get("model", "adafuse"), card["architecture"])
+        model.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"{card['weights']}: does not fit the architecture of its model card "
+                           f"({' '.join(str(exc).split())[:200]})") from None
     model = model.to(device).eval()
     if channels_last and getattr(model, "dims", 2) == 2:
         model = model.to(memory_format=torch.channels_last)

@@ -47,18 +47,29 @@ def list_cards(folder: Path | None = None) -> list[dict[str, Any]]:
 
 
 def load_checked(name: str, folder: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The state dict and model card of ``name``; the file's sha256 must match the card."""
+    """The state dict and model card of ``name``; the file's sha256 must match the card, and only
+    safetensors are ever read (a pickle, even with a matching sha256, is refused unopened)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     card_file = card_path(name, folder)
     if not card_file.is_file():
         raise WeightsError(f"no model card {card_file}; 'medfuse models' lists the installed models")
-    card = json.loads(card_file.read_text())
-    weights = card_file.parent / card["weights"]
+    try:
+        card = json.loads(card_file.read_text())
+        weights_name, expected = str(card["weights"]), str(card["sha256"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WeightsError(f"{card_file.name}: not a readable model card ({exc})") from None
+    if Path(weights_name).name != weights_name or not weights_name.endswith(".safetensors"):
+        raise WeightsError(f"{card_file.name}: weights must be a .safetensors file beside the card, not {weights_name!r}")
+    weights = card_file.parent / weights_name
     if not weights.is_file():
         raise WeightsError(f"{weights} is missing (model card {card_file.name})")
     digest = sha256(weights)
-    if digest != card["sha256"]:
+    if digest != expected:
         raise WeightsError(f"{weights.name}: sha256 {digest[:12]}... does not match its model card "
-                           f"({card['sha256'][:12]}...); the file is damaged or was replaced")
-    return load_file(str(weights)), card
+                           f"({expected[:12]}...); the file is damaged or was replaced")
+    try:
+        return load_file(str(weights)), card
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{weights.name}: not a readable safetensors file ({exc})") from None

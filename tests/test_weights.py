@@ -1,0 +1,98 @@
+"""Weights are only ever safetensors, checked against their model card; nothing is unpickled."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLES, ROOT, assert_one_line_error
+from medfuse_cli.models import infer, weights
+
+T1, PET = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz", EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+UNSAFE = re.compile(r"\btorch\.load\(|\btorch\.jit\.load\(|\bimport pickle\b|\bpickle\.loads?\(|\bjoblib\b|"
+                    r"\bdill\b|\bcloudpickle\b|allow_pickle\s*=\s*True|weights_only\s*=\s*False")
+
+
+def test_no_code_path_can_unpickle():
+    """The product, its tools and benchmarks never call a pickle loader (tests may build one)."""
+    files = [p for d in ("src", "tools", "benchmarks") for p in (ROOT / d).rglob("*.py")]
+    assert len(files) > 20
+    hits = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in files
+            for i, line in enumerate(p.read_text().splitlines(), 1) if UNSAFE.search(line)]
+    assert not hits, hits
+    assert UNSAFE.search("state = torch.load(path)") and UNSAFE.search("np.load(f, allow_pickle=True)")
+
+
+class _Payload:
+    """A pickle that would leave a marker file if it were ever unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickled"))
+
+
+@pytest.fixture
+def installed(tmp_path, monkeypatch):
+    """A copy of the shipped AdaFuse card in a private weights folder; returns (folder, card)."""
+    shipped = weights.WEIGHTS_DIR / "adafuse.json"
+    if not shipped.is_file():
+        pytest.skip("needs the shipped weights/")
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    card = json.loads(shipped.read_text())
+    shutil.copy(shipped.parent / card["weights"], folder / card["weights"])
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", folder)
+    infer.load_model.cache_clear()
+    yield folder, card
+    infer.load_model.cache_clear()
+
+
+def _write_card(folder: Path, card: dict) -> None:
+    (folder / "adafuse.json").write_text(json.dumps(card))
+
+
+def _refused(cli, tmp_path, code: int = 8) -> str:
+    out = tmp_path / "x.nii.gz"
+    res = cli("fuse", T1, PET, "-o", out, "--method", "adafuse", "--transform", "none")
+    assert_one_line_error(res, code)
+    assert not out.exists() and not (tmp_path / "x.json").exists()
+    return res.stderr
+
+
+def test_truncated_weights_are_refused_with_or_without_a_matching_card(installed, tmp_path, cli):
+    folder, card = installed
+    path = folder / card["weights"]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    _write_card(folder, card)
+    assert "sha256" in _refused(cli, tmp_path)
+    _write_card(folder, {**card, "sha256": weights.sha256(path)})  # a card rewritten to match
+    assert "not a readable safetensors file" in _refused(cli, tmp_path)
+
+
+def test_a_pickle_with_a_matching_sha256_is_never_unpickled(installed, tmp_path, cli):
+    folder, card = installed
+    marker = tmp_path / "marker.txt"
+    path = folder / card["weights"]
+    path.write_bytes(pickle.dumps({"w": _Payload(marker)}))
+    _write_card(folder, {**card, "sha256": weights.sha256(path)})
+    assert "not a readable safetensors file" in _refused(cli, tmp_path)
+    assert not marker.exists()
+    assert pickle.loads(path.read_bytes()) and marker.exists()  # the positive control: it was live
+
+
+@pytest.mark.parametrize("change", ["not json", {"weights": "../../elsewhere.safetensors"},
+                                    {"weights": "adafuse.pt"}, {"sha256": None}, {"architecture": {"widths": [8]}}])
+def test_damaged_model_cards_are_refused(change, installed, tmp_path, cli):
+    folder, card = installed
+    if isinstance(change, str):
+        (folder / "adafuse.json").write_text(change)
+    else:
+        _write_card(folder, {k: v for k, v in {**card, **change}.items() if v is not None})
+    _refused(cli, tmp_path)

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 from conftest import EXAMPLES, shared_path
 
 from medfuse_cli.batch import discover
@@ -202,3 +203,31 @@ def test_dicom_series_outputs_with_anonymize_and_resume(tmp_path, cli):
     assert not left.exists()
     with open(tmp_path / "out" / "summary.csv") as fh:
         assert "skipped" in fh.read()  # the complete series is not redone
+
+
+def test_two_batches_into_one_folder_do_not_collide(tmp_path, cli):
+    pairs = tmp_path / "in"
+    pairs.mkdir()
+    t1, pet = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz", EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+    for i in range(3):
+        (pairs / f"case{i}_0000.nii.gz").symlink_to(t1)
+        (pairs / f"case{i}_0001.nii.gz").symlink_to(pet)
+    out = tmp_path / "out"
+    first = subprocess.Popen([*MEDFUSE, "batch", str(pairs), "-o", str(out), "--engine", "sequential", "-q"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob(".*.partial")) and first.poll() is None:
+        time.sleep(0.01)  # until the first run is writing a case
+    assert first.poll() is None, "the first run should still be busy"
+    res = cli("batch", pairs, "-o", out, "--engine", "sequential")
+    assert res.exit_code == 6 and "another medfuse batch (pid" in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("medfuse: error: ")
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    rows = _summary(out)
+    assert sorted(rows) == ["case0", "case1", "case2"] and {r["status"] for r in rows.values()} == {"done"}
+    assert not list(out.rglob("*.partial"))
+    for i in range(3):
+        assert nib.load(out / f"case{i}.nii.gz").shape == (91, 109, 91)
+    res = cli("batch", pairs, "-o", out, "--engine", "sequential")  # the lock went with the first run
+    assert res.exit_code == 0 and {r["status"] for r in _summary(out).values()} == {"skipped"}

@@ -9,7 +9,6 @@ import zipfile
 from pathlib import Path
 
 import pydicom
-
 from conftest import EXAMPLES, shared_path
 
 MARKERS = {"PatientName": "MARKERNAME^SECRET", "PatientID": "MARKERID12345", "PatientBirthDate": "19010203",
@@ -75,5 +74,5 @@ def test_no_identity_in_any_output(tmp_path, cli):
     assert not _leaks(printed)
     # the positive control: the markers are live, and a DICOM series for PACS keeps the identity
     assert cli("fuse", mr, ct, "-o", tmp_path / "for_pacs", "--transform", "none", "--no-metrics").exit_code == 0
-    first = sorted((tmp_path / "for_pacs").iterdir())[0]
+    first = min((tmp_path / "for_pacs").iterdir())
     assert str(pydicom.dcmread(first).PatientName) == MARKERS["PatientName"]

@@ -28,14 +28,15 @@ import atheris
 with atheris.instrument_imports(include=["medfuse_cli", "nibabel", "pydicom", "PIL", "tifffile"]):
     import nibabel as nib
     import numpy as np
+    import tifffile  # noqa: F401 - instrumented before use
+    from PIL import PngImagePlugin, TiffImagePlugin  # noqa: F401 - instrumented before use
+
     import medfuse_cli.io.dicom
     import medfuse_cli.io.nifti
     import medfuse_cli.io.raster
-    import medfuse_cli.io.stack
-    import tifffile
+    import medfuse_cli.io.stack  # noqa: F401 - instrumented before use
     from medfuse_cli.errors import MedfuseError
     from medfuse_cli.io import read_image
-    from PIL import PngImagePlugin, TiffImagePlugin  # noqa: F401 - instrumented before use
 
 ROOT = Path(__file__).resolve().parents[1]
 SUFFIX = {"nifti": ".nii", "nifti-gz": ".nii.gz", "dicom": ".dcm", "png": ".png", "tiff": ".tif"}

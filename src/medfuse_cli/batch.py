@@ -26,10 +26,12 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -338,6 +340,58 @@ def run_batch(
         raise InvalidInputError(f"unknown engine {engine!r}; choose dask or sequential")
     cases, rule, unpaired = discover(source, out, dicom=bool(options.get("dicom")))
     out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        return _run_locked(cases, rule, unpaired, out, options, engine, workers, scheduler, force, case_timeout,
+                           on_start, on_done)
+
+
+LOCK_NAME = ".medfuse-batch.lock"
+
+
+@contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold ``OUT_DIR/.medfuse-batch.lock`` for the whole run: a second batch writing to the same
+    folder stops with exit 6 instead of removing the first one's unfinished files. The lock is an
+    ``flock``, so the operating system releases it when a run dies, however it dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        log.warning("no file locking on this system: do not run two batches into %s at once", out)
+        yield
+        return
+    try:
+        fh = open(out / LOCK_NAME, "a+")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out}: {exc.strerror or exc}") from None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise OutputError(f"another medfuse batch ({holder}) is writing to {out}; wait for it or choose "
+                              "another output folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        yield
+
+
+def _run_locked(
+    cases: list[BatchCase],
+    rule: str,
+    unpaired: list[str],
+    out: Path,
+    options: dict[str, Any],
+    engine: str,
+    workers: int | None,
+    scheduler: str | None,
+    force: bool,
+    case_timeout: float | None,
+    on_start: Callable[[int, int], None] | None,
+    on_done: Callable[[dict[str, Any]], None] | None,
+) -> BatchResult:
     removed = clean_partials(out)
     if removed:
         log.warning("removed %d partial files left by an interrupted run", removed)

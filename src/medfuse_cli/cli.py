@@ -106,7 +106,7 @@ def _run(debug: bool, quiet: bool, verbose: bool, body: Callable[[], Any]) -> An
         if debug:
             traceback.print_exc()
         _fail("out of memory", 10)
-    except Exception as exc:  # a bug: still one line unless --debug
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line unless --debug
         if debug:
             traceback.print_exc()
         _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug and report it)", 1)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from ..errors import OutputError
 
-
 TEMP_NAME_EXTRA = len("..XXXXXXXX.partial")  # what the temporary ".NAME.XXXXXXXX.partial" adds to NAME
 
 

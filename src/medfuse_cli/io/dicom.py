@@ -63,7 +63,7 @@ def _iter_sources(path: Path) -> Iterator[tuple[str, object]]:
     """Yield ``(name, opener)`` for every candidate file under a folder, in a zip, or a file."""
     if path.is_dir():
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            yield str(f.relative_to(path)), (lambda f=f: open(f, "rb"))
+            yield str(f.relative_to(path)), (lambda f=f: open(f, "rb"))  # noqa: SIM115 - the caller closes it
     elif zipfile.is_zipfile(path):
         try:
             zf = zipfile.ZipFile(path)
@@ -73,7 +73,7 @@ def _iter_sources(path: Path) -> Iterator[tuple[str, object]]:
         for m in sorted(members, key=lambda m: m.filename):
             yield m.filename, (lambda m=m: io.BytesIO(zf.read(m)))
     else:
-        yield path.name, (lambda: open(path, "rb"))
+        yield path.name, (lambda: open(path, "rb"))  # noqa: SIM115 - the caller closes it
 
 
 def _parse_all(ds: Dataset) -> None:

@@ -227,6 +227,7 @@ Method = Annotated[
 Device = Annotated[str, typer.Option("--device", help="Where networks run: auto (the first CUDA device when present, else the CPU), cpu, cuda or cuda:N. On CUDA: float16 mixed precision; out of GPU memory falls back to smaller windows, then the CPU, with a warning.")]
 Threads = Annotated[int, typer.Option("--threads", min=0, help="CPU threads for the networks (0: torch's default, all cores).")]
 Patch = Annotated[int, typer.Option("--patch", help="Volume networks (dcfb3d): side of the sliding window in voxels (rounded up to a multiple of 8); memory grows with its cube.")]
+MaxMemory = Annotated[str, typer.Option("--max-memory", help="Memory one fusion may use: a size (4G, 800M) or auto (what is available now, within any cgroup limit). Before the heavy steps medfuse estimates the need and, if it is over, uses smaller network windows or slice batches, then skips the report's metrics (with a warning); if even that does not fit it stops with exit 10. The report records the limit, the estimate and the measured peak.")]
 Overlap = Annotated[float, typer.Option("--overlap", help="Volume networks (dcfb3d): overlap of neighbouring windows, 0 to below 1; windows are blended with Gaussian weights.")]
 Transform = Annotated[
     str,
@@ -286,6 +287,7 @@ def fuse(
     threads: Threads = 0,
     patch: Patch = 96,
     overlap: Overlap = 0.25,
+    max_memory: MaxMemory = "auto",
     anonymize: Annotated[bool, typer.Option("--anonymize", help="DICOM output: leave out patient name, ID, birth date and sex and the study's date, ID and accession number; new study UIDs.")] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -305,7 +307,7 @@ def fuse(
                               moving_modality=moving_modality, ct_window=ct_window,
                               fixed_series=fixed_series, moving_series=moving_series, seed=seed,
                               metrics=metrics, device=device, patch=patch, overlap=overlap,
-                              anonymize=anonymize, threads=threads)
+                              anonymize=anonymize, threads=threads, max_memory=max_memory)
         status, stage = _status(quiet)
         try:
             result = fuse_pair(fixed, moving, output, options, report=report, figure=figure,
@@ -495,6 +497,7 @@ def batch(
     device: Device = "auto",
     patch: Patch = 96,
     overlap: Overlap = 0.25,
+    max_memory: MaxMemory = "auto",
     dicom: Annotated[bool, typer.Option("--dicom", help="Write every fused volume as a new derived DICOM series folder OUT_DIR/CASE (as fuse -o FOLDER); 2D results stay PNG.")] = False,
     anonymize: Annotated[bool, typer.Option("--anonymize", help="DICOM output: leave out the patient's identity (as fuse --anonymize).")] = False,
     figures: Annotated[bool, typer.Option("--figures", help="Also write ID_figure.png beside each output (as fuse --figure).")] = False,
@@ -528,7 +531,8 @@ def batch(
         options = {"method": method, "transform": transform, "fixed_modality": fixed_modality,
                        "moving_modality": moving_modality, "ct_window": ct_window, "fixed_series": fixed_series,
                        "moving_series": moving_series, "seed": seed, "metrics": metrics, "device": device,
-                       "patch": patch, "overlap": overlap, "figures": figures, "dicom": dicom, "anonymize": anonymize}
+                       "patch": patch, "overlap": overlap, "figures": figures, "dicom": dicom, "anonymize": anonymize,
+                       "max_memory": max_memory}
         result = _batch_with_progress(
             quiet, lambda on_start, on_done: run_batch(
                 source, out_dir, options, engine=engine, workers=workers, scheduler=scheduler, force=force,

@@ -39,6 +39,12 @@ class OutputError(MedfuseError):
     exit_code = 6
 
 
+class OutOfMemoryError(MedfuseError):
+    """The work cannot fit in the memory it may use (``--max-memory``), or ran out of it."""
+
+    exit_code = 10
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected internal error (please report it; rerun with --debug for a traceback)",
@@ -51,6 +57,6 @@ EXIT_CODES: dict[int, str] = {
     6: "output exists (use --overwrite) or cannot be written",
     7: "batch finished but some cases failed or timed out (see summary.csv)",
     8: "model weights missing, or not matching the sha256 of their model card",
-    10: "out of memory",
+    10: "out of memory, or the fusion would need more than --max-memory (checked before the heavy steps)",
     130: "interrupted (Ctrl-C)",
 }

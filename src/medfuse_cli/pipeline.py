@@ -26,6 +26,7 @@ from .intensity import (
 )
 from .io import FrameChoice, check_dicom_fits, check_output, read_image, write_image
 from .io.atomic import atomic_write_bytes, check_writable
+from .memory import peak, plan
 from .register import Registration, register, resample_to
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,12 @@ class FuseOptions:
     anonymize: bool = False  # DICOM output: no patient identity, new study UIDs
     patch: int = 96  # volume networks: sliding-window side, voxels
     overlap: float = 0.25  # volume networks: overlap of neighbouring windows (fraction)
+    max_memory: str = "auto"  # "auto" (what is available) or a size such as "4G"
 
     def __post_init__(self) -> None:
+        from .memory import parse_size
+
+        parse_size(self.max_memory)
         resolve_method(self.method)
         from .models.infer import check_device_name, check_window
 
@@ -137,6 +142,8 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     check_usable(moving, "MOVING")
     _check_pair(fixed, moving)
     check_fits(resolve_method(options.method), volume=not fixed.is_2d)  # before registering
+    budget = plan(fixed.shape[:3], resolve_method(options.method, volume=not fixed.is_2d), options.metrics,
+                  options.patch, options.max_memory)
     reg = register(fixed, moving, options.transform, seed=options.seed)
     for w in reg.warnings:
         log.warning("%s", w)
@@ -165,8 +172,8 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     method = resolve_method(options.method, volume=not fixed.is_2d)
     task = TASK_OF_MODALITY.get(moving.modality, "mri-pet")
     ran: dict[str, Any] = {}
-    f = fuse(method, a, b, task=task, device=options.device, patch=options.patch, overlap=options.overlap,
-             threads=options.threads, info=ran)
+    f = fuse(method, a, b, task=task, device=options.device, patch=budget.patch, overlap=options.overlap,
+             threads=options.threads, info=ran, batch=budget.batch)
     timings["fuse_s"] = time.perf_counter() - t0
 
     if moved.is_color:
@@ -196,8 +203,9 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
         "method": method if method == options.method else f"{method} (from {options.method})",
         "model": _model_used(method, task),
         "device": ran.get("device"),
+        "memory": budget.summary(),
     }
-    if options.metrics:
+    if budget.metrics:
         t0 = time.perf_counter()
         details["metrics"] = _metrics(fixed, moved, fused)
         timings["metrics_s"] = time.perf_counter() - t0
@@ -281,6 +289,7 @@ def fuse_pair(
         **(report_extra or {}),
     }
     rep["timings"]["total_s"] = time.perf_counter() - started
+    rep["memory"]["peak_bytes"] = peak()
     result = FuseResult(fused, moved, reg, rep)
     if figure is not None:
         stage("drawing figure")

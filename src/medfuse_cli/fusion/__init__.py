@@ -47,10 +47,12 @@ def model_name(method: str, task: str) -> str:
 
 
 def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", device: str = "auto",
-         patch: int = 96, overlap: float = 0.25, threads: int = 0, info: dict | None = None) -> np.ndarray:
+         patch: int = 96, overlap: float = 0.25, threads: int = 0, info: dict | None = None,
+         batch: int = 8) -> np.ndarray:
     """Fuse normalised arrays ``(x, y, z)`` in [0, 1] of one shape. 2D networks go slice by slice
-    (axial); volume networks by overlapping windows of ``patch`` voxels. ``threads`` > 0 sets
-    torch's CPU threads. ``info``, when given, receives the device a network ran on."""
+    (axial, ``batch`` slices at a time); volume networks by overlapping windows of ``patch`` voxels.
+    ``threads`` > 0 sets torch's CPU threads. ``info``, when given, receives the device a network
+    ran on."""
     volume = a.shape[2] > 1
     method = resolve_method(method, volume)
     if method in CLASSIC_RULES:
@@ -80,6 +82,6 @@ def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", devic
         return fuse_stack(model, sa, sb, task, batch=size, device=dev)
 
     # on a GPU out-of-memory error: smaller windows (batches of slices), then the CPU
-    sizes = [patch, max(patch // 2, 8), 8] if method in VOLUME_NETWORKS else [8, 2, 1]
+    sizes = [patch, max(patch // 2, 8), 8] if method in VOLUME_NETWORKS else [batch, max(batch // 4, 1), 1]
     out = on_gpu_memory_error(run, pick_device(device), sizes)
     return np.clip(out.transpose(2, 1, 0), 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,146 @@
+"""Memory budget of one fusion: before the heavy steps, choose the network's window (or batch of
+slices) and whether to score, so that the run stays under ``--max-memory``; refuse (exit 10)
+when even the leanest plan would not fit.
+
+The estimate is the resident memory after reading both inputs plus per-voxel costs of the later
+steps on FIXED's grid, measured on this code (``benchmarks/memory_guard.py`` prints the
+estimate beside the measured peak):
+
+* registration, resampling, normalising, the fused and the written arrays: ``BASE`` bytes per voxel;
+* the report's metrics (SSIM, VIF, FMI... in float64): ``METRICS`` bytes per voxel;
+* a network: its weights and activations for one window of ``patch**3`` voxels (DCFB-3D) or one
+  batch of slices (AdaFuse, DRAN), plus the sliding window's accumulators; it is freed before the
+  metrics run, so the larger of the two counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import InvalidInputError, OutOfMemoryError
+
+log = logging.getLogger(__name__)
+
+BASE = 64  # bytes per FIXED voxel
+METRICS = 136
+# network: (fixed bytes, bytes per pixel of a slice batch or per voxel of a window, bytes per volume voxel)
+NETWORK_COST = {"adafuse": (80e6, 850, 0), "dran": (270e6, 700, 0), "dcfb3d": (40e6, 600, 8)}
+PATCHES = (96, 64, 48, 32)
+BATCHES = (8, 2, 1)
+MIN_LIMIT = 256 << 20
+
+
+def parse_size(text: str) -> int | None:
+    """``"auto"`` -> None; ``"4G"``, ``"800M"``, ``"1.5GiB"``, ``"2000000000"`` -> bytes."""
+    text = str(text).strip()
+    if text.lower() == "auto":
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?", text)
+    if not m:
+        raise InvalidInputError(f"--max-memory {text!r}: give a size such as 4G, 800M or auto")
+    size = int(float(m[1]) * 1024 ** " KMGT".index((m[2] or " ").upper()))
+    if size < MIN_LIMIT:
+        raise InvalidInputError(f"--max-memory {text}: at least 256M is needed to load the libraries")
+    return size
+
+
+def available() -> int:
+    """Memory this process may still use: MemAvailable, or the cgroup's limit if tighter, plus
+    what the process already holds (its resident set is part of the budget)."""
+    free = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if free is None:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as a, open(usage_file) as b:
+                raw = a.read().strip()
+                if raw != "max":
+                    free = min(free, int(raw) - int(b.read().strip()))
+            break
+        except (OSError, ValueError):
+            continue
+    return resident() + max(free, 0)
+
+
+def resident() -> int:
+    """Resident memory of this process now, bytes."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak() -> int:
+    """Peak resident memory of this process so far, bytes (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Plan:
+    """What a fusion may do within its budget; recorded in the report."""
+
+    limit_bytes: int
+    estimate_bytes: int
+    metrics: bool
+    patch: int
+    batch: int
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {**asdict(self), "peak_bytes": peak()}
+
+
+def _estimate(shape: tuple[int, ...], method: str, metrics: bool, patch: int, batch: int) -> int:
+    voxels = 1
+    for s in shape:
+        voxels *= int(s)
+    network = 0.0
+    if method in NETWORK_COST:
+        fixed, per_unit, per_voxel = NETWORK_COST[method]
+        unit = min(patch, max(shape)) ** 3 if method == "dcfb3d" else batch * int(shape[0]) * int(shape[1])
+        network = fixed + per_unit * unit + per_voxel * voxels
+    # the network is freed before the metrics run: the peak is the larger of the two
+    return int(resident() + BASE * voxels + max(network, METRICS * voxels if metrics else 0))
+
+
+def plan(shape: tuple[int, ...], method: str, metrics: bool, patch: int, max_memory: str) -> Plan:
+    """The richest plan under the limit: first drop to smaller windows / batches, then skip the
+    metrics; :class:`OutOfMemoryError` when nothing fits."""
+    limit = parse_size(max_memory)
+    limit = available() if limit is None else limit
+    windows = [patch, *(p for p in PATCHES if p < patch)] if method == "dcfb3d" else [patch]
+    batches = list(BATCHES) if method in ("adafuse", "dran") else [BATCHES[0]]
+    tries = [(m, p, b) for m in ([True, False] if metrics else [False]) for p in windows for b in batches]
+    for m, p, b in tries:
+        est = _estimate(shape, method, m, p, b)
+        if est <= limit:
+            notes = []
+            if metrics and not m:
+                notes.append("metrics skipped to stay under the memory limit (score with 'medfuse eval')")
+            if p != patch:
+                notes.append(f"sliding window {p} instead of {patch} to stay under the memory limit")
+            for note in notes:
+                log.warning("%s", note)
+            return Plan(limit, est, m, p, b, notes)
+    need = _estimate(shape, method, False, windows[-1], batches[-1])
+    raise OutOfMemoryError(f"this fusion needs about {need / 2**30:.1f} GiB ({'x'.join(map(str, shape))} voxels on "
+                           f"FIXED's grid, {method}) but may use {limit / 2**30:.1f} GiB; raise --max-memory, "
+                           "free memory, or fuse a smaller FIXED")

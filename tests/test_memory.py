@@ -1,0 +1,77 @@
+"""The memory guard: a large volume made by tiling a real one fuses under --max-memory (smaller
+windows, no metrics), and a limit nothing fits under stops before the heavy work with exit 10."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import EXAMPLES, assert_one_line_error
+from medfuse_cli.memory import parse_size, plan
+
+T1, PET = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz", EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory):
+    """The bundled T1 and PET templates tiled 2x2x2: 182x218x182, 7.2 M voxels each."""
+    folder = tmp_path_factory.mktemp("tiled")
+    paths = []
+    for src, name in ((T1, "t1_tiled.nii.gz"), (PET, "pet_tiled.nii.gz")):
+        img = nib.load(str(src))
+        data = np.tile(np.asarray(img.dataobj, dtype=np.float32), (2, 2, 2))
+        nib.Nifti1Image(data, img.affine).to_filename(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+def _fuse(*args: object) -> subprocess.CompletedProcess:
+    """A fresh process, so the peak memory in the report is this fusion's alone."""
+    return subprocess.run([sys.executable, "-m", "medfuse_cli", "fuse", *map(str, args)], capture_output=True,
+                          text=True, timeout=900, check=False)
+
+
+def test_a_large_tiled_volume_fuses_under_the_limit(tiled, tmp_path):
+    limit = "1.1G"
+    out = tmp_path / "fused.nii.gz"
+    res = _fuse(*tiled, "-o", out, "--method", "dcfb3d", "--max-memory", limit)
+    assert res.returncode == 0, res.stderr
+    memory = json.loads((tmp_path / "fused.json").read_text())["memory"]
+    assert memory["limit_bytes"] == parse_size(limit)
+    assert memory["patch"] < 96 and not memory["metrics"]  # both economies were needed
+    assert memory["estimate_bytes"] <= memory["limit_bytes"]
+    assert memory["peak_bytes"] <= memory["limit_bytes"], memory  # measured, not estimated
+    assert "metrics skipped" in res.stderr and "sliding window 64" in res.stderr
+    fused = nib.load(out)
+    assert fused.shape == (182, 218, 182)
+    np.testing.assert_array_equal(fused.affine, nib.load(tiled[0]).affine)
+
+
+def test_a_limit_nothing_fits_under_stops_before_work(tiled, tmp_path):
+    res = _fuse(*tiled, "-o", tmp_path / "fused.nii.gz", "--method", "dcfb3d", "--max-memory", "600M")
+    assert res.returncode == 10 and "needs about" in res.stderr and "--max-memory" in res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_sizes_and_plans():
+    assert parse_size("auto") is None
+    assert parse_size("4G") == 4 << 30 and parse_size("800M") == 800 << 20 and parse_size("1.5GiB") == 3 << 29
+    for bad in ("lots", "-1G", "10K"):
+        with pytest.raises(Exception) as exc:
+            parse_size(bad)
+        assert getattr(exc.value, "exit_code", None) == 4
+    roomy = plan((182, 218, 182), "dcfb3d", True, 96, "64G")
+    assert (roomy.metrics, roomy.patch, roomy.notes) == (True, 96, [])
+    small = plan((256, 256, 1), "adafuse", True, 96, "auto")
+    assert small.metrics and small.batch == 8
+
+
+def test_bad_max_memory_is_one_line(cli, tmp_path):
+    assert_one_line_error(cli("fuse", T1, PET, "-o", tmp_path / "o.nii.gz", "--max-memory", "plenty"), 4)
+    assert not list(tmp_path.iterdir())

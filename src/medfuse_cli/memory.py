@@ -6,11 +6,12 @@ The estimate is the resident memory after reading both inputs plus per-voxel cos
 steps on FIXED's grid, measured on this code (``benchmarks/memory_guard.py`` prints the
 estimate beside the measured peak):
 
-* registration, resampling, normalising, the fused and the written arrays: ``BASE`` bytes per voxel;
-* the report's metrics (SSIM, VIF, FMI... in float64): ``METRICS`` bytes per voxel;
+* registration, resampling, normalising, the fused and the written arrays: ``BASE`` (fixed bytes,
+  bytes per voxel);
+* the report's metrics (SSIM, VIF, FMI... in float64): ``METRICS`` (fixed bytes, bytes per voxel);
 * a network: its weights and activations for one window of ``patch**3`` voxels (DCFB-3D) or one
-  batch of slices (AdaFuse, DRAN), plus the sliding window's accumulators; it is freed before the
-  metrics run, so the larger of the two counts.
+  batch of slices (AdaFuse, DRAN), plus the sliding window's accumulators (counted in full even
+  though the metrics run after it: freed memory is not all returned to the system).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from .errors import InvalidInputError, OutOfMemoryError
 
 log = logging.getLogger(__name__)
 
-BASE = 64  # bytes per FIXED voxel
-METRICS = 136
+BASE = (100e6, 45)  # (fixed bytes, bytes per FIXED voxel)
+METRICS = (260e6, 90)
 # network: (fixed bytes, bytes per pixel of a slice batch or per voxel of a window, bytes per volume voxel)
 NETWORK_COST = {"adafuse": (80e6, 850, 0), "dran": (270e6, 700, 0), "dcfb3d": (40e6, 600, 8)}
 PATCHES = (96, 64, 48, 32)
@@ -117,8 +118,9 @@ def _estimate(shape: tuple[int, ...], method: str, metrics: bool, patch: int, ba
         fixed, per_unit, per_voxel = NETWORK_COST[method]
         unit = min(patch, max(shape)) ** 3 if method == "dcfb3d" else batch * int(shape[0]) * int(shape[1])
         network = fixed + per_unit * unit + per_voxel * voxels
-    # the network is freed before the metrics run: the peak is the larger of the two
-    return int(resident() + BASE * voxels + max(network, METRICS * voxels if metrics else 0))
+    scoring = METRICS[0] + METRICS[1] * voxels if metrics else 0.0
+    # the network's memory is not all returned to the system before the metrics run: count both
+    return int(resident() + BASE[0] + BASE[1] * voxels + network + scoring)
 
 
 def plan(shape: tuple[int, ...], method: str, metrics: bool, patch: int, max_memory: str) -> Plan:
@@ -126,6 +128,8 @@ def plan(shape: tuple[int, ...], method: str, metrics: bool, patch: int, max_mem
     metrics; :class:`OutOfMemoryError` when nothing fits."""
     limit = parse_size(max_memory)
     limit = available() if limit is None else limit
+    if method in NETWORK_COST:
+        import torch  # noqa: F401 - loaded now, so that the resident memory counts it
     windows = [patch, *(p for p in PATCHES if p < patch)] if method == "dcfb3d" else [patch]
     batches = list(BATCHES) if method in ("adafuse", "dran") else [BATCHES[0]]
     tries = [(m, p, b) for m in ([True, False] if metrics else [False]) for p in windows for b in batches]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -43,13 +42,35 @@ def spm_volumes() -> tuple[np.ndarray, np.ndarray]:
     return load_pair(VolumePair("t1+pet", "mri-pet", SPM / "OldNorm_T1.nii.gz", SPM / "OldNorm_PET.nii.gz"))
 
 
+def _vm_hwm(pid: int) -> int:
+    """The high-water resident memory (KiB) of a running process's own address space, else 0."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next((int(line.split()[1]) for line in fh if line.startswith("VmHWM:")), 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """Run ``cmd``; its seconds, peak resident memory (GiB, this process alone) and stdout."""
+    """Run ``cmd``; its seconds, peak resident memory (GiB, this process alone) and stdout.
+
+    The peak is the child's ``VmHWM``, polled every 10 ms until it exits (it only grows). Not
+    ``ru_maxrss``: Linux carries the parent's high-water mark into a child across fork and exec,
+    so a child of this (torch-importing) script would be charged for the script's memory too.
+    """
+    import threading
+
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()))
+    reader.start()
+    hwm = 0
+    while proc.poll() is None:
+        hwm = max(hwm, _vm_hwm(proc.pid))
+        time.sleep(0.01)
+    reader.join()
     seconds = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
+    if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed")
-    return seconds, usage.ru_maxrss / 2**20, out  # ru_maxrss is KiB on Linux
+    return seconds, hwm / 2**20, "".join(chunks)

@@ -5,7 +5,7 @@ machine's measured float32 matmul GFLOP/s, all measured in one run.
   slices without ../shared), fusion step only, first call excluded.
 - 3D: seconds for the bundled 91x109x91 SPM T1 + PET pair (slice by slice for 2D networks,
   sliding window for DCFB-3D).
-- Peak memory: resident set of a fresh process that runs only that method (``os.wait4``).
+- Peak memory: resident set of a fresh process that runs only that method (its ``VmHWM``).
 - GFLOP/s: floating-point operations of one forward (``torch.utils.flop_counter``) / its time.
 - Optimisations, before -> after in the same run: 1 -> 2 threads; contiguous -> channels-last
   weights (2D networks); for volumes with 2D networks, one slice per forward -> batches of 8 slices.

@@ -3,7 +3,7 @@
 FIXED is the MNI ICBM152 2009a T1 (197x233x189, 1 mm); MOVING is the SPM PET template (2 mm,
 the same MNI space on another grid). Every run is one ``medfuse fuse FIXED MOVING -o OUT
 --method M --no-metrics`` process (read, rigid registration, resampling, normalisation, fusion,
-writing), so its peak resident memory is measured alone (``os.wait4``). Growth with size: the
+writing), so its peak resident memory is measured alone (its ``VmHWM``). Growth with size: the
 same T1 resampled to 2, 1.5, 1 and 0.8 mm (about 0.9, 2.6, 8.7 and 17 million voxels).
 
     python benchmarks/volume_speed.py [--methods dcfb3d,laplacian] [--sizes 2,1.5,1,0.8]

@@ -10,8 +10,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import EXAMPLES, assert_one_line_error
+
 from medfuse_cli.memory import parse_size, plan
 
 T1, PET = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz", EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
@@ -75,3 +75,18 @@ def test_sizes_and_plans():
 def test_bad_max_memory_is_one_line(cli, tmp_path):
     assert_one_line_error(cli("fuse", T1, PET, "-o", tmp_path / "o.nii.gz", "--max-memory", "plenty"), 4)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_volume_larger_than_the_memory_is_refused_from_its_header(cli, tmp_path, monkeypatch):
+    """Checked before any voxel is read (here: a header claiming 400 M voxels, 1 GiB available)."""
+    from medfuse_cli import memory
+
+    img = nib.load(str(T1))
+    header = img.header.copy()
+    header.set_data_shape((1000, 1000, 400))
+    big = tmp_path / "big.nii"
+    big.write_bytes(header.binaryblock + b"\0" * 4 + b"\0" * 1000)  # the voxels are never reached
+    monkeypatch.setattr(memory, "available", lambda: 1 << 30)
+    res = cli("convert", big, "-o", tmp_path / "o.nii.gz")
+    assert_one_line_error(res, 10)
+    assert "needs about 3.0 GiB" in res.stderr and not (tmp_path / "o.nii.gz").exists()

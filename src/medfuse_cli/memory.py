@@ -88,7 +88,16 @@ def resident() -> int:
 
 
 def peak() -> int:
-    """Peak resident memory of this process so far, bytes (Linux reports KiB)."""
+    """Peak resident memory of this process so far, bytes: ``VmHWM`` of its own address space
+    (``ru_maxrss`` would also count the parent's memory when a large process started this one,
+    since Linux carries the high-water mark across fork and exec)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -61,7 +61,7 @@ class FuseOptions:
 
         parse_size(self.max_memory)
         resolve_method(self.method)
-        from .models.infer import check_device_name, check_window
+        from .models.checks import check_device_name, check_window
 
         check_window(self.patch, self.overlap)
         check_device_name(self.device)

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidInputError
+from .checks import check_device_name, check_window
 
 log = logging.getLogger(__name__)
-
-
-DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-
-def check_device_name(name: str) -> None:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; anything else is a one-line error (exit 4)."""
-    if not DEVICE_RE.match(name):
-        raise InvalidInputError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -126,14 +117,6 @@ def gaussian_importance(shape: tuple[int, ...], sigma_scale: float = 0.125) -> n
         g = np.exp(-0.5 * (x / max(n * sigma_scale, 1e-6)) ** 2).astype(np.float32)
         w = w * g.reshape([n if i == axis else 1 for i in range(len(shape))])
     return np.maximum(w / w.max(), 1e-3)
-
-
-def check_window(patch: int, overlap: float) -> None:
-    """Sliding-window options: a side of at least 8 voxels, an overlap in [0, 1)."""
-    if patch < 8:
-        raise InvalidInputError(f"--patch {patch}: must be at least 8 voxels")
-    if not 0 <= overlap < 1:
-        raise InvalidInputError(f"--overlap {overlap}: must be at least 0 and below 1")
 
 
 @torch.inference_mode()

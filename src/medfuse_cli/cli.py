@@ -74,12 +74,12 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     root.setLevel(level)
     root.propagate = False
     # libraries' own messages about damaged headers (nibabel "fixes", pydicom VR lookups) and
-    # Python warnings: shown with --verbose only, so a refused input stays one line
+    # Python warnings: shown (from WARNING up) with --verbose only, so a refused input stays one line
     logging.captureWarnings(True)
     for name in THIRD_PARTY_LOGGERS:
         lib = logging.getLogger(name)
         lib.handlers[:] = [handler]
-        lib.setLevel(logging.DEBUG if verbose else logging.CRITICAL + 1)
+        lib.setLevel(logging.WARNING if verbose else logging.CRITICAL + 1)
         lib.propagate = False
 
 

@@ -215,9 +215,10 @@ def test_two_batches_into_one_folder_do_not_collide(tmp_path, cli):
     out = tmp_path / "out"
     first = subprocess.Popen([*MEDFUSE, "batch", str(pairs), "-o", str(out), "--engine", "sequential", "-q"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = out / ".medfuse-batch.lock"
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob(".*.partial")) and first.poll() is None:
-        time.sleep(0.01)  # until the first run is writing a case
+    while time.time() < deadline and first.poll() is None and "pid" not in (lock.read_text() if lock.exists() else ""):
+        time.sleep(0.01)  # until the first run holds the lock (it then fuses 3 cases, several seconds each)
     assert first.poll() is None, "the first run should still be busy"
     res = cli("batch", pairs, "-o", out, "--engine", "sequential")
     assert res.exit_code == 6 and "another medfuse batch (pid" in res.stderr

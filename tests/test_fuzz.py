@@ -21,7 +21,7 @@ def test_fuzzed_inputs_end_in_a_medfuse_error_or_an_image(tmp_path):
     assert seeds.returncode == 0, seeds.stderr[-2000:]
     assert any(corpus.iterdir())
     res = subprocess.run(
-        [sys.executable, FUZZ, kind, corpus, "-max_total_time=12", "-rss_limit_mb=3072", "-timeout=20",
+        [sys.executable, FUZZ, kind, corpus, "-max_total_time=8", "-rss_limit_mb=3072", "-timeout=20",
          f"-artifact_prefix={tmp_path}/"],
         capture_output=True, text=True, timeout=300, check=False,
     )

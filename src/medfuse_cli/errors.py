@@ -54,7 +54,8 @@ EXIT_CODES: dict[int, str] = {
     "unsupported encoding, NaN/inf or constant image, unknown method/modality/window",
     5: "unusable geometry: 4D frame out of range, a volume written to a 2D format, bad affine, "
     "a pair that does not overlap, 2D with 3D, 2D slices of different sizes",
-    6: "output exists (use --overwrite) or cannot be written",
+    6: "output exists (use --overwrite), cannot be written, lies inside an input folder or has a too long name; "
+    "another batch is writing to the same folder",
     7: "batch finished but some cases failed or timed out (see summary.csv)",
     8: "model weights missing, or not matching the sha256 of their model card",
     10: "out of memory, or the fusion would need more than --max-memory (checked before the heavy steps)",

@@ -154,3 +154,15 @@ def test_speed_ups_keep_the_output(network):
     np.testing.assert_allclose(batched, one, atol=1e-5)
     plain = fuse_stack(load_model(model_name(network, "mri-pet"), channels_last=False), a, b, "mri-pet")
     np.testing.assert_allclose(plain, batched, atol=1e-4)  # channels-last weights
+
+
+def test_auto_says_when_it_picks_cuda(monkeypatch, caplog):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Simulated GPU")
+    with caplog.at_level("WARNING", logger="medfuse_cli"):
+        assert str(infer.pick_device("auto")) == "cuda:0"
+    assert "using CUDA device 0 (Simulated GPU), float16" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert str(infer.pick_device("auto")) == "cpu"

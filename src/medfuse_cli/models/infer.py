@@ -20,7 +20,7 @@ def pick_device(name: str = "auto") -> torch.device:
     check_device_name(name)
     if name == "auto":
         if torch.cuda.is_available():
-            log.info("using CUDA device 0 (%s)", torch.cuda.get_device_name(0))
+            log.warning("--device auto: using CUDA device 0 (%s), float16", torch.cuda.get_device_name(0))
             return torch.device("cuda:0")
         return torch.device("cpu")
     if name.startswith("cuda"):

@@ -90,3 +90,16 @@ def test_a_volume_larger_than_the_memory_is_refused_from_its_header(cli, tmp_pat
     res = cli("convert", big, "-o", tmp_path / "o.nii.gz")
     assert_one_line_error(res, 10)
     assert "needs about 3.0 GiB" in res.stderr and not (tmp_path / "o.nii.gz").exists()
+
+
+def test_2d_networks_get_smaller_slice_batches_before_losing_the_metrics():
+    """A 512x512x200 volume with AdaFuse under a limit that fits batches of 2 slices but not 8:
+    neither batches of 8 nor the metrics fit, and the plan says what it gave up."""
+    from medfuse_cli.memory import _estimate
+
+    shape = (512, 512, 200)
+    limit = _estimate(shape, "adafuse", False, 96, 2) + (100 << 20)
+    assert _estimate(shape, "adafuse", False, 96, 8) > limit  # batches of 8 would not fit
+    chosen = plan(shape, "adafuse", True, 96, str(limit))
+    assert (chosen.batch, chosen.metrics) == (2, False)
+    assert any("batches of 2 slices" in n for n in chosen.notes) and chosen.estimate_bytes <= limit

@@ -42,7 +42,7 @@ with atheris.instrument_imports(include=["medfuse_cli", "nibabel", "pydicom", "P
 
 ROOT = Path(__file__).resolve().parents[1]
 SUFFIX = {"nifti": ".nii", "nifti-gz": ".nii.gz", "dicom": ".dcm", "png": ".png", "tiff": ".tif"}
-_WORK = Path(tempfile.mkdtemp(prefix="medfuse-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+_WORK = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
 
 
 def seeds(kind: str) -> dict[str, bytes]:
@@ -84,12 +84,14 @@ def target(kind: str):
             if not data:
                 return
             k, data = kinds[data[0] % len(kinds)], data[1:]
-        path = _WORK / f"input{SUFFIX[k]}"
+        path = _WORK / f"medfuse-fuzz-{os.getpid()}{SUFFIX[k]}"  # a file, removed after each input
         path.write_bytes(data)
         try:
             read_image(path)
         except MedfuseError:
             pass
+        finally:
+            path.unlink(missing_ok=True)
 
     return one_input
 

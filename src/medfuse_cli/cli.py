@@ -32,6 +32,7 @@ app = typer.Typer(
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print details of every step.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show a full traceback on errors (for bug reports).")]
+# Path parameters use readable=False: medfuse checks readability itself (one line, exit 3)
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output file if it exists.")]
 Series = Annotated[
     str | None,
@@ -56,7 +57,6 @@ Suv = Annotated[
 ]
 
 
-# Path parameters use readable=False: medfuse checks readability itself (one line, exit 3)
 THIRD_PARTY_LOGGERS = ("nibabel", "pydicom", "highdicom", "PIL", "tifffile", "py.warnings")
 
 

@@ -150,6 +150,8 @@ def plan(shape: tuple[int, ...], method: str, metrics: bool, patch: int, max_mem
                 notes.append("metrics skipped to stay under the memory limit (score with 'medfuse eval')")
             if p != patch:
                 notes.append(f"sliding window {p} instead of {patch} to stay under the memory limit")
+            if b != batches[0]:
+                notes.append(f"batches of {b} slices instead of {batches[0]} to stay under the memory limit")
             for note in notes:
                 log.warning("%s", note)
             return Plan(limit, est, m, p, b, notes)

@@ -121,3 +121,10 @@ def test_read_only_output_folder(tmp_path, cli):
     ro.mkdir()
     ro.chmod(0o500)
     assert_one_line_error(cli("convert", T1, "-o", ro / "x.nii.gz"), 6)
+
+
+def test_verbose_shows_library_warnings_not_their_debug_log(cli):
+    """pydicom logs every element it reads at DEBUG; --verbose must not flood stderr with it."""
+    res = cli("info", MR_ZIP, "--verbose")
+    assert res.exit_code == 0, res.stderr
+    assert len(res.stderr.splitlines()) < 50, res.stderr[:500]

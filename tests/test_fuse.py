@@ -209,3 +209,16 @@ def test_gff_keeps_the_salient_source_on_real_pet():
     # the published gff behaviour (PEERS.md): far more edge transfer than the mean, MRI-leaning
     assert scores["gff"]["Qabf"] > scores["mean"]["Qabf"] + 0.2
     assert scores["gff"]["SSIM_A"] > scores["mean"]["SSIM_A"]
+
+
+def test_classic_rules_never_import_torch(tmp_path):
+    """torch costs ~0.18 GiB and seconds of start-up; a classic-rule fusion must not load it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from medfuse_cli.pipeline import FuseOptions, fuse_pair; "
+            f"fuse_pair({str(T1)!r}, {str(PET)!r}, {str(tmp_path / 'f.nii.gz')!r}, FuseOptions(method='laplacian')); "
+            "print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"

@@ -99,3 +99,28 @@ def test_survival_term_is_zero_for_pixel_max_and_high_for_a_copy():
     _, copy = fusion_loss(a, b, a.clone(), "balanced", weights)
     assert at_max["surv"] == pytest.approx(0.0, abs=1e-6)
     assert copy["surv"] > 0.2  # the SPECT is lost in a copy of the MRI
+
+
+def test_a_gated_fine_tune_starts_as_its_ungated_parent(tmp_path):
+    """--gate adds a zero-initialised weight map: F = w A + (1 - w) B + h with w = 1/2 at the start."""
+    from safetensors.torch import save_file
+
+    from medfuse_cli.train import _init_from
+
+    torch.manual_seed(0)
+    parent = AdaFuse(widths=(8, 8, 8, 8))
+    torch.nn.init.normal_(parent.head.weight, std=0.05)  # a parent that is not the mean rule
+    save_file(parent.state_dict(), str(tmp_path / "p.safetensors"))
+    child = AdaFuse(widths=(8, 8, 8, 8), gate=True)
+    _init_from(child, str(tmp_path / "p.safetensors"))
+    a, b = torch.rand(2, 2, 1, 32, 32)
+    t = torch.tensor([0, 2])
+    with torch.inference_mode():
+        torch.testing.assert_close(child(a, b, t), parent.eval()(a, b, t), rtol=0, atol=1e-6)
+        # the gate decides between the sources: a large logit gives A, a small one B (head at zero)
+        torch.nn.init.zeros_(child.head.weight)
+        torch.nn.init.constant_(child.gate.bias, 30.0)
+        torch.testing.assert_close(child(a, b, t), a)
+        torch.nn.init.constant_(child.gate.bias, -30.0)
+        torch.testing.assert_close(child(a, b, t), b)
+    assert child.config["gate"] is True and parent.config["gate"] is False

@@ -120,18 +120,40 @@ def test_training_steps_lower_the_loss_on_real_patches(pair):
     assert losses[-1] < 0.8 * losses[0]
 
 
+def test_slabs_are_runs_of_neighbouring_train_slices_of_one_case():
+    from medfuse_cli.train import load_split
+
+    slices = load_split(shared_path("harvard"), "train", "mri-spect")
+    stacks = volumes.slabs(slices, depth=16)
+    by_id = {p["id"]: p for p in slices}
+    assert stacks and all(s["task"] == "mri-spect" for s in stacks)
+    for s in stacks:
+        first, last = (int(i) for i in s["id"].split("-")[-2:])
+        assert first // 1000 == last // 1000 and last - first + 1 == len(s["a"]) >= 16
+        for k, i in enumerate(range(first, last + 1)):  # every slice of the run, in order
+            np.testing.assert_array_equal(s["a"][k], by_id[f"{i:05d}"]["a"])
+            np.testing.assert_array_equal(s["b"][k], by_id[f"{i:05d}"]["b"])
+    # group 9 has a gap after slice 30: its run 9-30 is kept, the short rest is not
+    assert "mri-spect-09009-09030" in {s["id"] for s in stacks}
+    assert sum(len(s["a"]) for s in stacks) < len(slices)
+
+
 def test_train_resumes_bit_for_bit_and_writes_a_card(tmp_path, monkeypatch):
     root = shared_path("volumes")
     monkeypatch.setattr(volumes, "TRAIN_MRI", ("spm12_mni_2mm/OldNorm_T1",))
     monkeypatch.setattr(volumes, "TRAIN_OTHER", {"spm12_mni_2mm/OldNorm_PET": "mri-pet"})
-    monkeypatch.setattr(volumes, "HELD_OUT", (("spm12_mni_2mm/OldNorm_T2", "spm12_mni_2mm/OldNorm_Transm", "mri-ct"),))
-    common = {"data": str(root), "model": "dcfb3d", "steps": 4, "batch": 1, "crop": 24, "widths": [4, 8, 16],
-              "checkpoint_every": 2, "baselines": False, "threads": 1}
+    monkeypatch.setattr(volumes, "HELD_OUT", (("spm12_mni_2mm/OldNorm_T2", "spm12_mni_2mm/OldNorm_PET", "mri-pet"),))
+    common = {"data": str(root), "model": "dcfb3d", "task": "mri-pet", "steps": 4, "batch": 1, "crop": 24, "widths": [4, 8, 16],
+              "checkpoint_every": 2, "baselines": False, "threads": 1, "slabs": str(shared_path("harvard")),
+              "slab_depth": 16}
     full, resumed = straight_and_resumed(tmp_path, **common)
     assert resumed["sha256"] == full["sha256"]
-    assert full["model"] == "dcfb3d" and full["tasks"] == ["mri-ct", "mri-pet"]
-    assert full["data"]["held_out"] == ["OldNorm_T2+OldNorm_Transm"]
-    assert set(full["validation"]) == {"OldNorm_T2+OldNorm_Transm"}
+    # every other step trains on stacks of the Harvard train slices; the card lists them
+    assert "mri-pet-41022-41089" in full["data"]["train"] and "OldNorm_T1+OldNorm_PET" in full["data"]["train"]
+    assert full["model"] == "dcfb3d" and full["tasks"] == ["mri-pet"]
+    assert full["data"]["held_out"] == ["OldNorm_T2+OldNorm_PET"]
+    assert set(full["validation"]) == {"OldNorm_T2+OldNorm_PET"}
+    assert not [i for i in full["data"]["train"] if i.startswith(("mri-ct", "mri-spect"))]
     monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path / "a")
     load_model.cache_clear()
     assert isinstance(load_model("m"), DCFB3D)

@@ -59,9 +59,12 @@ class TrainConfig:
     recipe: str = ""  # "": the model's default (DEFAULT_RECIPE)
     frequency: bool = True  # AdaFuse
     exchange: bool = True  # AdaFuse
+    gate: bool = False  # AdaFuse: per-pixel source weight in the head (F = w A + (1 - w) B + h)
     widths: list[int] = field(default_factory=list)  # AdaFuse / DCFB-3D channels per scale ([]: the model's default)
     depth: int = 2  # DCFB-3D: DCFB blocks (each applied both ways)
     deformable: bool = True  # DCFB-3D: learned offsets (False: ablation)
+    slabs: str = ""  # DCFB-3D: also train on stacks of this Harvard folder's train slices (every other step)
+    slab_depth: int = 16  # DCFB-3D: slices per slab patch (and the shortest run of slices used)
     channels: int = 32  # DRAN
     rule: str = "sfnn"  # DRAN fusion rule
     val_limit: int = 0  # validate on the first N val pairs only (0: all; for quick runs and tests)
@@ -98,7 +101,7 @@ def build_model(model: str, arch: dict[str, Any]) -> AdaFuse | DRAN | DCFB3D:
         return DRAN(channels=arch.get("channels", 32), rule=arch.get("rule", "sfnn"))
     if model == "adafuse":
         return AdaFuse(widths=tuple(arch.get("widths") or (16, 32, 48, 64)), frequency=arch.get("frequency", True),
-                       exchange=arch.get("exchange", True))
+                       exchange=arch.get("exchange", True), gate=arch.get("gate", False))
     if model == "dcfb3d":
         return DCFB3D(widths=tuple(arch.get("widths") or (8, 16, 32)), depth=arch.get("depth", 2),
                       deformable=arch.get("deformable", True))
@@ -128,17 +131,19 @@ def _batch(pairs: list[dict], cfg: TrainConfig, gen: torch.Generator) -> tuple[t
     return torch.stack(a_out)[:, None], torch.stack(b_out)[:, None], torch.tensor(t_out)
 
 
-def _patch_batch(pairs: list[dict], cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Random 3D patches (mostly inside the head: up to 4 draws for one a quarter foreground),
-    flips on every axis, in-plane transposition, mild intensity scaling (same ops on A and B)."""
+def _patch_batch(pairs: list[dict], cfg: TrainConfig, gen: torch.Generator,
+                 shape: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, ...]:
+    """Random 3D patches of ``shape`` (default a cube of ``crop``; mostly inside the head: up to 4
+    draws for one a quarter foreground), flips on every axis, in-plane transposition, mild
+    intensity scaling (same ops on A and B)."""
     idx = torch.randint(len(pairs), (cfg.batch,), generator=gen).tolist()
     a_out, b_out = [], []
-    p_ = cfg.crop
+    shape = shape or (cfg.crop,) * 3
     for i in idx:
         p = pairs[i]
         for _ in range(4):
-            z, y, x = (int(torch.randint(n - p_ + 1, (1,), generator=gen)) for n in p["a"].shape)
-            sl = (slice(z, z + p_), slice(y, y + p_), slice(x, x + p_))
+            z, y, x = (int(torch.randint(n - s + 1, (1,), generator=gen)) for n, s in zip(p["a"].shape, shape))
+            sl = tuple(slice(o, o + s) for o, s in zip((z, y, x), shape))
             if (p["a"][sl] > 0.1).mean() > 0.25:
                 break
         a, b = torch.from_numpy(p["a"][sl].copy()), torch.from_numpy(p["b"][sl].copy())
@@ -229,7 +234,7 @@ def classic_baselines(pairs: list[dict], by: str = "task") -> dict[str, dict[str
 def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a training; returns the model card."""
     from .models.dran import RULES
-    from .models.losses import RECIPES, RECON_RECIPES, fusion_loss, reconstruction_loss
+    from .models.losses import RECIPES, RECON_RECIPES, fusion_loss
 
     if cfg.model not in DEFAULT_RECIPE:
         raise InvalidInputError(f"unknown model {cfg.model!r}; trainable: {', '.join(DEFAULT_RECIPE)}")
@@ -251,6 +256,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
     data, out = Path(cfg.data), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / f"{cfg.name}.checkpoint.safetensors"
+    slab_pairs: list[dict] = []
     if volume:
         from . import volumes
 
@@ -262,6 +268,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
         smallest = min(min(p["a"].shape) for p in train_pairs)
         if smallest < cfg.crop:
             raise InvalidInputError(f"crop {cfg.crop}: a training volume has a side of only {smallest} voxels")
+        if cfg.slabs:
+            if cfg.slab_depth % 8 or cfg.slab_depth < 16:  # the 3D SSIM window is 11 voxels deep
+                raise InvalidInputError(f"slab depth {cfg.slab_depth}: must be a multiple of 8, at least 16")
+            slab_pairs = volumes.slabs(load_split(Path(cfg.slabs), "train", cfg.task), cfg.slab_depth)
+            # in-plane side giving about the voxels of a crop^3 patch, a multiple of 8
+            side = min(256, int(math.sqrt(cfg.crop**3 / cfg.slab_depth)) // 8 * 8)
+            slab_shape = (cfg.slab_depth, side, side)
     else:
         train_pairs = load_split(data, "train", cfg.task)
         val_pairs = load_split(data, "val", cfg.task)
@@ -284,10 +297,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
         lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        a, b, t = (_patch_batch if volume else _batch)(train_pairs, cfg, gen)
+        if volume and cfg.slabs and step % 2:
+            a, b, t = _patch_batch(slab_pairs, cfg, gen, slab_shape)
+        else:
+            a, b, t = (_patch_batch if volume else _batch)(train_pairs, cfg, gen)
         if cfg.model == "dran":
-            x = torch.cat([a, b])
-            loss, parts = reconstruction_loss(x, model.reconstruct(x), cfg.recipe, cfg.loss_weights)
+            loss, parts = dran_loss(model, a, b, cfg.recipe, cfg.loss_weights)
         else:
             loss, parts = fusion_loss(a, b, model(a, b, t), cfg.recipe, cfg.loss_weights)
         opt.zero_grad(set_to_none=True)
@@ -304,7 +319,23 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
         if progress:
             progress(step, parts)
     elapsed = time.perf_counter() - t_start
-    return finish(model, cfg, val_pairs, train_pairs, elapsed, history, parent)
+    return finish(model, cfg, val_pairs, train_pairs + slab_pairs, elapsed, history, parent)
+
+
+def dran_loss(model: DRAN, a: torch.Tensor, b: torch.Tensor, recipe: str = "recon",
+              weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """DRAN's training loss: reconstruction of both sources; with a ``fuse`` weight (recipe
+    ``recon-fuse``) plus the ``balanced`` fusion loss of the pair fused through the model's rule."""
+    from .models.losses import RECON_RECIPES, fusion_loss, reconstruction_loss
+
+    x = torch.cat([a, b])
+    loss, parts = reconstruction_loss(x, model.reconstruct(x), recipe, weights)
+    w_fuse = {**RECON_RECIPES[recipe], **(weights or {})}.get("fuse", 0.0)
+    if w_fuse:
+        fuse, fparts = fusion_loss(a, b, model(a, b), "balanced")
+        loss = loss + w_fuse * fuse
+        parts = {**parts, "loss": loss.item(), "fuse": fparts["loss"], "surv": fparts["surv"]}
+    return loss, parts
 
 
 def _init_from(model: AdaFuse | DRAN | DCFB3D, init: str) -> dict[str, Any]:
@@ -327,8 +358,12 @@ def _init_from(model: AdaFuse | DRAN | DCFB3D, init: str) -> dict[str, Any]:
         state, card = load_checked(init)
         parent = {"name": card["name"], "weights": card["weights"], "sha256": card["sha256"],
                   "training_seconds": card.get("training_seconds")}
+    # layers that start at zero (AdaFuse's gate) may be absent: the fine-tune starts as the parent
+    fresh = {k for k, v in model.state_dict().items() if k.startswith("gate.") and not v.any()}
     try:
-        model.load_state_dict(state)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - fresh:
+            raise RuntimeError(f"missing {sorted(set(missing) - fresh)[:3]}, unexpected {sorted(unexpected)[:3]}")
     except RuntimeError as exc:
         raise InvalidInputError(f"--init {init}: its weights do not fit this architecture ({str(exc).splitlines()[0]})") from None
     return parent
@@ -361,6 +396,8 @@ def finish(model: AdaFuse | DRAN | DCFB3D, cfg: TrainConfig, val_pairs, train_pa
                  "split": "medfuse_cli.volumes: train pairs; held-out pairs for validation only" if volume
                  else "splits.csv train (val for validation only)",
                  "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
+                 **({"slabs": f"{Path(cfg.slabs).name}: splits.csv train slices, runs of >= {cfg.slab_depth} stacked"}
+                    if volume and cfg.slabs else {}),
                  **({"train": [p["id"] for p in train_pairs], "held_out": [p["id"] for p in val_pairs]} if volume else {})},
         "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "name")},
         "training_seconds": round(seconds, 1),

@@ -79,3 +79,22 @@ def load_split(root: Path, split: str) -> list[dict]:
         a, b = load_pair(p)
         out.append({"id": p.id, "task": p.task, "a": a, "b": b})
     return out
+
+
+def slabs(slices: list[dict], depth: int) -> list[dict]:
+    """Stacks of neighbouring 2D pairs (the trainer's dicts of :func:`medfuse_cli.train.load_split`,
+    Harvard ids ``group*1000 + slice``): every run of at least ``depth`` consecutive slices of one
+    case group becomes one ``(z, y, x)`` pair, so the real patients' slices train a 3D network too."""
+    runs: list[list[dict]] = []
+    for p in sorted(slices, key=lambda p: (p["task"], int(p["id"]))):
+        last = runs[-1][-1] if runs else None
+        if last is None or last["task"] != p["task"] or int(last["id"]) + 1 != int(p["id"]):
+            runs.append([])
+        runs[-1].append(p)
+    out = []
+    for run in runs:
+        if len(run) >= depth:
+            out.append({"id": f"{run[0]['task']}-{run[0]['id']}-{run[-1]['id']}", "task": run[0]["task"],
+                        "a": np.stack([p["a"] for p in run]), "b": np.stack([p["b"] for p in run])})
+    return out
+

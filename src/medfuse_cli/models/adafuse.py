@@ -138,9 +138,10 @@ class AdaFuse(nn.Module):
 
     multiple = 16
 
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 48, 64), frequency: bool = True, exchange: bool = True) -> None:
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 48, 64), frequency: bool = True, exchange: bool = True,
+                 gate: bool = False) -> None:
         super().__init__()
-        self.config = {"widths": list(widths), "frequency": frequency, "exchange": exchange}
+        self.config = {"widths": list(widths), "frequency": frequency, "exchange": exchange, "gate": gate}
         self.enc_a, self.enc_b = Encoder(widths), Encoder(widths)
         self.task = nn.Embedding(len(TASKS), widths[-1])
         self.fuse0 = nn.Conv2d(2 * widths[0], widths[0], 1)
@@ -155,6 +156,12 @@ class AdaFuse(nn.Module):
         self.head = nn.Conv2d(widths[0], 1, 3, padding=1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        # gate: a per-pixel weight w = sigmoid(g) so that F = w A + (1 - w) B + h; g starts at zero
+        # (F starts as the mean rule, and a gated fine-tune starts as its ungated parent)
+        self.gate = nn.Conv2d(widths[0], 1, 3, padding=1) if gate else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         fa, fb = self.enc_a(a), self.enc_b(b)
@@ -164,4 +171,5 @@ class AdaFuse(nn.Module):
         for up, skip in zip(self.ups, reversed(fused[:-1])):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = up(torch.cat([x, skip], 1))
-        return ((a + b) / 2 + self.head(x)).clamp(0, 1)
+        base = (a + b) / 2 if self.gate is None else b + torch.sigmoid(self.gate(x)) * (a - b)
+        return (base + self.head(x)).clamp(0, 1)

@@ -166,6 +166,8 @@ RECON_RECIPES: dict[str, dict[str, float]] = {
     "recon": {"mse": 1.0, "grad": 0.2, "ssim": 0.2},
     "recon-grad": {"mse": 1.0, "grad": 0.2, "ssim": 0.0},
     "recon-mse": {"mse": 1.0, "grad": 0.0, "ssim": 0.0},
+    # fusion-aware: + the ``balanced`` fusion loss of the pair decoded through the fixed rule
+    "recon-fuse": {"mse": 1.0, "grad": 0.2, "ssim": 0.2, "fuse": 1.0},
 }
 
 

@@ -124,3 +124,21 @@ def test_a_gated_fine_tune_starts_as_its_ungated_parent(tmp_path):
         torch.nn.init.constant_(child.gate.bias, -30.0)
         torch.testing.assert_close(child(a, b, t), b)
     assert child.config["gate"] is True and parent.config["gate"] is False
+
+
+def test_differentiable_losses_agree_with_the_eval_metrics_on_real_pairs():
+    """The loss's SSIM, Qabf and VIF are the metrics of ``medfuse eval`` (up to their hard cases)."""
+    from medfuse_cli import metrics
+    from medfuse_cli.models.losses import qabf, ssim, vif
+
+    for p in load_split(shared_path("harvard"), "val", "mri-spect")[:2]:
+        a, b = p["a"], p["b"]
+        f = np.maximum(a, b)
+        t = lambda x: torch.from_numpy(x)[None, None]
+        ref = metrics.compute(a * 255, b * 255, f * 255)
+        assert float(vif(t(a), t(f)) + vif(t(b), t(f))) == pytest.approx(ref["VIF"], abs=1e-4)
+        assert float(qabf(t(a), t(b), t(f))) == pytest.approx(ref["Qabf"], abs=2e-3)
+        assert float(ssim(t(a), t(f)) + ssim(t(b), t(f))) / 2 == pytest.approx(ref["SSIM"], abs=1e-3)
+        f_t = t(f).requires_grad_()
+        vif(t(a), f_t).sum().backward()
+        assert torch.isfinite(f_t.grad).all() and f_t.grad.abs().sum() > 0

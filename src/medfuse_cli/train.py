@@ -325,15 +325,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
 def dran_loss(model: DRAN, a: torch.Tensor, b: torch.Tensor, recipe: str = "recon",
               weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """DRAN's training loss: reconstruction of both sources; with a ``fuse`` weight (recipe
-    ``recon-fuse``) plus the ``balanced`` fusion loss of the pair fused through the model's rule."""
+    ``recon-fuse``) plus the ``balanced`` fusion loss of the pair fused through the model's rule
+    (``recon-fuse-vif``: with a VIF term)."""
     from .models.losses import RECON_RECIPES, fusion_loss, reconstruction_loss
 
     x = torch.cat([a, b])
     loss, parts = reconstruction_loss(x, model.reconstruct(x), recipe, weights)
-    w_fuse = {**RECON_RECIPES[recipe], **(weights or {})}.get("fuse", 0.0)
-    if w_fuse:
-        fuse, fparts = fusion_loss(a, b, model(a, b), "balanced")
-        loss = loss + w_fuse * fuse
+    w = {**RECON_RECIPES[recipe], **(weights or {})}
+    if w.get("fuse"):
+        fuse, fparts = fusion_loss(a, b, model(a, b), "balanced", {"vif": w["fuse_vif"]})
+        loss = loss + w["fuse"] * fuse
         parts = {**parts, "loss": loss.item(), "fuse": fparts["loss"], "surv": fparts["surv"]}
     return loss, parts
 

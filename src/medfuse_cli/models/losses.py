@@ -100,6 +100,35 @@ def qabf(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, eps: float = 1e-6) -
     return num / (ga + gb).reshape(n, -1).sum(1)
 
 
+def vif(ref: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """Pixel-domain VIF per image (N,) of (N, 1, H, W) in [0, 1], differentiable: the conventions of
+    :func:`medfuse_cli.metrics.vif` (0..255 scale, 4 scales, Gaussian n = 2^(5-s)+1, sigma n/5,
+    valid filtering, sigma_n^2 = 2), with its hard cases (flat or anti-correlated windows) as
+    smooth clamps."""
+    sigma_n2, eps = 2.0, 1e-10
+    ref, dist = ref * 255.0, dist * 255.0
+    num = den = ref.new_zeros(ref.shape[0])
+    for scale in range(1, 5):
+        n = 2 ** (5 - scale) + 1
+        ax = torch.arange(n, dtype=ref.dtype, device=ref.device) - (n - 1) / 2
+        g = torch.exp(-(ax**2) / (2 * (n / 5.0) ** 2))
+        g = g / g.sum()
+        blur = lambda z, g=g, n=n: F.conv2d(F.conv2d(z, g.view(1, 1, n, 1)), g.view(1, 1, 1, n))
+        if scale > 1:
+            ref, dist = blur(ref)[..., ::2, ::2], blur(dist)[..., ::2, ::2]
+        if min(ref.shape[-2:]) < n:
+            break
+        mu1, mu2 = blur(ref), blur(dist)
+        s1 = (blur(ref * ref) - mu1 * mu1).clamp_min(0)
+        s2 = (blur(dist * dist) - mu2 * mu2).clamp_min(0)
+        s12 = blur(ref * dist) - mu1 * mu2
+        gain = (s12 / (s1 + eps)).clamp_min(0)
+        sv = (s2 - gain * s12).clamp_min(eps)
+        num = num + torch.log10(1 + gain * gain * s1 / (sv + sigma_n2)).flatten(1).sum(1)
+        den = den + torch.log10(1 + s1 / sigma_n2).flatten(1).sum(1)
+    return num / den.clamp_min(eps)
+
+
 def lncc(x: torch.Tensor, y: torch.Tensor, size: int = 3, eps: float = 1e-5) -> torch.Tensor:
     """Local normalised cross-correlation (squared, box windows of ``size``), mean per image (N,)."""
     nd = x.ndim - 2
@@ -159,6 +188,10 @@ def fusion_loss(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, recipe: str =
             + w["qabf"] * q + w["survive"] * survive)
     parts = {"loss": loss.item(), "ssim": ssim_term.item(), "worst": worst.item(), "tex": texture.item(),
              "int": intensity.item(), "q": q.item(), "surv": survive.item()}
+    if w.get("vif") and f.ndim == 4:  # information fidelity to both sources (VIF sums the two; it can pass 1 each)
+        v = 1 - (vif(a, f) + vif(b, f)).mean() / 2
+        loss = loss + w["vif"] * v
+        parts.update(loss=loss.item(), vif=v.item())
     return loss, parts
 
 
@@ -167,7 +200,8 @@ RECON_RECIPES: dict[str, dict[str, float]] = {
     "recon-grad": {"mse": 1.0, "grad": 0.2, "ssim": 0.0},
     "recon-mse": {"mse": 1.0, "grad": 0.0, "ssim": 0.0},
     # fusion-aware: + the ``balanced`` fusion loss of the pair decoded through the fixed rule
-    "recon-fuse": {"mse": 1.0, "grad": 0.2, "ssim": 0.2, "fuse": 1.0},
+    "recon-fuse": {"mse": 1.0, "grad": 0.2, "ssim": 0.2, "fuse": 1.0, "fuse_vif": 0.0},
+    "recon-fuse-vif": {"mse": 1.0, "grad": 0.2, "ssim": 0.2, "fuse": 1.0, "fuse_vif": 1.0},
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -118,7 +119,7 @@ def test_existing_dask_scheduler_and_worker(tmp_path, cli):
     try:
         time.sleep(2)
         procs.append(subprocess.Popen([str(dask), "worker", address, "--nthreads", "1", "--nworkers", "1",
-                                       "--no-dashboard", "--host", "127.0.0.1"],
+                                       "--no-dashboard", "--host", "127.0.0.1", "--memory-limit", "900M"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         from dask.distributed import Client
 
@@ -135,6 +136,11 @@ def test_existing_dask_scheduler_and_worker(tmp_path, cli):
     for pid in ids:
         assert (tmp_path / "dask" / f"{pid}.png").read_bytes() == (tmp_path / "seq" / f"{pid}.png").read_bytes()
         assert _summary(tmp_path / "dask")[pid]["status"] == "done"
+        # --max-memory auto inside a worker: at most 90% of the worker's own limit, not the machine's
+        limit = json.loads((tmp_path / "dask" / f"{pid}.json").read_text())["memory"]["limit_bytes"]
+        assert limit <= 0.9 * 900 * 2**20
+        seq_limit = json.loads((tmp_path / "seq" / f"{pid}.json").read_text())["memory"]["limit_bytes"]
+        assert seq_limit > limit  # the sequential engine's auto: what the machine has free
 
 
 def test_sigkill_part_way_then_resume(tmp_path, cli):

@@ -235,8 +235,11 @@ def run_case(case: dict[str, str], options: dict[str, Any], fp: str, timeout: fl
 
     Never raises: returns a summary row with ``status`` done / failed / timeout.
     """
+    from .memory import worker_budget
+
     t0 = time.perf_counter()
     row: dict[str, Any] = {"id": case["id"], "fixed": case["fixed"], "moving": case["moving"], "output": case["output"]}
+    options = {**options, "max_memory": worker_budget(options.get("max_memory", "auto"))}
     if timeout:
         payload = json.dumps({"case": case, "options": options, "fp": fp})
         try:
@@ -439,9 +442,12 @@ def _run_dask(todo, options, workers, scheduler, case_timeout, finish) -> None:
         except OSError as exc:
             raise InputNotFoundError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
     else:
+        from .memory import available
+
         n = workers or min(os.cpu_count() or 1, len(todo))
+        # each worker's share of the memory free now (dask's default shares the total)
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=logging.ERROR)
+                               silence_logs=logging.ERROR, memory_limit=available() // n)
         client = Client(cluster)
     try:
         futures = {client.submit(run_case, asdict(c), options, fp, case_timeout, key=f"medfuse-{c.id}-{fp[:16]}",

@@ -76,6 +76,23 @@ def available() -> int:
     return resident() + max(free, 0)
 
 
+def worker_budget(max_memory: str) -> str:
+    """``auto`` inside a dask worker: what is available, but at most 90% of the worker's own memory
+    limit (dask stops a worker at 95% of it), so cases running side by side share the machine
+    instead of each counting on all of it. Any other value, or outside a worker: unchanged."""
+    if str(max_memory).lower() != "auto":
+        return max_memory
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError, AttributeError):
+        return max_memory
+    if not limit:
+        return max_memory
+    return str(max(MIN_LIMIT, min(int(0.9 * limit), available())))
+
+
 def resident() -> int:
     """Resident memory of this process now, bytes."""
     try:

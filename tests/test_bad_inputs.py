@@ -256,6 +256,10 @@ def test_non_utf8_file_names(tmp_path):
     res = _medfuse("fuse", src, PET, "-o", out)
     assert res.returncode == 0, res.stderr
     assert out.is_file() and (tmp_path / f"{raw}_fused.json").is_file()
+    table = tmp_path / f"{raw}_eval.csv"
+    res = _medfuse("eval", "--fixed", src, "--moving", PET, out, "--csv", table, "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert os.fsencode(out.name) in table.read_bytes()  # the name as on disk, not mangled
     res = _medfuse("convert", tmp_path / f"{raw}_missing.nii.gz", "-o", tmp_path / "x.nii.gz")
     assert res.returncode == 3 and res.stderr.count(b"\n") == 1 and res.stderr.startswith(b"medfuse: error: ")
     res = _medfuse("batch", tmp_path / "in", "-o", tmp_path / "batch", "--engine", "sequential", "--quiet")

@@ -158,6 +158,12 @@ def test_train_resumes_bit_for_bit_and_writes_a_card(tmp_path, monkeypatch):
     load_model.cache_clear()
     assert isinstance(load_model("m"), DCFB3D)
     load_model.cache_clear()
+    # a fine-tune of an installed model takes the parent's channels when --widths is not given
+    from medfuse_cli.train import TrainConfig, train
+
+    tuned = train(TrainConfig(**{**common, "widths": [], "slabs": "", "steps": 1, "lr": 0.0, "init": "m",
+                                 "out": str(tmp_path / "ft"), "name": "t"}))
+    assert tuned["architecture"]["widths"] == [4, 8, 16] and tuned["fine_tuned_from"]["name"] == "m"
 
 
 @pytest.mark.gpu

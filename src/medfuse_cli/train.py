@@ -245,6 +245,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
         raise InvalidInputError(f"crop {cfg.crop}: must be a multiple of {8 if volume else 16}")
     if cfg.rule not in RULES:
         raise InvalidInputError(f"unknown DRAN rule {cfg.rule!r}; choose {', '.join(RULES)}")
+    if cfg.init and not cfg.widths and not cfg.init.endswith(".safetensors"):
+        from .models.weights import load_checked
+
+        # an installed parent: its channels unless --widths says otherwise
+        cfg.widths = list(load_checked(cfg.init)[1].get("architecture", {}).get("widths") or [])
     if volume and len(cfg.widths) not in (0, 3):
         raise InvalidInputError(f"widths {cfg.widths}: DCFB-3D takes three (full, 1/2, 1/4 resolution)")
     cfg.recipe = cfg.recipe or DEFAULT_RECIPE[cfg.model]

@@ -142,3 +142,18 @@ def test_differentiable_losses_agree_with_the_eval_metrics_on_real_pairs():
         f_t = t(f).requires_grad_()
         vif(t(a), f_t).sum().backward()
         assert torch.isfinite(f_t.grad).all() and f_t.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("args, lr", [((), 1e-3), (("--init", "adafuse"), 3e-4), (("--init", "adafuse", "--lr", "1e-2"), 1e-2)])
+def test_train_learning_rate_defaults_lower_for_a_fine_tune(args, lr, cli, monkeypatch, tmp_path):
+    import medfuse_cli.train as train_module
+
+    seen = []
+
+    def fake_train(cfg, resume=False, progress=None):
+        seen.append(cfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    res = cli("train", "--model", "adafuse", "--data", tmp_path, "--out", tmp_path / "w", *args)
+    assert res.exit_code == 130 and seen[0].lr == lr

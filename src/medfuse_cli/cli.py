@@ -598,7 +598,7 @@ def train_cmd(
     batch_size: Annotated[int, typer.Option("--batch", min=0, help="Pairs (3D: patches) per step; 0: 8 for 2D networks, 2 for dcfb3d.")] = 0,
     crop: Annotated[int, typer.Option("--crop", min=0, help="Random crop side (2D: multiple of 16, default 128; dcfb3d: 3D patch side, multiple of 8, default 48); 0: the default.")] = 0,
     init: Annotated[str | None, typer.Option("--init", help="Fine-tune: start from this installed model (name) or .safetensors file; the card records it.")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 1e-3,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (AdamW); default 1e-3, or 3e-4 with --init (a fine-tune: larger first steps undo much of the parent's training).", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of weights, batches and augmentation.")] = 0,
     threads: Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads.")] = 2,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 50,
@@ -632,7 +632,7 @@ def train_cmd(
         except ValueError:
             _fail(f"--widths {widths!r}: give whole numbers separated by commas, e.g. 12,24,48", 2)
         cfg = TrainConfig(data=str(data), out=str(out), name=name or model, model=model, task=task, steps=steps,
-                          batch=batch_size, crop=crop, lr=lr, seed=seed, threads=threads,
+                          batch=batch_size, crop=crop, lr=lr if lr is not None else (3e-4 if init else 1e-3), seed=seed, threads=threads,
                           checkpoint_every=checkpoint_every, val_every=val_every, recipe=recipe or "",
                           frequency=not no_frequency, exchange=not no_exchange, gate=gate, init=init or "", rule=rule,
                           channels=channels, depth=depth, deformable=not no_deformable,

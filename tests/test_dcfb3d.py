@@ -133,6 +133,7 @@ def test_slabs_are_runs_of_neighbouring_train_slices_of_one_case():
         for k, i in enumerate(range(first, last + 1)):  # every slice of the run, in order
             np.testing.assert_array_equal(s["a"][k], by_id[f"{i:05d}"]["a"])
             np.testing.assert_array_equal(s["b"][k], by_id[f"{i:05d}"]["b"])
+    assert volumes.slabs(slices, depth=1000) == []
     # group 9 has a gap after slice 30: its run 9-30 is kept, the short rest is not
     assert "mri-spect-09009-09030" in {s["id"] for s in stacks}
     assert sum(len(s["a"]) for s in stacks) < len(slices)
@@ -228,3 +229,17 @@ def test_threads_option_sets_torch_threads(pair):
 def test_bad_widths_is_one_line_exit_2(tmp_path, cli):
     res = cli("train", "--model", "dcfb3d", "--data", tmp_path, "--widths", "12,x,48")
     assert res.exit_code == 2 and "--widths" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, message", [({"model": "adafuse", "crop": 32}, "trains dcfb3d only"),
+                                            ({"slab_depth": 8}, "at least 16"),
+                                            ({"slab_depth": 1000}, "no run of 1000")])
+def test_bad_slab_options_are_one_clear_error(extra, message, tmp_path):
+    from medfuse_cli.errors import InvalidInputError
+    from medfuse_cli.train import TrainConfig, train
+
+    cfg = {"data": str(shared_path("volumes")), "model": "dcfb3d", "task": "mri-pet", "steps": 1, "crop": 24,
+           "slabs": str(shared_path("harvard")), "out": str(tmp_path), **extra}
+    with pytest.raises(InvalidInputError, match=message):
+        train(TrainConfig(**cfg))
+    assert not list(tmp_path.iterdir())

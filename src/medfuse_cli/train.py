@@ -250,6 +250,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
 
         # an installed parent: its channels unless --widths says otherwise
         cfg.widths = list(load_checked(cfg.init)[1].get("architecture", {}).get("widths") or [])
+    if cfg.slabs and not volume:
+        raise InvalidInputError("--slabs trains dcfb3d only (2D networks already train on every slice)")
     if volume and len(cfg.widths) not in (0, 3):
         raise InvalidInputError(f"widths {cfg.widths}: DCFB-3D takes three (full, 1/2, 1/4 resolution)")
     cfg.recipe = cfg.recipe or DEFAULT_RECIPE[cfg.model]
@@ -277,6 +279,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
             if cfg.slab_depth % 8 or cfg.slab_depth < 16:  # the 3D SSIM window is 11 voxels deep
                 raise InvalidInputError(f"slab depth {cfg.slab_depth}: must be a multiple of 8, at least 16")
             slab_pairs = volumes.slabs(load_split(Path(cfg.slabs), "train", cfg.task), cfg.slab_depth)
+            if not slab_pairs:
+                raise InvalidInputError(f"--slabs {cfg.slabs}: no run of {cfg.slab_depth} neighbouring train slices")
             # in-plane side giving about the voxels of a crop^3 patch, a multiple of 8
             side = min(256, int(math.sqrt(cfg.crop**3 / cfg.slab_depth)) // 8 * 8)
             slab_shape = (cfg.slab_depth, side, side)

@@ -97,4 +97,3 @@ def slabs(slices: list[dict], depth: int) -> list[dict]:
             out.append({"id": f"{run[0]['task']}-{run[0]['id']}-{run[-1]['id']}", "task": run[0]["task"],
                         "a": np.stack([p["a"] for p in run]), "b": np.stack([p["b"] for p in run])})
     return out
-

@@ -87,7 +87,7 @@ def test_fine_tune_starts_from_given_weights_and_records_them(tmp_path):
     bad.write_bytes(parent.read_bytes()[:100])
     with pytest.raises(InvalidInputError, match="not a readable safetensors"):
         train(TrainConfig(out=str(tmp_path / "y"), name="m", steps=1, init=str(bad), **common))
-    assert not (tmp_path / "x" / "d.safetensors").exists() and not (tmp_path / "y" / "m.safetensors").exists()
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_survival_term_is_zero_for_pixel_max_and_high_for_a_copy():
@@ -105,14 +105,14 @@ def test_a_gated_fine_tune_starts_as_its_ungated_parent(tmp_path):
     """--gate adds a zero-initialised weight map: F = w A + (1 - w) B + h with w = 1/2 at the start."""
     from safetensors.torch import save_file
 
-    from medfuse_cli.train import _init_from
+    from medfuse_cli.train import _read_parent, _start_from
 
     torch.manual_seed(0)
     parent = AdaFuse(widths=(8, 8, 8, 8))
     torch.nn.init.normal_(parent.head.weight, std=0.05)  # a parent that is not the mean rule
     save_file(parent.state_dict(), str(tmp_path / "p.safetensors"))
     child = AdaFuse(widths=(8, 8, 8, 8), gate=True)
-    _init_from(child, str(tmp_path / "p.safetensors"))
+    _start_from(child, _read_parent(str(tmp_path / "p.safetensors"))[0], "p.safetensors")
     a, b = torch.rand(2, 2, 1, 32, 32)
     t = torch.tensor([0, 2])
     with torch.inference_mode():

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import nibabel as nib
+import pytest
 from conftest import EXAMPLES, shared_path
 
 from medfuse_cli.batch import discover
@@ -238,3 +239,25 @@ def test_two_batches_into_one_folder_do_not_collide(tmp_path, cli):
         assert nib.load(out / f"case{i}.nii.gz").shape == (91, 109, 91)
     res = cli("batch", pairs, "-o", out, "--engine", "sequential")  # the lock went with the first run
     assert res.exit_code == 0 and {r["status"] for r in _summary(out).values()} == {"skipped"}
+
+
+def test_local_cluster_workers_share_the_free_memory(monkeypatch):
+    """Each of N local workers gets 1/N of the memory free now (dask's default: 1/N of the total)."""
+    import dask.distributed
+
+    from medfuse_cli import batch, memory
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_cluster(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(dask.distributed, "LocalCluster", fake_cluster)
+    monkeypatch.setattr(memory, "available", lambda: 8 << 30)
+    with pytest.raises(Stop):
+        batch._run_dask([object()] * 3, {}, 2, None, None, lambda row: None)
+    assert seen["n_workers"] == 2 and seen["memory_limit"] == 4 << 30

@@ -165,6 +165,12 @@ def test_train_resumes_bit_for_bit_and_writes_a_card(tmp_path, monkeypatch):
     tuned = train(TrainConfig(**{**common, "widths": [], "slabs": "", "steps": 1, "lr": 0.0, "init": "m",
                                  "out": str(tmp_path / "ft"), "name": "t"}))
     assert tuned["architecture"]["widths"] == [4, 8, 16] and tuned["fine_tuned_from"]["name"] == "m"
+    # another network's card: one clear error before anything is written
+    from medfuse_cli.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="card is for dcfb3d, not adafuse"):
+        train(TrainConfig(data=str(root), model="adafuse", init="m", out=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.gpu
@@ -233,13 +239,14 @@ def test_bad_widths_is_one_line_exit_2(tmp_path, cli):
 
 @pytest.mark.parametrize("extra, message", [({"model": "adafuse", "crop": 32}, "trains dcfb3d only"),
                                             ({"slab_depth": 8}, "at least 16"),
-                                            ({"slab_depth": 1000}, "no run of 1000")])
+                                            ({"slab_depth": 1000}, "no run of 1000"),
+                                            ({"slabs": "/nonexistent"}, "--slabs /nonexistent: not a folder")])
 def test_bad_slab_options_are_one_clear_error(extra, message, tmp_path):
-    from medfuse_cli.errors import InvalidInputError
+    from medfuse_cli.errors import MedfuseError
     from medfuse_cli.train import TrainConfig, train
 
     cfg = {"data": str(shared_path("volumes")), "model": "dcfb3d", "task": "mri-pet", "steps": 1, "crop": 24,
-           "slabs": str(shared_path("harvard")), "out": str(tmp_path), **extra}
-    with pytest.raises(InvalidInputError, match=message):
+           "slabs": str(shared_path("harvard")), "out": str(tmp_path / "out"), **extra}
+    with pytest.raises(MedfuseError, match=message):
         train(TrainConfig(**cfg))
-    assert not list(tmp_path.iterdir())
+    assert not (tmp_path / "out").exists()

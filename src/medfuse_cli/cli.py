@@ -632,7 +632,7 @@ def train_cmd(
         except ValueError:
             _fail(f"--widths {widths!r}: give whole numbers separated by commas, e.g. 12,24,48", 2)
         cfg = TrainConfig(data=str(data), out=str(out), name=name or model, model=model, task=task, steps=steps,
-                          batch=batch_size, crop=crop, lr=lr if lr is not None else (3e-4 if init else 1e-3), seed=seed, threads=threads,
+                          batch=batch_size, crop=crop, lr=lr, seed=seed, threads=threads,
                           checkpoint_every=checkpoint_every, val_every=val_every, recipe=recipe or "",
                           frequency=not no_frequency, exchange=not no_exchange, gate=gate, init=init or "", rule=rule,
                           channels=channels, depth=depth, deformable=not no_deformable,

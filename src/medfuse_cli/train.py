@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import InvalidInputError
+from .errors import InputNotFoundError, InvalidInputError
 from .models.adafuse import TASKS, AdaFuse
 from .models.dcfb3d import DCFB3D
 from .models.dran import DRAN
@@ -51,7 +51,7 @@ class TrainConfig:
     steps: int = 2000
     batch: int = 0  # 0: the model's default (DEFAULT_BATCH)
     crop: int = 0  # 0: the model's default (DEFAULT_CROP)
-    lr: float = 1e-3
+    lr: float | None = None  # None: 1e-3, or 3e-4 for a fine-tune (--init), whose larger first steps undo the parent
     seed: int = 0
     threads: int = 2
     checkpoint_every: int = 50
@@ -71,6 +71,10 @@ class TrainConfig:
     baselines: bool = True  # score the classic rules on the same val pairs for the model card
     init: str = ""  # fine-tune: start from this installed model (name in the weights folder) or .safetensors file
     loss_weights: dict[str, float] = field(default_factory=dict)  # override the recipe's term weights
+
+    def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = 3e-4 if self.init else 1e-3
 
 
 def load_split(data: Path, split: str, task: str) -> list[dict[str, Any]]:
@@ -245,11 +249,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
         raise InvalidInputError(f"crop {cfg.crop}: must be a multiple of {8 if volume else 16}")
     if cfg.rule not in RULES:
         raise InvalidInputError(f"unknown DRAN rule {cfg.rule!r}; choose {', '.join(RULES)}")
-    if cfg.init and not cfg.widths and not cfg.init.endswith(".safetensors"):
-        from .models.weights import load_checked
-
-        # an installed parent: its channels unless --widths says otherwise
-        cfg.widths = list(load_checked(cfg.init)[1].get("architecture", {}).get("widths") or [])
+    parent_state, parent, parent_card = _read_parent(cfg.init) if cfg.init else ({}, None, None)
+    if parent_card is not None:  # an installed parent: the same network, its channels unless --widths says otherwise
+        if parent_card.get("model") != cfg.model:
+            raise InvalidInputError(f"--init {cfg.init}: its card is for {parent_card.get('model')}, not {cfg.model}")
+        cfg.widths = cfg.widths or list(parent_card.get("architecture", {}).get("widths") or [])
     if cfg.slabs and not volume:
         raise InvalidInputError("--slabs trains dcfb3d only (2D networks already train on every slice)")
     if volume and len(cfg.widths) not in (0, 3):
@@ -261,7 +265,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     data, out = Path(cfg.data), Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = out / f"{cfg.name}.checkpoint.safetensors"
     slab_pairs: list[dict] = []
     if volume:
@@ -278,6 +281,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
         if cfg.slabs:
             if cfg.slab_depth % 8 or cfg.slab_depth < 16:  # the 3D SSIM window is 11 voxels deep
                 raise InvalidInputError(f"slab depth {cfg.slab_depth}: must be a multiple of 8, at least 16")
+            if not Path(cfg.slabs).is_dir():
+                raise InputNotFoundError(f"--slabs {cfg.slabs}: not a folder")
             slab_pairs = volumes.slabs(load_split(Path(cfg.slabs), "train", cfg.task), cfg.slab_depth)
             if not slab_pairs:
                 raise InvalidInputError(f"--slabs {cfg.slabs}: no run of {cfg.slab_depth} neighbouring train slices")
@@ -290,7 +295,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
     if cfg.val_limit:
         val_pairs = val_pairs[: cfg.val_limit]
     model = build_model(cfg.model, asdict(cfg))
-    parent = _init_from(model, cfg.init) if cfg.init else None
+    if cfg.init:
+        _start_from(model, parent_state, cfg.init)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, elapsed = 0, 0.0
@@ -348,27 +355,31 @@ def dran_loss(model: DRAN, a: torch.Tensor, b: torch.Tensor, recipe: str = "reco
     return loss, parts
 
 
-def _init_from(model: AdaFuse | DRAN | DCFB3D, init: str) -> dict[str, Any]:
-    """Load the starting weights of a fine-tune; returns what the card records of the parent."""
+def _read_parent(init: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
+    """The starting weights of a fine-tune (an installed model's name or a .safetensors file), what
+    the new card records of the parent, and the parent's own card (None for a bare file)."""
     from .models.weights import load_checked, sha256
 
     path = Path(init)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        if not path.is_file():
-            raise InvalidInputError(f"--init {init}: no such file")
-        try:
-            state = load_file(str(path))
-        except SafetensorError as exc:
-            raise InvalidInputError(f"--init {init}: not a readable safetensors file ({exc})") from None
-        parent = {"weights": path.name, "sha256": sha256(path)}
-    else:
+    if path.suffix != ".safetensors":
         state, card = load_checked(init)
-        parent = {"name": card["name"], "weights": card["weights"], "sha256": card["sha256"],
-                  "training_seconds": card.get("training_seconds")}
-    # layers that start at zero (AdaFuse's gate) may be absent: the fine-tune starts as the parent
+        return state, {"name": card["name"], "weights": card["weights"], "sha256": card["sha256"],
+                       "training_seconds": card.get("training_seconds")}, card
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InvalidInputError(f"--init {init}: no such file")
+    try:
+        state = load_file(str(path))
+    except SafetensorError as exc:
+        raise InvalidInputError(f"--init {init}: not a readable safetensors file ({exc})") from None
+    return state, {"weights": path.name, "sha256": sha256(path)}, None
+
+
+def _start_from(model: AdaFuse | DRAN | DCFB3D, state: dict[str, torch.Tensor], init: str) -> None:
+    """Load a parent's weights; layers that start at zero (AdaFuse's gate) may be absent, so the
+    fine-tune starts exactly as its parent."""
     fresh = {k for k, v in model.state_dict().items() if k.startswith("gate.") and not v.any()}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -376,7 +387,6 @@ def _init_from(model: AdaFuse | DRAN | DCFB3D, init: str) -> dict[str, Any]:
             raise RuntimeError(f"missing {sorted(set(missing) - fresh)[:3]}, unexpected {sorted(unexpected)[:3]}")
     except RuntimeError as exc:
         raise InvalidInputError(f"--init {init}: its weights do not fit this architecture ({str(exc).splitlines()[0]})") from None
-    return parent
 
 
 def finish(model: AdaFuse | DRAN | DCFB3D, cfg: TrainConfig, val_pairs, train_pairs, seconds: float, history,

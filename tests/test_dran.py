@@ -99,3 +99,13 @@ def test_fusion_aware_steps_lower_the_fusion_loss_through_the_sfnn_rule():
     assert np.mean(losses[-3:]) < losses[0] - 0.1, losses
     _, plain = dran_loss(model, a, b, "recon")
     assert "fuse" not in plain
+    # recon-fuse-vif adds 1 - mean VIF (sources' VIF summed, halved) to the fusion loss
+    from medfuse_cli.models.losses import vif
+
+    _, with_vif = dran_loss(model, a, b, "recon-fuse-vif")
+    with torch.no_grad():
+        f = model(a, b)
+        expected = 1 - float((vif(a, f) + vif(b, f)).mean()) / 2
+    assert with_vif["vif"] == pytest.approx(expected, rel=1e-5)
+    _, without = dran_loss(model, a, b, "recon-fuse")
+    assert with_vif["fuse"] == pytest.approx(without["fuse"] + expected, rel=1e-5)

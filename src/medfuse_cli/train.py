@@ -351,7 +351,8 @@ def dran_loss(model: DRAN, a: torch.Tensor, b: torch.Tensor, recipe: str = "reco
     if w.get("fuse"):
         fuse, fparts = fusion_loss(a, b, model(a, b), "balanced", {"vif": w["fuse_vif"]})
         loss = loss + w["fuse"] * fuse
-        parts = {**parts, "loss": loss.item(), "fuse": fparts["loss"], "surv": fparts["surv"]}
+        parts = {**parts, "loss": loss.item(), **{k: fparts[k] for k in ("surv", "vif") if k in fparts},
+                 "fuse": fparts["loss"]}
     return loss, parts
 
 

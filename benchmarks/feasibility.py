@@ -1,0 +1,128 @@
+"""Can any image meet targets (1)-(3) of PEERS.md on a val pair? Ask the pixels directly.
+
+For every val pair of the chosen modality pairs, start from a method's output (AdaFuse by default)
+and optimise the fused image F itself (no network; the change to F is a sum of four scales, full to
+1/8, so Adam moves regions as well as pixels) to raise the differentiable Qabf of
+``models/losses.py`` while hinges (weight 50) hold, on that pair:
+
+- (1) both sources survive: min(SSIM(MRI,F), SSIM(other,F)) >= that of pixel max + ``--margin``;
+- (2) mean SSIM >= the best classic rule's on that pair + ``--margin``;
+- optional ``--vif``: VIF(MRI,F) + VIF(other,F) >= ``--vif`` (the VIF clause of the DRAN issue).
+
+Per-pair constraints are stricter than the targets (which are means over pairs). The result is
+scored with ``medfuse eval``'s metrics on F rounded to 0..255, as a fused PNG would be. Gradient
+ascent finds a good image, not the best one, so its Qabf is a lower bound on what any method can
+reach under (1) and (2): how far a network may still climb, and, when the bound sits near the target,
+how close to that ceiling a network must come. Needs ../shared/data.
+
+    python benchmarks/feasibility.py --groups mri-pet,mri-spect
+    python benchmarks/feasibility.py --groups mri-ct --init dran --vif 0.67
+    python benchmarks/feasibility.py --volumes --init dcfb3d --steps 600    # held-out volumes, 3D
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from harvard_methods import HARVARD
+from volumes_heldout import MODALITY, VOLUMES
+
+from medfuse_cli.evaluate import find_cases, metric_array
+from medfuse_cli.io import read_image
+from medfuse_cli.metrics import compute
+from medfuse_cli.models import losses
+from medfuse_cli.pipeline import FuseOptions, fuse_images
+
+RULES = ("mean", "max", "laplacian", "wavelet", "gff")
+
+
+def _pairs(volumes: bool, groups: list[str], every: int):
+    """(group, id, fixed, moving, fuse options) of the val pairs or of the held-out volume pairs."""
+    if volumes:
+        from medfuse_cli.volumes import pairs
+
+        for p in pairs(VOLUMES, "held-out"):
+            opts = {"transform": "none", "moving_modality": MODALITY[p.task]}
+            yield p.task, p.id, read_image(p.fixed), read_image(p.moving), opts
+        return
+    cases, _ = find_cases(HARVARD, [], "val")
+    for group in groups:
+        for case in [c for c in cases if c.group == group][::every]:
+            yield group, case.id, read_image(case.fixed), read_image(case.moving), {}
+
+
+def _fuse(fixed, moving, method: str, opts: dict) -> tuple[np.ndarray, np.ndarray]:
+    fused, moved, _, _ = fuse_images(fixed, moving, FuseOptions(method=method, metrics=False, **opts))
+    return metric_array(fused), metric_array(moved)
+
+
+def optimise(a: np.ndarray, b: np.ndarray, f0: np.ndarray, worst_min: float, ssim_min: float,
+             vif_min: float | None, steps: int, lr: float) -> np.ndarray:
+    """Maximise Qabf(F) under the hinges, F in [0, 1] (images given 0..255)."""
+    ta, tb = (torch.tensor(x / 255.0, dtype=torch.float32)[None, None] for x in (a, b))
+    base = torch.tensor(f0 / 255.0, dtype=torch.float32)[None, None]
+    size = base.shape[2:]
+    # the change to F as a sum of 4 scales (full, 1/2, 1/4, 1/8): Adam then moves regions, not only pixels
+    levels = [torch.zeros(1, 1, *(-(-n // 2**k) for n in size), requires_grad=True) for k in range(4)]
+    opt = torch.optim.Adam(levels, lr=lr)
+    mode = "bilinear" if len(size) == 2 else "trilinear"
+    up = lambda d: torch.nn.functional.interpolate(d, size=size, mode=mode, align_corners=False)
+    for _ in range(steps):
+        f = (base + sum(up(d) for d in levels)).clamp(0, 1)
+        sa, sb = losses.ssim(f, ta)[0], losses.ssim(f, tb)[0]
+        loss = -losses.qabf(ta, tb, f)[0]
+        loss = loss + 50 * torch.relu(worst_min - torch.minimum(sa, sb)) + 50 * torch.relu(ssim_min - (sa + sb) / 2)
+        if vif_min is not None:
+            v = losses.vif(ta, f)[0] + losses.vif(tb, f)[0]
+            loss = loss + 50 * torch.relu(vif_min - v)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    f = (base + sum(up(d) for d in levels)).clamp(0, 1)
+    return np.round(f.detach()[0, 0].numpy() * 255.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--groups", default="mri-ct,mri-pet,mri-spect")
+    parser.add_argument("--init", default="adafuse", help="method whose output F starts from")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--lr", type=float, default=0.001)
+    parser.add_argument("--margin", type=float, default=0.005)
+    parser.add_argument("--vif", type=float, default=None, help="also require VIF >= this on each pair")
+    parser.add_argument("--every", type=int, default=1, help="use every N-th val pair")
+    parser.add_argument("--volumes", action="store_true", help="the held-out volume pairs (3D) instead")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    rows: dict[str, list[dict]] = {}
+    for group, pid, fixed, moving, opts in _pairs(args.volumes, args.groups.split(","), args.every):
+        if args.volumes:
+            group = pid
+        outs = {rule: _fuse(fixed, moving, rule, opts) for rule in RULES}
+        a, b = metric_array(fixed), outs["max"][1]
+        scores = {rule: compute(a, b, f) for rule, (f, _) in outs.items()}
+        worst_min = scores["max"]["SSIM_worst"] + args.margin
+        ssim_min = max(s["SSIM"] for s in scores.values()) + args.margin
+        f0 = _fuse(fixed, moving, args.init, opts)[0]
+        f = optimise(a, b, f0, worst_min, ssim_min, args.vif, args.steps, args.lr)
+        rows.setdefault(group, []).append({**scores, "start": compute(a, b, f0), "free": compute(a, b, f)})
+        print(f"{pid}: Qabf {rows[group][-1]['start']['Qabf']:.3f} -> {rows[group][-1]['free']['Qabf']:.3f}",
+              flush=True)
+    keys = ("SSIM", "SSIM_A", "SSIM_B", "SSIM_worst", "Qabf", "VIF", "MI")
+    print(f"\n{sum(map(len, rows.values()))} pairs, {args.steps} steps from {args.init}, "
+          f"margin {args.margin}, VIF >= {args.vif}, {time.perf_counter() - t0:.0f} s\n")
+    print("| pair | image | n | " + " | ".join(keys) + " |")
+    print("|---|---|--:|" + "--:|" * len(keys))
+    for group, rs in rows.items():
+        for name in (*RULES, "start", "free"):
+            label = {"start": args.init, "free": "free image (optimised)"}.get(name, name)
+            means = [np.mean([r[name][k] for r in rs]) for k in keys]
+            print(f"| {group} | {label} | {len(rs)} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+
+
+if __name__ == "__main__":
+    main()

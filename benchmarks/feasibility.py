@@ -11,9 +11,10 @@ and optimise the fused image F itself (no network; the change to F is a sum of f
 
 Per-pair constraints are stricter than the targets (which are means over pairs). The result is
 scored with ``medfuse eval``'s metrics on F rounded to 0..255, as a fused PNG would be. Gradient
-ascent finds a good image, not the best one, so its Qabf is a lower bound on what any method can
-reach under (1) and (2): how far a network may still climb, and, when the bound sits near the target,
-how close to that ceiling a network must come. Needs ../shared/data.
+ascent finds a good image, not the best one, so its Qabf is a lower bound on the best Qabf any image
+can have under (1) and (2): how far a network may still climb and, when the bound sits near the
+target, how close to that ceiling a network must come. (The per-pair best rule's SSIM, averaged,
+is above every peer network's mean SSIM in PEERS.md, so (2) covers them too.) Needs ../shared/data.
 
     python benchmarks/feasibility.py --groups mri-pet,mri-spect
     python benchmarks/feasibility.py --groups mri-ct --init dran --vif 0.67

@@ -17,7 +17,7 @@ target, how close to that ceiling a network must come. (The per-pair best rule's
 is above every peer network's mean SSIM in PEERS.md, so (2) covers them too.) Needs ../shared/data.
 
     python benchmarks/feasibility.py --groups mri-pet,mri-spect
-    python benchmarks/feasibility.py --groups mri-ct --init dran --vif 0.67
+    python benchmarks/feasibility.py --groups mri-ct --every 3 --steps 1000 --vif 0.674
     python benchmarks/feasibility.py --volumes --init dcfb3d --steps 600    # held-out volumes, 3D
 """
 
@@ -32,12 +32,13 @@ from harvard_methods import HARVARD
 from volumes_heldout import MODALITY, VOLUMES
 
 from medfuse_cli.evaluate import find_cases, metric_array
+from medfuse_cli.fusion import CLASSIC_RULES
 from medfuse_cli.io import read_image
 from medfuse_cli.metrics import compute
 from medfuse_cli.models import losses
 from medfuse_cli.pipeline import FuseOptions, fuse_images
 
-RULES = ("mean", "max", "laplacian", "wavelet", "gff")
+RULES = list(CLASSIC_RULES)
 
 
 def _pairs(volumes: bool, groups: list[str], every: int):

@@ -166,3 +166,25 @@ def test_auto_says_when_it_picks_cuda(monkeypatch, caplog):
     assert "using CUDA device 0 (Simulated GPU), float16" in caplog.text
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert str(infer.pick_device("auto")) == "cpu"
+
+
+@pytest.mark.parametrize("network", SLICE_NETWORKS)
+def test_shipped_networks_keep_both_sources_on_val_pairs(network):
+    """Target (1) of PEERS.md on every 3rd val pair per modality pair: the worse of SSIM(MRI,F) and
+    SSIM(other,F) is, on average, no lower than pixel max's (0.02 slack for the subset). A network
+    that copies one source (DRAN with its per-image sfnn rule: CT 0.46 vs 0.66) fails."""
+    from medfuse_cli.metrics import ssim
+    from medfuse_cli.train import load_split
+
+    pairs = load_split(shared_path("harvard"), "val", "all")
+    for task in ("mri-ct", "mri-pet", "mri-spect"):
+        subset = [p for p in pairs if p["task"] == task][::3]
+        _shipped(network, task)  # skips when not installed
+        model = load_model(model_name(network, task))
+        worst = {"net": [], "max": []}
+        for p in subset:
+            a, b = p["a"] * 255.0, p["b"] * 255.0
+            fused = fuse_stack(model, p["a"][None], p["b"][None], task)[0] * 255.0
+            for key, f in (("net", fused), ("max", np.maximum(a, b))):
+                worst[key].append(min(ssim(a, f), ssim(b, f)))
+        assert np.mean(worst["net"]) >= np.mean(worst["max"]) - 0.02, (task, np.mean(worst["net"]), np.mean(worst["max"]))

@@ -144,6 +144,21 @@ def test_differentiable_losses_agree_with_the_eval_metrics_on_real_pairs():
         assert torch.isfinite(f_t.grad).all() and f_t.grad.abs().sum() > 0
 
 
+def test_the_loss_sees_a_crop_s_edges_as_the_whole_image_has_them():
+    """A crop has no false edge at its border: its Sobel responses are the whole image's, cut out
+    (with zero padding, the ring around a 48^3 patch carried 40% of Qabf's edge weight)."""
+    from medfuse_cli.models.losses import sobel
+
+    p = load_split(shared_path("harvard"), "val", "mri-pet")[0]
+    whole = torch.from_numpy(p["a"])[None, None]
+    crop = whole[..., 100:164, 90:154]  # inside the head: the crop's border cuts through tissue
+    assert crop.std() > 0.05
+    for part, full in zip(sobel(crop), sobel(whole)):
+        torch.testing.assert_close(part, full[..., 100:162, 90:152])
+    flat = torch.full((1, 1, 8, 16, 16), 0.6)
+    assert all(s.abs().max() == 0 for s in sobel(flat))  # volumes: every axial slice, no border ring
+
+
 @pytest.mark.parametrize("args, lr", [((), 1e-3), (("--init", "adafuse"), 3e-4), (("--init", "adafuse", "--lr", "1e-2"), 1e-2)])
 def test_train_learning_rate_defaults_lower_for_a_fine_tune(args, lr, cli, monkeypatch, tmp_path):
     import medfuse_cli.train as train_module

@@ -605,6 +605,7 @@ def train_cmd(
     val_every: Annotated[int, typer.Option("--val-every", min=0, help="Steps between validations (0: only at the end).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/NAME.checkpoint.safetensors.")] = False,
     recipe: Annotated[str | None, typer.Option("--recipe", help="Loss. AdaFuse and dcfb3d: balanced (default; SSIM to each source + worst source + survival against pixel max + texture + intensity + Qabf), medfuse (no survival term), asfe (AdaFuse authors' successor recipe, 2D only), dc2fusion (DCFB-3D's official LNCC + SSIM + L1, MRI weighted 2:1) or constrained (Qabf, with the batch's mean SSIM and worst-source SSIM held above the mean / max rules' as hinges). DRAN: recon (default; MSE + Sobel + SSIM), recon-grad, recon-mse, recon-fuse (recon + the balanced loss of the pair fused through the card's rule), recon-fuse-vif (and a VIF term).", show_default=False)] = None,
+    loss_weight: Annotated[list[str] | None, typer.Option("--loss-weight", help="Override one weight of the recipe, KEY=VALUE (repeatable), e.g. margin=0.01 or qabf=6; the card records it.", show_default=False)] = None,
     rule: Annotated[str, typer.Option("--rule", help="DRAN fusion rule stored in the card: sfnn (softmax + nuclear norm), l1 or mean.")] = "sfnn",
     channels: Annotated[int, typer.Option("--channels", min=4, help="DRAN feature channels.")] = 32,
     no_frequency: Annotated[bool, typer.Option("--no-frequency", help="Ablation: drop the Fourier branch.")] = False,
@@ -631,13 +632,20 @@ def train_cmd(
             width_list = [int(w) for w in widths.split(",")] if widths else []
         except ValueError:
             _fail(f"--widths {widths!r}: give whole numbers separated by commas, e.g. 12,24,48", 2)
+        weights_over: dict[str, float] = {}
+        for item in loss_weight or []:
+            key, _, value = item.partition("=")
+            try:
+                weights_over[key.strip()] = float(value)
+            except ValueError:
+                _fail(f"--loss-weight {item!r}: give KEY=NUMBER, e.g. margin=0.01", 2)
         cfg = TrainConfig(data=str(data), out=str(out), name=name or model, model=model, task=task, steps=steps,
                           batch=batch_size, crop=crop, lr=lr, seed=seed, threads=threads,
                           checkpoint_every=checkpoint_every, val_every=val_every, recipe=recipe or "",
                           frequency=not no_frequency, exchange=not no_exchange, gate=gate, init=init or "", rule=rule,
                           channels=channels, depth=depth, deformable=not no_deformable,
                           slabs=str(slabs) if slabs else "", slab_depth=slab_depth,
-                          widths=width_list)
+                          widths=width_list, loss_weights=weights_over)
         card = _train_with_progress(quiet, steps, lambda cb: train(cfg, resume=resume, progress=cb))
         if not quiet:
             typer.echo(f"wrote {out / card['weights']} ({card['parameters']:,} parameters, "

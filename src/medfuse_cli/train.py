@@ -262,6 +262,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
     recipes = RECON_RECIPES if cfg.model == "dran" else [r for r in RECIPES if not (volume and r == "asfe")]
     if cfg.recipe not in recipes:
         raise InvalidInputError(f"recipe {cfg.recipe!r} does not train {cfg.model}; choose {', '.join(recipes)}")
+    terms = set((RECON_RECIPES if cfg.model == "dran" else RECIPES)[cfg.recipe])
+    terms |= {"vif"} if cfg.recipe in ("balanced", "medfuse") else set()
+    if set(cfg.loss_weights) - terms:
+        raise InvalidInputError(f"loss weight {sorted(set(cfg.loss_weights) - terms)[0]!r}: recipe {cfg.recipe} has "
+                                f"{', '.join(sorted(terms)) or 'no weights to change'}")
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     data, out = Path(cfg.data), Path(cfg.out)
@@ -320,7 +325,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
         if cfg.model == "dran":
             loss, parts = dran_loss(model, a, b, cfg.recipe, cfg.loss_weights)
         else:
-            loss, parts = fusion_loss(a, b, model(a, b, t), cfg.recipe, cfg.loss_weights)
+            loss, parts = fusion_loss(a, b, model(a, b, t), cfg.recipe, cfg.loss_weights, groups=t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -156,8 +156,10 @@ RECIPES: dict[str, dict[str, float]] = {
 
 
 def fusion_loss(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, recipe: str = "medfuse",
-                weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The training loss and its parts (for the progress bar); ``weights`` override the recipe's."""
+                weights: dict[str, float] | None = None,
+                groups: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss and its parts (for the progress bar); ``weights`` override the recipe's;
+    ``groups`` (N,) the task of each crop (``constrained`` holds its floors per task)."""
     if recipe == "dc2fusion":  # METHODS.md A.2.3: LNCC + SSIM + L1 to each source, MRI weighted 2 : 1
         w = {**RECIPES[recipe], **(weights or {})}
         terms = [(1 - lncc(f, s)) + (1 - ssim(f, s)) + (f - s).abs().flatten(1).mean(1) for s in (a, b)]
@@ -176,7 +178,7 @@ def fusion_loss(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, recipe: str =
         loss = 0.5 * content + 0.5 * torch.log1p(struct) + s
         return loss, {"loss": loss.item(), "ssim": s.item()}
     if recipe == "constrained":
-        return constrained_loss(a, b, f, {**RECIPES[recipe], **(weights or {})})
+        return constrained_loss(a, b, f, {**RECIPES[recipe], **(weights or {})}, groups)
     sa, sb = ssim(f, a), ssim(f, b)
     ssim_term = (2 - sa - sb).mean() / 2
     worst = torch.maximum(1 - sa, 1 - sb).mean()
@@ -202,13 +204,14 @@ def fusion_loss(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, recipe: str =
     return loss, parts
 
 
-def constrained_loss(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor,
-                     w: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+def constrained_loss(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, w: dict[str, float],
+                     groups: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Qabf under the targets as hinges: the worse source's SSIM at least pixel max's, and mean SSIM
     at least the better of the mean and max rules' (each + ``margin``). The objective of
     ``benchmarks/feasibility.py``, learned: above the floors only Qabf pulls. The targets are means
-    over a whole image, so the floors hold for the batch's mean, not for every crop (per-crop
-    floors pulled every crop toward the mean rule and cost Qabf on the held-out volumes)."""
+    per task over whole images, so the floors hold for the mean of each task's crops in the batch,
+    not for every crop (per-crop floors pulled every crop toward the mean rule and cost Qabf on the
+    held-out volumes) nor for the whole batch (one task's worse source then paid for another's)."""
     sa, sb = ssim(f, a), ssim(f, b)
     with torch.no_grad():
         pix_max, pix_mean = torch.maximum(a, b), (a + b) / 2
@@ -216,8 +219,10 @@ def constrained_loss(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor,
         worst_floor = torch.minimum(xa, xb) + w["margin"]
         ssim_floor = torch.maximum((xa + xb) / 2, (ssim(pix_mean, a) + ssim(pix_mean, b)) / 2) + w["margin"]
     q = 1 - qabf(a, b, f).mean()
-    worst = F.relu((worst_floor - torch.minimum(sa, sb)).mean())
-    mean = F.relu((ssim_floor - (sa + sb) / 2).mean())
+    groups = torch.zeros_like(sa, dtype=torch.long) if groups is None else groups
+    pooled = lambda gap: sum(F.relu(gap[groups == g].mean()) for g in groups.unique()) / len(groups.unique())
+    worst = pooled(worst_floor - torch.minimum(sa, sb))
+    mean = pooled(ssim_floor - (sa + sb) / 2)
     loss = w["qabf"] * q + w["hinge"] * (worst + mean)
     return loss, {"loss": loss.item(), "q": q.item(), "worst": worst.item(), "ssim": mean.item()}
 

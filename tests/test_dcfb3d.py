@@ -165,8 +165,13 @@ def test_train_resumes_bit_for_bit_and_writes_a_card(tmp_path, monkeypatch):
     from medfuse_cli.train import TrainConfig, train
 
     tuned = train(TrainConfig(**{**common, "widths": [], "slabs": "", "steps": 1, "lr": 0.0, "init": "m",
-                                 "out": str(tmp_path / "ft"), "name": "t"}))
+                                 "out": str(tmp_path / "a"), "name": "t"}))
     assert tuned["architecture"]["widths"] == [4, 8, 16] and tuned["fine_tuned_from"]["name"] == "m"
+    # a fine-tune of a fine-tune: the card's total is the whole chain's training time
+    again = train(TrainConfig(**{**common, "widths": [], "slabs": "", "steps": 1, "lr": 0.0, "init": "t",
+                                 "out": str(tmp_path / "ft"), "name": "u", "baselines": False}))
+    chain = full["training_seconds"] + tuned["training_seconds"] + again["training_seconds"]
+    assert again["total_training_seconds"] == pytest.approx(chain, abs=0.2)
     # another network's card: one clear error before anything is written
     from medfuse_cli.errors import InvalidInputError
 
@@ -261,7 +266,7 @@ def test_constrained_loss_is_qabf_above_the_target_floors(pair):
     pix_max = torch.maximum(a, b)
     _, copy = fusion_loss(a, b, a.clone(), "constrained")
     assert copy["worst"] > 0.05  # a copy of the MRI loses the PET: the survival floor pulls
-    _, at_max = fusion_loss(a, b, pix_max, "constrained", {"margin": 0.0})
+    _, at_max = fusion_loss(a, b, pix_max, "constrained", {"worst_margin": 0.0})
     assert at_max["worst"] == 0.0  # pixel max is its own floor
     assert at_max["q"] == pytest.approx(1 - qabf(a, b, pix_max).item(), abs=1e-6)
     # optimising a free image from the mean: the loss falls and Qabf rises
@@ -275,3 +280,27 @@ def test_constrained_loss_is_qabf_above_the_target_floors(pair):
         loss.backward()
         opt.step()
     assert parts["loss"] < first["loss"] - 0.02 and parts["q"] < first["q"]
+
+
+def test_constrained_floors_hold_per_task_not_across_the_batch(pair):
+    a, b = (torch.from_numpy(x[30:62, 40:72, 30:62].copy())[None, None] for x in pair)
+    mean = (a + b) / 2
+    _, copy = fusion_loss(a, b, a.clone(), "constrained")  # the MRI copy's shortfall on its own
+    _, at_mean = fusion_loss(a, b, mean, "constrained")
+    assert copy["worst"] > 0.05 and at_mean["worst"] == 0.0  # the mean keeps both sources, above the floor
+    a2, b2, f2 = torch.cat([a, a]), torch.cat([b, b]), torch.cat([a, mean])
+    _, one_task = fusion_loss(a2, b2, f2, "constrained", groups=torch.tensor([0, 0]))
+    _, two_tasks = fusion_loss(a2, b2, f2, "constrained", groups=torch.tensor([0, 2]))
+    # one task: the mean's surplus pays for the copy's shortfall; two tasks: it cannot
+    assert one_task["worst"] < two_tasks["worst"]
+    assert two_tasks["worst"] == pytest.approx(copy["worst"] / 2, rel=1e-5)
+
+
+def test_loss_weight_option_is_checked(tmp_path, cli):
+    bad = cli("train", "--model", "dcfb3d", "--data", str(tmp_path), "--recipe", "constrained",
+              "--loss-weight", "margin=lots", "--out", str(tmp_path / "w"))
+    assert bad.exit_code == 2 and "KEY=NUMBER" in bad.stderr and not (tmp_path / "w").exists()
+    unknown = cli("train", "--model", "dcfb3d", "--data", str(shared_path("volumes")), "--recipe", "constrained",
+                  "--loss-weight", "texture=2", "--out", str(tmp_path / "w"))
+    assert unknown.exit_code == 4 and "'texture': recipe constrained has hinge, margin, qabf, worst_margin" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1 and not (tmp_path / "w").exists()

@@ -265,7 +265,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
     terms = set((RECON_RECIPES if cfg.model == "dran" else RECIPES)[cfg.recipe])
     terms |= {"vif"} if cfg.recipe in ("balanced", "medfuse") else set()
     if set(cfg.loss_weights) - terms:
-        raise InvalidInputError(f"loss weight {sorted(set(cfg.loss_weights) - terms)[0]!r}: recipe {cfg.recipe} has "
+        raise InvalidInputError(f"loss weight {min(set(cfg.loss_weights) - terms)!r}: recipe {cfg.recipe} has "
                                 f"{', '.join(sorted(terms)) or 'no weights to change'}")
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -370,7 +370,8 @@ def _read_parent(init: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], di
     if path.suffix != ".safetensors":
         state, card = load_checked(init)
         return state, {"name": card["name"], "weights": card["weights"], "sha256": card["sha256"],
-                       "training_seconds": card.get("training_seconds")}, card
+                       "training_seconds": card.get("training_seconds"),
+                       "total_training_seconds": card.get("total_training_seconds", card.get("training_seconds"))}, card
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -428,7 +429,9 @@ def finish(model: AdaFuse | DRAN | DCFB3D, cfg: TrainConfig, val_pairs, train_pa
         "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "name")},
         "training_seconds": round(seconds, 1),
         "fine_tuned_from": parent,
-        "total_training_seconds": round(seconds + ((parent or {}).get("training_seconds") or 0), 1),
+        # the whole chain: a parent that was itself a fine-tune brings its own parents' time
+        "total_training_seconds": round(seconds + ((parent or {}).get("total_training_seconds")
+                                                   or (parent or {}).get("training_seconds") or 0), 1),
         "validation": validate(model, val_pairs, by="id" if volume else "task"),
         "classic_rules_on_val": classic_baselines(val_pairs, by="id" if volume else "task") if cfg.baselines else None,
         "history": history,

@@ -151,7 +151,7 @@ RECIPES: dict[str, dict[str, float]] = {
                  "margin": 0.02},
     "asfe": {},
     "dc2fusion": {"mri": 2.0, "other": 1.0},
-    "constrained": {"qabf": 1.0, "hinge": 20.0, "margin": 0.005},
+    "constrained": {"qabf": 1.0, "hinge": 20.0, "margin": 0.005, "worst_margin": 0.005},
 }
 
 
@@ -207,7 +207,7 @@ def fusion_loss(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, recipe: str =
 def constrained_loss(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, w: dict[str, float],
                      groups: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Qabf under the targets as hinges: the worse source's SSIM at least pixel max's, and mean SSIM
-    at least the better of the mean and max rules' (each + ``margin``). The objective of
+    at least the better of the mean and max rules' (+ ``worst_margin``, + ``margin``). The objective of
     ``benchmarks/feasibility.py``, learned: above the floors only Qabf pulls. The targets are means
     per task over whole images, so the floors hold for the mean of each task's crops in the batch,
     not for every crop (per-crop floors pulled every crop toward the mean rule and cost Qabf on the
@@ -216,7 +216,7 @@ def constrained_loss(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, w: dict[
     with torch.no_grad():
         pix_max, pix_mean = torch.maximum(a, b), (a + b) / 2
         xa, xb = ssim(pix_max, a), ssim(pix_max, b)
-        worst_floor = torch.minimum(xa, xb) + w["margin"]
+        worst_floor = torch.minimum(xa, xb) + w["worst_margin"]
         ssim_floor = torch.maximum((xa + xb) / 2, (ssim(pix_mean, a) + ssim(pix_mean, b)) / 2) + w["margin"]
     q = 1 - qabf(a, b, f).mean()
     groups = torch.zeros_like(sa, dtype=torch.long) if groups is None else groups

@@ -10,20 +10,19 @@ recipe, then scores them with the trainer's validation (``medfuse_cli.train.vali
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from medfuse_cli import volumes
-from medfuse_cli.models.losses import fusion_loss
 from medfuse_cli.train import (
     TrainConfig,
     _patch_batch,
     _read_parent,
     _start_from,
     build_model,
+    train_step,
     validate,
 )
 
@@ -39,7 +38,8 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     # patches of 32^3: the IBSI volumes are only 36-40 slices deep
-    cfg = TrainConfig(data=str(VOLUMES), model="dcfb3d", batch=6, crop=32)
+    cfg = TrainConfig(data=str(VOLUMES), model="dcfb3d", batch=6, crop=32, steps=args.steps, lr=args.lr,
+                      recipe=args.recipe)
     pairs = volumes.load_split(VOLUMES, "held-out")
     state, _, card = _read_parent("dcfb3d")
     model = build_model("dcfb3d", card["architecture"])
@@ -48,14 +48,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     for step in range(args.steps):
-        for group in opt.param_groups:
-            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        a, b, t = _patch_batch(pairs, cfg, gen)
-        loss, _ = fusion_loss(a, b, model(a, b, t), args.recipe, groups=t)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        train_step(model, opt, cfg, step, *_patch_batch(pairs, cfg, gen))
     print(f"{args.steps} steps of {args.recipe} on the held-out volumes, {time.perf_counter() - t0:.0f} s\n")
     print("| pair | SSIM | worst | Qabf | VIF |\n|---|--:|--:|--:|--:|")
     for pid, m in validate(model, pairs, by="id").items():

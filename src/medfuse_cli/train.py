@@ -238,7 +238,7 @@ def classic_baselines(pairs: list[dict], by: str = "task") -> dict[str, dict[str
 def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a training; returns the model card."""
     from .models.dran import RULES
-    from .models.losses import RECIPES, RECON_RECIPES, fusion_loss
+    from .models.losses import RECIPES, RECON_RECIPES
 
     if cfg.model not in DEFAULT_RECIPE:
         raise InvalidInputError(f"unknown model {cfg.model!r}; trainable: {', '.join(DEFAULT_RECIPE)}")
@@ -315,21 +315,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
     t_start = time.perf_counter()
     model.train()
     while step < cfg.steps:
-        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
         if volume and cfg.slabs and step % 2:
-            a, b, t = _patch_batch(slab_pairs, cfg, gen, slab_shape)
+            batch = _patch_batch(slab_pairs, cfg, gen, slab_shape)
         else:
-            a, b, t = (_patch_batch if volume else _batch)(train_pairs, cfg, gen)
-        if cfg.model == "dran":
-            loss, parts = dran_loss(model, a, b, cfg.recipe, cfg.loss_weights)
-        else:
-            loss, parts = fusion_loss(a, b, model(a, b, t), cfg.recipe, cfg.loss_weights, groups=t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+            batch = (_patch_batch if volume else _batch)(train_pairs, cfg, gen)
+        parts = train_step(model, opt, cfg, step, *batch)
         step += 1
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save_checkpoint(ckpt, model, opt, step, gen, cfg)
@@ -341,6 +331,24 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
             progress(step, parts)
     elapsed = time.perf_counter() - t_start
     return finish(model, cfg, val_pairs, train_pairs + slab_pairs, elapsed, history, parent)
+
+
+def train_step(model: AdaFuse | DRAN | DCFB3D, opt: torch.optim.Optimizer, cfg: TrainConfig, step: int,
+               a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
+    """One optimiser step on a batch: cosine learning rate, the model's loss, gradients clipped to 1."""
+    from .models.losses import fusion_loss
+
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    if cfg.model == "dran":
+        loss, parts = dran_loss(model, a, b, cfg.recipe, cfg.loss_weights)
+    else:
+        loss, parts = fusion_loss(a, b, model(a, b, t), cfg.recipe, cfg.loss_weights, groups=t)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return parts
 
 
 def dran_loss(model: DRAN, a: torch.Tensor, b: torch.Tensor, recipe: str = "recon",

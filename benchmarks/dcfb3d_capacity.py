@@ -34,21 +34,31 @@ def main() -> None:
     parser.add_argument("--recipe", default="constrained")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--direct", type=int, default=0, help="add a full-resolution path of this many channels")
+    parser.add_argument("--task-embedding", action="store_true", help="add a task embedding")
+    parser.add_argument("--loss-weight", action="append", default=[], help="KEY=VALUE, as medfuse train")
+    parser.add_argument("--save", help="write the trained weights to this .safetensors file")
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
     # patches of 32^3: the IBSI volumes are only 36-40 slices deep
     cfg = TrainConfig(data=str(VOLUMES), model="dcfb3d", batch=6, crop=32, steps=args.steps, lr=args.lr,
-                      recipe=args.recipe)
+                      recipe=args.recipe,
+                      loss_weights={k: float(v) for k, _, v in (w.partition("=") for w in args.loss_weight)})
     pairs = volumes.load_split(VOLUMES, "held-out")
     state, _, card = _read_parent("dcfb3d")
-    model = build_model("dcfb3d", card["architecture"])
+    model = build_model("dcfb3d", {**card["architecture"], "direct": args.direct,
+                                      "tasks": 3 if args.task_embedding else 0})
     _start_from(model, state, "dcfb3d")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     for step in range(args.steps):
         train_step(model, opt, cfg, step, *_patch_batch(pairs, cfg, gen))
+    if args.save:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.save)
     print(f"{args.steps} steps of {args.recipe} on the held-out volumes, {time.perf_counter() - t0:.0f} s\n")
     print("| pair | SSIM | worst | Qabf | VIF |\n|---|--:|--:|--:|--:|")
     for pid, m in validate(model, pairs, by="id").items():

@@ -300,7 +300,57 @@ def test_loss_weight_option_is_checked(tmp_path, cli):
     bad = cli("train", "--model", "dcfb3d", "--data", str(tmp_path), "--recipe", "constrained",
               "--loss-weight", "margin=lots", "--out", str(tmp_path / "w"))
     assert bad.exit_code == 2 and "KEY=NUMBER" in bad.stderr and not (tmp_path / "w").exists()
+    no_key = cli("train", "--model", "dcfb3d", "--data", str(tmp_path), "--loss-weight", "=0.1", "--out", str(tmp_path / "w"))
+    assert no_key.exit_code == 2 and "KEY=NUMBER" in no_key.stderr
     unknown = cli("train", "--model", "dcfb3d", "--data", str(shared_path("volumes")), "--recipe", "constrained",
                   "--loss-weight", "texture=2", "--out", str(tmp_path / "w"))
     assert unknown.exit_code == 4 and "'texture': recipe constrained has hinge, margin, qabf, worst_margin" in unknown.stderr
     assert len(unknown.stderr.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+def test_a_direct_path_fine_tune_starts_as_its_parent(pair, tmp_path):
+    """--direct adds a full-resolution path on the raw sources whose output starts at zero: a
+    fine-tune from a parent without it starts exactly as the parent."""
+    from safetensors.torch import save_file
+
+    from medfuse_cli.train import _read_parent, _start_from
+
+    parent = _model()
+    save_file(parent.state_dict(), str(tmp_path / "p.safetensors"))
+    torch.manual_seed(1)
+    child = DCFB3D(widths=(4, 8, 16), heads=2, direct=4).eval()
+    _start_from(child, _read_parent(str(tmp_path / "p.safetensors"))[0], "p.safetensors")
+    a, b = (torch.from_numpy(x[20:44, 30:62, 20:52].copy())[None, None] for x in pair)
+    with torch.inference_mode():
+        torch.testing.assert_close(child(a, b), parent(a, b), rtol=0, atol=1e-6)
+    assert child.config["direct"] == 4 and parent.config["direct"] == 0
+    # the path is part of the forward pass: a large weight logit from it makes F follow A alone
+    with torch.inference_mode():
+        torch.nn.init.zeros_(child.head.weight)
+        torch.nn.init.zeros_(child.head.bias)
+        child.direct[-1].bias[0] = 30.0
+        torch.testing.assert_close(child(a, b), a)
+
+
+def test_a_task_embedding_conditions_the_fusion_and_every_path_passes_the_task(pair):
+    """With --task-embedding the task (MRI with CT / PET / SPECT) changes the fusion; sliding windows
+    and the trainer's patches carry it, and a model that needs it refuses to guess."""
+    from medfuse_cli.models.adafuse import TASKS
+    from medfuse_cli.train import TrainConfig, _patch_batch
+
+    torch.manual_seed(0)
+    m = DCFB3D(widths=(4, 8, 16), heads=2, tasks=3).eval()
+    torch.nn.init.normal_(m.head.weight, std=0.2)
+    torch.nn.init.normal_(m.task.weight, std=1.0)
+    a, b = (x[20:44, 30:62, 20:52] for x in pair)
+    ct, pet = (sliding_window(m, a, b, task=t) for t in ("mri-ct", "mri-pet"))
+    assert np.abs(ct - pet).mean() > 1e-3
+    with torch.inference_mode():
+        direct = m(*(torch.from_numpy(x.copy())[None, None] for x in (a, b)), torch.tensor([TASKS.index("mri-ct")]))
+    np.testing.assert_allclose(ct, direct[0, 0].numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="task"), torch.inference_mode():
+        m(torch.from_numpy(a.copy())[None, None], torch.from_numpy(b.copy())[None, None])
+    pairs = [{"task": "mri-ct", "a": pair[0], "b": pair[1]}, {"task": "mri-spect", "a": pair[0], "b": pair[1]}]
+    cfg = TrainConfig(data=".", model="dcfb3d", batch=8, crop=16)
+    _, _, t = _patch_batch(pairs, cfg, torch.Generator().manual_seed(0))
+    assert set(t.tolist()) == {TASKS.index("mri-ct"), TASKS.index("mri-spect")}

@@ -614,6 +614,8 @@ def train_cmd(
     widths: Annotated[str | None, typer.Option("--widths", help="Channels per scale, comma-separated (AdaFuse: four, default 16,32,48,64; dcfb3d: three, default 8,16,32).", show_default=False)] = None,
     depth: Annotated[int, typer.Option("--depth", min=0, help="dcfb3d: DCFB blocks (each applied both ways with shared weights).")] = 2,
     no_deformable: Annotated[bool, typer.Option("--no-deformable", help="dcfb3d ablation: no learned offsets (plain cross-attention).")] = False,
+    direct: Annotated[int, typer.Option("--direct", min=0, help="dcfb3d: channels of a full-resolution path from the raw intensities of both sources to the head (0: none; its output starts at zero, so a fine-tune with --init starts as its parent).")] = 0,
+    task_embedding: Annotated[bool, typer.Option("--task-embedding", help="dcfb3d: condition the network on the task (MRI with CT, PET or SPECT) by an embedding at the bottleneck (starts at zero, so a fine-tune with --init starts as its parent).")] = False,
     slabs: Annotated[Path | None, typer.Option("--slabs", readable=False, help="dcfb3d: also train, every other step, on stacks of the train slices of this Harvard folder (runs of at least --slab-depth neighbouring slices of one case).", show_default=False)] = None,
     slab_depth: Annotated[int, typer.Option("--slab-depth", min=16, help="dcfb3d with --slabs: slices per slab patch, a multiple of 8 (at least 16: the 3D SSIM window is 11 deep).")] = 16,
     quiet: Quiet = False,
@@ -636,6 +638,8 @@ def train_cmd(
         for item in loss_weight or []:
             key, _, value = item.partition("=")
             try:
+                if not key.strip():
+                    raise ValueError
                 weights_over[key.strip()] = float(value)
             except ValueError:
                 _fail(f"--loss-weight {item!r}: give KEY=NUMBER, e.g. margin=0.01", 2)
@@ -643,7 +647,8 @@ def train_cmd(
                           batch=batch_size, crop=crop, lr=lr, seed=seed, threads=threads,
                           checkpoint_every=checkpoint_every, val_every=val_every, recipe=recipe or "",
                           frequency=not no_frequency, exchange=not no_exchange, gate=gate, init=init or "", rule=rule,
-                          channels=channels, depth=depth, deformable=not no_deformable,
+                          channels=channels, depth=depth, deformable=not no_deformable, direct=direct,
+                          tasks=3 if task_embedding else 0,
                           slabs=str(slabs) if slabs else "", slab_depth=slab_depth,
                           widths=width_list, loss_weights=weights_over)
         card = _train_with_progress(quiet, steps, lambda cb: train(cfg, resume=resume, progress=cb))

@@ -63,6 +63,8 @@ class TrainConfig:
     widths: list[int] = field(default_factory=list)  # AdaFuse / DCFB-3D channels per scale ([]: the model's default)
     depth: int = 2  # DCFB-3D: DCFB blocks (each applied both ways)
     deformable: bool = True  # DCFB-3D: learned offsets (False: ablation)
+    direct: int = 0  # DCFB-3D: channels of a full-resolution path on the raw sources (0: none)
+    tasks: int = 0  # DCFB-3D: entries of a task embedding (0: none; 3: TASKS)
     slabs: str = ""  # DCFB-3D: also train on stacks of this Harvard folder's train slices (every other step)
     slab_depth: int = 16  # DCFB-3D: slices per slab patch (and the shortest run of slices used)
     channels: int = 32  # DRAN
@@ -108,7 +110,8 @@ def build_model(model: str, arch: dict[str, Any]) -> AdaFuse | DRAN | DCFB3D:
                        exchange=arch.get("exchange", True), gate=arch.get("gate", False))
     if model == "dcfb3d":
         return DCFB3D(widths=tuple(arch.get("widths") or (8, 16, 32)), depth=arch.get("depth", 2),
-                      deformable=arch.get("deformable", True))
+                      deformable=arch.get("deformable", True), direct=arch.get("direct", 0),
+                      tasks=arch.get("tasks", 0))
     raise InvalidInputError(f"unknown model {model!r}; choose {', '.join(DEFAULT_RECIPE)}")
 
 
@@ -141,7 +144,7 @@ def _patch_batch(pairs: list[dict], cfg: TrainConfig, gen: torch.Generator,
     draws for one a quarter foreground), flips on every axis, in-plane transposition, mild
     intensity scaling (same ops on A and B)."""
     idx = torch.randint(len(pairs), (cfg.batch,), generator=gen).tolist()
-    a_out, b_out = [], []
+    a_out, b_out, t_out = [], [], []
     shape = shape or (cfg.crop,) * 3
     for i in idx:
         p = pairs[i]
@@ -159,7 +162,8 @@ def _patch_batch(pairs: list[dict], cfg: TrainConfig, gen: torch.Generator,
         scale_a, scale_b = (0.85 + 0.3 * torch.rand(2, generator=gen)).tolist()
         a_out.append((a * scale_a).clamp(0, 1))
         b_out.append((b * scale_b).clamp(0, 1))
-    return torch.stack(a_out)[:, None], torch.stack(b_out)[:, None], torch.zeros(cfg.batch, dtype=torch.long)
+        t_out.append(TASKS.index(p["task"]))
+    return torch.stack(a_out)[:, None], torch.stack(b_out)[:, None], torch.tensor(t_out)
 
 
 def _save_checkpoint(path: Path, model, opt, step: int, gen: torch.Generator, cfg: TrainConfig) -> None:
@@ -198,7 +202,7 @@ def predict(model: AdaFuse | DRAN | DCFB3D, a: np.ndarray, b: np.ndarray, task: 
     from .models.infer import fuse_stack, sliding_window
 
     if getattr(model, "dims", 2) == 3:
-        return np.clip(sliding_window(model, a, b), 0.0, 1.0)
+        return np.clip(sliding_window(model, a, b, task=task), 0.0, 1.0)
     return fuse_stack(model, a[None], b[None], task)[0]
 
 
@@ -393,9 +397,10 @@ def _read_parent(init: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], di
 
 
 def _start_from(model: AdaFuse | DRAN | DCFB3D, state: dict[str, torch.Tensor], init: str) -> None:
-    """Load a parent's weights; layers that start at zero (AdaFuse's gate) may be absent, so the
-    fine-tune starts exactly as its parent."""
-    fresh = {k for k, v in model.state_dict().items() if k.startswith("gate.") and not v.any()}
+    """Load a parent's weights; paths whose output starts at zero (AdaFuse's gate, DCFB-3D's direct
+    path and task embedding) may be absent, so the fine-tune starts exactly as its parent."""
+    zero_start = ("direct.", "task.") if getattr(model, "dims", 2) == 3 else ("gate.",)
+    fresh = {k for k in model.state_dict() if k.startswith(zero_start)}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - fresh:

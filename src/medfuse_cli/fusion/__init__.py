@@ -78,7 +78,7 @@ def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", devic
             info["device"] = str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)}, float16)"
         model = load_model(name, str(dev))
         if method in VOLUME_NETWORKS:
-            return sliding_window(model, sa, sb, size, overlap, device=dev)
+            return sliding_window(model, sa, sb, size, overlap, device=dev, task=task)
         return fuse_stack(model, sa, sb, task, batch=size, device=dev)
 
     # on a GPU out-of-memory error: smaller windows (batches of slices), then the CPU

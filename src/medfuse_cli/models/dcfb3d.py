@@ -20,7 +20,16 @@ What we changed for 2 CPU cores, deliberately:
 - per-voxel channel LayerNorm everywhere (no batch or instance statistics, for the same reason);
 - the head predicts a per-voxel weight ``w`` and a residual ``r``: ``F = w A + (1 - w) B + r``.
   It starts at zero, so training starts from the mean rule; the official head decodes two
-  channels merged by a fixed L1-norm rule.
+  channels merged by a fixed L1-norm rule;
+- optionally (``direct``) a small full-resolution path from the raw intensities of both sources
+  (and the decoder's features) adds to the head's ``w`` and ``r`` and moves F toward pixel max by a
+  per-voxel ``g``: ``F' = F + g (max(A, B) - F)``. Every other feature passes a per-voxel
+  LayerNorm, which keeps a voxel's pattern but not its level, so the head could not tell which
+  source is brighter *here*; and a sharp choice (a logit of +-10) is out of reach of Adam's
+  bounded steps from a zero start, so the path's outputs are scaled by ``DIRECT_GAIN``. Its last
+  layer starts at zero, so a fine-tune of a model without it starts exactly as its parent;
+- optionally (``tasks``) a task embedding (MRI with CT / PET / SPECT, as AdaFuse has) added at the
+  bottleneck, starting at zero: one network serves pairs that want different fusions.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+DIRECT_GAIN = 8.0  # scale of the direct path's outputs (see the module docstring)
 
 
 class ChannelNorm(nn.Module):
@@ -136,17 +147,22 @@ class DCFB3D(nn.Module):
     dims = 3
 
     def __init__(self, widths: tuple[int, int, int] = (8, 16, 32), depth: int = 2, heads: int = 4,
-                 window: int = 2, offset_range: float = 2.0, deformable: bool = True) -> None:
+                 window: int = 2, offset_range: float = 2.0, deformable: bool = True, direct: int = 0,
+                 tasks: int = 0) -> None:
         super().__init__()
         c0, c1, c2 = widths
         self.config = {"widths": list(widths), "depth": depth, "heads": heads, "window": window,
-                       "offset_range": offset_range, "deformable": deformable}
+                       "offset_range": offset_range, "deformable": deformable, "direct": direct,
+                       "tasks": tasks}
         self.multiple = 4 * window
         self.enc_a, self.enc_b = Encoder(widths), Encoder(widths)
         self.blocks = nn.ModuleList(
             DCFB(c2, heads, window, offset_range if deformable else 0.0) for _ in range(depth)
         )
         self.merge = nn.Conv3d(2 * c2, c2, 1)
+        self.task = nn.Embedding(tasks, c2) if tasks else None
+        if self.task is not None:
+            nn.init.zeros_(self.task.weight)
         self.up1 = nn.ConvTranspose3d(c2, c1, 2, stride=2)
         self.dec1 = _conv_block(3 * c1, c1)
         self.up0 = nn.ConvTranspose3d(c1, c0, 2, stride=2)
@@ -154,16 +170,34 @@ class DCFB3D(nn.Module):
         self.head = nn.Conv3d(c0, 2, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        # ``direct`` channels: a full-resolution path on the raw sources, added to the head
+        self.direct = nn.Sequential(
+            nn.Conv3d(2 + c0, direct, 3, padding=1), nn.GELU(), nn.Conv3d(direct, direct, 3, padding=1), nn.GELU(),
+            nn.Conv3d(direct, 3, 1),
+        ) if direct else None
+        if self.direct is not None:
+            nn.init.zeros_(self.direct[-1].weight)
+            nn.init.zeros_(self.direct[-1].bias)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
-        """Fuse (N, 1, D, H, W) volumes in [0, 1] (sides multiples of :attr:`multiple`); ``task`` is unused."""
+        """Fuse (N, 1, D, H, W) volumes in [0, 1] (sides multiples of :attr:`multiple`); ``task`` (N,)
+        indexes ``adafuse.TASKS``, needed by (only) a model with a task embedding."""
         (a0, a1, a2), (b0, b1, b2) = self.enc_a(a), self.enc_b(b)
         for block in self.blocks:  # mutual learning: the same block, both directions
             a2 = block(a2, b2)
             b2 = block(b2, a2)
         y = self.merge(torch.cat([a2, b2], 1))
+        if self.task is not None:
+            if task is None:
+                raise ValueError("this DCFB-3D has a task embedding: give the task of each pair")
+            y = y + self.task(task)[:, :, None, None, None]
         y = self.dec1(torch.cat([self.up1(y), a1, b1], 1))
         y = self.dec0(torch.cat([self.up0(y), a0, b0], 1))
         w, r = self.head(y).chunk(2, 1)
-        w = torch.sigmoid(w)
-        return w * a + (1 - w) * b + r
+        if self.direct is None:
+            w = torch.sigmoid(w)
+            return w * a + (1 - w) * b + r
+        dw, dr, g = (DIRECT_GAIN * self.direct(torch.cat([a, b, y], 1))).chunk(3, 1)
+        w = torch.sigmoid(w + dw)
+        f = w * a + (1 - w) * b + r + dr
+        return f + g * (torch.maximum(a, b) - f)

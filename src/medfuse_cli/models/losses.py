@@ -23,6 +23,8 @@ windows, the Sobel terms and Qabf on the axial slices (as ``medfuse eval`` score
 shipped model; with it validation Qabf kept rising after step 1000 while SSIM to the SPECT fell
 below pixel max's, the MRI's edges winning over the other source's content. ``balanced`` adds the
 survival term (x10, margin 0.02) and weighs mean SSIM x2 and Qabf x3; it fine-tuned the shipped model.
+``constrained`` (:func:`constrained_loss`) maximises Qabf alone, with the targets of PEERS.md as
+hinges on each task's crops in the batch (the objective of ``benchmarks/feasibility.py``, learned).
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="constrained")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--direct", type=int, default=0, help="add a full-resolution path of this many channels")
-    parser.add_argument("--task-embedding", action="store_true", help="add a task embedding")
+    parser.add_argument("--direct", type=int, help="a full-resolution path of this many channels (default: the model's)")
+    parser.add_argument("--task-embedding", action="store_true", help="add a task embedding (if the model has none)")
     parser.add_argument("--loss-weight", action="append", default=[], help="KEY=VALUE, as medfuse train")
     parser.add_argument("--save", help="write the trained weights to this .safetensors file")
     args = parser.parse_args()
@@ -47,8 +47,9 @@ def main() -> None:
                       loss_weights={k: float(v) for k, _, v in (w.partition("=") for w in args.loss_weight)})
     pairs = volumes.load_split(VOLUMES, "held-out")
     state, _, card = _read_parent("dcfb3d")
-    model = build_model("dcfb3d", {**card["architecture"], "direct": args.direct,
-                                      "tasks": 3 if args.task_embedding else 0})
+    arch = card["architecture"]
+    model = build_model("dcfb3d", {**arch, "direct": arch.get("direct", 0) if args.direct is None else args.direct,
+                                   "tasks": 3 if args.task_embedding else arch.get("tasks", 0)})
     _start_from(model, state, "dcfb3d")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(0)

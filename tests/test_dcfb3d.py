@@ -161,15 +161,18 @@ def test_train_resumes_bit_for_bit_and_writes_a_card(tmp_path, monkeypatch):
     load_model.cache_clear()
     assert isinstance(load_model("m"), DCFB3D)
     load_model.cache_clear()
-    # a fine-tune of an installed model takes the parent's channels when --widths is not given
+    # a fine-tune of an installed model takes the parent's channels when --widths is not given,
+    # and may add a direct path and a task embedding
     from medfuse_cli.train import TrainConfig, train
 
     tuned = train(TrainConfig(**{**common, "widths": [], "slabs": "", "steps": 1, "lr": 0.0, "init": "m",
-                                 "out": str(tmp_path / "a"), "name": "t"}))
+                                 "out": str(tmp_path / "a"), "name": "t", "direct": 4, "tasks": 3}))
     assert tuned["architecture"]["widths"] == [4, 8, 16] and tuned["fine_tuned_from"]["name"] == "m"
+    assert (tuned["architecture"]["direct"], tuned["architecture"]["tasks"]) == (4, 3)
     # a fine-tune of a fine-tune: the card's total is the whole chain's training time
     again = train(TrainConfig(**{**common, "widths": [], "slabs": "", "steps": 1, "lr": 0.0, "init": "t",
                                  "out": str(tmp_path / "ft"), "name": "u", "baselines": False}))
+    assert (again["architecture"]["direct"], again["architecture"]["tasks"]) == (4, 3)  # kept from its parent
     chain = full["training_seconds"] + tuned["training_seconds"] + again["training_seconds"]
     assert again["total_training_seconds"] == pytest.approx(chain, abs=0.2)
     # another network's card: one clear error before anything is written

@@ -254,10 +254,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
     if cfg.rule not in RULES:
         raise InvalidInputError(f"unknown DRAN rule {cfg.rule!r}; choose {', '.join(RULES)}")
     parent_state, parent, parent_card = _read_parent(cfg.init) if cfg.init else ({}, None, None)
-    if parent_card is not None:  # an installed parent: the same network, its channels unless --widths says otherwise
+    if parent_card is not None:  # an installed parent: the same network, its parts unless options add to them
         if parent_card.get("model") != cfg.model:
             raise InvalidInputError(f"--init {cfg.init}: its card is for {parent_card.get('model')}, not {cfg.model}")
-        cfg.widths = cfg.widths or list(parent_card.get("architecture", {}).get("widths") or [])
+        arch = parent_card.get("architecture", {})
+        cfg.widths = cfg.widths or list(arch.get("widths") or [])
+        cfg.direct, cfg.tasks = cfg.direct or arch.get("direct", 0), cfg.tasks or arch.get("tasks", 0)
     if cfg.slabs and not volume:
         raise InvalidInputError("--slabs trains dcfb3d only (2D networks already train on every slice)")
     if volume and len(cfg.widths) not in (0, 3):

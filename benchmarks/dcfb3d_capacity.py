@@ -17,6 +17,7 @@ import torch
 
 from medfuse_cli import volumes
 from medfuse_cli.train import (
+    TASKS,
     TrainConfig,
     _patch_batch,
     _read_parent,
@@ -49,7 +50,7 @@ def main() -> None:
     state, _, card = _read_parent("dcfb3d")
     arch = card["architecture"]
     model = build_model("dcfb3d", {**arch, "direct": arch.get("direct", 0) if args.direct is None else args.direct,
-                                   "tasks": 3 if args.task_embedding else arch.get("tasks", 0)})
+                                   "tasks": len(TASKS) if args.task_embedding else arch.get("tasks", 0)})
     _start_from(model, state, "dcfb3d")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(0)

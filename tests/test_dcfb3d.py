@@ -13,7 +13,7 @@ from conftest import EXAMPLES, shared_path, straight_and_resumed
 from medfuse_cli import volumes
 from medfuse_cli.fusion import AUTO_3D
 from medfuse_cli.models import weights
-from medfuse_cli.models.dcfb3d import DCFB3D, warp
+from medfuse_cli.models.dcfb3d import DCFB3D, DIRECT_GAIN, warp
 from medfuse_cli.models.infer import load_model, sliding_window
 from medfuse_cli.models.losses import fusion_loss
 
@@ -333,6 +333,16 @@ def test_a_direct_path_fine_tune_starts_as_its_parent(pair, tmp_path):
         torch.nn.init.zeros_(child.head.bias)
         child.direct[-1].bias[0] = 30.0
         torch.testing.assert_close(child(a, b), a)
+        # and its third output pulls F to pixel max: g = 1 gives max(A, B) whatever w and r are
+        child.direct[-1].bias[2] = 1.0 / DIRECT_GAIN
+        torch.testing.assert_close(child(a, b), torch.maximum(a, b))
+
+
+def test_dcfb3d_parts_are_refused_for_2d_networks(tmp_path, cli):
+    for model, option in (("adafuse", ["--direct", "16"]), ("dran", ["--task-embedding"])):
+        r = cli("train", "--model", model, "--data", str(shared_path("harvard")), *option, "--out", str(tmp_path / "w"))
+        assert r.exit_code == 4 and "parts of dcfb3d only" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
 
 
 def test_a_task_embedding_conditions_the_fusion_and_every_path_passes_the_task(pair):

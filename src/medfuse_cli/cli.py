@@ -628,7 +628,7 @@ def train_cmd(
     """
 
     def body() -> None:
-        from .train import TrainConfig, train
+        from .train import TASKS, TrainConfig, train
 
         try:
             width_list = [int(w) for w in widths.split(",")] if widths else []
@@ -648,7 +648,7 @@ def train_cmd(
                           checkpoint_every=checkpoint_every, val_every=val_every, recipe=recipe or "",
                           frequency=not no_frequency, exchange=not no_exchange, gate=gate, init=init or "", rule=rule,
                           channels=channels, depth=depth, deformable=not no_deformable, direct=direct,
-                          tasks=3 if task_embedding else 0,
+                          tasks=len(TASKS) if task_embedding else 0,
                           slabs=str(slabs) if slabs else "", slab_depth=slab_depth,
                           widths=width_list, loss_weights=weights_over)
         card = _train_with_progress(quiet, steps, lambda cb: train(cfg, resume=resume, progress=cb))

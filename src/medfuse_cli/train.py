@@ -262,6 +262,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
         cfg.direct, cfg.tasks = cfg.direct or arch.get("direct", 0), cfg.tasks or arch.get("tasks", 0)
     if cfg.slabs and not volume:
         raise InvalidInputError("--slabs trains dcfb3d only (2D networks already train on every slice)")
+    if (cfg.direct or cfg.tasks) and not volume:
+        raise InvalidInputError("--direct and --task-embedding are parts of dcfb3d only (AdaFuse has its task "
+                                "embedding built in)")
     if volume and len(cfg.widths) not in (0, 3):
         raise InvalidInputError(f"widths {cfg.widths}: DCFB-3D takes three (full, 1/2, 1/4 resolution)")
     cfg.recipe = cfg.recipe or DEFAULT_RECIPE[cfg.model]

@@ -367,3 +367,17 @@ def test_a_task_embedding_conditions_the_fusion_and_every_path_passes_the_task(p
     cfg = TrainConfig(data=".", model="dcfb3d", batch=8, crop=16)
     _, _, t = _patch_batch(pairs, cfg, torch.Generator().manual_seed(0))
     assert set(t.tolist()) == {TASKS.index("mri-ct"), TASKS.index("mri-spect")}
+
+
+def test_the_vif_loss_pools_a_volume_s_slices_as_the_metric_does(pair):
+    """``--loss-weight vif=...`` trains DCFB-3D too: the loss's VIF of a volume is ``medfuse eval``'s."""
+    from medfuse_cli import metrics
+    from medfuse_cli.models.losses import vif
+
+    a, b = (x[20:52, 30:78, 20:68].copy() for x in pair)
+    f = np.maximum(a, b)
+    t = lambda x: torch.from_numpy(x)[None, None]
+    ref = metrics.compute(a * 255, b * 255, f * 255)
+    assert float(vif(t(a), t(f)) + vif(t(b), t(f))) == pytest.approx(ref["VIF"], abs=1e-4)
+    _, parts = fusion_loss(t(a), t(b), t((a + b) / 2), "balanced", {"vif": 1.0})
+    assert 0.0 < parts["vif"] < 1.0

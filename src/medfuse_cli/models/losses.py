@@ -110,9 +110,10 @@ def vif(ref: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     """Pixel-domain VIF per image (N,) of (N, 1, H, W) in [0, 1], differentiable: the conventions of
     :func:`medfuse_cli.metrics.vif` (0..255 scale, 4 scales, Gaussian n = 2^(5-s)+1, sigma n/5,
     valid filtering, sigma_n^2 = 2), with its hard cases (flat or anti-correlated windows) as
-    smooth clamps."""
+    smooth clamps. Volumes (N, 1, D, H, W) pool the terms of their axial slices, as the metric does."""
     sigma_n2, eps = 2.0, 1e-10
-    ref, dist = ref * 255.0, dist * 255.0
+    volumes = ref.shape[0] if ref.ndim == 5 else 0
+    ref, dist = slices(ref) * 255.0, slices(dist) * 255.0
     num = den = ref.new_zeros(ref.shape[0])
     for scale in range(1, 5):
         n = 2 ** (5 - scale) + 1
@@ -132,6 +133,8 @@ def vif(ref: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
         sv = (s2 - gain * s12).clamp_min(eps)
         num = num + torch.log10(1 + gain * gain * s1 / (sv + sigma_n2)).flatten(1).sum(1)
         den = den + torch.log10(1 + s1 / sigma_n2).flatten(1).sum(1)
+    if volumes:
+        num, den = num.reshape(volumes, -1).sum(1), den.reshape(volumes, -1).sum(1)
     return num / den.clamp_min(eps)
 
 
@@ -199,7 +202,7 @@ def fusion_loss(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, recipe: str =
             + w["qabf"] * q + w["survive"] * survive)
     parts = {"loss": loss.item(), "ssim": ssim_term.item(), "worst": worst.item(), "tex": texture.item(),
              "int": intensity.item(), "q": q.item(), "surv": survive.item()}
-    if w.get("vif") and f.ndim == 4:  # information fidelity to both sources (VIF sums the two; it can pass 1 each)
+    if w.get("vif"):  # information fidelity to both sources (VIF sums the two; it can pass 1 each)
         v = 1 - (vif(a, f) + vif(b, f)).mean() / 2
         loss = loss + w["vif"] * v
         parts.update(loss=loss.item(), vif=v.item())

@@ -109,3 +109,14 @@ def test_fusion_aware_steps_lower_the_fusion_loss_through_the_sfnn_rule():
     assert with_vif["vif"] == pytest.approx(expected, rel=1e-5)
     _, without = dran_loss(model, a, b, "recon-fuse")
     assert with_vif["fuse"] == pytest.approx(without["fuse"] + expected, rel=1e-5)
+
+
+def test_the_rule_defaults_to_l1_and_a_fine_tune_keeps_its_parent_s(tmp_path, monkeypatch):
+    """Without --rule a fresh DRAN gets the shipped card's l1 rule and a fine-tune its parent's rule."""
+    common = {"data": str(shared_path("harvard")), "out": str(tmp_path), "model": "dran", "task": "mri-ct",
+              "steps": 1, "batch": 2, "crop": 64, "channels": 8, "val_limit": 1, "threads": 1, "baselines": False}
+    assert train(TrainConfig(name="fresh", **common))["architecture"]["rule"] == "l1"
+    assert train(TrainConfig(name="paper", rule="sfnn", **common))["architecture"]["rule"] == "sfnn"
+    monkeypatch.setattr("medfuse_cli.models.weights.WEIGHTS_DIR", tmp_path)
+    child = train(TrainConfig(name="child", init="paper", **common))
+    assert child["architecture"]["rule"] == "sfnn" and child["fine_tuned_from"]["name"] == "paper"

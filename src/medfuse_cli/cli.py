@@ -222,7 +222,7 @@ def info(
 
 Method = Annotated[
     str,
-    typer.Option("--method", "-m", help="Fusion method: a classic rule (mean, max, laplacian: pyramid with max-abs details and mean base, wavelet: db2, 3 levels, gff: guided filtering fusion), a trained network slice by slice for volumes (adafuse: spatial + Fourier cross-attention; dran: dilated residual attention autoencoder with its fixed fusion rule) or auto (adafuse when its weights are installed, else laplacian)."),
+    typer.Option("--method", "-m", help="Fusion method: a classic rule (mean, max, laplacian: pyramid with max-abs details and mean base, wavelet: db2, 3 levels, gff: guided filtering fusion), a trained 2D network, slice by slice for volumes (adafuse: spatial + Fourier cross-attention; dran: dilated residual attention autoencoder with its fixed fusion rule), the 3D network for volumes (dcfb3d: deformable cross-attention, sliding window; see --patch, --overlap) or auto (adafuse when its weights are installed, for volumes too, where it scored higher than dcfb3d on the held-out volumes; else laplacian)."),
 ]
 Device = Annotated[str, typer.Option("--device", help="Where networks run: auto (the first CUDA device when present, else the CPU), cpu, cuda or cuda:N. On CUDA: float16 mixed precision; out of GPU memory falls back to smaller windows, then the CPU, with a warning.")]
 Threads = Annotated[int, typer.Option("--threads", min=0, help="CPU threads for the networks (0: torch's default, all cores).")]
@@ -606,7 +606,7 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/NAME.checkpoint.safetensors.")] = False,
     recipe: Annotated[str | None, typer.Option("--recipe", help="Loss. AdaFuse and dcfb3d: balanced (default; SSIM to each source + worst source + survival against pixel max + texture + intensity + Qabf), medfuse (no survival term), asfe (AdaFuse authors' successor recipe, 2D only), dc2fusion (DCFB-3D's official LNCC + SSIM + L1, MRI weighted 2:1) or constrained (Qabf, with each task's mean SSIM and worst-source SSIM in the batch held above the mean / max rules' as hinges). DRAN: recon (default; MSE + Sobel + SSIM), recon-grad, recon-mse, recon-fuse (recon + the balanced loss of the pair fused through the card's rule), recon-fuse-vif (and a VIF term).", show_default=False)] = None,
     loss_weight: Annotated[list[str] | None, typer.Option("--loss-weight", help="Override one weight of the recipe, KEY=VALUE (repeatable), e.g. margin=0.01 or qabf=6; the card records it.", show_default=False)] = None,
-    rule: Annotated[str, typer.Option("--rule", help="DRAN fusion rule stored in the card: sfnn (softmax + nuclear norm), l1 or mean.")] = "sfnn",
+    rule: Annotated[str, typer.Option("--rule", help="DRAN fusion rule stored in the card: l1 (per-pixel L1-norm weights, the shipped model's), sfnn (the paper's softmax + nuclear norm, one weight per image) or mean. Default: the --init model's rule, else l1.", show_default=False)] = "",
     channels: Annotated[int, typer.Option("--channels", min=4, help="DRAN feature channels.")] = 32,
     no_frequency: Annotated[bool, typer.Option("--no-frequency", help="Ablation: drop the Fourier branch.")] = False,
     no_exchange: Annotated[bool, typer.Option("--no-exchange", help="Ablation: self-attention instead of exchanged attention.")] = False,

@@ -36,6 +36,7 @@ from .models.dran import DRAN
 DEFAULT_RECIPE = {"adafuse": "balanced", "dran": "recon", "dcfb3d": "balanced"}
 DEFAULT_CROP = {"adafuse": 128, "dran": 128, "dcfb3d": 48}  # crop side (3D: patch side)
 DEFAULT_BATCH = {"adafuse": 8, "dran": 8, "dcfb3d": 2}
+DEFAULT_RULE = "l1"  # DRAN: the shipped card's rule (sfnn picks one source per image; README)
 VOLUME_TASKS = ("mri-ct", "mri-pet")
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class TrainConfig:
     slabs: str = ""  # DCFB-3D: also train on stacks of this Harvard folder's train slices (every other step)
     slab_depth: int = 16  # DCFB-3D: slices per slab patch (and the shortest run of slices used)
     channels: int = 32  # DRAN
-    rule: str = "sfnn"  # DRAN fusion rule
+    rule: str = ""  # DRAN fusion rule ("": the parent's for a fine-tune, else DEFAULT_RULE)
     val_limit: int = 0  # validate on the first N val pairs only (0: all; for quick runs and tests)
     baselines: bool = True  # score the classic rules on the same val pairs for the model card
     init: str = ""  # fine-tune: start from this installed model (name in the weights folder) or .safetensors file
@@ -251,8 +252,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
     cfg.batch = cfg.batch or DEFAULT_BATCH[cfg.model]
     if cfg.crop % (8 if volume else 16):
         raise InvalidInputError(f"crop {cfg.crop}: must be a multiple of {8 if volume else 16}")
-    if cfg.rule not in RULES:
-        raise InvalidInputError(f"unknown DRAN rule {cfg.rule!r}; choose {', '.join(RULES)}")
     parent_state, parent, parent_card = _read_parent(cfg.init) if cfg.init else ({}, None, None)
     if parent_card is not None:  # an installed parent: the same network, its parts unless options add to them
         if parent_card.get("model") != cfg.model:
@@ -260,6 +259,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
         arch = parent_card.get("architecture", {})
         cfg.widths = cfg.widths or list(arch.get("widths") or [])
         cfg.direct, cfg.tasks = cfg.direct or arch.get("direct", 0), cfg.tasks or arch.get("tasks", 0)
+        cfg.rule = cfg.rule or arch.get("rule", "")
+    cfg.rule = cfg.rule or DEFAULT_RULE
+    if cfg.rule not in RULES:
+        raise InvalidInputError(f"unknown DRAN rule {cfg.rule!r}; choose {', '.join(RULES)}")
     if cfg.slabs and not volume:
         raise InvalidInputError("--slabs trains dcfb3d only (2D networks already train on every slice)")
     if (cfg.direct or cfg.tasks) and not volume:

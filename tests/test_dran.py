@@ -120,3 +120,23 @@ def test_the_rule_defaults_to_l1_and_a_fine_tune_keeps_its_parent_s(tmp_path, mo
     monkeypatch.setattr("medfuse_cli.models.weights.WEIGHTS_DIR", tmp_path)
     child = train(TrainConfig(name="child", init="paper", **common))
     assert child["architecture"]["rule"] == "sfnn" and child["fine_tuned_from"]["name"] == "paper"
+
+
+def test_the_l1_rule_exports_to_onnx_without_nan_in_the_background(tmp_path):
+    """Where both encodings are zero (background) the L1 rule weighs them equally; the exported
+    graph (torch's ONNX exporter, run by ONNX Runtime when installed) gives the eager output."""
+    zeros = torch.zeros(1, 4, 8, 8)
+    torch.testing.assert_close(fuse_features(zeros, zeros, "l1"), zeros)
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    pair = load_split(shared_path("harvard"), "val", "mri-ct")[0]
+    a, b = (torch.from_numpy(pair[k][64:128, 64:128].copy())[None, None] for k in "ab")
+    a[..., :16, :] = b[..., :16, :] = 0  # a band of background
+    torch.manual_seed(0)
+    model = DRAN(channels=8, rule="l1").eval()
+    with torch.no_grad():
+        ref = model(a, b).numpy()
+    torch.onnx.export(model, (a, b), str(tmp_path / "dran.onnx"), input_names=["a", "b"], opset_version=18,
+                      dynamo=True)
+    out = ort.InferenceSession(str(tmp_path / "dran.onnx")).run(None, {"a": a.numpy(), "b": b.numpy()})[0]
+    np.testing.assert_allclose(out, ref, atol=1e-5)

@@ -69,7 +69,10 @@ def fuse_features(fa: torch.Tensor, fb: torch.Tensor, rule: str = "sfnn") -> tor
     if rule == "l1":
         na = F.avg_pool2d(fa.abs().sum(1, keepdim=True), 3, stride=1, padding=1, count_include_pad=False)
         nb = F.avg_pool2d(fb.abs().sum(1, keepdim=True), 3, stride=1, padding=1, count_include_pad=False)
-        wa = na / (na + nb + 1e-8)
+        # equal weights where both encodings are zero (an epsilon in the denominator was folded away by
+        # the ONNX exporter, giving NaN in the background)
+        total = na + nb
+        wa = torch.where(total > 0, na / total.clamp_min(1e-12), torch.full_like(total, 0.5))
         return wa * fa + (1 - wa) * fb
     if rule == "sfnn":
         na = torch.linalg.matrix_norm(torch.softmax(fa, 1), ord="nuc").amax(1) ** 2  # (N,)

@@ -38,6 +38,7 @@ def measure(method: str, threads: int) -> dict:
         fuse_classic,
         model_name,
     )
+    from medfuse_cli.models.adafuse import TASKS
     from medfuse_cli.models.infer import fuse_stack, load_model, sliding_window
 
     torch.set_num_threads(threads)
@@ -50,10 +51,10 @@ def measure(method: str, threads: int) -> dict:
         return row
     model = load_model(model_name(method, "mri-pet"))
     if method in VOLUME_NETWORKS:
-        row["s_3d"] = timed(lambda: sliding_window(model, va, vb), 1)
+        row["s_3d"] = timed(lambda: sliding_window(model, va, vb, task="mri-pet"), 1)
         x = torch.from_numpy(np.ascontiguousarray(va[:88, :104, :88]))[None, None]
         y = torch.from_numpy(np.ascontiguousarray(vb[:88, :104, :88]))[None, None]
-        seconds = timed(lambda: model(x, y), 2)
+        seconds = timed(lambda: model(x, y, torch.tensor([TASKS.index("mri-pet")])), 2)
         args = (x, y)
     else:
         for t in (1, threads):

@@ -121,14 +121,14 @@ def gaussian_importance(shape: tuple[int, ...], sigma_scale: float = 0.125) -> n
 
 @torch.inference_mode()
 def sliding_window(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, patch: int = 96, overlap: float = 0.25,
-                   device: torch.device | None = None, task: str = "mri-pet") -> np.ndarray:
+                   device: torch.device | None = None, task: str | None = None) -> np.ndarray:
     """Fuse volumes ``(z, y, x)`` in [0, 1] with a 3D network, window by window.
 
     Windows of ``patch`` voxels a side (rounded up to the model's multiple; shorter sides are
     padded by replication) overlap by ``overlap`` and are blended with Gaussian weights, so
     memory is bounded by the window, not the volume (besides the output itself). A volume that
     fits in one window is fused in one call. ``task`` (one of ``adafuse.TASKS``) conditions a model
-    with a task embedding.
+    with a task embedding, which needs it.
     """
     from .adafuse import TASKS
 
@@ -145,7 +145,7 @@ def sliding_window(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, patch: 
     full = a.shape
     steps = [max(m, round(w * (1 - overlap) / m) * m) for w in win]
     grids = [_starts(n, w, s) for n, w, s in zip(full, win, steps, strict=True)]
-    t = torch.tensor([TASKS.index(task)], device=device)
+    t = None if task is None else torch.tensor([TASKS.index(task)], device=device)
     if all(len(g) == 1 for g in grids):
         ta = torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None].to(device)
         tb = torch.from_numpy(np.ascontiguousarray(b, np.float32))[None, None].to(device)

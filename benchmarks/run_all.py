@@ -54,8 +54,8 @@ def measure(method: str, threads: int) -> dict:
         row["s_3d"] = timed(lambda: sliding_window(model, va, vb, task="mri-pet"), 1)
         x = torch.from_numpy(np.ascontiguousarray(va[:88, :104, :88]))[None, None]
         y = torch.from_numpy(np.ascontiguousarray(vb[:88, :104, :88]))[None, None]
-        seconds = timed(lambda: model(x, y, torch.tensor([TASKS.index("mri-pet")])), 2)
-        args = (x, y)
+        args = (x, y, torch.tensor([TASKS.index("mri-pet")]))
+        seconds = timed(lambda: model(*args), 2)
     else:
         for t in (1, threads):
             torch.set_num_threads(t)

@@ -122,6 +122,7 @@ def test_the_rule_defaults_to_l1_and_a_fine_tune_keeps_its_parent_s(tmp_path, mo
     assert child["architecture"]["rule"] == "sfnn" and child["fine_tuned_from"]["name"] == "paper"
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's ONNX exporter, about its own internals
 def test_the_l1_rule_exports_to_onnx_without_nan_in_the_background(tmp_path):
     """Where both encodings are zero (background) the L1 rule weighs them equally; the exported
     graph (torch's ONNX exporter, run by ONNX Runtime when installed) gives the eager output."""

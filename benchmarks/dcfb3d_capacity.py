@@ -59,6 +59,8 @@ def main() -> None:
                       loss_weights={k: float(v) for k, _, v in (w.partition("=") for w in args.loss_weight)})
     pairs = volumes.load_split(VOLUMES, "held-out")
     train_pairs = [p for p in pairs if args.only in p["id"]]
+    if not train_pairs:
+        parser.error(f"--only {args.only}: no held-out pair; they are {', '.join(p['id'] for p in pairs)}")
     state, _, card = _read_parent("dcfb3d")
     arch = card["architecture"]
     direct = arch.get("direct", 0) if args.direct is None else args.direct

@@ -12,7 +12,6 @@ recipe, then scores them with the trainer's validation (``medfuse_cli.train.vali
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from medfuse_cli.train import (
     _read_parent,
     _start_from,
     build_model,
+    descend,
     train_step,
     validate,
 )
@@ -102,13 +102,7 @@ def whole_volume_step(model, opt, cfg: TrainConfig, step: int, pair: dict) -> No
     pad = [p for n in reversed(a.shape[2:]) for p in (0, -n % model.multiple)]
     crop = (..., *(slice(0, n) for n in a.shape[2:]))
     f = model(F.pad(a, pad), F.pad(b, pad), torch.tensor([TASKS.index(pair["task"])]))[crop].clamp(0, 1)
-    for g in opt.param_groups:
-        g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-    loss, _ = fusion_loss(a, b, f, cfg.recipe, cfg.loss_weights)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
+    descend(model, opt, cfg, step, fusion_loss(a, b, f, cfg.recipe, cfg.loss_weights)[0])
 
 
 if __name__ == "__main__":

@@ -347,20 +347,26 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
 
 def train_step(model: AdaFuse | DRAN | DCFB3D, opt: torch.optim.Optimizer, cfg: TrainConfig, step: int,
                a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
-    """One optimiser step on a batch: cosine learning rate, the model's loss, gradients clipped to 1."""
+    """One optimiser step on a batch: the model's loss, then :func:`descend`."""
     from .models.losses import fusion_loss
 
-    for g in opt.param_groups:
-        g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
     if cfg.model == "dran":
         loss, parts = dran_loss(model, a, b, cfg.recipe, cfg.loss_weights)
     else:
         loss, parts = fusion_loss(a, b, model(a, b, t), cfg.recipe, cfg.loss_weights, groups=t)
+    descend(model, opt, cfg, step, loss)
+    return parts
+
+
+def descend(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, step: int,
+            loss: torch.Tensor) -> None:
+    """Update on ``loss``: cosine learning rate from ``cfg.lr`` over ``cfg.steps``, gradients clipped to 1."""
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return parts
 
 
 def dran_loss(model: DRAN, a: torch.Tensor, b: torch.Tensor, recipe: str = "recon",

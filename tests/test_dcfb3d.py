@@ -247,7 +247,7 @@ def test_bad_widths_is_one_line_exit_2(tmp_path, cli):
     assert res.exit_code == 2 and "--widths" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("extra, message", [({"model": "adafuse", "crop": 32}, "trains dcfb3d only"),
+@pytest.mark.parametrize("extra, message", [({"model": "adafuse", "crop": 32}, "--slabs is an option of dcfb3d, not adafuse"),
                                             ({"slab_depth": 8}, "at least 16"),
                                             ({"slab_depth": 1000}, "no run of 1000"),
                                             ({"slabs": "/nonexistent"}, "--slabs /nonexistent: not a folder")])
@@ -338,11 +338,17 @@ def test_a_direct_path_fine_tune_starts_as_its_parent(pair, tmp_path):
         torch.testing.assert_close(child(a, b), torch.maximum(a, b))
 
 
-def test_dcfb3d_parts_are_refused_for_2d_networks(tmp_path, cli):
-    for model, option in (("adafuse", ["--direct", "16"]), ("dran", ["--task-embedding"])):
-        r = cli("train", "--model", model, "--data", str(shared_path("harvard")), *option, "--out", str(tmp_path / "w"))
-        assert r.exit_code == 4 and "parts of dcfb3d only" in r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+@pytest.mark.parametrize("model, option, owner", [("adafuse", ["--direct", "16"], "dcfb3d"),
+                                                  ("dran", ["--task-embedding"], "dcfb3d"),
+                                                  ("adafuse", ["--rule", "sfnn"], "dran"),
+                                                  ("dcfb3d", ["--channels", "16"], "dran"),
+                                                  ("dran", ["--no-frequency"], "adafuse"),
+                                                  ("dran", ["--widths", "8,16,32"], "adafuse and dcfb3d")])
+def test_an_option_of_another_network_is_refused(model, option, owner, tmp_path, cli):
+    """Options that shape one network are refused for the others, not silently ignored."""
+    r = cli("train", "--model", model, "--data", str(tmp_path), *option, "--out", str(tmp_path / "w"))
+    assert r.exit_code == 4 and f"{option[0]} is an option of {owner}, not {model}" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
 
 
 def test_a_task_embedding_conditions_the_fusion_and_every_path_passes_the_task(pair):

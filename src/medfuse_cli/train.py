@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,15 @@ DEFAULT_RECIPE = {"adafuse": "balanced", "dran": "recon", "dcfb3d": "balanced"}
 DEFAULT_CROP = {"adafuse": 128, "dran": 128, "dcfb3d": 48}  # crop side (3D: patch side)
 DEFAULT_BATCH = {"adafuse": 8, "dran": 8, "dcfb3d": 2}
 DEFAULT_RULE = "l1"  # DRAN: the shipped card's rule (sfnn picks one source per image; README)
+# TrainConfig fields that only some networks have: (the option that sets it, those networks)
+MODEL_OPTIONS = {
+    "frequency": ("--no-frequency", ("adafuse",)), "exchange": ("--no-exchange", ("adafuse",)),
+    "gate": ("--gate", ("adafuse",)), "widths": ("--widths", ("adafuse", "dcfb3d")),
+    "depth": ("--depth", ("dcfb3d",)), "deformable": ("--no-deformable", ("dcfb3d",)),
+    "direct": ("--direct", ("dcfb3d",)), "tasks": ("--task-embedding", ("dcfb3d",)),
+    "slabs": ("--slabs", ("dcfb3d",)), "slab_depth": ("--slab-depth", ("dcfb3d",)),
+    "channels": ("--channels", ("dran",)), "rule": ("--rule", ("dran",)),
+}
 VOLUME_TASKS = ("mri-ct", "mri-pet")
 
 log = logging.getLogger(__name__)
@@ -252,6 +261,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
     cfg.batch = cfg.batch or DEFAULT_BATCH[cfg.model]
     if cfg.crop % (8 if volume else 16):
         raise InvalidInputError(f"crop {cfg.crop}: must be a multiple of {8 if volume else 16}")
+    defaults = {f.name: f.default for f in fields(TrainConfig)} | {"widths": []}
+    for name, (option, models) in MODEL_OPTIONS.items():
+        if cfg.model not in models and getattr(cfg, name) != defaults[name]:
+            raise InvalidInputError(f"{option} is an option of {' and '.join(models)}, not {cfg.model}")
     parent_state, parent, parent_card = _read_parent(cfg.init) if cfg.init else ({}, None, None)
     if parent_card is not None:  # an installed parent: the same network, its parts unless options add to them
         if parent_card.get("model") != cfg.model:
@@ -260,14 +273,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
         cfg.widths = cfg.widths or list(arch.get("widths") or [])
         cfg.direct, cfg.tasks = cfg.direct or arch.get("direct", 0), cfg.tasks or arch.get("tasks", 0)
         cfg.rule = cfg.rule or arch.get("rule", "")
-    cfg.rule = cfg.rule or DEFAULT_RULE
-    if cfg.rule not in RULES:
-        raise InvalidInputError(f"unknown DRAN rule {cfg.rule!r}; choose {', '.join(RULES)}")
-    if cfg.slabs and not volume:
-        raise InvalidInputError("--slabs trains dcfb3d only (2D networks already train on every slice)")
-    if (cfg.direct or cfg.tasks) and not volume:
-        raise InvalidInputError("--direct and --task-embedding are parts of dcfb3d only (AdaFuse has its task "
-                                "embedding built in)")
+    if cfg.model == "dran":
+        cfg.rule = cfg.rule or DEFAULT_RULE
+        if cfg.rule not in RULES:
+            raise InvalidInputError(f"unknown DRAN rule {cfg.rule!r}; choose {', '.join(RULES)}")
     if volume and len(cfg.widths) not in (0, 3):
         raise InvalidInputError(f"widths {cfg.widths}: DCFB-3D takes three (full, 1/2, 1/4 resolution)")
     cfg.recipe = cfg.recipe or DEFAULT_RECIPE[cfg.model]

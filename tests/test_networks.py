@@ -47,6 +47,7 @@ def test_fuse_a_real_colour_pair_and_a_volume(network, tmp_path, cli):
     vol = tmp_path / "v.nii.gz"
     res = cli("fuse", t1, pet, "-o", vol, "--method", network, "--no-metrics")
     assert res.exit_code == 0, res.stderr
+    assert json.loads((tmp_path / "v.json").read_text())["slices_per_forward"] >= 1
     np.testing.assert_array_equal(nib.load(vol).affine, nib.load(t1).affine)
     assert nib.load(vol).shape == nib.load(t1).shape
 
@@ -133,7 +134,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, cli):
 
 
 @pytest.mark.parametrize("network", SLICE_NETWORKS)
-def test_speed_ups_keep_the_output(network):
+def test_speed_ups_keep_the_output(network, monkeypatch):
     """Batches of slices, thread counts and channels-last weights change the speed, not the result."""
     from medfuse_cli import read_image
     from medfuse_cli.intensity import window_for
@@ -143,17 +144,40 @@ def test_speed_ups_keep_the_output(network):
     a = window_for(t1).apply(t1.data).transpose(2, 1, 0)[40:46]
     b = window_for(pet).apply(pet.data).transpose(2, 1, 0)[40:46]
     model = load_model(model_name(network, "mri-pet"))
+    monkeypatch.setattr(type(model), "cpu_pixels_per_forward", 0)  # batches of 8 on the CPU too
+    info: dict = {}
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = fuse_stack(model, a, b, "mri-pet", batch=1)
         torch.set_num_threads(2)
-        batched = fuse_stack(model, a, b, "mri-pet", batch=8)
+        batched = fuse_stack(model, a, b, "mri-pet", batch=8, info=info)
     finally:
         torch.set_num_threads(threads)
+    assert info["slices_per_forward"] == len(a)
     np.testing.assert_allclose(batched, one, atol=1e-5)
     plain = fuse_stack(load_model(model_name(network, "mri-pet"), channels_last=False), a, b, "mri-pet")
     np.testing.assert_allclose(plain, batched, atol=1e-4)  # channels-last weights
+
+
+def test_cpu_slice_batches_stay_small_enough_for_the_caches():
+    """On the CPU a batch of slices is capped by the network's pixels per forward (larger batches
+    ran slower per slice); on a GPU it is not."""
+    from medfuse_cli.models.adafuse import AdaFuse
+    from medfuse_cli.models.dran import DRAN
+    from medfuse_cli.models.infer import slice_batch
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    ada, dran = AdaFuse(), DRAN(channels=8)
+    assert slice_batch(ada, 96, 112, 8, cpu) == 8  # a 91x109 template slice, padded
+    assert slice_batch(ada, 256, 256, 8, cpu) == 2 and slice_batch(ada, 512, 512, 8, cpu) == 1
+    assert slice_batch(dran, 96, 112, 8, cpu) == 1 and slice_batch(dran, 256, 256, 8, cpu) == 1
+    assert slice_batch(dran, 256, 256, 8, gpu) == slice_batch(ada, 512, 512, 8, gpu) == 8
+    assert slice_batch(ada, 96, 112, 2, cpu) == 2  # the memory plan's batch stays the upper bound
+    a = np.random.default_rng(0).random((5, 256, 256), dtype=np.float32)
+    info: dict = {}
+    fuse_stack(dran.eval(), a, a, "mri-pet", batch=8, info=info)
+    assert info["slices_per_forward"] == 1
 
 
 def test_auto_says_when_it_picks_cuda(monkeypatch, caplog):

@@ -203,6 +203,7 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
         "method": method if method == options.method else f"{method} (from {options.method})",
         "model": _model_used(method, task),
         "device": ran.get("device"),
+        "slices_per_forward": ran.get("slices_per_forward"),
         "memory": budget.summary(),
     }
     if budget.metrics:

@@ -52,7 +52,7 @@ def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", devic
     """Fuse normalised arrays ``(x, y, z)`` in [0, 1] of one shape. 2D networks go slice by slice
     (axial, ``batch`` slices at a time); volume networks by overlapping windows of ``patch`` voxels.
     ``threads`` > 0 sets torch's CPU threads. ``info``, when given, receives the device a network
-    ran on."""
+    ran on (and a 2D network's slices per forward)."""
     volume = a.shape[2] > 1
     method = resolve_method(method, volume)
     if method in CLASSIC_RULES:
@@ -79,7 +79,7 @@ def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", devic
         model = load_model(name, str(dev))
         if method in VOLUME_NETWORKS:
             return sliding_window(model, sa, sb, size, overlap, device=dev, task=task)
-        return fuse_stack(model, sa, sb, task, batch=size, device=dev)
+        return fuse_stack(model, sa, sb, task, batch=size, device=dev, info=info)
 
     # on a GPU out-of-memory error: smaller windows (batches of slices), then the CPU
     sizes = [patch, max(patch // 2, 8), 8] if method in VOLUME_NETWORKS else [batch, max(batch // 4, 1), 1]

@@ -133,10 +133,11 @@ class ScaleFusion(nn.Module):
 class AdaFuse(nn.Module):
     """Two images (N,1,H,W) in [0,1] and a task index (N,) -> fused (N,1,H,W) in [0,1].
 
-    H and W must be multiples of 16 (:func:`medfuse_cli.models.infer.fuse_slices` pads).
+    H and W must be multiples of 16 (:func:`medfuse_cli.models.infer.fuse_stack` pads).
     """
 
     multiple = 16
+    cpu_pixels_per_forward = 1 << 17  # e.g. 8 slices of 128x128, 2 of 256x256 (infer.slice_batch)
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 48, 64), frequency: bool = True, exchange: bool = True,
                  gate: bool = False) -> None:

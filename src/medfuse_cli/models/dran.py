@@ -89,6 +89,7 @@ class DRAN(nn.Module):
     """
 
     multiple = 2
+    cpu_pixels_per_forward = 1 << 14  # full-resolution features: one slice of 128x128 or more
 
     def __init__(self, channels: int = 32, rule: str = "sfnn") -> None:
         super().__init__()

@@ -76,16 +76,31 @@ def load_model(name: str, device: str = "cpu", channels_last: bool = True) -> to
     return model
 
 
+def slice_batch(model: torch.nn.Module, rows: int, cols: int, batch: int, device: torch.device) -> int:
+    """Slices per forward: at most ``batch``; on the CPU also at most the model's
+    ``cpu_pixels_per_forward`` pixels (at least one slice). Larger batches overflow the CPU's
+    caches and run slower per slice (``benchmarks/slice_batch.py``); a GPU takes the whole batch."""
+    budget = getattr(model, "cpu_pixels_per_forward", 0)
+    if device.type != "cpu" or not budget:
+        return batch
+    return max(1, min(batch, budget // (rows * cols)))
+
+
 @torch.inference_mode()
 def fuse_stack(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, task: str, batch: int = 8,
-               device: torch.device | None = None) -> np.ndarray:
-    """Fuse stacks of slices ``(n, rows, cols)`` in [0, 1]; returns float32 in [0, 1]."""
+               device: torch.device | None = None, info: dict | None = None) -> np.ndarray:
+    """Fuse stacks of slices ``(n, rows, cols)`` in [0, 1], at most ``batch`` at a time
+    (:func:`slice_batch`; ``info`` receives the number as ``slices_per_forward``); returns float32
+    in [0, 1]."""
     from .adafuse import TASKS
 
     device = device or next(model.parameters()).device
     m = getattr(model, "multiple", 1)
     n, h, w = a.shape
     ph, pw = (-h) % m, (-w) % m
+    batch = min(slice_batch(model, h + ph, w + pw, batch, device), n)
+    if info is not None:
+        info["slices_per_forward"] = batch
     out = np.empty((n, h, w), np.float32)
     tid = TASKS.index(task)
     for i in range(0, n, batch):

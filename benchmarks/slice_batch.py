@@ -42,12 +42,12 @@ def main() -> None:
             picked = slice_batch(model, side, side, 8, torch.device("cpu"))
             ms = {}
             for n in sorted({*BATCHES, picked}):
-                setattr(type(model), "cpu_pixels_per_forward", 0)  # exactly n slices per forward
+                type(model).cpu_pixels_per_forward = 0  # exactly n slices per forward
                 try:
-                    ms[n] = timed(lambda n=n: fuse_stack(model, stack_a, stack_b, "mri-pet", batch=n),
+                    ms[n] = timed(lambda n=n, m=model, xa=stack_a, xb=stack_b: fuse_stack(m, xa, xb, "mri-pet", batch=n),
                                   args.repeat) / SLICES * 1000
                 finally:
-                    setattr(type(model), "cpu_pixels_per_forward", budget)
+                    type(model).cpu_pixels_per_forward = budget
             cells = [f"**{ms[n]:.1f}**" if n == picked else f"{ms[n]:.1f}" for n in BATCHES]
             print(f"| {name} | {side} | " + " | ".join(cells) + f" | {picked}, {ms[picked]:.1f} | {ms[8] / ms[picked]:.2f}x |",
                   flush=True)

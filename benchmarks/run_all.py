@@ -8,7 +8,8 @@ machine's measured float32 matmul GFLOP/s, all measured in one run.
 - Peak memory: resident set of a fresh process that runs only that method (its ``VmHWM``).
 - GFLOP/s: floating-point operations of one forward (``torch.utils.flop_counter``) / its time.
 - Optimisations, before -> after in the same run: 1 -> 2 threads; contiguous -> channels-last
-  weights (2D networks); for volumes with 2D networks, one slice per forward -> batches of 8 slices.
+  weights (2D networks); for volumes with 2D networks, one slice per forward -> batches of up to 8
+  slices (fewer where the network's CPU pixel budget says so: ``models.infer.slice_batch``).
 
     python benchmarks/run_all.py [--threads 2]
 """

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from medfuse_cli.models.infer import load_model
 from medfuse_cli.models.losses import (
     RECIPES,
@@ -40,7 +42,6 @@ from medfuse_cli.train import (
     load_split,
     validate,
 )
-from torch import nn
 
 HARVARD = Path(__file__).resolve().parents[2] / "shared" / "data" / "harvard"
 TASKS = ("mri-ct", "mri-pet", "mri-spect")

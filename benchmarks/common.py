@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,6 +22,20 @@ def timed(fn: Callable[[], object], repeat: int) -> float:
     for _ in range(repeat):
         fn()
     return (time.perf_counter() - t0) / repeat
+
+
+def network_timing_args(description: str, networks: str, repeat: int) -> argparse.Namespace:
+    """``--threads`` (torch's CPU threads, set here), ``--networks`` and ``--repeat`` of the scripts
+    that time networks."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--networks", default=networks)
+    parser.add_argument("--repeat", type=int, default=repeat)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def harvard_pair() -> tuple[np.ndarray, np.ndarray]:

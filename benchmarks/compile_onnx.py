@@ -11,14 +11,13 @@ is reported as such.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import harvard_pair, spm_volumes, timed
+from common import harvard_pair, network_timing_args, spm_volumes, timed
 
 
 def inputs(name: str) -> tuple[torch.Tensor, ...]:
@@ -56,12 +55,7 @@ def onnx_session(model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: P
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--networks", default="adafuse,dran,dcfb3d")
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = network_timing_args(__doc__.splitlines()[0], "adafuse,dran,dcfb3d", 5)
     print(f"torch {torch.__version__}, {args.threads} threads\n")
     print("| network | input | eager ms | torch.compile ms (compile s) | compile max diff | ONNX Runtime ms (export s) | ONNX max diff |")
     print("|---|---|--:|--:|--:|--:|--:|")

@@ -9,11 +9,9 @@ Slices are the real 256x256 Harvard MRI-PET pair, cropped (smaller sides) or til
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
-from common import harvard_pair, timed
+from common import harvard_pair, network_timing_args, timed
 
 from medfuse_cli.models.infer import fuse_stack, load_model, slice_batch
 
@@ -23,12 +21,7 @@ SLICES = 16
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--networks", default="adafuse,dran")
-    parser.add_argument("--repeat", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = network_timing_args(__doc__.splitlines()[0], "adafuse,dran", 2)
     a, b = harvard_pair()
     print(f"torch {torch.__version__}, {args.threads} threads, {SLICES} slices per run, ms per slice\n")
     print("| network | side | " + " | ".join(f"batch {n}" for n in BATCHES) + " | picked: batch, ms | fixed 8 / picked |")

@@ -21,7 +21,7 @@ import numpy as np
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "spm12"
 TILES = [(1, 1, 1), (2, 2, 1), (2, 2, 2)]
-METHODS = ["laplacian", "adafuse", "dcfb3d"]
+METHODS = ["laplacian", "adafuse", "dran", "dcfb3d"]
 
 
 def main() -> None:

@@ -69,7 +69,19 @@ def test_sizes_and_plans():
     roomy = plan((182, 218, 182), "dcfb3d", True, 96, "64G")
     assert (roomy.metrics, roomy.patch, roomy.notes) == (True, 96, [])
     small = plan((256, 256, 1), "adafuse", True, 96, "auto")
-    assert small.metrics and small.batch == 8
+    assert small.metrics and small.batch == 1 and small.notes == []  # one slice: one per forward
+
+
+def test_cpu_plans_count_the_slices_a_network_really_runs():
+    """On the CPU a 2D network runs at most its pixels per forward (``models.infer.slice_batch``):
+    the plan budgets that batch, not 8, and says nothing about giving batches up."""
+    from medfuse_cli.memory import _estimate
+
+    for method, shape, runs in (("adafuse", (91, 109, 91), 8), ("adafuse", (256, 256, 40), 2),
+                                ("dran", (256, 256, 40), 1), ("dran", (91, 109, 91), 1)):
+        chosen = plan(shape, method, True, 96, "64G", "cpu")
+        assert (chosen.batch, chosen.notes) == (runs, []), (method, shape)
+        assert chosen.estimate_bytes < _estimate(shape, method, True, 96, 8) or runs == 8
 
 
 def test_bad_max_memory_is_one_line(cli, tmp_path):
@@ -93,13 +105,15 @@ def test_a_volume_larger_than_the_memory_is_refused_from_its_header(cli, tmp_pat
 
 
 def test_2d_networks_get_smaller_slice_batches_before_losing_the_metrics():
-    """A 512x512x200 volume with AdaFuse under a limit that fits batches of 2 slices but not 8:
-    neither batches of 8 nor the metrics fit, and the plan says what it gave up."""
+    """A 128x128x2000 volume with AdaFuse (8 slices per forward on the CPU) under a limit that fits
+    batches of 2 slices but not 8: neither batches of 8 nor the metrics fit, and the plan says what
+    it gave up."""
     from medfuse_cli.memory import _estimate
 
-    shape = (512, 512, 200)
-    limit = _estimate(shape, "adafuse", False, 96, 2) + (100 << 20)
-    assert _estimate(shape, "adafuse", False, 96, 8) > limit  # batches of 8 would not fit
+    shape = (128, 128, 2000)
+    low, high = _estimate(shape, "adafuse", False, 96, 2), _estimate(shape, "adafuse", False, 96, 8)
+    limit = (low + high) // 2
+    assert high - low > 60 << 20  # batches of 8 would not fit, with room for the resident memory to move
     chosen = plan(shape, "adafuse", True, 96, str(limit))
     assert (chosen.batch, chosen.metrics) == (2, False)
     assert any("batches of 2 slices" in n for n in chosen.notes) and chosen.estimate_bytes <= limit

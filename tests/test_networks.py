@@ -48,7 +48,9 @@ def test_fuse_a_real_colour_pair_and_a_volume(network, tmp_path, cli):
     res = cli("fuse", t1, pet, "-o", vol, "--method", network, "--no-metrics")
     assert res.exit_code == 0, res.stderr
     # 91x109 slices: AdaFuse batches 8 of them per forward on the CPU, DRAN one (models.infer.slice_batch)
-    assert json.loads((tmp_path / "v.json").read_text())["slices_per_forward"] == (8 if network == "adafuse" else 1)
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["slices_per_forward"] == (8 if network == "adafuse" else 1)
+    assert report["memory"]["batch"] == report["slices_per_forward"]  # the memory plan budgets what runs
     np.testing.assert_array_equal(nib.load(vol).affine, nib.load(t1).affine)
     assert nib.load(vol).shape == nib.load(t1).shape
 

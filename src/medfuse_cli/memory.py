@@ -10,7 +10,8 @@ estimate beside the measured peak):
   bytes per voxel);
 * the report's metrics (SSIM, VIF, FMI... in float64): ``METRICS`` (fixed bytes, bytes per voxel);
 * a network: its weights and activations for one window of ``patch**3`` voxels (DCFB-3D) or one
-  batch of slices (AdaFuse, DRAN), plus the sliding window's accumulators (counted in full even
+  batch of slices (AdaFuse, DRAN; on the CPU the batch they will really run, which for large slices
+  is smaller than ``BATCHES[0]``, see ``models.infer.slice_batch``), plus the sliding window's accumulators (counted in full even
   though the metrics run after it: freed memory is not all returned to the system).
 """
 
@@ -149,15 +150,24 @@ def _estimate(shape: tuple[int, ...], method: str, metrics: bool, patch: int, ba
     return int(resident() + BASE[0] + BASE[1] * voxels + network + scoring)
 
 
-def plan(shape: tuple[int, ...], method: str, metrics: bool, patch: int, max_memory: str) -> Plan:
+def plan(shape: tuple[int, ...], method: str, metrics: bool, patch: int, max_memory: str,
+         device: str = "cpu") -> Plan:
     """The richest plan under the limit: first drop to smaller windows / batches, then skip the
-    metrics; :class:`OutOfMemoryError` when nothing fits."""
+    metrics; :class:`OutOfMemoryError` when nothing fits. ``device`` is ``--device``: on the CPU a 2D
+    network's batch is what it will really run (at most its pixels per forward)."""
     limit = parse_size(max_memory)
     limit = available() if limit is None else limit
     if method in NETWORK_COST:
         import torch  # noqa: F401 - loaded now, so that the resident memory counts it
     windows = [patch, *(p for p in PATCHES if p < patch)] if method == "dcfb3d" else [patch]
-    batches = list(BATCHES) if method in ("adafuse", "dran") else [BATCHES[0]]
+    if method in ("adafuse", "dran"):
+        from .models.infer import planned_slice_batch
+
+        slices = int(shape[2]) if len(shape) > 2 else 1
+        runs = (min(slices, planned_slice_batch(method, int(shape[0]), int(shape[1]), b, device)) for b in BATCHES)
+        batches = sorted(set(runs), reverse=True)
+    else:
+        batches = [BATCHES[0]]
     tries = [(m, p, b) for m in ([True, False] if metrics else [False]) for p in windows for b in batches]
     for m, p, b in tries:
         est = _estimate(shape, method, m, p, b)

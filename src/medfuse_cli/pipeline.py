@@ -143,7 +143,7 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     _check_pair(fixed, moving)
     check_fits(resolve_method(options.method), volume=not fixed.is_2d)  # before registering
     budget = plan(fixed.shape[:3], resolve_method(options.method, volume=not fixed.is_2d), options.metrics,
-                  options.patch, options.max_memory)
+                  options.patch, options.max_memory, options.device)
     reg = register(fixed, moving, options.transform, seed=options.seed)
     for w in reg.warnings:
         log.warning("%s", w)

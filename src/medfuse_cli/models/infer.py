@@ -15,12 +15,14 @@ from .checks import check_device_name, check_window
 log = logging.getLogger(__name__)
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """The torch device of ``--device``: ``auto`` is the first CUDA device when there is one."""
+def pick_device(name: str = "auto", announce: bool = True) -> torch.device:
+    """The torch device of ``--device``: ``auto`` is the first CUDA device when there is one
+    (said in a warning when ``announce``)."""
     check_device_name(name)
     if name == "auto":
         if torch.cuda.is_available():
-            log.warning("--device auto: using CUDA device 0 (%s), float16", torch.cuda.get_device_name(0))
+            if announce:
+                log.warning("--device auto: using CUDA device 0 (%s), float16", torch.cuda.get_device_name(0))
             return torch.device("cuda:0")
         return torch.device("cpu")
     if name.startswith("cuda"):
@@ -76,7 +78,7 @@ def load_model(name: str, device: str = "cpu", channels_last: bool = True) -> to
     return model
 
 
-def slice_batch(model: torch.nn.Module, rows: int, cols: int, batch: int, device: torch.device) -> int:
+def slice_batch(model: torch.nn.Module | type[torch.nn.Module], rows: int, cols: int, batch: int, device: torch.device) -> int:
     """Slices per forward: at most ``batch``; on the CPU also at most the model's
     ``cpu_pixels_per_forward`` pixels (at least one slice). Larger batches overflow the CPU's
     caches and run slower per slice (``benchmarks/slice_batch.py``); a GPU takes the whole batch."""
@@ -84,6 +86,17 @@ def slice_batch(model: torch.nn.Module, rows: int, cols: int, batch: int, device
     if device.type != "cpu" or not budget:
         return batch
     return max(1, min(batch, budget // (rows * cols)))
+
+
+def planned_slice_batch(name: str, rows: int, cols: int, batch: int, device: str) -> int:
+    """Slices per forward that :func:`fuse_stack` will run for the 2D network ``name`` on slices of
+    ``rows`` x ``cols`` with ``batch`` and ``--device``, known before any model is loaded."""
+    from .adafuse import AdaFuse
+    from .dran import DRAN
+
+    cls = {"adafuse": AdaFuse, "dran": DRAN}[name]
+    m = cls.multiple
+    return slice_batch(cls, rows + (-rows) % m, cols + (-cols) % m, batch, pick_device(device, announce=False))
 
 
 @torch.inference_mode()

@@ -184,6 +184,25 @@ def test_figure_and_8_bit_registration_output(tmp_path, cli):
     np.testing.assert_array_equal(np.asarray(PILImage.open(out)), np.asarray(PILImage.open(folder / "02004_ct.png")))
 
 
+def test_figure_panels_keep_physical_proportions():
+    """A real MR with 5.2 mm slices under 0.39 mm pixels: the coronal and sagittal panels are drawn
+    13.3 times taller per row than wide, whatever the order of the voxel axes on disk."""
+    from dataclasses import replace
+
+    from medfuse_cli.report import _aspect, _canonical, _planes
+
+    mr = read_image(shared_path("volumes", "tcia_sts001_mr_t1", "STS_001_MR_T1_AXIAL_SE.nii.gz"))
+    # the same world image stored slice-first (voxel axes z, x, y)
+    perm = (2, 0, 1)
+    stored = replace(mr, data=np.transpose(mr.data, perm), affine=mr.affine[:, [*perm, 3]])
+    for image in (mr, stored):
+        _, spacing = _canonical(image)
+        aspects = {name: _aspect(spacing, sel) for name, sel, _ in _planes(image)}
+        assert aspects["axial"] == pytest.approx(1.0, rel=1e-6)
+        assert aspects["coronal"] == pytest.approx(5.2 / 0.390625, rel=1e-4)
+        assert aspects["sagittal"] == pytest.approx(5.2 / 0.390625, rel=1e-4)
+
+
 def test_guided_filter_limits():
     from medfuse_cli.fusion.classic import _box, guided_filter
 

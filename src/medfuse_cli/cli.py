@@ -278,7 +278,7 @@ def fuse(
     moving_modality: MovingModality = None,
     ct_window: CtWindow = None,
     report: Annotated[Path | None, typer.Option("--report", readable=False, help="JSON report path (default: beside the output, OUT.json).")] = None,
-    figure: Annotated[Path | None, typer.Option("--figure", readable=False, help="Also write a PNG figure: FIXED, MOVING, fused and an overlay, middle slice of each plane.")] = None,
+    figure: Annotated[Path | None, typer.Option("--figure", readable=False, help="Also write a PNG figure: FIXED, MOVING, fused and an overlay, middle slice of each plane, in physical proportions.")] = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
     seed: Seed = 0,

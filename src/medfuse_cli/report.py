@@ -27,12 +27,23 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _canonical(image: Image) -> np.ndarray:
-    """The voxel array flipped/permuted to the nearest RAS+ axes (for display only)."""
+def _canonical(image: Image) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The voxel array flipped/permuted to the nearest RAS+ axes (for display only), and the voxel
+    spacing along those axes."""
     import nibabel as nib
 
     ornt = nib.orientations.io_orientation(image.affine)
-    return nib.orientations.apply_orientation(image.data, ornt)
+    spacing = [1.0, 1.0, 1.0]
+    for axis, (to, _) in enumerate(ornt):
+        spacing[int(to)] = float(image.spacing[axis])
+    return nib.orientations.apply_orientation(image.data, ornt), (spacing[0], spacing[1], spacing[2])
+
+
+def _aspect(spacing: tuple[float, ...], sel: tuple) -> float:
+    """imshow's aspect (pixel height / width) of a slice ``sel`` shown by :func:`_show`: its
+    columns run along the first kept axis, its rows along the second."""
+    kept = [spacing[i] for i, s in enumerate(sel) if s != "mid" and not isinstance(s, int)]
+    return kept[1] / kept[0] if len(kept) == 2 and kept[0] > 0 else 1.0
 
 
 def _planes(image: Image) -> list[tuple[str, Any, bool]]:
@@ -70,7 +81,11 @@ def write_figure(fixed: Image, moved: Image, fused: Image, path: Path, overwrite
     import matplotlib.pyplot as plt
 
     planes = _planes(fixed)
-    arrays = [fixed.data, moved.data, fused.data] if fixed.is_2d else [_canonical(im) for im in (fixed, moved, fused)]
+    if fixed.is_2d:
+        arrays, spacing = [fixed.data, moved.data, fused.data], fixed.spacing
+    else:
+        canonical = [_canonical(im) for im in (fixed, moved, fused)]
+        arrays, spacing = [c[0] for c in canonical], canonical[0][1]
     fig, axes = plt.subplots(len(planes), 4, figsize=(12, 3.2 * len(planes)), squeeze=False)
     titles = (
         f"FIXED {fixed.modality.value}",
@@ -79,6 +94,7 @@ def write_figure(fixed: Image, moved: Image, fused: Image, path: Path, overwrite
         "overlay",
     )
     for row, (name, sel, flip) in enumerate(planes):
+        aspect = _aspect(spacing, sel)  # physical proportions, e.g. 5 mm slices against 0.4 mm pixels
         f_slice, m_slice, u_slice = (_take(a, sel) for a in arrays)
         f_img, m_img, u_img = (_show(a, flip) for a in (f_slice, m_slice, u_slice))
         m_grey = _show(luminance(m_slice), flip) if moved.is_color else m_img
@@ -86,10 +102,11 @@ def write_figure(fixed: Image, moved: Image, fused: Image, path: Path, overwrite
         for col, panel in enumerate(panels):
             ax = axes[row, col]
             if panel is None:
-                ax.imshow(f_img, cmap="gray", interpolation="nearest")
-                ax.imshow(np.ma.masked_less(m_grey, 0.15), cmap="hot", alpha=0.45, interpolation="nearest")
+                ax.imshow(f_img, cmap="gray", interpolation="nearest", aspect=aspect)
+                ax.imshow(np.ma.masked_less(m_grey, 0.15), cmap="hot", alpha=0.45, interpolation="nearest",
+                          aspect=aspect)
             else:
-                ax.imshow(panel, cmap=None if panel.ndim == 3 else "gray", interpolation="nearest")
+                ax.imshow(panel, cmap=None if panel.ndim == 3 else "gray", interpolation="nearest", aspect=aspect)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:

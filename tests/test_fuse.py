@@ -67,6 +67,34 @@ def test_rigid_registration_recovers_a_known_misalignment(tmp_path):
     reg = register(fixed, read_image(moved_path), "rigid")
     assert reg.mi_after > reg.mi_before
     assert _tre(fixed, reg.transform, rigid) < 1.0  # half a 2 mm voxel
+    assert abs(reg.summary()["rotation_deg"] - 11.4) < 1.0 and reg.warnings == []  # (8, -6, 5) degrees: 11.4
+
+
+def _mask_centroid_lps(path) -> np.ndarray:
+    image = read_image(path)
+    idx = np.argwhere(image.data > 0)
+    return (image.affine @ np.c_[idx, np.ones(len(idx))].T)[:3].mean(1) * [-1, -1, 1]
+
+
+@pytest.mark.parametrize("fixed_name, moving_name, tolerance", [("MR_T1", "CT", 4.0), ("CT", "PET", 10.0)])
+def test_registration_keeps_scans_that_share_a_frame_of_reference(fixed_name, moving_name, tolerance):
+    """The IBSI patient's MR, CT and PET are cropped differently but share one world space (their
+    tumour masks' centroids agree to 0.2 mm). Starting only from the centres of mass, registration
+    moved them 44 and 86 mm apart; the headers' start keeps them within a few mm (PET voxels: 5.5 mm)."""
+    folder = shared_path("volumes", "ibsi_sts002_ct_mr_pet")
+    reg = register(read_image(folder / f"{fixed_name}_image.nii.gz"), read_image(folder / f"{moving_name}_image.nii.gz"))
+    tumour = reg.transform.TransformPoint(tuple(_mask_centroid_lps(folder / f"{fixed_name}_mask.nii.gz")))
+    assert np.linalg.norm(np.array(tumour) - _mask_centroid_lps(folder / f"{moving_name}_mask.nii.gz")) < tolerance
+    summary = reg.summary()
+    assert summary["start"] == "header" and summary["starts_mattes_mi"]["header"] > summary["starts_mattes_mi"]["moments"]
+
+
+def test_a_large_rotation_is_reported(tmp_path):
+    """Found rotations above 20 degrees are reported as suspect (here a real one of 35)."""
+    moved_path, _ = _misaligned(shared_path("volumes", "spm12_mni_2mm", "OldNorm_T2.nii.gz"), tmp_path, (35, 0, 0), (0, 0, 0))
+    reg = register(read_image(T1), read_image(moved_path), "rigid")
+    assert abs(reg.summary()["rotation_deg"] - 35) < 2
+    assert any("rotated MOVING by 35 degrees" in w and "--transform none" in w for w in reg.warnings)
 
 
 def test_fusion_with_registration_is_deterministic(tmp_path, cli):

@@ -1,8 +1,10 @@
 """Registration of MOVING onto FIXED and resampling onto FIXED's grid (SimpleITK).
 
-Multi-resolution Mattes mutual information, centred (moments) initialisation, rigid and
-then optionally affine, with a fixed sampling seed, fixed parameter scales and one
-thread, so the same inputs give the same result bit for bit. SimpleITK works in LPS+; conversion happens here only.
+Multi-resolution Mattes mutual information on intensities clipped to their 0.5-99.5 percentiles,
+rigid and then optionally affine, with a fixed sampling seed, fixed parameter scales and one
+thread, so the same inputs give the same result bit for bit. Two starts go through the coarse
+levels, the headers' alignment and the centres of mass (moments, when they are more than
+``SAME_START_MM`` apart); the finest level continues from the one with the higher mutual information. SimpleITK works in LPS+; conversion happens here only.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ LPS = np.diag([-1.0, -1.0, 1.0])
 SHRINK = (4, 2, 1)  # multi-resolution levels, coarse to fine
 SAMPLING = (0.25, 0.15, 0.1)  # fraction of FIXED's voxels (regular grid) seen by the metric per level
 MIN_STEP = 2e-3  # optimiser stops when its step (scaled units, about mm) falls below this
+MAX_ROTATION = 20.0  # degrees; a larger rotation is reported as suspect (a wrong optimum, or no shared anatomy)
+COARSE, FINE = (0, 1), (2,)
+SAME_START_MM = 10.0  # levels every start goes through; the level only the chosen one does
 
 
 class TransformKind(str, enum.Enum):
@@ -40,6 +45,8 @@ class Registration:
     skipped: str | None = None
     mi_before: float | None = None
     mi_after: float | None = None
+    start: str | None = None  # "header" or "moments": where the chosen optimisation started
+    starts_mi: dict[str, float] = field(default_factory=dict)  # each start's MI after the coarse levels
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -49,6 +56,9 @@ class Registration:
             "skipped": self.skipped,
             "mattes_mi_before": self.mi_before,
             "mattes_mi_after": self.mi_after,
+            "start": self.start,
+            "starts_mattes_mi": dict(self.starts_mi),
+            "rotation_deg": None if self.skipped else rotation_degrees(self.transform),
             "parameters": [float(p) for p in params],
             "warnings": list(self.warnings),
         }
@@ -144,26 +154,51 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", s
         return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="inputs share one grid")
     if fixed.is_2d or moving.is_2d:
         raise GeometryError("2D images on different grids cannot be registered; give pairs of one size and grid")
-    f = to_sitk(_grey(fixed))
-    m = to_sitk(_grey(moving))
-    initial = sitk.CenteredTransformInitializer(
+    f = to_sitk(_winsorised(_grey(fixed)))
+    m = to_sitk(_winsorised(_grey(moving)))
+    moments = sitk.CenteredTransformInitializer(
         f, m, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
+    header = sitk.Euler3DTransform()
+    header.SetCenter(moments.GetCenter())
     mi_before = _mattes(f, m, sitk.Transform(3, sitk.sitkIdentity))
-    transform = _optimise(f, m, initial, seed, rigid=True)
+    # Both starts through the coarse levels: the headers are right for scans that share a frame of
+    # reference however their fields of view differ (a PET/CT, a cropped volume), the centres of mass
+    # when the headers are far off. Ties go to the headers; centres of mass within SAME_START_MM of
+    # where the headers put them would only find the same optimum again.
+    starts = [("header", header)]
+    if np.linalg.norm(moments.GetTranslation()) > SAME_START_MM:
+        starts.append(("moments", moments))
+    coarse = {name: _optimise(f, m, start, seed, rigid=True, levels=COARSE) for name, start in starts}
+    start = max(coarse, key=lambda name: coarse[name][1])
+    transform, _ = _optimise(f, m, coarse[start][0], seed, rigid=True, levels=FINE)
     if kind is TransformKind.AFFINE:
         affine = sitk.AffineTransform(3)
         affine.SetMatrix(transform.GetMatrix())
         affine.SetTranslation(transform.GetTranslation())
         affine.SetCenter(transform.GetCenter())
-        transform = _optimise(f, m, affine, seed, rigid=False)
+        transform, _ = _optimise(f, m, affine, seed, rigid=False)
     mi_after = _mattes(f, m, transform)
-    result = Registration(transform, kind.value, mi_before=mi_before, mi_after=mi_after)
+    result = Registration(transform, kind.value, mi_before=mi_before, mi_after=mi_after, start=start,
+                          starts_mi={name: value for name, (_, value) in coarse.items()})
     if mi_after < mi_before - 1e-3:
         result.warnings.append(
             f"registration lowered mutual information ({mi_before:.3f} -> {mi_after:.3f}); check the result"
         )
+    angle = rotation_degrees(transform)
+    if angle > MAX_ROTATION:
+        result.warnings.append(
+            f"registration rotated MOVING by {angle:.0f} degrees, more than scans of one patient usually differ: "
+            "check the figure (--figure); if the inputs' headers already align them, use --transform none"
+        )
     return result
+
+
+def rotation_degrees(transform) -> float:
+    """Angle of the rotation in a rigid or affine SimpleITK transform (its matrix's nearest rotation)."""
+    u, _, vt = np.linalg.svd(np.asarray(transform.GetMatrix(), float).reshape(3, 3))
+    r = u @ vt
+    return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1.0, 1.0))))
 
 
 def _grey(image: Image) -> Image:
@@ -174,12 +209,27 @@ def _grey(image: Image) -> Image:
     return image.with_data(luminance(image.data))
 
 
-def _optimise(fixed, moving, initial, seed: int, rigid: bool):
+def _winsorised(image: Image) -> Image:
+    """Intensities clipped to their 0.5-99.5 percentiles, as ANTs' ``--winsorize-image-intensities``:
+    a hot bladder or tumour in a PET, or metal in a CT, would otherwise squeeze the rest of the image
+    into one or two of the metric's 32 histogram bins."""
+    from .intensity import PERCENTILES
+
+    data = image.data
+    finite = data[np.isfinite(data)]
+    lo, hi = (float(v) for v in np.percentile(finite, PERCENTILES))
+    return image.with_data(np.clip(data, lo, hi).astype(np.float32)) if hi > lo else image
+
+
+def _optimise(fixed, moving, initial, seed: int, rigid: bool, levels: tuple[int, ...] = (0, 1, 2)):
+    """Optimise from ``initial`` through the resolution ``levels`` (indices into ``SHRINK``); returns
+    the transform and the metric's last value (higher is better; comparable between runs of the
+    same levels, which sample the same points)."""
     import SimpleITK as sitk
 
     reg = _mattes_method()
     reg.SetMetricSamplingStrategy(reg.REGULAR)
-    reg.SetMetricSamplingPercentagePerLevel(list(SAMPLING), seed + 1)  # ITK's seed 0 means "wall clock"
+    reg.SetMetricSamplingPercentagePerLevel([SAMPLING[i] for i in levels], seed + 1)  # ITK's seed 0 = wall clock
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=1.0, minStep=MIN_STEP, numberOfIterations=100, relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6
     )
@@ -190,8 +240,8 @@ def _optimise(fixed, moving, initial, seed: int, rigid: bool):
     radius2 = float((np.linalg.norm(size) / 2) ** 2)
     scales = [radius2] * 3 + [1.0] * 3 if rigid else [radius2] * 9 + [1.0] * 3
     reg.SetOptimizerScales(scales)
-    reg.SetShrinkFactorsPerLevel(list(SHRINK))
-    reg.SetSmoothingSigmasPerLevel([s / 2 for s in SHRINK[:-1]] + [0.0])
+    reg.SetShrinkFactorsPerLevel([SHRINK[i] for i in levels])
+    reg.SetSmoothingSigmasPerLevel([SHRINK[i] / 2 if SHRINK[i] > 1 else 0.0 for i in levels])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     reg.SetInitialTransform(initial, inPlace=False)
     with _one_thread(reg):
@@ -199,7 +249,7 @@ def _optimise(fixed, moving, initial, seed: int, rigid: bool):
     if isinstance(out, sitk.CompositeTransform) and out.GetNumberOfTransforms() == 1:
         out = out.GetNthTransform(0)
     log.debug("registration stopped: %s", reg.GetOptimizerStopConditionDescription())
-    return out
+    return out, -float(reg.GetMetricValue())
 
 
 def resample_to(moving: Image, fixed: Image, transform=None, linear: bool = True) -> Image:

@@ -7,7 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import EXAMPLES, shared_path
+from conftest import EXAMPLES, assert_one_line_error, shared_path
 from scipy.spatial.transform import Rotation
 
 from medfuse_cli import read_image, write_image
@@ -118,6 +118,56 @@ def test_register_command_writes_moving_on_fixed_grid(tmp_path, cli):
     assert "rigid registration, Mattes MI" in res.stdout
     # registered PET agrees with the original, aligned PET
     assert np.corrcoef(nib.load(out).get_fdata().ravel(), read_image(PET).data.ravel())[0, 1] > 0.97
+    # the saved transform, applied as it is, gives the same resampled PET
+    again = tmp_path / "again.nii.gz"
+    res = cli("register", T1, moved, "-o", again, "--transform", "none", "--initial-transform", tfm)
+    assert res.exit_code == 0 and "--initial-transform applied" in res.stdout, res.stderr
+    np.testing.assert_allclose(nib.load(again).get_fdata(), nib.load(out).get_fdata(), atol=1e-3)
+
+
+def test_scans_in_different_frames_register_from_an_initial_transform(tmp_path, cli):
+    """The IBSI CT with its header moved 800 mm along the table (as a scan from another session
+    would be): refused as not overlapping on its own, registered onto the MR (tumour centroids
+    within 4 mm) from a rough initial translation 790 mm in a .tfm file."""
+    import SimpleITK as sitk
+
+    folder = shared_path("volumes", "ibsi_sts002_ct_mr_pet")
+    ct = read_image(folder / "CT_image.nii.gz")
+    ct.affine = ct.affine.copy()
+    ct.affine[2, 3] += 800.0
+    ct.nifti_geometry = None
+    far = tmp_path / "ct_far.nii.gz"
+    write_image(ct, far)
+    mr = folder / "MR_T1_image.nii.gz"
+    assert cli("fuse", mr, far, "-o", tmp_path / "refused.nii.gz").exit_code == 5
+    rough = sitk.TranslationTransform(3, (0.0, 0.0, 790.0))  # FIXED point -> MOVING point, LPS (z as in RAS)
+    tfm = tmp_path / "rough.tfm"
+    sitk.WriteTransform(rough, str(tfm))
+    out, saved = tmp_path / "ct_on_mr.nii.gz", tmp_path / "found.tfm"
+    res = cli("register", mr, far, "-o", out, "--initial-transform", tfm, "--save-transform", saved)
+    assert res.exit_code == 0, res.stderr
+    found = sitk.ReadTransform(str(saved))
+    tumour = np.array(found.TransformPoint(tuple(_mask_centroid_lps(folder / "MR_T1_mask.nii.gz"))))
+    assert np.linalg.norm(tumour - _mask_centroid_lps(folder / "CT_mask.nii.gz") - [0, 0, 800]) < 4.0
+    res = cli("fuse", mr, far, "-o", tmp_path / "fused.nii.gz", "--initial-transform", tfm, "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    report = json.loads((tmp_path / "fused.json").read_text())
+    assert report["registration"]["start"] == "--initial-transform"
+    assert report["parameters"]["initial_transform"] == str(tfm)
+
+
+def test_bad_initial_transforms_are_one_line(tmp_path, cli):
+    import SimpleITK as sitk
+
+    garbage, scaled = tmp_path / "garbage.tfm", tmp_path / "scaled.tfm"
+    garbage.write_text("#Insight Transform File V1.0\nnot a transform\n")
+    sitk.WriteTransform(sitk.ScaleTransform(3, (1.1, 1.0, 1.0)), str(scaled))
+    out = tmp_path / "o.nii.gz"
+    for args, code in (((tmp_path / "missing.tfm",), 3), ((garbage,), 4), ((scaled,), 4)):
+        assert_one_line_error(cli("fuse", T1, PET, "-o", out, "--initial-transform", *args), code)
+    assert not out.exists()
+    # a scaling transform is applied as it is with --transform none
+    assert cli("register", T1, PET, "-o", out, "--initial-transform", scaled, "--transform", "none").exit_code == 0
 
 
 @pytest.mark.slow

@@ -244,6 +244,7 @@ CtWindow = Annotated[
 ]
 FixedSeries = Annotated[str | None, typer.Option("--fixed-series", help="FIXED is DICOM with several series: take this one (UID, number or description).")]
 MovingSeries = Annotated[str | None, typer.Option("--moving-series", help="MOVING is DICOM with several series: take this one (UID, number or description).")]
+InitialTransform = Annotated[Path | None, typer.Option("--initial-transform", readable=False, help="Start the registration from this rigid transform (ITK .tfm / .txt / .h5, LPS, FIXED point -> MOVING point, as register --save-transform and SimpleITK write it) instead of the headers and the centres of mass; with --transform none, apply it as it is (rigid or affine). For scans in different frames of reference.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the registration's metric sampling (same inputs + seed = same output bit for bit).")]
 FixedArg = Annotated[Path, typer.Argument(readable=False, help="Anatomical reference (normally the MRI): NIfTI, DICOM folder/zip/file, PNG/TIFF. The output lives on its grid.", show_default=False)]
 MovingArg = Annotated[Path, typer.Argument(readable=False, help="The other modality (CT, PET, SPECT): NIfTI, DICOM folder/zip/file, PNG/TIFF (RGB pseudo-colour allowed).", show_default=False)]
@@ -252,6 +253,8 @@ MovingArg = Annotated[Path, typer.Argument(readable=False, help="The other modal
 def _registration_line(summary: dict) -> str:
     if summary["skipped"]:
         return f"registration skipped ({summary['skipped']})"
+    if summary["kind"] == "none":
+        return "transform of --initial-transform applied"
     return f"{summary['kind']} registration, Mattes MI {summary['mattes_mi_before']:.3f} -> {summary['mattes_mi_after']:.3f}"
 
 
@@ -274,6 +277,7 @@ def fuse(
     output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Fused image: .nii.gz / .nii (3D or 2D), .png / .tif (2D), or a folder (a path without extension): a new derived DICOM series.", show_default=False)],
     method: Method = "laplacian",
     transform: Transform = "rigid",
+    initial_transform: InitialTransform = None,
     fixed_modality: FixedModality = None,
     moving_modality: MovingModality = None,
     ct_window: CtWindow = None,
@@ -303,7 +307,9 @@ def fuse(
     def body() -> None:
         from .pipeline import FuseOptions, fuse_pair
 
-        options = FuseOptions(method=method, transform=transform, fixed_modality=fixed_modality,
+        options = FuseOptions(method=method, transform=transform,
+                              initial_transform=None if initial_transform is None else str(initial_transform),
+                              fixed_modality=fixed_modality,
                               moving_modality=moving_modality, ct_window=ct_window,
                               fixed_series=fixed_series, moving_series=moving_series, seed=seed,
                               metrics=metrics, device=device, patch=patch, overlap=overlap,
@@ -332,6 +338,7 @@ def register(
     moving: MovingArg,
     output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="MOVING resampled onto FIXED's grid: .nii.gz / .nii / .png / .tif.", show_default=False)],
     transform: Transform = "rigid",
+    initial_transform: InitialTransform = None,
     save_transform: Annotated[Path | None, typer.Option("--save-transform", readable=False, help="Also save the transform (ITK .tfm, LPS, FIXED point -> MOVING point).")] = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
@@ -347,7 +354,8 @@ def register(
         from .pipeline import register_pair
 
         reg = register_pair(fixed, moving, output, transform=transform, save_transform=save_transform,
-                            fixed_series=fixed_series, moving_series=moving_series, seed=seed, overwrite=overwrite)
+                            fixed_series=fixed_series, moving_series=moving_series, seed=seed, overwrite=overwrite,
+                            initial_transform=initial_transform)
         if not quiet:
             typer.echo(f"{output}  {_registration_line(reg.summary())}")
 

@@ -27,7 +27,7 @@ from .intensity import (
 from .io import FrameChoice, check_dicom_fits, check_output, read_image, write_image
 from .io.atomic import atomic_write_bytes, check_writable
 from .memory import peak, plan
-from .register import Registration, register, resample_to
+from .register import Registration, read_transform, register, resample_to
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class FuseOptions:
 
     method: str = "laplacian"
     transform: str = "rigid"
+    initial_transform: str | None = None  # ITK transform file: the registration's start (with "none": the result)
     fixed_modality: str | None = None
     moving_modality: str | None = None
     ct_window: str | None = None
@@ -69,6 +70,8 @@ class FuseOptions:
             raise InvalidInputError(f"--threads {self.threads}: must be 0 (torch's default) or more")
         if self.transform not in ("rigid", "affine", "none"):
             raise InvalidInputError(f"unknown transform {self.transform!r}; choose rigid, affine or none")
+        if self.initial_transform is not None:
+            read_transform(self.initial_transform, rigid=self.transform != "none")  # before any image is read
         parse_ct_window(self.ct_window)
         for m in (self.fixed_modality, self.moving_modality):
             if m is not None:
@@ -144,7 +147,8 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     check_fits(resolve_method(options.method), volume=not fixed.is_2d)  # before registering
     budget = plan(fixed.shape[:3], resolve_method(options.method, volume=not fixed.is_2d), options.metrics,
                   options.patch, options.max_memory, options.device)
-    reg = register(fixed, moving, options.transform, seed=options.seed)
+    initial = read_transform(options.initial_transform) if options.initial_transform else None
+    reg = register(fixed, moving, options.transform, seed=options.seed, initial=initial)
     for w in reg.warnings:
         log.warning("%s", w)
     if reg.skipped:
@@ -341,11 +345,13 @@ def register_pair(
     moving_series: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    initial_transform: str | os.PathLike[str] | None = None,
 ) -> Registration:
     """Register MOVING onto FIXED, write MOVING on FIXED's grid (and the transform, if asked)."""
     import tempfile
 
-    FuseOptions(transform=transform)  # validates the name
+    initial_transform = None if initial_transform is None else str(initial_transform)
+    FuseOptions(transform=transform, initial_transform=initial_transform)  # validates the name and the file
     out_path = Path(output)
     check_output(out_path, overwrite, inputs=[fixed, moving])
     if save_transform is not None:
@@ -354,7 +360,8 @@ def register_pair(
     check_usable(fixed_img, "FIXED")
     check_usable(moving_img, "MOVING")
     _check_pair(fixed_img, moving_img)
-    reg = register(fixed_img, moving_img, transform, seed=seed)
+    initial = read_transform(initial_transform) if initial_transform else None
+    reg = register(fixed_img, moving_img, transform, seed=seed, initial=initial)
     for w in reg.warnings:
         log.warning("%s", w)
     moved = resample_to(moving_img, fixed_img, None if reg.skipped else reg.transform)

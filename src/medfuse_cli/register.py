@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from .errors import GeometryError
+from .errors import GeometryError, InputNotFoundError, InvalidInputError
 from .image import Image
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ class Registration:
     skipped: str | None = None
     mi_before: float | None = None
     mi_after: float | None = None
-    start: str | None = None  # "header" or "moments": where the chosen optimisation started
+    start: str | None = None  # "header", "moments" or "--initial-transform": where the result started
     starts_mi: dict[str, float] = field(default_factory=dict)  # each start's MI after the coarse levels
     warnings: list[str] = field(default_factory=list)
 
@@ -88,9 +90,12 @@ def _world_corners(image: Image) -> np.ndarray:
     return (image.affine @ idx)[:3].T
 
 
-def check_overlap(fixed: Image, moving: Image) -> None:
-    """Refuse pairs whose physical bounding boxes do not intersect."""
+def check_overlap(fixed: Image, moving: Image, transform=None) -> None:
+    """Refuse pairs whose physical bounding boxes do not intersect (FIXED's mapped by ``transform``,
+    a SimpleITK transform FIXED point -> MOVING point in LPS, when given)."""
     a, b = _world_corners(fixed), _world_corners(moving)
+    if transform is not None:
+        a = np.array([transform.TransformPoint(tuple(float(v) for v in LPS @ p)) for p in a]) @ LPS
     lo = np.maximum(a.min(0), b.min(0))
     hi = np.minimum(a.max(0), b.max(0))
     # 2D images are one voxel thick: allow half a voxel of slack on every axis
@@ -105,7 +110,8 @@ def check_overlap(fixed: Image, moving: Image) -> None:
 @contextlib.contextmanager
 def _one_thread(reg):
     """Run ``reg`` on one thread: ITK's multi-threaded Mattes MI adds its histograms in a
-    varying order, so results differ in the last bits from run to run."""
+    varying order, so results differ in the last bits from run to run. ITK's "no overlap"
+    errors become a :class:`GeometryError`."""
     import SimpleITK as sitk
 
     reg.SetNumberOfThreads(1)
@@ -113,6 +119,11 @@ def _one_thread(reg):
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
         yield reg
+    except RuntimeError as exc:
+        if "overlap" not in str(exc):
+            raise
+        raise GeometryError("registration found no overlap between FIXED and MOVING where it started or went; "
+                            "give a start with --initial-transform, or --transform none") from None
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
@@ -138,37 +149,84 @@ def _mattes(fixed, moving, transform) -> float:
         return -float(reg.MetricEvaluate(fixed, moving))
 
 
-def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", seed: int = 0) -> Registration:
+def read_transform(path: str | os.PathLike[str], rigid: bool = False):
+    """A rigid or affine transform saved by ITK / SimpleITK / 3D Slicer (``.tfm``, ``.txt``, ``.h5``;
+    LPS, FIXED point -> MOVING point, as ``medfuse register --save-transform`` writes it); with
+    ``rigid``, refused unless it is rigid (a registration must start from it)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"--initial-transform {path}: no such file")
+    try:
+        transform = sitk.ReadTransform(str(path)).Downcast()
+    except RuntimeError:
+        raise InvalidInputError(f"--initial-transform {path}: not a transform file ITK can read (.tfm, .txt, .h5)") from None
+    while isinstance(transform, sitk.CompositeTransform) and transform.GetNumberOfTransforms() == 1:
+        transform = transform.GetNthTransform(0).Downcast()
+    if isinstance(transform, sitk.TranslationTransform):
+        transform = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.0, 0.0, 0.0, transform.GetOffset())
+    if not hasattr(transform, "GetMatrix") or transform.GetDimension() != 3:
+        raise InvalidInputError(f"--initial-transform {path}: {transform.GetName()} is not a 3D rigid or affine transform")
+    if rigid:
+        _rigid_start(transform)
+    return transform
+
+
+def _rigid_start(transform):
+    """A rigid ``transform`` as an Euler transform, the start of a rigid optimisation."""
+    import SimpleITK as sitk
+
+    matrix = np.asarray(transform.GetMatrix(), float).reshape(3, 3)
+    if not np.allclose(matrix @ matrix.T, np.eye(3), atol=1e-4) or np.linalg.det(matrix) < 0:
+        raise InvalidInputError("--initial-transform: not a rigid transform (it scales, shears or mirrors); "
+                                "use it as it is with --transform none")
+    u, _, vt = np.linalg.svd(matrix)  # exactly orthonormal: ITK refuses a matrix rounded in a text file
+    start = sitk.Euler3DTransform()
+    start.SetCenter(transform.GetCenter())
+    start.SetMatrix(tuple((u @ vt).ravel()))
+    start.SetTranslation(transform.GetTranslation())
+    return start
+
+
+def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", seed: int = 0,
+             initial=None) -> Registration:
     """Find the transform that maps FIXED's world points into MOVING (SimpleITK convention).
 
-    Returns an identity transform, marked ``skipped``, when ``kind`` is ``none`` or both images
-    share one grid. ``mattes_mi_*`` are SimpleITK's Mattes MI (higher is better).
+    ``initial`` (a transform from :func:`read_transform`) is the only start, and with ``kind`` none
+    the result. Otherwise returns an identity transform, marked ``skipped``, when ``kind`` is
+    ``none`` or both images share one grid. ``mattes_mi_*`` are SimpleITK's Mattes MI (higher is better).
     """
     import SimpleITK as sitk
 
     kind = TransformKind(kind)
-    check_overlap(fixed, moving)
+    check_overlap(fixed, moving, initial)
     if kind is TransformKind.NONE:
+        if initial is not None:
+            return Registration(initial, kind.value, start="--initial-transform")
         return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="--transform none")
-    if fixed.same_grid(moving):
+    if fixed.same_grid(moving) and initial is None:
         return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="inputs share one grid")
     if fixed.is_2d or moving.is_2d:
         raise GeometryError("2D images on different grids cannot be registered; give pairs of one size and grid")
     f = to_sitk(_winsorised(_grey(fixed)))
     m = to_sitk(_winsorised(_grey(moving)))
-    moments = sitk.CenteredTransformInitializer(
-        f, m, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
-    )
-    header = sitk.Euler3DTransform()
-    header.SetCenter(moments.GetCenter())
-    mi_before = _mattes(f, m, sitk.Transform(3, sitk.sitkIdentity))
-    # Both starts through the coarse levels: the headers are right for scans that share a frame of
-    # reference however their fields of view differ (a PET/CT, a cropped volume), the centres of mass
-    # when the headers are far off. Ties go to the headers; centres of mass within SAME_START_MM of
-    # where the headers put them would only find the same optimum again.
-    starts = [("header", header)]
-    if np.linalg.norm(moments.GetTranslation()) > SAME_START_MM:
-        starts.append(("moments", moments))
+    mi_before = _mattes(f, m, sitk.Transform(3, sitk.sitkIdentity) if initial is None else initial)
+    if initial is not None:
+        starts = [("--initial-transform", _rigid_start(initial))]
+    else:
+        moments = sitk.CenteredTransformInitializer(
+            f, m, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
+        )
+        header = sitk.Euler3DTransform()
+        header.SetCenter(moments.GetCenter())
+        # Both starts through the coarse levels: the headers are right for scans that share a frame of
+        # reference however their fields of view differ (a PET/CT, a cropped volume), the centres of mass
+        # when the headers are far off. Ties go to the headers; centres of mass within SAME_START_MM of
+        # where the headers put them would only find the same optimum again.
+        starts = [("header", header)]
+        if np.linalg.norm(moments.GetTranslation()) > SAME_START_MM:
+            starts.append(("moments", moments))
     coarse = {name: _optimise(f, m, start, seed, rigid=True, levels=COARSE) for name, start in starts}
     start = max(coarse, key=lambda name: coarse[name][1])
     transform, _ = _optimise(f, m, coarse[start][0], seed, rigid=True, levels=FINE)

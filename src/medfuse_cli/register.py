@@ -4,7 +4,9 @@ Multi-resolution Mattes mutual information on intensities clipped to their 0.5-9
 rigid and then optionally affine, with a fixed sampling seed, fixed parameter scales and one
 thread, so the same inputs give the same result bit for bit. Two starts go through the coarse
 levels, the headers' alignment and the centres of mass (moments, when they are more than
-``SAME_START_MM`` apart); the finest level continues from the one with the higher mutual information. SimpleITK works in LPS+; conversion happens here only.
+``SAME_START_MM`` apart); the finest level continues from the one with the higher mutual
+information. A transform file can replace both starts. SimpleITK works in LPS+; conversion
+happens here only.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ SHRINK = (4, 2, 1)  # multi-resolution levels, coarse to fine
 SAMPLING = (0.25, 0.15, 0.1)  # fraction of FIXED's voxels (regular grid) seen by the metric per level
 MIN_STEP = 2e-3  # optimiser stops when its step (scaled units, about mm) falls below this
 MAX_ROTATION = 20.0  # degrees; a larger rotation is reported as suspect (a wrong optimum, or no shared anatomy)
-COARSE, FINE = (0, 1), (2,)
-SAME_START_MM = 10.0  # levels every start goes through; the level only the chosen one does
+COARSE, FINE = (0, 1), (2,)  # levels every start goes through; the level only the chosen one does
+SAME_START_MM = 10.0  # centres of mass closer than this to the headers' alignment are not a second start
 
 
 class TransformKind(str, enum.Enum):
@@ -150,7 +152,7 @@ def _mattes(fixed, moving, transform) -> float:
 
 
 def read_transform(path: str | os.PathLike[str], rigid: bool = False):
-    """A rigid or affine transform saved by ITK / SimpleITK / 3D Slicer (``.tfm``, ``.txt``, ``.h5``;
+    """A rigid or affine transform saved by ITK / SimpleITK (``.tfm``, ``.txt``, ``.h5``;
     LPS, FIXED point -> MOVING point, as ``medfuse register --save-transform`` writes it); with
     ``rigid``, refused unless it is rigid (a registration must start from it)."""
     import SimpleITK as sitk
@@ -208,7 +210,8 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", s
     if fixed.same_grid(moving) and initial is None:
         return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="inputs share one grid")
     if fixed.is_2d or moving.is_2d:
-        raise GeometryError("2D images on different grids cannot be registered; give pairs of one size and grid")
+        raise GeometryError("2D images cannot be registered (on different grids, or from --initial-transform); "
+                            "give pairs of one size and grid, or use --transform none")
     f = to_sitk(_winsorised(_grey(fixed)))
     m = to_sitk(_winsorised(_grey(moving)))
     mi_before = _mattes(f, m, sitk.Transform(3, sitk.sitkIdentity) if initial is None else initial)

@@ -156,6 +156,26 @@ def test_scans_in_different_frames_register_from_an_initial_transform(tmp_path, 
     assert report["parameters"]["initial_transform"] == str(tfm)
 
 
+def test_dicom_scans_in_different_frames_of_reference_are_flagged(tmp_path, cli):
+    """A brain MR series and a whole-body PET series with different FrameOfReferenceUIDs: the report
+    warns that their headers do not relate them; with a start of your own it does not."""
+    import SimpleITK as sitk
+
+    pet = shared_path("dicom", "pt_ge_discoveryst_fdg_sts001", "dicom")
+    mr = EXAMPLES / "dicom" / "mr_t1_xa30.zip"
+    assert read_image(mr).provenance.frame_of_reference_uid != read_image(pet).provenance.frame_of_reference_uid
+    res = cli("fuse", mr, pet, "-o", tmp_path / "f.nii.gz", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    warnings = json.loads((tmp_path / "f.json").read_text())["registration"]["warnings"]
+    assert any("different frames of reference" in w for w in warnings)
+    tfm = tmp_path / "identity.tfm"
+    sitk.WriteTransform(sitk.Euler3DTransform(), str(tfm))
+    res = cli("fuse", mr, pet, "-o", tmp_path / "g.nii.gz", "--no-metrics", "--initial-transform", tfm,
+              "--transform", "none")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads((tmp_path / "g.json").read_text())["registration"]["warnings"] == []
+
+
 def test_bad_initial_transforms_are_one_line(tmp_path, cli):
     import SimpleITK as sitk
 

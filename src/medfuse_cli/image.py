@@ -78,6 +78,7 @@ class Provenance:
     series_number: int | None = None
     series_description: str | None = None
     steps: list[str] = field(default_factory=list)
+    frame_of_reference_uid: str | None = None  # DICOM: scans with different ones have unrelated coordinates
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

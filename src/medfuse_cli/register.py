@@ -246,6 +246,13 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", s
         result.warnings.append(
             f"registration lowered mutual information ({mi_before:.3f} -> {mi_after:.3f}); check the result"
         )
+    frames = {image.provenance.frame_of_reference_uid for image in (fixed, moving)}
+    if initial is None and None not in frames and len(frames) == 2:
+        result.warnings.append(
+            "FIXED and MOVING are in different frames of reference (DICOM FrameOfReferenceUID): their headers do "
+            "not relate them, so the registration had only their contents to go by; check the figure (--figure), "
+            "or give a start with --initial-transform"
+        )
     angle = rotation_degrees(transform)
     if angle > MAX_ROTATION:
         result.warnings.append(

@@ -326,6 +326,7 @@ def read_dicom(
         series_number=int(number) if number not in (None, "") else None,
         series_description=str(first.get("SeriesDescription", "") or "") or None,
         steps=list(notes),
+        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "") or "") or None,
     )
     return Image(data=vol, affine=LPS_TO_RAS @ affine_lps, modality=modality, units=units, provenance=prov)
 

@@ -72,6 +72,34 @@ def test_mixed_good_and_bad_cases(tmp_path, cli):
     assert ev.exit_code == 0 and "mri-pet (3 pairs" in ev.stdout
 
 
+def test_manifest_initial_transforms_per_case(tmp_path, cli):
+    """A manifest's initial_transform column starts that case's registration: the IBSI CT with its
+    header moved 800 mm along the table registers onto the MR from a rough 790 mm start, and fails
+    (no overlap) without one, while the batch goes on."""
+    import SimpleITK as sitk
+
+    from medfuse_cli import read_image, write_image
+
+    folder = shared_path("volumes", "ibsi_sts002_ct_mr_pet")
+    ct = read_image(folder / "CT_image.nii.gz")
+    ct.affine = ct.affine.copy()
+    ct.affine[2, 3] += 800.0
+    ct.nifti_geometry = None
+    write_image(ct, tmp_path / "ct_far.nii.gz")
+    (tmp_path / "mr.nii.gz").symlink_to(folder / "MR_T1_image.nii.gz")
+    sitk.WriteTransform(sitk.TranslationTransform(3, (0.0, 0.0, 790.0)), str(tmp_path / "rough.tfm"))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,fixed,moving,initial_transform\n"
+                        "with,mr.nii.gz,ct_far.nii.gz,rough.tfm\nwithout,mr.nii.gz,ct_far.nii.gz,\n")
+    out = tmp_path / "out"
+    res = cli("batch", manifest, "-o", out, "--engine", "sequential", "--no-metrics")
+    assert res.exit_code == 7
+    rows = _summary(out)
+    assert rows["with"]["status"] == "done" and rows["without"]["status"] == "failed"
+    assert "do not overlap" in rows["without"]["error"]
+    assert json.loads((out / "with.json").read_text())["registration"]["start"] == "--initial-transform"
+
+
 def test_pairing_rules_manifest_and_timeout(tmp_path, cli):
     # nnU-Net naming: CASE_0000 (FIXED) + CASE_0001 (MOVING)
     nn = tmp_path / "nn"

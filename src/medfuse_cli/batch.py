@@ -10,7 +10,9 @@ Pairing rules, tried in this order (the first that finds a pair wins):
 3. ``subfolders``: one sub-folder per case holding two inputs (NIfTI / PNG / TIFF files or DICOM
    series); the MR one (from DICOM or the file name) is FIXED; output ``OUT_DIR/CASE.nii.gz``.
 
-A CSV manifest has columns ``id,fixed,moving[,output]`` (paths relative to the CSV's folder).
+A CSV manifest has columns ``id,fixed,moving[,output][,initial_transform]`` (paths relative to the
+CSV's folder; ``initial_transform``: a transform file that starts that case's registration, as
+``fuse --initial-transform``).
 Each case writes its fused image and then its JSON report (both atomically); a case is complete
 when both exist and the report's fingerprint (inputs, options, version) matches, so a re-run skips
 it. Stale ``.*.partial`` files left by a killed run are removed at the start.
@@ -57,6 +59,7 @@ class BatchCase:
     fixed: str
     moving: str
     output: str
+    initial_transform: str | None = None  # a manifest's optional column: this case's registration start
 
     @property
     def report(self) -> Path:
@@ -150,7 +153,7 @@ def _manifest(path: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"id", "fixed", "moving"} <= set(rows[0]):
-        raise InvalidInputError(f"{path}: a manifest needs the columns id,fixed,moving[,output]")
+        raise InvalidInputError(f"{path}: a manifest needs the columns id,fixed,moving[,output][,initial_transform]")
     cases, problems = [], []
     for r in rows:
         fixed, moving = (_abs(path.parent / r[k]) for k in ("fixed", "moving"))
@@ -159,7 +162,9 @@ def _manifest(path: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
         if Path(output).is_absolute() or out not in target.parents:
             raise InvalidInputError(f"{path.name}: case {r['id']!r}: output {output!r} is not inside the output "
                                     "folder; give a relative path without '..'")
-        cases.append(BatchCase(r["id"], str(fixed), str(moving), str(target)))
+        initial = r.get("initial_transform") or None
+        cases.append(BatchCase(r["id"], str(fixed), str(moving), str(target),
+                               str(_abs(path.parent / initial)) if initial else None))
     return cases, problems
 
 
@@ -204,6 +209,8 @@ def fingerprint(case: BatchCase, options: dict[str, Any]) -> str:
 
     blob = json.dumps({"fixed": stat(case.fixed), "moving": stat(case.moving), "options": options,
                        "version": __version__}, sort_keys=True)
+    if case.initial_transform:
+        blob += json.dumps(stat(case.initial_transform))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -230,7 +237,7 @@ def _limit_threads() -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
-def run_case(case: dict[str, str], options: dict[str, Any], fp: str, timeout: float | None = None) -> dict[str, Any]:
+def run_case(case: dict[str, str | None], options: dict[str, Any], fp: str, timeout: float | None = None) -> dict[str, Any]:
     """Fuse one case (in this process, or in a child process killed after ``timeout`` s).
 
     Never raises: returns a summary row with ``status`` done / failed / timeout.
@@ -259,6 +266,8 @@ def run_case(case: dict[str, str], options: dict[str, Any], fp: str, timeout: fl
     try:
         Path(case["output"]).parent.mkdir(parents=True, exist_ok=True)
         opts = {k: v for k, v in options.items() if k not in BATCH_ONLY}
+        if case.get("initial_transform"):
+            opts["initial_transform"] = case["initial_transform"]
         figure = None
         if options.get("figures"):
             out = Path(case["output"])

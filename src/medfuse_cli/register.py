@@ -255,9 +255,11 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", s
         )
     angle = rotation_degrees(transform)
     if angle > MAX_ROTATION:
+        hint = ("to apply your --initial-transform as it is, add --transform none" if initial is not None
+                else "if the inputs' headers already align them, use --transform none")
         result.warnings.append(
             f"registration rotated MOVING by {angle:.0f} degrees, more than scans of one patient usually differ: "
-            "check the figure (--figure); if the inputs' headers already align them, use --transform none"
+            f"check the figure (--figure); {hint}"
         )
     return result
 

@@ -255,7 +255,8 @@ def _registration_line(summary: dict) -> str:
         return f"registration skipped ({summary['skipped']})"
     if summary["kind"] == "none":
         return "transform of --initial-transform applied"
-    return f"{summary['kind']} registration, Mattes MI {summary['mattes_mi_before']:.3f} -> {summary['mattes_mi_after']:.3f}"
+    return (f"{summary['kind']} registration, Mattes MI {summary['mattes_mi_before']:.3f} -> "
+            f"{summary['mattes_mi_after']:.3f}, rotation {summary['rotation_deg']:.1f} deg")
 
 
 def _status(quiet: bool):

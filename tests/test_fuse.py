@@ -89,6 +89,20 @@ def test_registration_keeps_scans_that_share_a_frame_of_reference(fixed_name, mo
     assert summary["start"] == "header" and summary["starts_mattes_mi"]["header"] > summary["starts_mattes_mi"]["moments"]
 
 
+def test_registration_metric_sees_fixed_no_finer_than_half_of_moving():
+    """A 0.39 mm MR against a 4.7 mm PET: the metric's FIXED is smoothed onto a 2.34 mm grid over the
+    same world box (40x fewer voxels); a 2 mm pair keeps its grid."""
+    from medfuse_cli.register import _no_finer_than, to_sitk
+
+    mr = to_sitk(read_image(shared_path("volumes", "tcia_sts001_mr_t1", "STS_001_MR_T1_AXIAL_SE.nii.gz")))
+    coarse = _no_finer_than(mr, 4.6875 / 2)
+    np.testing.assert_allclose(coarse.GetSpacing(), (2.34375, 2.34375, mr.GetSpacing()[2]))
+    assert coarse.GetSize() == (85, 85, 40) and mr.GetSize() == (512, 512, 40)
+    assert coarse.GetOrigin() == mr.GetOrigin() and coarse.GetDirection() == mr.GetDirection()
+    t1 = to_sitk(read_image(T1))
+    assert _no_finer_than(t1, 1.0) is t1
+
+
 def test_a_large_rotation_is_reported(tmp_path):
     """Found rotations above 20 degrees are reported as suspect (here a real one of 35)."""
     moved_path, _ = _misaligned(shared_path("volumes", "spm12_mni_2mm", "OldNorm_T2.nii.gz"), tmp_path, (35, 0, 0), (0, 0, 0))

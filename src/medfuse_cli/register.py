@@ -212,8 +212,8 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", s
     if fixed.is_2d or moving.is_2d:
         raise GeometryError("2D images cannot be registered (on different grids, or from --initial-transform); "
                             "give pairs of one size and grid, or use --transform none")
-    f = to_sitk(_winsorised(_grey(fixed)))
     m = to_sitk(_winsorised(_grey(moving)))
+    f = _no_finer_than(to_sitk(_winsorised(_grey(fixed))), min(m.GetSpacing()) / 2)
     mi_before = _mattes(f, m, sitk.Transform(3, sitk.sitkIdentity) if initial is None else initial)
     if initial is not None:
         starts = [("--initial-transform", _rigid_start(initial))]
@@ -277,6 +277,24 @@ def _grey(image: Image) -> Image:
     from .intensity import luminance
 
     return image.with_data(luminance(image.data))
+
+
+def _no_finer_than(image, spacing: float):
+    """FIXED for the metric: smoothed and resampled so that no axis is finer than ``spacing`` mm (half
+    of MOVING's finest), when that saves at least half the voxels. A 0.4 mm MR pixel against a 4.7 mm
+    PET voxel adds time, not accuracy; the transform is found in world coordinates, so it holds for
+    FIXED's own grid."""
+    import SimpleITK as sitk
+
+    old = np.array(image.GetSpacing(), float)
+    new = np.maximum(old, spacing)
+    size = np.maximum(1, np.round(np.array(image.GetSize()) * old / new)).astype(int)
+    if np.prod(size) > np.prod(image.GetSize()) / 2:
+        return image
+    variance = [float(v) for v in ((new - old) / 2) ** 2]  # mm^2, only where the grid coarsens
+    smooth = sitk.DiscreteGaussian(image, variance, 32, 0.01, True)
+    return sitk.Resample(smooth, [int(v) for v in size], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
+                         [float(v) for v in new], image.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
 def _winsorised(image: Image) -> Image:

@@ -17,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -215,22 +216,7 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", s
     m = to_sitk(_winsorised(_grey(moving)))
     f = _no_finer_than(to_sitk(_winsorised(_grey(fixed))), min(m.GetSpacing()) / 2)
     mi_before = _mattes(f, m, sitk.Transform(3, sitk.sitkIdentity) if initial is None else initial)
-    if initial is not None:
-        starts = [("--initial-transform", _rigid_start(initial))]
-    else:
-        moments = sitk.CenteredTransformInitializer(
-            f, m, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
-        )
-        header = sitk.Euler3DTransform()
-        header.SetCenter(moments.GetCenter())
-        # Both starts through the coarse levels: the headers are right for scans that share a frame of
-        # reference however their fields of view differ (a PET/CT, a cropped volume), the centres of mass
-        # when the headers are far off. Ties go to the headers; centres of mass within SAME_START_MM of
-        # where the headers put them would only find the same optimum again.
-        starts = [("header", header)]
-        if np.linalg.norm(moments.GetTranslation()) > SAME_START_MM:
-            starts.append(("moments", moments))
-    coarse = {name: _optimise(f, m, start, seed, rigid=True, levels=COARSE) for name, start in starts}
+    coarse = {name: _optimise(f, m, start, seed, rigid=True, levels=COARSE) for name, start in _starts(f, m, initial)}
     start = max(coarse, key=lambda name: coarse[name][1])
     transform, _ = _optimise(f, m, coarse[start][0], seed, rigid=True, levels=FINE)
     if kind is TransformKind.AFFINE:
@@ -242,26 +228,48 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", s
     mi_after = _mattes(f, m, transform)
     result = Registration(transform, kind.value, mi_before=mi_before, mi_after=mi_after, start=start,
                           starts_mi={name: value for name, (_, value) in coarse.items()})
-    if mi_after < mi_before - 1e-3:
-        result.warnings.append(
-            f"registration lowered mutual information ({mi_before:.3f} -> {mi_after:.3f}); check the result"
-        )
+    result.warnings += _suspicions(fixed, moving, result, given_start=initial is not None)
+    return result
+
+
+def _starts(f, m, initial) -> list[tuple[str, Any]]:
+    """The named starts that go through the coarse levels: the given transform alone; or the headers'
+    alignment, right for scans that share a frame of reference however their fields of view differ (a
+    PET/CT, a cropped volume), and the centres of mass, for headers far off (ties go to the headers;
+    centres of mass within ``SAME_START_MM`` of the headers' alignment would find the same optimum)."""
+    import SimpleITK as sitk
+
+    if initial is not None:
+        return [("--initial-transform", _rigid_start(initial))]
+    moments = sitk.CenteredTransformInitializer(f, m, sitk.Euler3DTransform(),
+                                                sitk.CenteredTransformInitializerFilter.MOMENTS)
+    header = sitk.Euler3DTransform()
+    header.SetCenter(moments.GetCenter())
+    if np.linalg.norm(moments.GetTranslation()) > SAME_START_MM:
+        return [("header", header), ("moments", moments)]
+    return [("header", header)]
+
+
+def _suspicions(fixed: Image, moving: Image, result: Registration, given_start: bool) -> list[str]:
+    """Warnings about a registration result a person should check."""
+    warnings = []
+    if result.mi_after is not None and result.mi_before is not None and result.mi_after < result.mi_before - 1e-3:
+        warnings.append(f"registration lowered mutual information ({result.mi_before:.3f} -> {result.mi_after:.3f}); "
+                        "check the result")
     frames = {image.provenance.frame_of_reference_uid for image in (fixed, moving)}
-    if initial is None and None not in frames and len(frames) == 2:
-        result.warnings.append(
+    if not given_start and None not in frames and len(frames) == 2:
+        warnings.append(
             "FIXED and MOVING are in different frames of reference (DICOM FrameOfReferenceUID): their headers do "
             "not relate them, so the registration had only their contents to go by; check the figure (--figure), "
             "or give a start with --initial-transform"
         )
-    angle = rotation_degrees(transform)
+    angle = rotation_degrees(result.transform)
     if angle > MAX_ROTATION:
-        hint = ("to apply your --initial-transform as it is, add --transform none" if initial is not None
+        hint = ("to apply your --initial-transform as it is, add --transform none" if given_start
                 else "if the inputs' headers already align them, use --transform none")
-        result.warnings.append(
-            f"registration rotated MOVING by {angle:.0f} degrees, more than scans of one patient usually differ: "
-            f"check the figure (--figure); {hint}"
-        )
-    return result
+        warnings.append(f"registration rotated MOVING by {angle:.0f} degrees, more than scans of one patient usually "
+                        f"differ: check the figure (--figure); {hint}")
+    return warnings
 
 
 def rotation_degrees(transform) -> float:

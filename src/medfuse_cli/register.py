@@ -308,13 +308,12 @@ def _no_finer_than(image, spacing: float):
 def _winsorised(image: Image) -> Image:
     """Intensities clipped to their 0.5-99.5 percentiles, as ANTs' ``--winsorize-image-intensities``:
     a hot bladder or tumour in a PET, or metal in a CT, would otherwise squeeze the rest of the image
-    into one or two of the metric's 32 histogram bins."""
-    from .intensity import PERCENTILES
+    into one or two of the metric's 32 histogram bins. The window is the normalisation's (without a
+    CT window), so registration and fusion see the same range."""
+    from .intensity import window_for
 
-    data = image.data
-    finite = data[np.isfinite(data)]
-    lo, hi = (float(v) for v in np.percentile(finite, PERCENTILES))
-    return image.with_data(np.clip(data, lo, hi).astype(np.float32)) if hi > lo else image
+    window = window_for(image)
+    return image.with_data(np.clip(image.data, window.lo, window.hi).astype(np.float32))
 
 
 def _optimise(fixed, moving, initial, seed: int, rigid: bool, levels: tuple[int, ...] = (0, 1, 2)):

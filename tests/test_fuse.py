@@ -193,6 +193,8 @@ def test_dicom_scans_in_different_frames_of_reference_are_flagged(tmp_path, cli)
 def test_bad_initial_transforms_are_one_line(tmp_path, cli):
     import SimpleITK as sitk
 
+    from medfuse_cli.register import to_sitk
+
     garbage, scaled = tmp_path / "garbage.tfm", tmp_path / "scaled.tfm"
     garbage.write_text("#Insight Transform File V1.0\nnot a transform\n")
     sitk.WriteTransform(sitk.ScaleTransform(3, (1.1, 1.0, 1.0)), str(scaled))
@@ -200,6 +202,14 @@ def test_bad_initial_transforms_are_one_line(tmp_path, cli):
     for args, code in (((tmp_path / "missing.tfm",), 3), ((garbage,), 4), ((scaled,), 4)):
         assert_one_line_error(cli("fuse", T1, PET, "-o", out, "--initial-transform", *args), code)
     assert not out.exists()
+    # a start whose bounding box meets MOVING's but whose voxels, turned 45 degrees, miss it entirely:
+    # ITK's "no overlap" is one line with exit 5, not an unexpected error
+    centre = to_sitk(read_image(T1)).TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in (91, 109, 91)])
+    off = tmp_path / "off.tfm"
+    sitk.WriteTransform(sitk.Euler3DTransform(centre, 0.0, 0.0, np.pi / 4, (190.0, 190.0, 0.0)), str(off))
+    res = cli("fuse", T1, PET, "-o", out, "--initial-transform", off)
+    assert_one_line_error(res, 5)
+    assert "no overlap" in res.stderr and not out.exists()
     # a scaling transform is applied as it is with --transform none
     assert cli("register", T1, PET, "-o", out, "--initial-transform", scaled, "--transform", "none").exit_code == 0
 

@@ -126,7 +126,7 @@ def _one_thread(reg):
         if "overlap" not in str(exc):
             raise
         raise GeometryError("registration found no overlap between FIXED and MOVING where it started or went; "
-                            "give a start with --initial-transform, or --transform none") from None
+                            "give (or check) --initial-transform, or use --transform none") from None
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 

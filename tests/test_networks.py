@@ -192,8 +192,16 @@ def test_auto_says_when_it_picks_cuda(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="medfuse_cli"):
         assert str(infer.pick_device("auto")) == "cuda:0"
     assert "using CUDA device 0 (Simulated GPU), float16" in caplog.text
+    # the memory plan looks at the device too, silently, and keeps a GPU's batch of 8 for 256x256 slices
+    from medfuse_cli.memory import plan
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medfuse_cli"):
+        assert plan((256, 256, 40), "dran", False, 96, "64G", "auto").batch == 8
+    assert "CUDA" not in caplog.text
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert str(infer.pick_device("auto")) == "cpu"
+    assert plan((256, 256, 40), "dran", False, 96, "64G", "auto").batch == 1
 
 
 @pytest.mark.parametrize("network", SLICE_NETWORKS)

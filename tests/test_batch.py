@@ -73,9 +73,10 @@ def test_mixed_good_and_bad_cases(tmp_path, cli):
 
 
 def test_manifest_initial_transforms_per_case(tmp_path, cli):
-    """A manifest's initial_transform column starts that case's registration: the IBSI CT with its
-    header moved 800 mm along the table registers onto the MR from a rough 790 mm start, and fails
-    (no overlap) without one, while the batch goes on."""
+    """A manifest's initial_transform column, or its fixed_landmarks and moving_landmarks columns,
+    start that case's registration: the IBSI CT with its header moved 800 mm along the table
+    registers onto the MR from a rough 790 mm start or from one pair of points 795 mm apart, and
+    fails (no overlap) without either, while the batch goes on."""
     import SimpleITK as sitk
 
     from medfuse_cli import read_image, write_image
@@ -88,9 +89,12 @@ def test_manifest_initial_transforms_per_case(tmp_path, cli):
     write_image(ct, tmp_path / "ct_far.nii.gz")
     (tmp_path / "mr.nii.gz").symlink_to(folder / "MR_T1_image.nii.gz")
     sitk.WriteTransform(sitk.TranslationTransform(3, (0.0, 0.0, 790.0)), str(tmp_path / "rough.tfm"))
+    (tmp_path / "on_mr.csv").write_text("r,a,s\n0,0,0\n")
+    (tmp_path / "on_ct.csv").write_text("r,a,s\n0,0,795\n")
     manifest = tmp_path / "m.csv"
-    manifest.write_text("id,fixed,moving,initial_transform\n"
-                        "with,mr.nii.gz,ct_far.nii.gz,rough.tfm\nwithout,mr.nii.gz,ct_far.nii.gz,\n")
+    manifest.write_text("id,fixed,moving,initial_transform,fixed_landmarks,moving_landmarks\n"
+                        "with,mr.nii.gz,ct_far.nii.gz,rough.tfm,,\nwithout,mr.nii.gz,ct_far.nii.gz,,,\n"
+                        "points,mr.nii.gz,ct_far.nii.gz,,on_mr.csv,on_ct.csv\n")
     out = tmp_path / "out"
     res = cli("batch", manifest, "-o", out, "--engine", "sequential", "--no-metrics")
     assert res.exit_code == 7
@@ -98,6 +102,9 @@ def test_manifest_initial_transforms_per_case(tmp_path, cli):
     assert rows["with"]["status"] == "done" and rows["without"]["status"] == "failed"
     assert "do not overlap" in rows["without"]["error"]
     assert json.loads((out / "with.json").read_text())["registration"]["start"] == "--initial-transform"
+    assert rows["points"]["status"] == "done"
+    points = json.loads((out / "points.json").read_text())["registration"]
+    assert points["start"] == "--landmarks" and points["landmarks"]["rms_mm"] < 10  # moved 800, given 795
 
 
 def test_pairing_rules_manifest_and_timeout(tmp_path, cli):

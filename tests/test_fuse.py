@@ -170,6 +170,64 @@ def test_scans_in_different_frames_register_from_an_initial_transform(tmp_path, 
     assert report["parameters"]["initial_transform"] == str(tfm)
 
 
+def test_scans_in_different_frames_register_from_landmarks(tmp_path, cli):
+    """The IBSI CT with its header turned 15 degrees and moved 800 mm (as a scan from another session
+    would be): four landmarks picked on each scan with 2 mm of hand error (a RAS CSV on the MR, a
+    Slicer .fcsv in LPS on the CT) start the registration, which ends with the tumours within 4 mm;
+    with --transform none the landmark fit is applied as it is."""
+    import SimpleITK as sitk
+
+    folder = shared_path("volumes", "ibsi_sts002_ct_mr_pet")
+    ct = read_image(folder / "CT_image.nii.gz")
+    motion = np.eye(4)
+    motion[:3, :3] = Rotation.from_euler("xyz", (0, 0, 15), degrees=True).as_matrix()
+    motion[:3, 3] = (30.0, -20.0, 800.0)
+    ct.affine = motion @ ct.affine
+    ct.nifti_geometry = None
+    far = tmp_path / "ct_far.nii.gz"
+    write_image(ct, far)
+    mr = folder / "MR_T1_image.nii.gz"
+    tumour = _mask_centroid_lps(folder / "MR_T1_mask.nii.gz") * [-1, -1, 1]  # RAS
+    fixed = tumour + np.array([[0, 0, 0], [40, 0, 0], [0, 40, 0], [0, 0, 30]])
+    moving = (motion @ np.c_[fixed, np.ones(4)].T)[:3].T + np.random.default_rng(0).normal(0, 2, (4, 3))
+    on_mr, on_ct = tmp_path / "mr_points.csv", tmp_path / "ct_points.fcsv"
+    on_mr.write_text("r,a,s\n" + "".join(f"{x},{y},{z}\n" for x, y, z in fixed))
+    on_ct.write_text("# CoordinateSystem = LPS\n" + "".join(f"F_{i},{-x},{-y},{z},0,0,0,1,1,1,0,F-{i},,\n"
+                                                              for i, (x, y, z) in enumerate(moving)))
+    truth = (motion @ np.r_[tumour, 1])[:3] * [-1, -1, 1]  # where the tumour is in the moved CT, LPS
+    for extra, tolerance in (((), 4.0), (("--transform", "none"), 2.0)):
+        saved = tmp_path / "found.tfm"
+        res = cli("register", mr, far, "-o", tmp_path / "ct_on_mr.nii.gz", "--landmarks", on_mr, on_ct,
+                  "--save-transform", saved, "--overwrite", *extra)
+        assert res.exit_code == 0, res.stderr
+        assert "landmarks" in res.stdout and "warning" not in res.stderr.lower()
+        found = np.array(sitk.ReadTransform(str(saved)).TransformPoint(tuple(tumour * [-1, -1, 1])))
+        assert np.linalg.norm(found - truth) < tolerance
+    res = cli("fuse", mr, far, "-o", tmp_path / "fused.nii.gz", "--landmarks", on_mr, on_ct, "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    report = json.loads((tmp_path / "fused.json").read_text())
+    assert report["registration"]["start"] == "--landmarks"
+    assert report["parameters"]["landmarks"] == [str(on_mr), str(on_ct)]
+    points = report["registration"]["landmarks"]
+    assert points["count"] == 4 and 0.5 < points["fit_rms_mm"] < 5 and points["rms_mm"] < points["fit_rms_mm"] + 5
+
+
+def test_registration_that_leaves_the_landmarks_is_reported(tmp_path):
+    """A landmark placed 25 mm off on the aligned SPM T1 / PET pair: registration finds the true
+    alignment, moving the point 25 mm from its partner, and says so."""
+    from medfuse_cli.register import given_start
+
+    fixed_points, moving_points = tmp_path / "f.csv", tmp_path / "m.csv"
+    fixed_points.write_text("r,a,s\n0,0,0\n")
+    moving_points.write_text("r,a,s\n0,25,0\n")
+    reg = register(read_image(T1), read_image(PET), "rigid",
+                   initial=given_start(None, [str(fixed_points), str(moving_points)], rigid=True))
+    assert reg.start == "--landmarks" and reg.landmarks["fit_rms_mm"] < 1e-6
+    assert 20 < reg.landmarks["rms_mm"] < 30 and reg.summary()["rotation_deg"] < 2
+    assert np.linalg.norm(reg.transform.TransformPoint((0.0, 0.0, 0.0))) < 3  # the pair is aligned
+    assert any("moved the landmarks" in w and "--transform none" in w for w in reg.warnings)
+
+
 def test_dicom_scans_in_different_frames_of_reference_are_flagged(tmp_path, cli):
     """A brain MR series and a whole-body PET series with different FrameOfReferenceUIDs: the report
     warns that their headers do not relate them; with a start of your own it does not."""

@@ -10,9 +10,9 @@ Pairing rules, tried in this order (the first that finds a pair wins):
 3. ``subfolders``: one sub-folder per case holding two inputs (NIfTI / PNG / TIFF files or DICOM
    series); the MR one (from DICOM or the file name) is FIXED; output ``OUT_DIR/CASE.nii.gz``.
 
-A CSV manifest has columns ``id,fixed,moving[,output][,initial_transform]`` (paths relative to the
-CSV's folder; ``initial_transform``: a transform file that starts that case's registration, as
-``fuse --initial-transform``).
+A CSV manifest has columns ``id,fixed,moving[,output][,initial_transform][,fixed_landmarks,moving_landmarks]``
+(paths relative to the CSV's folder; ``initial_transform``: a transform file that starts that case's
+registration, as ``fuse --initial-transform``; the landmark files start it as ``fuse --landmarks``).
 Each case writes its fused image and then its JSON report (both atomically); a case is complete
 when both exist and the report's fingerprint (inputs, options, version) matches, so a re-run skips
 it. Stale ``.*.partial`` files left by a killed run are removed at the start.
@@ -60,6 +60,7 @@ class BatchCase:
     moving: str
     output: str
     initial_transform: str | None = None  # a manifest's optional column: this case's registration start
+    landmarks: list[str] | None = None  # optional columns fixed_landmarks, moving_landmarks: as fuse --landmarks
 
     @property
     def report(self) -> Path:
@@ -153,7 +154,8 @@ def _manifest(path: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"id", "fixed", "moving"} <= set(rows[0]):
-        raise InvalidInputError(f"{path}: a manifest needs the columns id,fixed,moving[,output][,initial_transform]")
+        raise InvalidInputError(f"{path}: a manifest needs the columns id,fixed,moving[,output][,initial_transform]"
+                                "[,fixed_landmarks,moving_landmarks]")
     cases, problems = [], []
     for r in rows:
         fixed, moving = (_abs(path.parent / r[k]) for k in ("fixed", "moving"))
@@ -163,8 +165,12 @@ def _manifest(path: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
             raise InvalidInputError(f"{path.name}: case {r['id']!r}: output {output!r} is not inside the output "
                                     "folder; give a relative path without '..'")
         initial = r.get("initial_transform") or None
+        points = [r.get(k) or "" for k in ("fixed_landmarks", "moving_landmarks")]
+        if any(points) and not all(points):
+            raise InvalidInputError(f"{path.name}: case {r['id']!r}: give both fixed_landmarks and moving_landmarks")
         cases.append(BatchCase(r["id"], str(fixed), str(moving), str(target),
-                               str(_abs(path.parent / initial)) if initial else None))
+                               str(_abs(path.parent / initial)) if initial else None,
+                               [str(_abs(path.parent / p)) for p in points] if all(points) else None))
     return cases, problems
 
 
@@ -209,8 +215,9 @@ def fingerprint(case: BatchCase, options: dict[str, Any]) -> str:
 
     blob = json.dumps({"fixed": stat(case.fixed), "moving": stat(case.moving), "options": options,
                        "version": __version__}, sort_keys=True)
-    if case.initial_transform:
-        blob += json.dumps(stat(case.initial_transform))
+    for given in [case.initial_transform, *(case.landmarks or [])]:
+        if given:
+            blob += json.dumps(stat(given))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -266,8 +273,9 @@ def run_case(case: dict[str, str | None], options: dict[str, Any], fp: str, time
     try:
         Path(case["output"]).parent.mkdir(parents=True, exist_ok=True)
         opts = {k: v for k, v in options.items() if k not in BATCH_ONLY}
-        if case.get("initial_transform"):
-            opts["initial_transform"] = case["initial_transform"]
+        for key in ("initial_transform", "landmarks"):
+            if case.get(key):
+                opts[key] = case[key]
         figure = None
         if options.get("figures"):
             out = Path(case["output"])

@@ -245,6 +245,7 @@ CtWindow = Annotated[
 FixedSeries = Annotated[str | None, typer.Option("--fixed-series", help="FIXED is DICOM with several series: take this one (UID, number or description).")]
 MovingSeries = Annotated[str | None, typer.Option("--moving-series", help="MOVING is DICOM with several series: take this one (UID, number or description).")]
 InitialTransform = Annotated[Path | None, typer.Option("--initial-transform", readable=False, help="Start the registration from this rigid transform (ITK .tfm / .txt / .h5, LPS, FIXED point -> MOVING point, as register --save-transform and SimpleITK write it) instead of the headers and the centres of mass; with --transform none, apply it as it is (rigid or affine). For scans in different frames of reference.")]
+Landmarks = Annotated[tuple[Path, Path] | None, typer.Option("--landmarks", readable=False, metavar="FIXED_POINTS MOVING_POINTS", help="Start the registration from the rigid fit of paired landmarks: the same anatomical points, in the same order, picked on FIXED and on MOVING (3D Slicer .fcsv / .mrk.json, or a CSV with columns r,a,s (RAS+) or l,p,s (LPS+), world mm). One point gives a shift, three or more a rotation too. With --transform none the fit is applied as it is. The report gives the points' RMS distance after the fit and after registration, and warns when registration moved them 10 mm further. For scans in different frames of reference.", show_default=False)]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the registration's metric sampling (same inputs + seed = same output bit for bit).")]
 FixedArg = Annotated[Path, typer.Argument(readable=False, help="Anatomical reference (normally the MRI): NIfTI, DICOM folder/zip/file, PNG/TIFF. The output lives on its grid.", show_default=False)]
 MovingArg = Annotated[Path, typer.Argument(readable=False, help="The other modality (CT, PET, SPECT): NIfTI, DICOM folder/zip/file, PNG/TIFF (RGB pseudo-colour allowed).", show_default=False)]
@@ -253,10 +254,12 @@ MovingArg = Annotated[Path, typer.Argument(readable=False, help="The other modal
 def _registration_line(summary: dict) -> str:
     if summary["skipped"]:
         return f"registration skipped ({summary['skipped']})"
+    points = summary.get("landmarks")
+    points = f", landmarks {points['rms_mm']:.1f} mm RMS (fit {points['fit_rms_mm']:.1f})" if points else ""
     if summary["kind"] == "none":
-        return "transform of --initial-transform applied"
+        return f"transform of {summary['start']} applied{points}"
     return (f"{summary['kind']} registration, Mattes MI {summary['mattes_mi_before']:.3f} -> "
-            f"{summary['mattes_mi_after']:.3f}, rotation {summary['rotation_deg']:.1f} deg")
+            f"{summary['mattes_mi_after']:.3f}, rotation {summary['rotation_deg']:.1f} deg{points}")
 
 
 def _status(quiet: bool):
@@ -279,6 +282,7 @@ def fuse(
     method: Method = "laplacian",
     transform: Transform = "rigid",
     initial_transform: InitialTransform = None,
+    landmarks: Landmarks = None,
     fixed_modality: FixedModality = None,
     moving_modality: MovingModality = None,
     ct_window: CtWindow = None,
@@ -310,6 +314,7 @@ def fuse(
 
         options = FuseOptions(method=method, transform=transform,
                               initial_transform=None if initial_transform is None else str(initial_transform),
+                              landmarks=[str(p) for p in landmarks] if landmarks else None,
                               fixed_modality=fixed_modality,
                               moving_modality=moving_modality, ct_window=ct_window,
                               fixed_series=fixed_series, moving_series=moving_series, seed=seed,
@@ -340,6 +345,7 @@ def register(
     output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="MOVING resampled onto FIXED's grid: .nii.gz / .nii / .png / .tif.", show_default=False)],
     transform: Transform = "rigid",
     initial_transform: InitialTransform = None,
+    landmarks: Landmarks = None,
     save_transform: Annotated[Path | None, typer.Option("--save-transform", readable=False, help="Also save the transform (ITK .tfm, LPS, FIXED point -> MOVING point).")] = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
@@ -356,7 +362,7 @@ def register(
 
         reg = register_pair(fixed, moving, output, transform=transform, save_transform=save_transform,
                             fixed_series=fixed_series, moving_series=moving_series, seed=seed, overwrite=overwrite,
-                            initial_transform=initial_transform)
+                            initial_transform=initial_transform, landmarks=landmarks)
         if not quiet:
             typer.echo(f"{output}  {_registration_line(reg.summary())}")
 

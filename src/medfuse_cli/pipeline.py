@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from .intensity import (
 from .io import FrameChoice, check_dicom_fits, check_output, read_image, write_image
 from .io.atomic import atomic_write_bytes, check_writable
 from .memory import peak, plan
-from .register import Registration, read_transform, register, resample_to
+from .register import Registration, given_start, register, resample_to
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class FuseOptions:
     method: str = "laplacian"
     transform: str = "rigid"
     initial_transform: str | None = None  # ITK transform file: the registration's start (with "none": the result)
+    landmarks: list[str] | None = None  # FIXED's and MOVING's landmark files: their rigid fit is the start instead
     fixed_modality: str | None = None
     moving_modality: str | None = None
     ct_window: str | None = None
@@ -70,8 +71,7 @@ class FuseOptions:
             raise InvalidInputError(f"--threads {self.threads}: must be 0 (torch's default) or more")
         if self.transform not in ("rigid", "affine", "none"):
             raise InvalidInputError(f"unknown transform {self.transform!r}; choose rigid, affine or none")
-        if self.initial_transform is not None:
-            read_transform(self.initial_transform, rigid=self.transform != "none")  # before any image is read
+        self._start = given_start(self.initial_transform, self.landmarks, rigid=self.transform != "none")
         parse_ct_window(self.ct_window)
         for m in (self.fixed_modality, self.moving_modality):
             if m is not None:
@@ -79,6 +79,11 @@ class FuseOptions:
                     Modality.parse(m)
                 except ValueError as exc:
                     raise InvalidInputError(str(exc)) from None
+
+    def start(self):
+        """The registration's start given by --initial-transform or --landmarks, if any (read once, when
+        the options are made, before any image)."""
+        return self._start
 
 
 @dataclass
@@ -147,8 +152,7 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     check_fits(resolve_method(options.method), volume=not fixed.is_2d)  # before registering
     budget = plan(fixed.shape[:3], resolve_method(options.method, volume=not fixed.is_2d), options.metrics,
                   options.patch, options.max_memory, options.device)
-    initial = read_transform(options.initial_transform) if options.initial_transform else None
-    reg = register(fixed, moving, options.transform, seed=options.seed, initial=initial)
+    reg = register(fixed, moving, options.transform, seed=options.seed, initial=options.start())
     for w in reg.warnings:
         log.warning("%s", w)
     if reg.skipped:
@@ -346,12 +350,13 @@ def register_pair(
     seed: int = 0,
     overwrite: bool = False,
     initial_transform: str | os.PathLike[str] | None = None,
+    landmarks: Sequence[str | os.PathLike[str]] | None = None,
 ) -> Registration:
     """Register MOVING onto FIXED, write MOVING on FIXED's grid (and the transform, if asked)."""
     import tempfile
 
-    initial_transform = None if initial_transform is None else str(initial_transform)
-    FuseOptions(transform=transform, initial_transform=initial_transform)  # validates the name and the file
+    options = FuseOptions(transform=transform, initial_transform=None if initial_transform is None else str(initial_transform),
+                          landmarks=[str(p) for p in landmarks] if landmarks else None)  # checks the name and the files
     out_path = Path(output)
     check_output(out_path, overwrite, inputs=[fixed, moving])
     if save_transform is not None:
@@ -360,8 +365,7 @@ def register_pair(
     check_usable(fixed_img, "FIXED")
     check_usable(moving_img, "MOVING")
     _check_pair(fixed_img, moving_img)
-    initial = read_transform(initial_transform) if initial_transform else None
-    reg = register(fixed_img, moving_img, transform, seed=seed, initial=initial)
+    reg = register(fixed_img, moving_img, transform, seed=seed, initial=options.start())
     for w in reg.warnings:
         log.warning("%s", w)
     moved = resample_to(moving_img, fixed_img, None if reg.skipped else reg.transform)

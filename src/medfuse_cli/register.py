@@ -5,8 +5,8 @@ rigid and then optionally affine, with a fixed sampling seed, fixed parameter sc
 thread, so the same inputs give the same result bit for bit. Two starts go through the coarse
 levels, the headers' alignment and the centres of mass (moments, when they are more than
 ``SAME_START_MM`` apart); the finest level continues from the one with the higher mutual
-information. A transform file can replace both starts. SimpleITK works in LPS+; conversion
-happens here only.
+information. A start given by the user (a transform file, or a fit to paired landmarks) replaces
+both. SimpleITK works in LPS+; conversion happens here only.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 import enum
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 
 from .errors import GeometryError, InputNotFoundError, InvalidInputError
 from .image import Image
+from .landmarks import LandmarkFit, fit_landmarks
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ MIN_STEP = 2e-3  # optimiser stops when its step (scaled units, about mm) falls 
 MAX_ROTATION = 20.0  # degrees; a larger rotation is reported as suspect (a wrong optimum, or no shared anatomy)
 COARSE, FINE = (0, 1), (2,)  # levels every start goes through; the level only the chosen one does
 SAME_START_MM = 10.0  # centres of mass closer than this to the headers' alignment are not a second start
+LANDMARK_DRIFT_MM = 10.0  # registration moving the landmarks this much further from their fit is reported
 
 
 class TransformKind(str, enum.Enum):
@@ -50,9 +53,10 @@ class Registration:
     skipped: str | None = None
     mi_before: float | None = None
     mi_after: float | None = None
-    start: str | None = None  # "header", "moments" or "--initial-transform": where the result started
+    start: str | None = None  # "header", "moments", "--initial-transform" or "--landmarks": where it started
     starts_mi: dict[str, float] = field(default_factory=dict)  # each start's MI after the coarse levels
     warnings: list[str] = field(default_factory=list)
+    landmarks: dict | None = None  # with --landmarks: their count, files and RMS distances (fit, result)
 
     def summary(self) -> dict:
         params = self.transform.GetParameters()  # type: ignore[attr-defined]
@@ -65,8 +69,35 @@ class Registration:
             "starts_mattes_mi": dict(self.starts_mi),
             "rotation_deg": None if self.skipped else rotation_degrees(self.transform),
             "parameters": [float(p) for p in params],
+            "landmarks": self.landmarks,
             "warnings": list(self.warnings),
         }
+
+
+@dataclass
+class GivenStart:
+    """A registration start given by the user: the transform (FIXED point -> MOVING point, LPS) and the
+    option it came from; with ``--landmarks``, their fit too."""
+
+    transform: object
+    option: str
+    fit: LandmarkFit | None = None
+
+
+def given_start(initial_transform: str | os.PathLike[str] | None, landmarks: Sequence[str] | None,
+                rigid: bool) -> GivenStart | None:
+    """The start from ``--initial-transform`` or ``--landmarks FIXED_POINTS MOVING_POINTS`` (one at
+    most); with ``rigid``, a transform file must be rigid (a rigid registration starts from it)."""
+    if initial_transform is not None and landmarks:
+        raise InvalidInputError("give --initial-transform or --landmarks, not both")
+    if initial_transform is not None:
+        return GivenStart(read_transform(initial_transform, rigid=rigid), "--initial-transform")
+    if landmarks:
+        if len(landmarks) != 2:
+            raise InvalidInputError("--landmarks takes two files: FIXED's points, then MOVING's")
+        fit = fit_landmarks(*landmarks)
+        return GivenStart(fit.transform, "--landmarks", fit)
+    return None
 
 
 def to_sitk(image: Image, channel: int | None = None):
@@ -126,7 +157,7 @@ def _one_thread(reg):
         if "overlap" not in str(exc):
             raise
         raise GeometryError("registration found no overlap between FIXED and MOVING where it started or went; "
-                            "give (or check) --initial-transform, or use --transform none") from None
+                            "give (or check) --landmarks or --initial-transform, or use --transform none") from None
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
@@ -193,29 +224,29 @@ def _rigid_start(transform):
 
 
 def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", seed: int = 0,
-             initial=None) -> Registration:
+             initial: GivenStart | None = None) -> Registration:
     """Find the transform that maps FIXED's world points into MOVING (SimpleITK convention).
 
-    ``initial`` (a transform from :func:`read_transform`) is the only start, and with ``kind`` none
-    the result. Otherwise returns an identity transform, marked ``skipped``, when ``kind`` is
-    ``none`` or both images share one grid. ``mattes_mi_*`` are SimpleITK's Mattes MI (higher is better).
+    ``initial`` (from :func:`given_start`) is the only start, and with ``kind`` none the result.
+    Otherwise returns an identity transform, marked ``skipped``, when ``kind`` is ``none`` or both
+    images share one grid. ``mattes_mi_*`` are SimpleITK's Mattes MI (higher is better).
     """
     import SimpleITK as sitk
 
     kind = TransformKind(kind)
-    check_overlap(fixed, moving, initial)
+    check_overlap(fixed, moving, None if initial is None else initial.transform)
     if kind is TransformKind.NONE:
         if initial is not None:
-            return Registration(initial, kind.value, start="--initial-transform")
+            return _with_landmarks(Registration(initial.transform, kind.value, start=initial.option), initial)
         return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="--transform none")
     if fixed.same_grid(moving) and initial is None:
         return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="inputs share one grid")
     if fixed.is_2d or moving.is_2d:
-        raise GeometryError("2D images cannot be registered (on different grids, or from --initial-transform); "
-                            "give pairs of one size and grid, or use --transform none")
+        raise GeometryError("2D images cannot be registered (on different grids, or from --initial-transform or "
+                            "--landmarks); give pairs of one size and grid, or use --transform none")
     m = to_sitk(_winsorised(_grey(moving)))
     f = _no_finer_than(to_sitk(_winsorised(_grey(fixed))), min(m.GetSpacing()) / 2)
-    mi_before = _mattes(f, m, sitk.Transform(3, sitk.sitkIdentity) if initial is None else initial)
+    mi_before = _mattes(f, m, sitk.Transform(3, sitk.sitkIdentity) if initial is None else initial.transform)
     coarse = {name: _optimise(f, m, start, seed, rigid=True, levels=COARSE) for name, start in _starts(f, m, initial)}
     start = max(coarse, key=lambda name: coarse[name][1])
     transform, _ = _optimise(f, m, coarse[start][0], seed, rigid=True, levels=FINE)
@@ -228,7 +259,17 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", s
     mi_after = _mattes(f, m, transform)
     result = Registration(transform, kind.value, mi_before=mi_before, mi_after=mi_after, start=start,
                           starts_mi={name: value for name, (_, value) in coarse.items()})
-    result.warnings += _suspicions(fixed, moving, result, given_start=initial is not None)
+    result = _with_landmarks(result, initial)
+    result.warnings += _suspicions(fixed, moving, result, initial)
+    return result
+
+
+def _with_landmarks(result: Registration, initial: GivenStart | None) -> Registration:
+    """``result`` with the landmarks' RMS distances, after their fit and after the registration."""
+    if initial is not None and initial.fit is not None:
+        fit = initial.fit
+        result.landmarks = {"count": len(fit.fixed), "files": list(fit.files), "fit_rms_mm": round(fit.rms_mm(), 3),
+                            "rms_mm": round(fit.rms_mm(result.transform), 3)}
     return result
 
 
@@ -240,7 +281,7 @@ def _starts(f, m, initial) -> list[tuple[str, Any]]:
     import SimpleITK as sitk
 
     if initial is not None:
-        return [("--initial-transform", _rigid_start(initial))]
+        return [(initial.option, _rigid_start(initial.transform))]
     moments = sitk.CenteredTransformInitializer(f, m, sitk.Euler3DTransform(),
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
     header = sitk.Euler3DTransform()
@@ -250,22 +291,26 @@ def _starts(f, m, initial) -> list[tuple[str, Any]]:
     return [("header", header)]
 
 
-def _suspicions(fixed: Image, moving: Image, result: Registration, given_start: bool) -> list[str]:
+def _suspicions(fixed: Image, moving: Image, result: Registration, given: GivenStart | None) -> list[str]:
     """Warnings about a registration result a person should check."""
     warnings = []
+    if result.landmarks and result.landmarks["rms_mm"] > result.landmarks["fit_rms_mm"] + LANDMARK_DRIFT_MM:
+        warnings.append(f"registration moved the landmarks {result.landmarks['rms_mm']:.1f} mm (RMS) from their "
+                        f"partners, where their fit left {result.landmarks['fit_rms_mm']:.1f} mm: check the figure "
+                        "(--figure); to keep the landmark fit as it is, add --transform none")
     if result.mi_after is not None and result.mi_before is not None and result.mi_after < result.mi_before - 1e-3:
         warnings.append(f"registration lowered mutual information ({result.mi_before:.3f} -> {result.mi_after:.3f}); "
                         "check the result")
     frames = {image.provenance.frame_of_reference_uid for image in (fixed, moving)}
-    if not given_start and None not in frames and len(frames) == 2:
+    if given is None and None not in frames and len(frames) == 2:
         warnings.append(
             "FIXED and MOVING are in different frames of reference (DICOM FrameOfReferenceUID): their headers do "
             "not relate them, so the registration had only their contents to go by; check the figure (--figure), "
-            "or give a start with --initial-transform"
+            "or give a start with --landmarks or --initial-transform"
         )
     angle = rotation_degrees(result.transform)
     if angle > MAX_ROTATION:
-        hint = ("to apply your --initial-transform as it is, add --transform none" if given_start
+        hint = (f"to apply your {given.option} as it is, add --transform none" if given is not None
                 else "if the inputs' headers already align them, use --transform none")
         warnings.append(f"registration rotated MOVING by {angle:.0f} degrees, more than scans of one patient usually "
                         f"differ: check the figure (--figure); {hint}")

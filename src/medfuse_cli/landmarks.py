@@ -1,0 +1,144 @@
+"""Paired landmarks: points picked on FIXED and on MOVING, and the rigid transform that fits them.
+
+A start for registration when the headers do not relate the two scans (another session, scanner
+or frame of reference). Points are read from 3D Slicer files (``.fcsv``, ``.mrk.json``, which say
+their coordinate system) or a CSV whose header names its system: ``r,a,s`` (RAS+, as NIfTI viewers
+show it) or ``l,p,s`` (LPS+, ITK and DICOM). The n-th point of one file is paired with the n-th
+of the other. Points are world coordinates in mm, returned in LPS (SimpleITK's convention).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputNotFoundError, InvalidInputError
+
+TO_LPS = {"LPS": np.array([1.0, 1.0, 1.0]), "RAS": np.array([-1.0, -1.0, 1.0])}
+MIN_SPREAD_MM = 5.0  # three or more points must span at least this much off their best-fitting line
+
+
+@dataclass
+class LandmarkFit:
+    """The rigid transform (FIXED point -> MOVING point, LPS) fitted to paired landmarks."""
+
+    transform: object  # SimpleITK.Euler3DTransform
+    fixed: np.ndarray  # (n, 3) LPS mm
+    moving: np.ndarray  # (n, 3) LPS mm
+    files: tuple[str, str]
+
+    def rms_mm(self, transform=None) -> float:
+        """Root-mean-square distance between MOVING's points and FIXED's mapped by ``transform``
+        (the fit itself by default)."""
+        transform = transform or self.transform
+        mapped = np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in self.fixed])
+        return float(np.sqrt(np.mean(np.sum((mapped - self.moving) ** 2, axis=1))))
+
+
+def read_points(path: str | os.PathLike[str]) -> np.ndarray:
+    """The points of one landmark file, (n, 3) in LPS mm."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"--landmarks {path}: no such file")
+    name = path.name.lower()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        if name.endswith(".json"):  # .mrk.json
+            system, rows = _markups_json(text)
+        elif name.endswith(".fcsv"):
+            system, rows = _fcsv(text)
+        else:
+            system, rows = _plain_csv(text)
+        points = np.array(rows, float).reshape(-1, 3)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"--landmarks {path}: {exc}") from None
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise InvalidInputError(f"--landmarks {path}: not a landmark file medfuse can read "
+                                "(3D Slicer .fcsv / .mrk.json, or a CSV with columns r,a,s or l,p,s)") from None
+    if len(points) == 0:
+        raise InvalidInputError(f"--landmarks {path}: no points")
+    if not np.isfinite(points).all():
+        raise InvalidInputError(f"--landmarks {path}: a coordinate is not a finite number")
+    return points * TO_LPS[system]
+
+
+def _system(value: str) -> str:
+    value = value.strip().upper()
+    system = {"0": "RAS", "1": "LPS"}.get(value, value)  # Slicer before 4.11 wrote 0 (RAS) / 1 (LPS)
+    if system not in TO_LPS:
+        raise InvalidInputError(f"unknown coordinate system {value!r} (RAS or LPS)")
+    return system
+
+
+def _fcsv(text: str) -> tuple[str, list[list[float]]]:
+    """3D Slicer's fiducial CSV: ``# CoordinateSystem = LPS`` (RAS when absent), rows id,x,y,z,..."""
+    system, rows = "RAS", []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            key, _, value = line[1:].partition("=")
+            if key.strip().lower() == "coordinatesystem":
+                system = _system(value)
+        elif line.strip():
+            rows.append([float(v) for v in next(csv.reader([line]))[1:4]])
+    return system, rows
+
+
+def _markups_json(text: str) -> tuple[str, list[list[float]]]:
+    """3D Slicer's markups JSON: every control point of every markup, in order."""
+    doc = json.loads(text)
+    system, rows = None, []
+    for markup in doc["markups"]:
+        this = _system(markup.get("coordinateSystem", "LPS"))  # Slicer writes LPS unless told otherwise
+        if system not in (None, this):
+            raise InvalidInputError("markups in different coordinate systems")
+        system = this
+        rows += [[float(v) for v in point["position"]] for point in markup.get("controlPoints", [])]
+    return system or "LPS", rows
+
+
+def _plain_csv(text: str) -> tuple[str, list[list[float]]]:
+    """A CSV whose header has the columns r,a,s (RAS+) or l,p,s (LPS+); other columns are ignored."""
+    reader = csv.DictReader(text.splitlines())
+    columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+    for system, names in (("RAS", "ras"), ("LPS", "lps")):
+        if all(n in columns for n in names):
+            return system, [[float(row[columns[n]]) for n in names] for row in reader]
+    raise InvalidInputError("a CSV of landmarks needs a header with the columns r,a,s (RAS+, as NIfTI viewers "
+                            "show it) or l,p,s (LPS+, as ITK and DICOM); x,y,z would not say which")
+
+
+def fit_landmarks(fixed_file: str | os.PathLike[str], moving_file: str | os.PathLike[str]) -> LandmarkFit:
+    """The rigid transform that best maps FIXED's landmarks onto MOVING's (least squares): a
+    translation for one pair of points, a rotation and translation for three or more."""
+    import SimpleITK as sitk
+
+    fixed, moving = read_points(fixed_file), read_points(moving_file)
+    files = (str(fixed_file), str(moving_file))
+    if len(fixed) != len(moving):
+        raise InvalidInputError(f"--landmarks: {len(fixed)} points on FIXED but {len(moving)} on MOVING; "
+                                "give the same points, in the same order, on both")
+    if len(fixed) == 2:
+        raise InvalidInputError("--landmarks: two points leave the rotation about their line open; "
+                                "give one point (a shift) or three or more not on one line")
+    if len(fixed) == 1:
+        transform = sitk.Euler3DTransform()
+        transform.SetCenter(tuple(float(v) for v in fixed[0]))
+        transform.SetTranslation(tuple(float(v) for v in moving[0] - fixed[0]))
+        return LandmarkFit(transform, fixed, moving, files)
+    for points, side in ((fixed, "FIXED"), (moving, "MOVING")):
+        spread = np.linalg.svd(points - points.mean(0), compute_uv=False)
+        if spread[1] < MIN_SPREAD_MM:
+            raise InvalidInputError(f"--landmarks: the points on {side} lie (nearly) on one line, which leaves a "
+                                    "rotation open; add a point away from it")
+    versor = sitk.LandmarkBasedTransformInitializer(
+        sitk.VersorRigid3DTransform(), [float(v) for v in fixed.ravel()], [float(v) for v in moving.ravel()])
+    transform = sitk.Euler3DTransform()
+    transform.SetCenter(versor.GetCenter())
+    transform.SetMatrix(versor.GetMatrix())
+    transform.SetTranslation(versor.GetTranslation())
+    return LandmarkFit(transform, fixed, moving, files)

@@ -1,0 +1,98 @@
+"""Landmark files (3D Slicer .fcsv / .mrk.json, CSV r,a,s / l,p,s) and their rigid fit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import EXAMPLES, assert_one_line_error
+from scipy.spatial.transform import Rotation
+
+from medfuse_cli.errors import InputNotFoundError, InvalidInputError
+from medfuse_cli.landmarks import fit_landmarks, read_points
+
+T1 = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"
+PET = EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+RAS = np.array([[10.0, -20.0, 30.0], [50.0, 0.0, 25.0], [-5.0, 40.0, 10.0], [0.0, 0.0, -30.0]])
+TO_LPS = np.array([-1.0, -1.0, 1.0])
+
+
+def _fcsv(path, points_lps, system="LPS"):
+    lines = ["# Markups fiducial file version = 4.11", f"# CoordinateSystem = {system}",
+             "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID"]
+    lines += [f"vtkMRMLMarkupsFiducialNode_{i},{x},{y},{z},0,0,0,1,1,1,0,F-{i},,"
+              for i, (x, y, z) in enumerate(points_lps)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_every_format_reads_the_same_points(tmp_path):
+    """One set of points written as a RAS CSV, an LPS CSV, a Slicer .fcsv in LPS and in the old
+    numeric RAS code, and a Slicer markups JSON: all read as the same LPS points."""
+    lps = RAS * TO_LPS
+    ras_csv = tmp_path / "ras.csv"
+    ras_csv.write_text("label,R,A,S\n" + "".join(f"p{i},{x},{y},{z}\n" for i, (x, y, z) in enumerate(RAS)))
+    lps_csv = tmp_path / "lps.csv"
+    lps_csv.write_text("l,p,s\n" + "".join(f"{x},{y},{z}\n" for x, y, z in lps))
+    old = tmp_path / "old.fcsv"
+    _fcsv(old, RAS, system="0")  # Slicer before 4.11: 0 = RAS
+    markups = tmp_path / "points.mrk.json"
+    markups.write_text(json.dumps({"markups": [{"type": "Fiducial", "coordinateSystem": "RAS", "controlPoints": [
+        {"label": f"p{i}", "position": list(p)} for i, p in enumerate(RAS)]}]}))
+    for path in (ras_csv, lps_csv, _fcsv(tmp_path / "new.fcsv", lps), old, markups):
+        np.testing.assert_allclose(read_points(path), lps, err_msg=path.name)
+
+
+def test_the_fit_recovers_a_known_rigid_motion(tmp_path):
+    """Points moved by a known rotation and translation (RAS): the fit maps every FIXED point onto
+    its partner; one point gives the shift alone."""
+    rotation = Rotation.from_euler("xyz", (12, -7, 25), degrees=True).as_matrix()
+    moved = RAS @ rotation.T + [4.0, -900.0, 12.0]
+    fixed_csv, moving_csv = tmp_path / "f.csv", tmp_path / "m.csv"
+    fixed_csv.write_text("r,a,s\n" + "".join(f"{x},{y},{z}\n" for x, y, z in RAS))
+    moving_csv.write_text("r,a,s\n" + "".join(f"{x},{y},{z}\n" for x, y, z in moved))
+    fit = fit_landmarks(fixed_csv, moving_csv)
+    assert fit.rms_mm() < 1e-6
+    # the transform works in LPS: a FIXED point not among the landmarks lands where the motion puts it
+    probe = np.array([33.0, -12.0, 5.0])
+    np.testing.assert_allclose(fit.transform.TransformPoint(tuple(probe * TO_LPS)),
+                               (rotation @ probe + [4.0, -900.0, 12.0]) * TO_LPS, atol=1e-6)
+    fixed_csv.write_text("r,a,s\n1,2,3\n")
+    moving_csv.write_text("r,a,s\n11,-98,3\n")
+    shift = fit_landmarks(fixed_csv, moving_csv)
+    np.testing.assert_allclose(shift.transform.TransformPoint((0.0, 0.0, 0.0)), (-10.0, 100.0, 0.0), atol=1e-9)
+
+
+@pytest.mark.parametrize("fixed, moving, message", [
+    ("x,y,z\n1,2,3\n", "r,a,s\n1,2,3\n", "would not say which"),
+    ("r,a,s\n1,2,3\n4,5,6\n7,8,10\n", "r,a,s\n1,2,3\n", "3 points on FIXED but 1 on MOVING"),
+    ("r,a,s\n1,2,3\n40,5,6\n", "r,a,s\n1,2,3\n40,5,6\n", "two points"),
+    ("r,a,s\n0,0,0\n10,0,0\n30,0.5,0\n", "r,a,s\n0,0,0\n10,0,0\n30,0.5,0\n", "one line"),
+    ("r,a,s\n", "r,a,s\n1,2,3\n", "no points"),
+    ("r,a,s\n1,nan,3\n", "r,a,s\n1,2,3\n", "not a finite number"),
+    ("r,a,s\n1,two,3\n", "r,a,s\n1,2,3\n", "not a landmark file"),
+])
+def test_bad_landmarks_are_refused(tmp_path, fixed, moving, message):
+    (tmp_path / "f.csv").write_text(fixed)
+    (tmp_path / "m.csv").write_text(moving)
+    with pytest.raises(InvalidInputError, match=message):
+        fit_landmarks(tmp_path / "f.csv", tmp_path / "m.csv")
+
+
+def test_landmark_errors_on_the_command_line(tmp_path, cli):
+    """Missing file: exit 3; a bad file or --landmarks with --initial-transform: exit 4; one line,
+    nothing written."""
+    good = tmp_path / "p.csv"
+    good.write_text("r,a,s\n0,0,0\n")
+    bad = _fcsv(tmp_path / "bad.fcsv", [(0, 0, 0)], system="XYZ")
+    tfm = tmp_path / "t.tfm"
+    tfm.write_text("#Insight Transform File V1.0\n#Transform 0\nTransform: TranslationTransform_double_3_3\n"
+                   "Parameters: 0 0 0\nFixedParameters: \n")
+    out = tmp_path / "o.nii.gz"
+    for args, code in (((good, tmp_path / "missing.csv"), 3), ((good, bad), 4),
+                       ((good, good, "--initial-transform", tfm), 4)):
+        assert_one_line_error(cli("fuse", T1, PET, "-o", out, "--landmarks", *args), code)
+    with pytest.raises(InputNotFoundError):
+        read_points(tmp_path / "missing.csv")
+    assert not out.exists()

@@ -257,7 +257,7 @@ def test_bad_initial_transforms_are_one_line(tmp_path, cli):
     garbage.write_text("#Insight Transform File V1.0\nnot a transform\n")
     sitk.WriteTransform(sitk.ScaleTransform(3, (1.1, 1.0, 1.0)), str(scaled))
     out = tmp_path / "o.nii.gz"
-    for args, code in (((tmp_path / "missing.tfm",), 3), ((garbage,), 4), ((scaled,), 4)):
+    for args, code in (((tmp_path / "missing.tfm",), 3), ((tmp_path,), 4), ((garbage,), 4), ((scaled,), 4)):
         assert_one_line_error(cli("fuse", T1, PET, "-o", out, "--initial-transform", *args), code)
     assert not out.exists()
     # a start whose bounding box meets MOVING's but whose voxels, turned 45 degrees, miss it entirely:

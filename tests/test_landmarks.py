@@ -90,7 +90,7 @@ def test_landmark_errors_on_the_command_line(tmp_path, cli):
     tfm.write_text("#Insight Transform File V1.0\n#Transform 0\nTransform: TranslationTransform_double_3_3\n"
                    "Parameters: 0 0 0\nFixedParameters: \n")
     out = tmp_path / "o.nii.gz"
-    for args, code in (((good, tmp_path / "missing.csv"), 3), ((good, bad), 4),
+    for args, code in (((good, tmp_path / "missing.csv"), 3), ((good, bad), 4), ((good, tmp_path), 4),
                        ((good, good, "--initial-transform", tfm), 4)):
         assert_one_line_error(cli("fuse", T1, PET, "-o", out, "--landmarks", *args), code)
     with pytest.raises(InputNotFoundError):

@@ -43,6 +43,8 @@ class LandmarkFit:
 def read_points(path: str | os.PathLike[str]) -> np.ndarray:
     """The points of one landmark file, (n, 3) in LPS mm."""
     path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"--landmarks {path}: a folder, not a file of points")
     if not path.is_file():
         raise InputNotFoundError(f"--landmarks {path}: no such file")
     name = path.name.lower()

@@ -190,6 +190,8 @@ def read_transform(path: str | os.PathLike[str], rigid: bool = False):
     import SimpleITK as sitk
 
     path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"--initial-transform {path}: a folder, not a transform file")
     if not path.is_file():
         raise InputNotFoundError(f"--initial-transform {path}: no such file")
     try:

@@ -96,3 +96,29 @@ def test_damaged_model_cards_are_refused(change, installed, tmp_path, cli):
     else:
         _write_card(folder, {k: v for k, v in {**card, **change}.items() if v is not None})
     _refused(cli, tmp_path)
+
+
+def test_models_lists_the_shipped_cards_and_where_networks_run(cli, monkeypatch):
+    """`medfuse models` names every shipped network with its card's sha256 and the classic rules, and
+    says where --device auto runs and on which torch build (with a simulated GPU too); --json gives
+    the cards themselves."""
+    import torch
+
+    from medfuse_cli.fusion import CLASSIC_RULES
+
+    cards = {p.stem: json.loads(p.read_text()) for p in (ROOT / "weights").glob("*.json")}
+    assert {"adafuse", "dran", "dcfb3d"} <= set(cards)
+    res = cli("models")
+    assert res.exit_code == 0, res.stderr
+    for name, card in cards.items():
+        assert re.search(rf"{name}\s.*{card['sha256'][:12]}", res.stdout), name
+    assert all(re.search(rf"^\W*{rule}\s.*classic rule", res.stdout, re.MULTILINE) for rule in CLASSIC_RULES)
+    assert f"torch {torch.__version__}" in res.stdout
+    expected = "CUDA device 0" if torch.cuda.is_available() else "--device auto: the CPU"
+    assert expected in res.stdout
+    listed = json.loads(cli("models", "--json").stdout)
+    assert {c["name"]: c["sha256"] for c in listed} == {n: c["sha256"] for n, c in cards.items()}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Simulated GPU")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert "--device auto: CUDA device 0, Simulated GPU" in cli("models").stdout

@@ -729,6 +729,10 @@ def models(
             table.add_row(c["name"], kind, ", ".join(c["tasks"]), f"{c['parameters']:,}", val, c["sha256"][:12])
         for rule in CLASSIC_RULES:
             table.add_row(rule, "classic rule", "any", "0", "", "")
+        if cards:
+            from .models.infer import device_summary
+
+            table.caption, table.caption_justify = device_summary(), "left"
         _wide_console().print(table)
 
     _run(debug, quiet, verbose, body)

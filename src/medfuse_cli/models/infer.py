@@ -35,6 +35,16 @@ def pick_device(name: str = "auto", announce: bool = True) -> torch.device:
     return torch.device("cpu")
 
 
+def device_summary() -> str:
+    """Where ``--device auto`` runs the networks, and the torch build behind it (for bug reports: a
+    CPU-only torch on a machine with a GPU is the usual reason a GPU is not used)."""
+    build = f"torch {torch.__version__}, " + (f"built for CUDA {torch.version.cuda}" if torch.version.cuda
+                                               else "a CPU-only build")
+    if torch.cuda.is_available():
+        return f"--device auto: CUDA device 0, {torch.cuda.get_device_name(0)} ({build}; {torch.cuda.device_count()} device(s))"
+    return f"--device auto: the CPU, {torch.get_num_threads()} threads ({build}; no CUDA device available)"
+
+
 def autocast(device: torch.device):
     """Mixed precision (float16) on CUDA; a no-op on the CPU."""
     return torch.autocast(device_type="cuda", dtype=torch.float16, enabled=device.type == "cuda")

@@ -76,7 +76,8 @@ def test_manifest_initial_transforms_per_case(tmp_path, cli):
     """A manifest's initial_transform column, or its fixed_landmarks and moving_landmarks columns,
     start that case's registration: the IBSI CT with its header moved 800 mm along the table
     registers onto the MR from a rough 790 mm start or from one pair of points 795 mm apart, and
-    fails (no overlap) without either, while the batch goes on."""
+    fails (no overlap) without either, while the batch goes on. summary.csv lists each case's
+    warnings."""
     import SimpleITK as sitk
 
     from medfuse_cli import read_image, write_image
@@ -91,10 +92,12 @@ def test_manifest_initial_transforms_per_case(tmp_path, cli):
     sitk.WriteTransform(sitk.TranslationTransform(3, (0.0, 0.0, 790.0)), str(tmp_path / "rough.tfm"))
     (tmp_path / "on_mr.csv").write_text("r,a,s\n0,0,0\n")
     (tmp_path / "on_ct.csv").write_text("r,a,s\n0,0,795\n")
+    (tmp_path / "a.nii.gz").symlink_to(T1)  # names that say no modality: assumed, with a warning
+    (tmp_path / "b.nii.gz").symlink_to(PET)
     manifest = tmp_path / "m.csv"
     manifest.write_text("id,fixed,moving,initial_transform,fixed_landmarks,moving_landmarks\n"
                         "with,mr.nii.gz,ct_far.nii.gz,rough.tfm,,\nwithout,mr.nii.gz,ct_far.nii.gz,,,\n"
-                        "points,mr.nii.gz,ct_far.nii.gz,,on_mr.csv,on_ct.csv\n")
+                        "points,mr.nii.gz,ct_far.nii.gz,,on_mr.csv,on_ct.csv\nplain,a.nii.gz,b.nii.gz,,,\n")
     out = tmp_path / "out"
     res = cli("batch", manifest, "-o", out, "--engine", "sequential", "--no-metrics")
     assert res.exit_code == 7
@@ -105,6 +108,8 @@ def test_manifest_initial_transforms_per_case(tmp_path, cli):
     assert rows["points"]["status"] == "done"
     points = json.loads((out / "points.json").read_text())["registration"]
     assert points["start"] == "--landmarks" and points["landmarks"]["rms_mm"] < 10  # moved 800, given 795
+    # a case's warnings are in summary.csv, where a cluster run is read (workers' logs are not)
+    assert "modality unknown, assumed MR" in rows["plain"]["warnings"] and rows["with"]["warnings"] == ""
 
 
 def test_pairing_rules_manifest_and_timeout(tmp_path, cli):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import nibabel as nib
 import numpy as np
@@ -208,24 +209,28 @@ def test_scans_in_different_frames_register_from_landmarks(tmp_path, cli):
     report = json.loads((tmp_path / "fused.json").read_text())
     assert report["registration"]["start"] == "--landmarks"
     assert report["parameters"]["landmarks"] == [str(on_mr), str(on_ct)]
+    assert set(report["parameters"]) == {f.name for f in fields(FuseOptions)}  # no transform object leaks in
     points = report["registration"]["landmarks"]
     assert points["count"] == 4 and 0.5 < points["fit_rms_mm"] < 5 and points["rms_mm"] < points["fit_rms_mm"] + 5
 
 
-def test_registration_that_leaves_the_landmarks_is_reported(tmp_path):
+def test_registration_that_leaves_the_landmarks_is_reported(tmp_path, cli):
     """A landmark placed 25 mm off on the aligned SPM T1 / PET pair: registration finds the true
-    alignment, moving the point 25 mm from its partner, and says so."""
-    from medfuse_cli.register import given_start
-
+    alignment, moving the point 25 mm from its partner, and says so, in the report's warnings too
+    when --quiet keeps stderr empty."""
     fixed_points, moving_points = tmp_path / "f.csv", tmp_path / "m.csv"
     fixed_points.write_text("r,a,s\n0,0,0\n")
     moving_points.write_text("r,a,s\n0,25,0\n")
-    reg = register(read_image(T1), read_image(PET), "rigid",
-                   initial=given_start(None, [str(fixed_points), str(moving_points)], rigid=True))
-    assert reg.start == "--landmarks" and reg.landmarks["fit_rms_mm"] < 1e-6
-    assert 20 < reg.landmarks["rms_mm"] < 30 and reg.summary()["rotation_deg"] < 2
-    assert np.linalg.norm(reg.transform.TransformPoint((0.0, 0.0, 0.0))) < 3  # the pair is aligned
-    assert any("moved the landmarks" in w and "--transform none" in w for w in reg.warnings)
+    res = cli("fuse", T1, PET, "-o", tmp_path / "f.nii.gz", "--landmarks", fixed_points, moving_points,
+              "--no-metrics", "-q")
+    assert res.exit_code == 0 and res.stdout == "" and res.stderr == "", res.stderr
+    report = json.loads((tmp_path / "f.json").read_text())
+    reg = report["registration"]
+    assert reg["start"] == "--landmarks" and reg["landmarks"]["fit_rms_mm"] < 1e-6
+    assert 20 < reg["landmarks"]["rms_mm"] < 30 and reg["rotation_deg"] < 2
+    assert np.linalg.norm(reg["parameters"][3:]) < 3  # the pair is aligned: the translation found is small
+    assert any("moved the landmarks" in w and "--transform none" in w for w in reg["warnings"])
+    assert report["warnings"] == reg["warnings"]  # every warning of the run, here the registration's only
 
 
 def test_dicom_scans_in_different_frames_of_reference_are_flagged(tmp_path, cli):

@@ -50,7 +50,7 @@ BENCH_RE = re.compile(r"^(?P<id>.+)_mri(?P<ext>\.png|\.tiff?|\.nii(\.gz)?)$", re
 NNUNET_RE = re.compile(r"^(?P<id>.+)_(?P<ch>000[01])(?P<ext>\.png|\.tiff?|\.nii(\.gz)?)$", re.IGNORECASE)
 SUMMARY_EVERY_S = 2.0
 BATCH_ONLY = ("figures", "dicom")  # batch options that are not FuseOptions
-SUMMARY_FIELDS = ["id", "status", "seconds", "fixed", "moving", "output", "registration", *METRICS, "error"]
+SUMMARY_FIELDS = ["id", "status", "seconds", "fixed", "moving", "output", "registration", "warnings", *METRICS, "error"]
 
 
 @dataclass
@@ -298,7 +298,8 @@ def _row_from_report(report: dict[str, Any]) -> dict[str, Any]:
     reg = report.get("registration", {})
     values = report.get("metrics", {}).get("values", {})
     how = f"skipped: {reg['skipped']}" if reg.get("skipped") else reg.get("kind", "")
-    return {"registration": how, **{k: values[k] for k in METRICS if k in values}}
+    return {"registration": how, "warnings": " | ".join(report.get("warnings", [])),
+            **{k: values[k] for k in METRICS if k in values}}
 
 
 @dataclass

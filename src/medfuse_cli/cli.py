@@ -69,9 +69,10 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
         console=Console(stderr=True), show_time=False, show_path=False, markup=False, rich_tracebacks=False
     )
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(level)
     root = logging.getLogger("medfuse_cli")
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(min(level, logging.WARNING))  # warnings still reach the report with --quiet
     root.propagate = False
     # libraries' own messages about damaged headers (nibabel "fixes", pydicom VR lookups) and
     # Python warnings: shown (from WARNING up) with --verbose only, so a refused input stays one line

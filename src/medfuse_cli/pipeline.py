@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +244,30 @@ def _metrics(fixed: Image, moved: Image, fused: Image) -> dict[str, Any]:
     return {"values": values, "A": "FIXED", "B": "MOVING on FIXED's grid", "conventions": CONVENTIONS}
 
 
+class _Collect(logging.Handler):
+    """Keeps the messages of the warnings this thread logs (a fusion's report lists them)."""
+
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.into, self.thread = into, threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.into.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def collected_warnings() -> Iterator[list[str]]:
+    """The warnings medfuse logs in this thread inside the block, as they come."""
+    seen: list[str] = []
+    handler, logger = _Collect(seen), logging.getLogger("medfuse_cli")
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+
+
 def fuse_pair(
     fixed: str | os.PathLike[str] | Image,
     moving: str | os.PathLike[str] | Image,
@@ -256,60 +282,62 @@ def fuse_pair(
     """Fuse MOVING into FIXED's geometry; optionally write the image, a JSON report and a figure.
 
     The report goes to ``report`` or, when an output is given, beside it as ``<output>.json``;
-    ``report_extra`` is merged into it. Outputs are checked before any work and written
-    atomically, the report last.
+    ``report_extra`` is merged into it; its ``warnings`` are every warning logged on the way.
+    Outputs are checked before any work and written atomically, the report last.
     """
-    options = options or FuseOptions()
-    stage = stage or (lambda name: None)
-    out_path = Path(output) if output is not None else None
-    report_path = Path(report) if report is not None else (report_beside(out_path) if out_path else None)
-    if out_path is not None:
-        check_output(out_path, overwrite, inputs=[fixed, moving])
-    for extra in (report_path, Path(figure) if figure else None):
-        if extra is not None:
-            check_writable(extra, overwrite, inputs=[fixed, moving])
+    with collected_warnings() as seen:
+        options = options or FuseOptions()
+        stage = stage or (lambda name: None)
+        out_path = Path(output) if output is not None else None
+        report_path = Path(report) if report is not None else (report_beside(out_path) if out_path else None)
+        if out_path is not None:
+            check_output(out_path, overwrite, inputs=[fixed, moving])
+        for extra in (report_path, Path(figure) if figure else None):
+            if extra is not None:
+                check_writable(extra, overwrite, inputs=[fixed, moving])
 
-    started = time.perf_counter()
-    stage("reading")
-    t0 = time.perf_counter()
-    fixed_img = _load(fixed, options.fixed_series)
-    moving_img = _load(moving, options.moving_series)
-    read_s = time.perf_counter() - t0
-    if out_path is not None:
-        check_dicom_fits(out_path, fixed_img.is_2d)
-    fixed_src = _assign_modality(fixed_img, options.fixed_modality, Modality.MR)
-    moving_src = _assign_modality(moving_img, options.moving_modality, Modality.PT)
+        started = time.perf_counter()
+        stage("reading")
+        t0 = time.perf_counter()
+        fixed_img = _load(fixed, options.fixed_series)
+        moving_img = _load(moving, options.moving_series)
+        read_s = time.perf_counter() - t0
+        if out_path is not None:
+            check_dicom_fits(out_path, fixed_img.is_2d)
+        fixed_src = _assign_modality(fixed_img, options.fixed_modality, Modality.MR)
+        moving_src = _assign_modality(moving_img, options.moving_modality, Modality.PT)
 
-    stage("registering and fusing")
-    fused, moved, reg, details = fuse_images(fixed_img, moving_img, options)
+        stage("registering and fusing")
+        fused, moved, reg, details = fuse_images(fixed_img, moving_img, options)
 
-    if out_path is not None:
-        stage("writing")
-        write_image(fused, out_path, overwrite=overwrite, dicom=_dicom_context(fixed, moving, fixed_img, moving_img, options, details))
-    details["timings"] = {"read_s": read_s, **details["timings"]}
-    rep: dict[str, Any] = {
-        "tool": "medfuse",
-        "version": __version__,
-        "output": out_path.name if out_path else None,
-        "inputs": {"fixed": _describe(fixed_img, fixed_src), "moving": _describe(moving_img, moving_src)},
-        "parameters": {**options.__dict__},
-        "registration": reg.summary(),
-        **details,
-        **(report_extra or {}),
-    }
-    rep["timings"]["total_s"] = time.perf_counter() - started
-    rep["memory"]["peak_bytes"] = peak()
-    result = FuseResult(fused, moved, reg, rep)
-    if figure is not None:
-        stage("drawing figure")
-        from .report import write_figure
+        if out_path is not None:
+            stage("writing")
+            write_image(fused, out_path, overwrite=overwrite, dicom=_dicom_context(fixed, moving, fixed_img, moving_img, options, details))
+        details["timings"] = {"read_s": read_s, **details["timings"]}
+        rep: dict[str, Any] = {
+            "tool": "medfuse",
+            "version": __version__,
+            "output": out_path.name if out_path else None,
+            "inputs": {"fixed": _describe(fixed_img, fixed_src), "moving": _describe(moving_img, moving_src)},
+            "parameters": asdict(options),  # the fields only (not the start read from their files)
+            "registration": reg.summary(),
+            **details,
+            **(report_extra or {}),
+            "warnings": seen,  # filled as they come, until the report is written
+        }
+        rep["timings"]["total_s"] = time.perf_counter() - started
+        rep["memory"]["peak_bytes"] = peak()
+        result = FuseResult(fused, moved, reg, rep)
+        if figure is not None:
+            stage("drawing figure")
+            from .report import write_figure
 
-        write_figure(fixed_img, moved, fused, Path(figure), overwrite=overwrite)
-    if report_path is not None:
-        from .report import write_report
+            write_figure(fixed_img, moved, fused, Path(figure), overwrite=overwrite)
+        if report_path is not None:
+            from .report import write_report
 
-        write_report(rep, report_path, overwrite=overwrite)
-    return result
+            write_report(rep, report_path, overwrite=overwrite)
+        return result
 
 
 def _dicom_context(fixed, moving, fixed_img: Image, moving_img: Image, options: FuseOptions, details: dict):

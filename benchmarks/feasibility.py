@@ -9,8 +9,12 @@ and optimise the fused image F itself (no network; the change to F is a sum of f
 - (2) mean SSIM >= the best classic rule's on that pair + ``--margin``;
 - optional ``--vif``: VIF(MRI,F) + VIF(other,F) >= ``--vif`` (the VIF clause of the DRAN issue).
 
-Per-pair constraints are stricter than the targets (which are means over pairs). The result is
-scored with ``medfuse eval``'s metrics on F rounded to 0..255, as a fused PNG would be. Gradient
+Per-pair constraints are stricter than the targets (which are means over pairs). For a colour
+PET / SPECT, F is the luminance that ``medfuse fuse`` puts back with the source's Cb / Cr; the
+optimisation sees F through that put-back (RGB clipped to 0..255, as the written PNG is) and the
+result is the written PNG's luminance (``--luminance-only``: F itself, as before 2026-11-23, which
+skipped the clipping and so overstated every colour ceiling). The result is scored with
+``medfuse eval``'s metrics on F rounded to 0..255, as a fused PNG would be. Gradient
 ascent finds a good image, not the best one, so its Qabf is a lower bound on the best Qabf any image
 can have under (1) and (2): how far a network may still climb and, when the bound sits near the
 target, how close to that ceiling a network must come. (The per-pair best rule's SSIM, averaged,
@@ -31,8 +35,9 @@ import torch
 from harvard_methods import HARVARD
 from volumes_heldout import MODALITY, VOLUMES
 
-from medfuse_cli.evaluate import find_cases, metric_array
+from medfuse_cli.evaluate import find_cases, metric_array, metric_layout
 from medfuse_cli.fusion import CLASSIC_RULES
+from medfuse_cli.intensity import luminance, rgb_to_ycbcr, ycbcr_to_rgb
 from medfuse_cli.io import read_image
 from medfuse_cli.metrics import compute
 from medfuse_cli.models import losses
@@ -61,10 +66,31 @@ def _fuse(fixed, moving, method: str, opts: dict) -> tuple[np.ndarray, np.ndarra
     return metric_array(fused), metric_array(moved)
 
 
+def _chroma(moving) -> tuple[np.ndarray, np.ndarray] | None:
+    """Cb, Cr of a colour MOVING (2D, on FIXED's grid) in the metrics' layout; None for greyscale."""
+    if not moving.is_color:
+        return None
+    _, cb, cr = rgb_to_ycbcr(moving.data)
+    return metric_layout(cb, True), metric_layout(cr, True)
+
+
+def _written(y: torch.Tensor, chroma: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The luminance (0..1) of the RGB that luminance ``y`` (0..1) becomes with this Cb / Cr, clipped."""
+    cb, cr = chroma[0] - 128.0, chroma[1] - 128.0
+    y = y * 255.0
+    rgb = [y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb]
+    r, g, b = (c.clamp(0, 255) for c in rgb)
+    return (0.299 * r + 0.587 * g + 0.114 * b) / 255.0
+
+
 def optimise(a: np.ndarray, b: np.ndarray, f0: np.ndarray, worst_min: float, ssim_min: float,
-             vif_min: float | None, steps: int, lr: float) -> np.ndarray:
-    """Maximise Qabf(F) under the hinges, F in [0, 1] (images given 0..255)."""
+             vif_min: float | None, steps: int, lr: float,
+             chroma: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Maximise Qabf(F) under the hinges, F in [0, 1] (images given 0..255); with ``chroma`` (Cb, Cr),
+    F is a luminance seen, and returned, as the clipped colour image written with them."""
     ta, tb = (torch.tensor(x / 255.0, dtype=torch.float32)[None, None] for x in (a, b))
+    tc = None if chroma is None else tuple(torch.tensor(c, dtype=torch.float32)[None, None] for c in chroma)
+    seen = (lambda f: f) if tc is None else (lambda f: _written(f, tc))
     base = torch.tensor(f0 / 255.0, dtype=torch.float32)[None, None]
     size = base.shape[2:]
     # the change to F as a sum of 4 scales (full, 1/2, 1/4, 1/8): Adam then moves regions, not only pixels
@@ -73,7 +99,7 @@ def optimise(a: np.ndarray, b: np.ndarray, f0: np.ndarray, worst_min: float, ssi
     mode = "bilinear" if len(size) == 2 else "trilinear"
     up = lambda d: torch.nn.functional.interpolate(d, size=size, mode=mode, align_corners=False)
     for _ in range(steps):
-        f = (base + sum(up(d) for d in levels)).clamp(0, 1)
+        f = seen((base + sum(up(d) for d in levels)).clamp(0, 1))
         sa, sb = losses.ssim(f, ta)[0], losses.ssim(f, tb)[0]
         loss = -losses.qabf(ta, tb, f)[0]
         loss = loss + 50 * torch.relu(worst_min - torch.minimum(sa, sb)) + 50 * torch.relu(ssim_min - (sa + sb) / 2)
@@ -83,8 +109,10 @@ def optimise(a: np.ndarray, b: np.ndarray, f0: np.ndarray, worst_min: float, ssi
         opt.zero_grad()
         loss.backward()
         opt.step()
-    f = (base + sum(up(d) for d in levels)).clamp(0, 1)
-    return np.round(f.detach()[0, 0].numpy() * 255.0)
+    f = (base + sum(up(d) for d in levels)).clamp(0, 1).detach()[0, 0].numpy() * 255.0
+    if chroma is None:
+        return np.round(f)
+    return luminance(ycbcr_to_rgb(f, *chroma)).astype(np.float64)  # rounded and clipped RGB, as written
 
 
 def main() -> None:
@@ -97,6 +125,8 @@ def main() -> None:
     parser.add_argument("--vif", type=float, default=None, help="also require VIF >= this on each pair")
     parser.add_argument("--every", type=int, default=1, help="use every N-th val pair")
     parser.add_argument("--volumes", action="store_true", help="the held-out volume pairs (3D) instead")
+    parser.add_argument("--luminance-only", action="store_true",
+                        help="score F itself, not the clipped colour image fuse writes from it (the old way)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -110,13 +140,15 @@ def main() -> None:
         worst_min = scores["max"]["SSIM_worst"] + args.margin
         ssim_min = max(s["SSIM"] for s in scores.values()) + args.margin
         f0 = _fuse(fixed, moving, args.init, opts)[0]
-        f = optimise(a, b, f0, worst_min, ssim_min, args.vif, args.steps, args.lr)
+        chroma = None if args.volumes or args.luminance_only else _chroma(moving)
+        f = optimise(a, b, f0, worst_min, ssim_min, args.vif, args.steps, args.lr, chroma)
         rows.setdefault(group, []).append({**scores, "start": compute(a, b, f0), "free": compute(a, b, f)})
         print(f"{pid}: Qabf {rows[group][-1]['start']['Qabf']:.3f} -> {rows[group][-1]['free']['Qabf']:.3f}",
               flush=True)
     keys = ("SSIM", "SSIM_A", "SSIM_B", "SSIM_worst", "Qabf", "VIF", "MI")
     print(f"\n{sum(map(len, rows.values()))} pairs, {args.steps} steps from {args.init}, "
-          f"margin {args.margin}, VIF >= {args.vif}, {time.perf_counter() - t0:.0f} s\n")
+          f"margin {args.margin}, VIF >= {args.vif}, luminance only {args.luminance_only}, "
+          f"{time.perf_counter() - t0:.0f} s\n")
     print("| pair | image | n | " + " | ".join(keys) + " |")
     print("|---|---|--:|" + "--:|" * len(keys))
     for group, rs in rows.items():

@@ -277,3 +277,14 @@ def test_very_long_file_names(tmp_path, cli):
     for name in ("f" * 250 + ".nii.gz", "d" * 250):  # a file, a DICOM series folder
         assert_one_line_error(cli("fuse", T1, PET, "-o", tmp_path / name), 6)
     assert set(tmp_path.iterdir()) == before
+
+
+def test_manifest_landmarks_come_in_pairs(tmp_path, cli):
+    """A manifest case with FIXED's landmarks but not MOVING's is refused before any work."""
+    (tmp_path / "points.csv").write_text("r,a,s\n0,0,0\n")
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"id,fixed,moving,fixed_landmarks,moving_landmarks\nc1,{T1},{PET},points.csv,\n")
+    out = tmp_path / "out"
+    res = cli("batch", manifest, "-o", out, "--engine", "sequential")
+    assert_one_line_error(res, 4)
+    assert "give both fixed_landmarks and moving_landmarks" in res.stderr and not out.exists()

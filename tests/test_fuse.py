@@ -426,3 +426,18 @@ def test_classic_rules_never_import_torch(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+def test_api_callers_still_see_warnings_on_stderr(tmp_path):
+    """A script that sets up no logging gets a fusion's warnings on stderr (Python's last resort), as
+    well as in the report, though the report's collector is a handler of its own."""
+    import subprocess
+    import sys
+
+    (tmp_path / "a.nii.gz").symlink_to(T1)  # a name that says no modality: assumed MR, with a warning
+    script = ("from medfuse_cli.pipeline import FuseOptions, fuse_pair; "
+              f"r = fuse_pair({str(tmp_path / 'a.nii.gz')!r}, {str(PET)!r}, {str(tmp_path / 'f.nii.gz')!r}, "
+              "FuseOptions(metrics=False)); print(r.report['warnings'])")
+    res = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "modality unknown, assumed MR" in res.stderr and "modality unknown, assumed MR" in res.stdout

@@ -258,14 +258,18 @@ class _Collect(logging.Handler):
 
 @contextlib.contextmanager
 def collected_warnings() -> Iterator[list[str]]:
-    """The warnings medfuse logs in this thread inside the block, as they come."""
+    """The warnings medfuse logs in this thread inside the block, as they come. Where nothing set up
+    logging (a script calling the API), they still reach stderr, as Python's last resort would send them."""
     seen: list[str] = []
-    handler, logger = _Collect(seen), logging.getLogger("medfuse_cli")
-    logger.addHandler(handler)
+    logger = logging.getLogger("medfuse_cli")
+    handlers = [_Collect(seen)] + ([logging.lastResort] if logging.lastResort and not logger.hasHandlers() else [])
+    for handler in handlers:
+        logger.addHandler(handler)
     try:
         yield seen
     finally:
-        logger.removeHandler(handler)
+        for handler in handlers:
+            logger.removeHandler(handler)
 
 
 def fuse_pair(

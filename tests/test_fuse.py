@@ -233,6 +233,24 @@ def test_registration_that_leaves_the_landmarks_is_reported(tmp_path, cli):
     assert report["warnings"] == reg["warnings"]  # every warning of the run, here the registration's only
 
 
+def test_registration_that_leaves_a_transform_start_is_reported(tmp_path, cli):
+    """A .tfm start 25 mm off on the aligned SPM T1 / PET pair: registration finds the true alignment,
+    moving FIXED's centre about 25 mm from where the start put it, and says so; a start 3 mm off is
+    corrected without a warning."""
+    import SimpleITK as sitk
+
+    for offset, warned in ((25.0, True), (3.0, False)):
+        tfm = tmp_path / f"off{offset:.0f}.tfm"
+        sitk.WriteTransform(sitk.TranslationTransform(3, (0.0, -offset, 0.0)), str(tfm))  # 25 mm anterior
+        out = tmp_path / f"off{offset:.0f}.nii.gz"
+        res = cli("fuse", T1, PET, "-o", out, "--initial-transform", tfm, "--no-metrics")
+        assert res.exit_code == 0, res.stderr
+        reg = json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())["registration"]
+        assert abs(reg["start_shift_mm"] - offset) < 3 and np.linalg.norm(reg["parameters"][3:]) < 3
+        assert any("moved FIXED's centre" in w and "--transform none" in w for w in reg["warnings"]) is warned
+        assert ("moved FIXED's centre" in res.stderr) is warned
+
+
 def test_dicom_scans_in_different_frames_of_reference_are_flagged(tmp_path, cli):
     """A brain MR series and a whole-body PET series with different FrameOfReferenceUIDs: the report
     warns that their headers do not relate them; with a start of your own it does not."""

@@ -36,6 +36,7 @@ MAX_ROTATION = 20.0  # degrees; a larger rotation is reported as suspect (a wron
 COARSE, FINE = (0, 1), (2,)  # levels every start goes through; the level only the chosen one does
 SAME_START_MM = 10.0  # centres of mass closer than this to the headers' alignment are not a second start
 LANDMARK_DRIFT_MM = 10.0  # registration moving the landmarks this much further from their fit is reported
+START_DRIFT_MM = 20.0  # registration moving FIXED's centre this far from where a .tfm start put it is reported
 
 
 class TransformKind(str, enum.Enum):
@@ -57,6 +58,7 @@ class Registration:
     starts_mi: dict[str, float] = field(default_factory=dict)  # each start's MI after the coarse levels
     warnings: list[str] = field(default_factory=list)
     landmarks: dict | None = None  # with --landmarks: their count, files and RMS distances (fit, result)
+    start_shift_mm: float | None = None  # from a given start: how far the result moved FIXED's centre from it
 
     def summary(self) -> dict:
         params = self.transform.GetParameters()  # type: ignore[attr-defined]
@@ -70,6 +72,7 @@ class Registration:
             "rotation_deg": None if self.skipped else rotation_degrees(self.transform),
             "parameters": [float(p) for p in params],
             "landmarks": self.landmarks,
+            "start_shift_mm": self.start_shift_mm,
             "warnings": list(self.warnings),
         }
 
@@ -262,8 +265,16 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", s
     result = Registration(transform, kind.value, mi_before=mi_before, mi_after=mi_after, start=start,
                           starts_mi={name: value for name, (_, value) in coarse.items()})
     result = _with_landmarks(result, initial)
+    if initial is not None:
+        result.start_shift_mm = round(_shift_at_centre(fixed, initial.transform, transform), 3)
     result.warnings += _suspicions(fixed, moving, result, initial)
     return result
+
+
+def _shift_at_centre(fixed: Image, start, result) -> float:
+    """How far apart (mm) two transforms map FIXED's centre."""
+    centre = LPS @ (fixed.affine @ np.r_[(np.asarray(fixed.data.shape[:3]) - 1) / 2, 1.0])[:3]
+    return float(np.linalg.norm(np.subtract(result.TransformPoint(tuple(centre)), start.TransformPoint(tuple(centre)))))
 
 
 def _with_landmarks(result: Registration, initial: GivenStart | None) -> Registration:
@@ -300,6 +311,10 @@ def _suspicions(fixed: Image, moving: Image, result: Registration, given: GivenS
         warnings.append(f"registration moved the landmarks {result.landmarks['rms_mm']:.1f} mm (RMS) from their "
                         f"partners, where their fit left {result.landmarks['fit_rms_mm']:.1f} mm: check the figure "
                         "(--figure); to keep the landmark fit as it is, add --transform none")
+    if given is not None and given.fit is None and (result.start_shift_mm or 0.0) > START_DRIFT_MM:
+        warnings.append(f"registration moved FIXED's centre {result.start_shift_mm:.1f} mm from where "
+                        f"{given.option} put it: check the figure (--figure); to apply your {given.option} as "
+                        "it is, add --transform none")
     if result.mi_after is not None and result.mi_before is not None and result.mi_after < result.mi_before - 1e-3:
         warnings.append(f"registration lowered mutual information ({result.mi_before:.3f} -> {result.mi_after:.3f}); "
                         "check the result")

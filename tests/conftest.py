@@ -72,3 +72,13 @@ def straight_and_resumed(tmp_path: Path, **common: object) -> tuple[dict, dict]:
         train(cfg, progress=stop)
     assert not (tmp_path / "b" / "m.safetensors").exists()
     return straight, train(cfg, resume=True)
+
+
+def write_fcsv(path, points, system="LPS"):
+    """A 3D Slicer .fcsv of ``points`` in ``system`` (LPS, RAS, or the old codes 0 / 1)."""
+    lines = ["# Markups fiducial file version = 4.11", f"# CoordinateSystem = {system}",
+             "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID"]
+    lines += [f"vtkMRMLMarkupsFiducialNode_{i},{x},{y},{z},0,0,0,1,1,1,0,F-{i},,"
+              for i, (x, y, z) in enumerate(points)]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -8,7 +8,7 @@ from dataclasses import fields
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import EXAMPLES, assert_one_line_error, shared_path
+from conftest import EXAMPLES, assert_one_line_error, shared_path, write_fcsv
 from scipy.spatial.transform import Rotation
 
 from medfuse_cli import read_image, write_image
@@ -193,8 +193,7 @@ def test_scans_in_different_frames_register_from_landmarks(tmp_path, cli):
     moving = (motion @ np.c_[fixed, np.ones(4)].T)[:3].T + np.random.default_rng(0).normal(0, 2, (4, 3))
     on_mr, on_ct = tmp_path / "mr_points.csv", tmp_path / "ct_points.fcsv"
     on_mr.write_text("r,a,s\n" + "".join(f"{x},{y},{z}\n" for x, y, z in fixed))
-    on_ct.write_text("# CoordinateSystem = LPS\n" + "".join(f"F_{i},{-x},{-y},{z},0,0,0,1,1,1,0,F-{i},,\n"
-                                                              for i, (x, y, z) in enumerate(moving)))
+    write_fcsv(on_ct, moving * [-1, -1, 1])
     truth = (motion @ np.r_[tumour, 1])[:3] * [-1, -1, 1]  # where the tumour is in the moved CT, LPS
     for extra, tolerance in (((), 4.0), (("--transform", "none"), 2.0)):
         saved = tmp_path / "found.tfm"

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES, assert_one_line_error
+from conftest import EXAMPLES, assert_one_line_error, write_fcsv
 from scipy.spatial.transform import Rotation
 
 from medfuse_cli.errors import InputNotFoundError, InvalidInputError
@@ -18,15 +18,6 @@ RAS = np.array([[10.0, -20.0, 30.0], [50.0, 0.0, 25.0], [-5.0, 40.0, 10.0], [0.0
 TO_LPS = np.array([-1.0, -1.0, 1.0])
 
 
-def _fcsv(path, points_lps, system="LPS"):
-    lines = ["# Markups fiducial file version = 4.11", f"# CoordinateSystem = {system}",
-             "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID"]
-    lines += [f"vtkMRMLMarkupsFiducialNode_{i},{x},{y},{z},0,0,0,1,1,1,0,F-{i},,"
-              for i, (x, y, z) in enumerate(points_lps)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def test_every_format_reads_the_same_points(tmp_path):
     """One set of points written as a RAS CSV, an LPS CSV, a Slicer .fcsv in LPS and in the old
     numeric RAS code, and a Slicer markups JSON: all read as the same LPS points."""
@@ -36,11 +27,11 @@ def test_every_format_reads_the_same_points(tmp_path):
     lps_csv = tmp_path / "lps.csv"
     lps_csv.write_text("l,p,s\n" + "".join(f"{x},{y},{z}\n" for x, y, z in lps))
     old = tmp_path / "old.fcsv"
-    _fcsv(old, RAS, system="0")  # Slicer before 4.11: 0 = RAS
+    write_fcsv(old, RAS, system="0")  # Slicer before 4.11: 0 = RAS
     markups = tmp_path / "points.mrk.json"
     markups.write_text(json.dumps({"markups": [{"type": "Fiducial", "coordinateSystem": "RAS", "controlPoints": [
         {"label": f"p{i}", "position": list(p)} for i, p in enumerate(RAS)]}]}))
-    for path in (ras_csv, lps_csv, _fcsv(tmp_path / "new.fcsv", lps), old, markups):
+    for path in (ras_csv, lps_csv, write_fcsv(tmp_path / "new.fcsv", lps), old, markups):
         np.testing.assert_allclose(read_points(path), lps, err_msg=path.name)
 
 
@@ -80,12 +71,22 @@ def test_bad_landmarks_are_refused(tmp_path, fixed, moving, message):
         fit_landmarks(tmp_path / "f.csv", tmp_path / "m.csv")
 
 
+def test_markups_in_different_coordinate_systems_are_refused(tmp_path):
+    """A Slicer markups JSON whose markups state different systems (RAS and LPS) is refused, not mixed."""
+    markups = tmp_path / "mixed.mrk.json"
+    markups.write_text(json.dumps({"markups": [
+        {"type": "Fiducial", "coordinateSystem": system, "controlPoints": [{"position": list(p)} for p in RAS[i::2]]}
+        for i, system in enumerate(("RAS", "LPS"))]}))
+    with pytest.raises(InvalidInputError, match="different coordinate systems"):
+        read_points(markups)
+
+
 def test_landmark_errors_on_the_command_line(tmp_path, cli):
     """Missing file: exit 3; a bad file or --landmarks with --initial-transform: exit 4; one line,
     nothing written."""
     good = tmp_path / "p.csv"
     good.write_text("r,a,s\n0,0,0\n")
-    bad = _fcsv(tmp_path / "bad.fcsv", [(0, 0, 0)], system="XYZ")
+    bad = write_fcsv(tmp_path / "bad.fcsv", [(0, 0, 0)], system="XYZ")
     tfm = tmp_path / "t.tfm"
     tfm.write_text("#Insight Transform File V1.0\n#Transform 0\nTransform: TranslationTransform_double_3_3\n"
                    "Parameters: 0 0 0\nFixedParameters: \n")

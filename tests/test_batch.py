@@ -301,3 +301,73 @@ def test_local_cluster_workers_share_the_free_memory(monkeypatch):
     with pytest.raises(Stop):
         batch._run_dask([object()] * 3, {}, 2, None, None, lambda row: None)
     assert seen["n_workers"] == 2 and seen["memory_limit"] == 4 << 30
+
+
+def test_job_array_parts_share_one_output_folder(tmp_path, cli):
+    """Two parts of one batch (as two tasks of a job array) fuse disjoint halves into one folder, each
+    with its own summary; while a part runs, its twin, a whole run and parts of another count are
+    refused, but the other part runs; a part clears only its own leftovers; a whole run afterwards
+    finds every case complete and writes summary.csv."""
+    from medfuse_cli.batch import Part, exclusive
+
+    pairs, out = tmp_path / "in", tmp_path / "out"
+    ids = _harvard_pairs(pairs, "mri-pet", 5)
+    args = ("batch", pairs, "-o", out, "--engine", "sequential", "--method", "mean", "--no-metrics")
+    seen = {}
+    for k in (1, 2):
+        res = cli(*args, "--part", f"{k}/2")
+        assert res.exit_code == 0, res.stderr
+        assert f"part {k} of 2: {3 if k == 1 else 2} cases of 5" in res.stdout
+        with open(out / f"summary.part-{k}-of-2.csv", newline="") as fh:
+            seen[k] = {r["id"]: r["status"] for r in csv.DictReader(fh)}
+    assert seen[1].keys().isdisjoint(seen[2]) and sorted({**seen[1], **seen[2]}) == ids
+    assert set(seen[1].values()) == set(seen[2].values()) == {"done"} and not (out / "summary.csv").exists()
+    mine, theirs = (out / f".{next(iter(seen[k]))}.png.x1y2z3.partial" for k in (1, 2))
+    with exclusive(out, Part(1, 2)):  # part 1 is running
+        mine.write_bytes(b"half")
+        for extra, held in (((("--part", "1/2"), "--part 1/2")), (((), "parts of one run")),
+                            ((("--part", "1/3"), "another count than 3"))):
+            res = cli(*args, *extra)
+            assert res.exit_code == 6 and held in res.stderr, (extra, res.stderr)
+        theirs.write_bytes(b"half")
+        res = cli(*args, "--part", "2/2", "--force")
+        assert res.exit_code == 0, res.stderr
+        assert mine.exists() and not theirs.exists()  # part 2 cleared its own leftover only
+    res = cli(*args)
+    assert res.exit_code == 0, res.stderr
+    assert not mine.exists()
+    assert sorted(_summary(out)) == ids and {r["status"] for r in _summary(out).values()} == {"skipped"}
+
+
+@pytest.mark.parametrize("spec, env, expected", [
+    ("2/4", {}, (2, 4)),
+    (" 4 / 4 ", {}, (4, 4)),
+    ("slurm", {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "3"}, (1, 3)),
+    ("slurm", {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "3",
+               "SLURM_ARRAY_TASK_STEP": "2"}, (3, 3)),
+    ("0/4", {}, "counts from 1"),
+    ("5/4", {}, "counts from 1"),
+    ("1/0", {}, "counts from 1"),
+    ("half", {}, "give K/N"),
+    ("slurm", {"SLURM_ARRAY_TASK_ID": "3"}, "not inside a Slurm job array"),
+    ("slurm", {"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"}, "consecutive"),
+])
+def test_part_specs(spec, env, expected):
+    from medfuse_cli.batch import parse_part
+    from medfuse_cli.errors import InvalidInputError
+
+    if isinstance(expected, str):
+        with pytest.raises(InvalidInputError, match=expected):
+            parse_part(spec, env)
+    else:
+        part = parse_part(spec, env)
+        assert (part.index, part.count) == expected
+
+
+def test_parts_are_disjoint_and_cover_every_case():
+    from medfuse_cli.batch import BatchCase, Part
+
+    cases = [BatchCase(f"c{i:02d}", "f", "m", f"o{i}") for i in (7, 3, 11, 0, 5, 9, 2)]
+    parts = [Part(k, 3).select(cases) for k in (1, 2, 3)]
+    assert sorted(c.id for p in parts for c in p) == sorted(c.id for c in cases)
+    assert [len(p) for p in parts] == [3, 2, 2]

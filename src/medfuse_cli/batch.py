@@ -16,11 +16,16 @@ registration, as ``fuse --initial-transform``; the landmark files start it as ``
 Each case writes its fused image and then its JSON report (both atomically); a case is complete
 when both exist and the report's fingerprint (inputs, options, version) matches, so a re-run skips
 it. Stale ``.*.partial`` files left by a killed run are removed at the start.
+
+``--part K/N`` runs every N-th case from the K-th (cases sorted by id), so the N tasks of a job array
+can share one output folder; each writes ``summary.part-K-of-N.csv``.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import glob
 import hashlib
 import io
 import json
@@ -67,6 +72,53 @@ class BatchCase:
         from .pipeline import report_beside
 
         return report_beside(Path(self.output))
+
+
+@dataclass(frozen=True)
+class Part:
+    """Part ``index`` of ``count`` (from 1) of a batch's cases, for the tasks of a job array."""
+
+    index: int
+    count: int
+
+    @property
+    def tag(self) -> str:
+        return f"part-{self.index}-of-{self.count}"
+
+    def select(self, cases: list[BatchCase]) -> list[BatchCase]:
+        """Every ``count``-th case from the ``index``-th, in the order of their ids: the parts are disjoint
+        and together hold every case, however the folder was listed."""
+        return sorted(cases, key=lambda c: (c.id, c.output))[self.index - 1 :: self.count]
+
+
+SLURM_ARRAY = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
+
+
+def parse_part(spec: str, env: dict[str, str] | None = None) -> Part:
+    """``K/N`` (part K of N, counted from 1) or ``slurm`` (K and N of this Slurm array task: its
+    offset from the array's first task, in steps, and the number of tasks)."""
+    env = dict(os.environ) if env is None else env
+    if spec.strip().lower() == "slurm":
+        try:
+            task, first, count = (int(env[k]) for k in SLURM_ARRAY)
+            step = int(env.get("SLURM_ARRAY_TASK_STEP") or 1)
+        except (KeyError, ValueError):
+            raise InvalidInputError("--part slurm: not inside a Slurm job array (SLURM_ARRAY_TASK_ID, "
+                                    "SLURM_ARRAY_TASK_MIN and SLURM_ARRAY_TASK_COUNT are not all set)") from None
+        offset, rest = divmod(task - first, max(step, 1))
+        if rest or not 0 <= offset < count:
+            raise InvalidInputError(f"--part slurm: task {task} of an array from {first} in steps of {step} with "
+                                    f"{count} tasks is not one of {count} parts; use consecutive tasks "
+                                    "(sbatch --array=1-N) or give --part K/N")
+        return Part(offset + 1, count)
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+    if not m:
+        raise InvalidInputError(f"--part {spec!r}: give K/N (part K of N, counted from 1) or slurm")
+    index, count = int(m[1]), int(m[2])
+    if not 1 <= index <= count:
+        raise InvalidInputError(f"--part {spec.strip()}: K counts from 1 to N (for a job array numbered from 0, "
+                                "use --part slurm)")
+    return Part(index, count)
 
 
 def _abs(path: Path) -> Path:
@@ -307,23 +359,32 @@ class BatchResult:
     rows: list[dict[str, Any]]
     rule: str
     unpaired: list[str]
+    summary: Path
+    part: Part | None = None
+    total: int = 0  # cases found, in every part
 
     @property
     def failed(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["status"] in ("failed", "timeout")]
 
 
-def clean_partials(out: Path) -> int:
-    """Remove ``.NAME.XXXX.partial`` temporaries a killed run left behind."""
-    n = 0
-    if out.is_dir():
-        for p in out.rglob(".*.partial"):
-            if p.is_dir():  # an unfinished DICOM series
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            n += 1
-    return n
+def clean_partials(out: Path, cases: list[BatchCase] | None = None) -> int:
+    """Remove ``.NAME.XXXX.partial`` temporaries a killed run left behind: every one below ``out``, or
+    only those of ``cases`` (a part leaves the other parts' work in progress alone)."""
+    if cases is None:
+        found = list(out.rglob(".*.partial")) if out.is_dir() else []
+    else:
+        found = []
+        for c in cases:
+            folder = Path(c.output).parent
+            for name in (Path(c.output).name, c.report.name, c.report.stem + "_figure.png"):
+                found += folder.glob(f".{glob.escape(name)}.*.partial")
+    for p in found:
+        if p.is_dir():  # an unfinished DICOM series
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return len(found)
 
 
 def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
@@ -348,11 +409,14 @@ def run_batch(
     case_timeout: float | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_done: Callable[[dict[str, Any]], None] | None = None,
+    part: Part | None = None,
 ) -> BatchResult:
-    """Fuse every case; finished rows are reported through ``on_done`` as they complete.
+    """Fuse every case (with ``part``, that part's); finished rows are reported through ``on_done``
+    as they complete.
 
-    ``summary.csv`` in ``out`` is rewritten (atomically) at most every few seconds while cases
-    finish and at the end; the reports beside the outputs are what a re-run trusts.
+    ``summary.csv`` in ``out`` (``summary.part-K-of-N.csv`` for a part) is rewritten (atomically) at
+    most every few seconds while cases finish and at the end; the reports beside the outputs are
+    what a re-run trusts.
     """
     from .pipeline import FuseOptions
 
@@ -360,50 +424,86 @@ def run_batch(
     if engine not in ("dask", "sequential"):
         raise InvalidInputError(f"unknown engine {engine!r}; choose dask or sequential")
     cases, rule, unpaired = discover(source, out, dicom=bool(options.get("dicom")))
+    total = len(cases)
+    if part is not None:
+        cases = part.select(cases)
     out.mkdir(parents=True, exist_ok=True)
-    with exclusive(out):
-        return _run_locked(cases, rule, unpaired, out, options, engine, workers, scheduler, force, case_timeout,
-                           on_start, on_done)
+    with exclusive(out, part):
+        removed = clean_partials(out, None if part is None else cases)
+        if removed:
+            log.warning("removed %d partial files left by an interrupted run", removed)
+        summary = out / ("summary.csv" if part is None else f"summary.{part.tag}.csv")
+        rows = _run_locked(cases, summary, options, engine, workers, scheduler, force, case_timeout, on_start, on_done)
+    return BatchResult(rows, rule, unpaired, summary, part, total)
 
 
 LOCK_NAME = ".medfuse-batch.lock"
 
 
 @contextmanager
-def exclusive(out: Path) -> Iterator[None]:
-    """Hold ``OUT_DIR/.medfuse-batch.lock`` for the whole run: a second batch writing to the same
-    folder stops with exit 6 instead of removing the first one's unfinished files. The lock is an
-    ``flock``, so the operating system releases it when a run dies, however it dies."""
+def exclusive(out: Path, part: Part | None = None) -> Iterator[None]:
+    """Hold the locks of a run into ``out`` until it ends: a whole run holds ``OUT_DIR/.medfuse-batch.lock``
+    alone; a part shares it with the other parts and holds ``.medfuse-batch.part-K-of-N.lock`` alone.
+    A run that would collide (a second whole run, a whole run beside parts, the same part twice, or
+    parts of another N) stops with exit 6 instead of removing the other's unfinished files. The locks
+    are ``flock``s, so the operating system releases them when a run dies, however it dies."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
         log.warning("no file locking on this system: do not run two batches into %s at once", out)
         yield
         return
+    holder = f"pid {os.getpid()} on {socket.gethostname()}" + ("" if part is None else f", --part {part.index}/{part.count}")
+    with _flock(out / LOCK_NAME, fcntl, shared=part is not None, holder=holder):
+        if part is None:
+            yield
+            return
+        with _flock(out / f".medfuse-batch.{part.tag}.lock", fcntl, shared=False, holder=holder):
+            for other in out.glob(".medfuse-batch.part-*-of-*.lock"):
+                if not other.name.endswith(f"-of-{part.count}.lock"):
+                    with _flock(other, fcntl, shared=True, holder=holder, why=f"parts of another count than {part.count}"):
+                        pass
+            yield
+
+
+@contextmanager
+def _flock(path: Path, fcntl: Any, shared: bool, holder: str, why: str = "") -> Iterator[None]:
+    """Hold an ``flock`` on ``path`` (shared or alone) or stop with exit 6 naming its holder; an
+    exclusive holder writes ``holder`` into the file while it holds it. On a file system without
+    locks (some cluster file systems) a warning, and no lock."""
     try:
-        fh = open(out / LOCK_NAME, "a+")  # noqa: SIM115 - closed by the with below
+        fh = open(path, "a+")  # noqa: SIM115 - closed by the with below
     except OSError as exc:
-        raise OutputError(f"cannot write to {out}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
     with fh:
+        locked = True
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                fh.seek(0)
+                who = fh.read().strip() or "parts of one run with --part"
+                raise OutputError(f"another medfuse batch ({who}) is writing to {path.parent}"
+                                  f"{'; ' + why if why else ''}; wait for it or choose another output folder") from None
+            log.warning("no file locking on the file system of %s (%s): do not run two batches into it at once",
+                        path.parent, exc.strerror)
+            locked = False
+        if locked and not shared:
             fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise OutputError(f"another medfuse batch ({holder}) is writing to {out}; wait for it or choose "
-                              "another output folder") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        fh.flush()
-        yield
+            fh.truncate()
+            fh.write(holder + "\n")
+            fh.flush()
+        try:
+            yield
+        finally:
+            if locked and not shared:
+                fh.seek(0)
+                fh.truncate()
 
 
 def _run_locked(
     cases: list[BatchCase],
-    rule: str,
-    unpaired: list[str],
-    out: Path,
+    summary: Path,
     options: dict[str, Any],
     engine: str,
     workers: int | None,
@@ -412,10 +512,7 @@ def _run_locked(
     case_timeout: float | None,
     on_start: Callable[[int, int], None] | None,
     on_done: Callable[[dict[str, Any]], None] | None,
-) -> BatchResult:
-    removed = clean_partials(out)
-    if removed:
-        log.warning("removed %d partial files left by an interrupted run", removed)
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     todo: list[tuple[BatchCase, str]] = []
     for case in cases:
@@ -426,7 +523,6 @@ def _run_locked(
             todo.append((case, fp))
     if on_start:
         on_start(len(cases), len(rows))
-    summary = out / "summary.csv"
 
     last_write = [0.0]
 
@@ -445,7 +541,7 @@ def _run_locked(
     else:
         _run_dask(todo, options, workers, scheduler, case_timeout, finish)
     write_summary(rows, summary)
-    return BatchResult(rows, rule, unpaired)
+    return rows
 
 
 def _run_dask(todo, options, workers, scheduler, case_timeout, finish) -> None:

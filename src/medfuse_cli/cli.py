@@ -522,6 +522,7 @@ def batch(
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Submit to an existing dask scheduler, e.g. tcp://10.0.0.5:8786 (workers must see the same paths).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo cases that are already complete.")] = False,
     case_timeout: Annotated[float | None, typer.Option("--case-timeout", min=0.1, help="Stop a case after this many seconds (it then runs in its own process, ~1 s extra per case).")] = None,
+    part: Annotated[str | None, typer.Option("--part", help="Run only part K of N of the cases (K/N, counted from 1: every N-th case by id from the K-th), so the N tasks of a job array can share OUT_DIR; 'slurm' takes K and N from the Slurm array task. Each part writes summary.part-K-of-N.csv; a run without --part afterwards finds every case complete and writes summary.csv.", show_default=False)] = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
     debug: Debug = False,
@@ -538,7 +539,9 @@ def batch(
     def body() -> None:
         import signal
 
-        from .batch import run_batch
+        from .batch import parse_part, run_batch
+
+        share = None if part is None else parse_part(part)
 
         def _term(signum, frame):  # SIGTERM: stop like Ctrl-C (summary.csv is already up to date)
             raise KeyboardInterrupt
@@ -552,11 +555,11 @@ def batch(
         result = _batch_with_progress(
             quiet, lambda on_start, on_done: run_batch(
                 source, out_dir, options, engine=engine, workers=workers, scheduler=scheduler, force=force,
-                case_timeout=case_timeout, on_start=on_start, on_done=on_done))
+                case_timeout=case_timeout, on_start=on_start, on_done=on_done, part=share))
         if not quiet:
-            _batch_table(result, out_dir)
+            _batch_table(result)
         if result.failed:
-            _fail(f"{len(result.failed)} of {len(result.rows)} cases failed; see {out_dir / 'summary.csv'}", 7)
+            _fail(f"{len(result.failed)} of {len(result.rows)} cases failed; see {result.summary}", 7)
 
     _run(debug, quiet, verbose, body)
 
@@ -574,15 +577,17 @@ def _batch_with_progress(quiet: bool, work: Callable[..., Any]) -> Any:
         return work(on_start, lambda row: bar.advance(task))
 
 
-def _batch_table(result: Any, out_dir: Path) -> None:
+def _batch_table(result: Any) -> None:
     from collections import Counter
 
     from rich.table import Table
 
     console = _wide_console()
     counts = Counter(r["status"] for r in result.rows)
-    typer.echo(f"pairing rule: {result.rule}; {len(result.rows)} cases: "
-               + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"; summary: {out_dir / 'summary.csv'}")
+    share = "" if result.part is None else f"part {result.part.index} of {result.part.count}: "
+    typer.echo(f"pairing rule: {result.rule}; {share}{len(result.rows)} cases"
+               + ("" if result.part is None else f" of {result.total}") + ": "
+               + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"; summary: {result.summary}")
     for line in result.unpaired:
         typer.echo(f"not paired: {line}")
     scored = [r for r in result.rows if isinstance(r.get("SSIM"), float)]

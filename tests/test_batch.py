@@ -371,3 +371,20 @@ def test_parts_are_disjoint_and_cover_every_case():
     parts = [Part(k, 3).select(cases) for k in (1, 2, 3)]
     assert sorted(c.id for p in parts for c in p) == sorted(c.id for c in cases)
     assert [len(p) for p in parts] == [3, 2, 2]
+
+
+def test_a_file_system_without_locks_warns_instead_of_refusing(tmp_path, monkeypatch, caplog):
+    """flock failing with ENOSYS (a cluster file system mounted without locks) is not "another batch
+    is running": the run goes on, with a warning."""
+    import errno
+    import fcntl
+
+    from medfuse_cli.batch import exclusive
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with exclusive(tmp_path):
+        ran = True
+    assert ran and "no file locking on the file system" in caplog.text

@@ -64,6 +64,36 @@ def test_auto_picks_adafuse_for_2d(tmp_path, cli):
     assert json.loads((tmp_path / "a.json").read_text())["method"] == "adafuse (from auto)"
 
 
+def test_the_mri_goes_first_whichever_input_gives_the_grid(tmp_path, cli):
+    """A CT given as FIXED and its MRI as MOVING: the network still takes the MRI as its first input,
+    so the fused slice is the one of the usual order, on the CT's grid."""
+    _shipped("adafuse")
+    folder = shared_path("harvard", "mri-ct")
+    mri, ct = folder / "02004_mri.png", folder / "02004_ct.png"
+    for name, pair in (("usual", (mri, ct)), ("swapped", (ct, mri))):
+        res = cli("fuse", *pair, "-o", tmp_path / f"{name}.png", "--method", "adafuse", "--no-metrics")
+        assert res.exit_code == 0, res.stderr
+    with Image.open(tmp_path / "usual.png") as u, Image.open(tmp_path / "swapped.png") as s:
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(s))
+    assert [json.loads((tmp_path / f"{n}.json").read_text())["mri_input"] for n in ("usual", "swapped")] == \
+        ["FIXED", "MOVING"]
+
+
+def test_pairs_no_network_learnt_get_a_rule_from_auto_and_a_warning_otherwise(tmp_path, cli):
+    """Without an MRI on one side (here the SPM T1 declared a CT, with the PET), auto picks the
+    laplacian rule; asking for a network fuses with a warning."""
+    _shipped("adafuse")
+    t1, pet = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz", EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+    for method, expected, first in (("auto", "laplacian (from auto)", None), ("adafuse", "adafuse", "FIXED")):
+        out = tmp_path / f"{method}.nii.gz"
+        res = cli("fuse", t1, pet, "-o", out, "--method", method, "--fixed-modality", "CT", "--no-metrics")
+        assert res.exit_code == 0, res.stderr
+        report = json.loads((tmp_path / f"{method}.json").read_text())
+        assert report["method"] == expected and report["mri_input"] == first
+        warned = [w for w in report["warnings"] if "trained on MRI with CT, PET or SPECT" in w]
+        assert len(warned) == (method == "adafuse"), report["warnings"]
+
+
 @pytest.mark.parametrize("network", NETWORKS)
 def test_tampered_shipped_weights_are_refused(network, tmp_path, cli, monkeypatch):
     shipped = _shipped(network)

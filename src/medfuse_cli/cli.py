@@ -223,7 +223,7 @@ def info(
 
 Method = Annotated[
     str,
-    typer.Option("--method", "-m", help="Fusion method: a classic rule (mean, max, laplacian: pyramid with max-abs details and mean base, wavelet: db2, 3 levels, gff: guided filtering fusion), a trained 2D network, slice by slice for volumes (adafuse: spatial + Fourier cross-attention; dran: dilated residual attention autoencoder with its fixed fusion rule), the 3D network for volumes (dcfb3d: deformable cross-attention, sliding window; see --patch, --overlap) or auto (adafuse when its weights are installed, for volumes too, where it scored higher than dcfb3d on the held-out volumes; else laplacian)."),
+    typer.Option("--method", "-m", help="Fusion method: a classic rule (mean, max, laplacian: pyramid with max-abs details and mean base, wavelet: db2, 3 levels, gff: guided filtering fusion), a trained 2D network, slice by slice for volumes (adafuse: spatial + Fourier cross-attention; dran: dilated residual attention autoencoder with its fixed fusion rule), the 3D network for volumes (dcfb3d: deformable cross-attention, sliding window; see --patch, --overlap) or auto (adafuse when its weights are installed and the pair is an MRI with a CT, PET or SPECT, for volumes too, where it scored higher than dcfb3d on the held-out volumes; else laplacian). The networks take the MRI first whichever input is FIXED."),
 ]
 Device = Annotated[str, typer.Option("--device", help="Where networks run: auto (the first CUDA device when present, else the CPU), cpu, cuda or cuda:N. On CUDA: float16 mixed precision; out of GPU memory falls back to smaller windows, then the CPU, with a warning.")]
 Threads = Annotated[int, typer.Option("--threads", min=0, help="CPU threads for the networks (0: torch's default, all cores).")]

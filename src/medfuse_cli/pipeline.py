@@ -17,7 +17,7 @@ import numpy as np
 
 from . import __version__
 from .errors import GeometryError, InvalidInputError
-from .fusion import check_fits, fuse, resolve_method
+from .fusion import NETWORKS, check_fits, fuse, resolve_method
 from .image import Image, Modality
 from .intensity import (
     check_usable,
@@ -36,6 +36,16 @@ log = logging.getLogger(__name__)
 
 
 TASK_OF_MODALITY = {Modality.CT: "mri-ct", Modality.PT: "mri-pet", Modality.NM: "mri-spect"}
+
+
+def network_roles(fixed: Modality, moving: Modality) -> tuple[bool, str | None]:
+    """Whether the MRI is MOVING (the networks take the MRI first, whichever input gives the grid)
+    and the task: None when the pair is not an MRI with a CT, PET or SPECT, which no network learnt."""
+    if fixed is Modality.MR and moving in TASK_OF_MODALITY:
+        return False, TASK_OF_MODALITY[moving]
+    if moving is Modality.MR and fixed in TASK_OF_MODALITY:
+        return True, TASK_OF_MODALITY[fixed]
+    return False, None
 
 
 @dataclass
@@ -151,9 +161,18 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     check_usable(fixed, "FIXED")
     check_usable(moving, "MOVING")
     _check_pair(fixed, moving)
-    check_fits(resolve_method(options.method), volume=not fixed.is_2d)  # before registering
-    budget = plan(fixed.shape[:3], resolve_method(options.method, volume=not fixed.is_2d), options.metrics,
-                  options.patch, options.max_memory, options.device)
+    mri_moving, task = network_roles(fixed.modality, moving.modality)
+    method = resolve_method(options.method, volume=not fixed.is_2d, learnt_pair=task is not None)
+    check_fits(method, volume=not fixed.is_2d)  # before registering
+    pair = f"FIXED is {fixed.modality.value} and MOVING is {moving.modality.value}"
+    if task is None:
+        if method in NETWORKS:
+            task = TASK_OF_MODALITY.get(moving.modality, "mri-pet")
+            log.warning("%s was trained on MRI with CT, PET or SPECT, but %s: it takes FIXED as the MRI (task %s); "
+                        "a classic rule may suit this pair better", method, pair, task)
+        elif options.method == "auto":
+            log.info("auto: the networks fuse MRI with CT, PET or SPECT, but %s: using %s", pair, method)
+    budget = plan(fixed.shape[:3], method, options.metrics, options.patch, options.max_memory, options.device)
     reg = register(fixed, moving, options.transform, seed=options.seed, initial=options.start())
     for w in reg.warnings:
         log.warning("%s", w)
@@ -179,11 +198,10 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     timings["normalise_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    method = resolve_method(options.method, volume=not fixed.is_2d)
-    task = TASK_OF_MODALITY.get(moving.modality, "mri-pet")
     ran: dict[str, Any] = {}
-    f = fuse(method, a, b, task=task, device=options.device, patch=budget.patch, overlap=options.overlap,
-             threads=options.threads, info=ran, batch=budget.batch)
+    first, second = (b, a) if mri_moving else (a, b)  # the MRI first, as the networks learnt it
+    f = fuse(method, first, second, task=task or "mri-pet", device=options.device, patch=budget.patch,
+             overlap=options.overlap, threads=options.threads, info=ran, batch=budget.batch)
     timings["fuse_s"] = time.perf_counter() - t0
 
     if moved.is_color:
@@ -211,7 +229,8 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
         },
         "colour": "YCbCr: Y fused, Cb/Cr of MOVING kept" if moved.is_color else None,
         "method": method if method == options.method else f"{method} (from {options.method})",
-        "model": _model_used(method, task),
+        "model": _model_used(method, task or "mri-pet"),
+        "mri_input": "MOVING" if mri_moving else "FIXED" if task else None,
         "device": ran.get("device"),
         "slices_per_forward": ran.get("slices_per_forward"),
         "memory": budget.summary(),

@@ -18,13 +18,16 @@ __all__ = ["AUTO_3D", "CLASSIC_RULES", "METHODS", "NETWORKS", "VOLUME_NETWORKS",
            "model_name", "resolve_method"]
 
 
-def resolve_method(method: str, volume: bool = False) -> str:
+def resolve_method(method: str, volume: bool = False, learnt_pair: bool = True) -> str:
     """``auto`` -> AdaFuse for 2D pairs and :data:`AUTO_3D` for volumes when their weights are
-    installed, else the laplacian rule."""
+    installed and the pair is one the networks learnt (``learnt_pair``: an MRI with a CT, PET or
+    SPECT), else the laplacian rule."""
     if method not in METHODS:
         raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method != "auto":
         return method
+    if not learnt_pair:
+        return "laplacian"
     from ..models.weights import card_path
 
     for choice in ((AUTO_3D, "adafuse") if volume else ("adafuse",)):

@@ -215,7 +215,7 @@ def _window_fmi(s: np.ndarray, f: np.ndarray) -> np.ndarray:
     idx = np.arange(1, s.shape[1] + 1, dtype=np.float64)
 
     def sd(p):
-        return np.sqrt(np.maximum((p * idx**2).sum(1) - (p * idx).sum(1) ** 2, 0))
+        return np.sqrt(np.maximum(p @ idx**2 - (p @ idx) ** 2, 0))
 
     sd_prod = sd(ps) * sd(pf)
     live = (out == 0) & (cov != 0) & (sd_prod > 0)
@@ -224,11 +224,14 @@ def _window_fmi(s: np.ndarray, f: np.ndarray) -> np.ndarray:
     ps, pf, ds, df, cov, sd_prod = ps[live], pf[live], ds[live], df[live], cov[live], sd_prod[live]
     c = cov / np.sqrt((ds * ds).sum(1) * (df * df).sum(1))
     fi, sj = np.cumsum(pf, 1)[:, :, None], np.cumsum(ps, 1)[:, None, :]  # fused index i, source j
-    bound = np.where((c >= 0)[:, None, None], np.minimum(fi, sj), np.maximum(fi + sj - 1, 0))
+    positive = c >= 0
+    bound = (np.minimum(fi, sj) if positive.all()
+             else np.where(positive[:, None, None], np.minimum(fi, sj), np.maximum(fi + sj - 1, 0)))
     weight = (c * sd_prod / (bound - fi * sj).sum((1, 2)))[:, None, None]
-    padded = np.pad(bound, ((0, 0), (1, 0), (1, 0)))
-    cell = padded[:, 1:, 1:] - padded[:, :-1, 1:] - padded[:, 1:, :-1] + padded[:, :-1, :-1]
-    joint = weight * cell + (1 - weight) * pf[:, :, None] * ps[:, None, :]
+    cell = bound.copy()  # the joint CDF's cell masses: differences along i, then along j
+    cell[:, 1:, :] -= bound[:, :-1, :]
+    cell[:, :, 1:] -= cell[:, :, :-1].copy()
+    joint = weight * cell + (1 - weight) * (pf[:, :, None] * ps[:, None, :])
     h_joint = -(joint * np.log2(np.where(joint != 0, np.abs(joint), 1.0))).sum((1, 2))
     hs, hf = ent(ps), ent(pf)
     mi = hs + hf - h_joint
@@ -237,7 +240,7 @@ def _window_fmi(s: np.ndarray, f: np.ndarray) -> np.ndarray:
     return out
 
 
-def fmi(a: np.ndarray, b: np.ndarray, f: np.ndarray, window: int = 3, chunk: int = 32768) -> float:
+def fmi(a: np.ndarray, b: np.ndarray, f: np.ndarray, window: int = 3, chunk: int = 2048) -> float:
     """Mean over windows of (FMI(A,F) + FMI(B,F)) / 2, raw pixels.
 
     Every window of a slice is used; a stack with more than :data:`FMI_MAX_WINDOWS` windows is

@@ -67,6 +67,11 @@ def test_sliding_window_equals_the_whole_volume_where_both_fit(pair):
     tiled = sliding_window(m, a, b, patch=32, overlap=0.5)
     assert tiled.shape == whole.shape
     assert np.abs(tiled - whole).mean() < 0.1 * np.abs(whole - (a + b) / 2).mean()
+    # every window is reported as it is done, and reporting changes nothing
+    heard = []
+    np.testing.assert_array_equal(sliding_window(m, a, b, patch=32, overlap=0.5, progress=lambda *d: heard.append(d)),
+                                  tiled)
+    assert len(heard) > 1 and heard == [(k, len(heard)) for k in range(1, len(heard) + 1)]
     # odd sizes are padded, never cropped
     odd = sliding_window(m, a[:37, :45, :41], b[:37, :45, :41], patch=24, overlap=0.25)
     assert odd.shape == (37, 45, 41) and np.isfinite(odd).all()

@@ -79,6 +79,21 @@ def test_the_mri_goes_first_whichever_input_gives_the_grid(tmp_path, cli):
         ["FIXED", "MOVING"]
 
 
+def test_each_step_and_every_batch_of_slices_is_reported(tmp_path):
+    """fuse_pair tells its stage callback each step in order, and a network's progress through the
+    slices (the CLI draws these as a spinner and a bar)."""
+    from medfuse_cli.pipeline import FuseOptions, fuse_pair
+
+    _shipped("adafuse")
+    heard = []
+    fuse_pair(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz", EXAMPLES / "spm12" / "OldNorm_PET.nii.gz",
+              tmp_path / "f.nii.gz", FuseOptions(method="adafuse"), stage=lambda *args: heard.append(args))
+    steps = [h[0] for h in heard if len(h) == 1]
+    assert steps == ["reading", "registering", "resampling and normalising", "fusing (adafuse)", "scoring", "writing"]
+    counts = [h[1:] for h in heard if len(h) == 3]
+    assert counts[-1] == (91, 91) and all(d == min(8 * k, 91) for k, (d, _) in enumerate(counts, 1))
+
+
 def test_pairs_no_network_learnt_get_a_rule_from_auto_and_a_warning_otherwise(tmp_path, cli):
     """Without an MRI on one side (here the SPM T1 declared a CT, with the PET), auto picks the
     laplacian rule; asking for a network fuses with a warning."""

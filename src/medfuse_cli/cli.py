@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -263,16 +264,36 @@ def _registration_line(summary: dict) -> str:
             f"{summary['mattes_mi_after']:.3f}, rotation {summary['rotation_deg']:.1f} deg{points}")
 
 
-def _status(quiet: bool):
-    """A stage callback that shows a spinner on a terminal and nothing otherwise."""
+@contextlib.contextmanager
+def _stages(quiet: bool) -> Iterator[Callable[..., None] | None]:
+    """A stage callback for a terminal (nothing otherwise): the step with a spinner and its time, and
+    for a network's slices or windows a bar with done/total and the time left."""
     from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     if quiet or not console.is_terminal:
-        return None, None
-    status = console.status("starting")
-    status.start()
-    return status, (lambda name: status.update(name))
+        yield None
+        return
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+    task = bar.add_task("starting", total=None, count="")
+
+    def stage(name: str, done: int | None = None, total: int | None = None) -> None:
+        if done is None:
+            bar.reset(task, description=name, total=None, count="")
+        else:
+            bar.update(task, description=name, completed=done, total=total, count=f"{done}/{total}")
+
+    with bar:
+        yield stage
 
 
 @app.command()
@@ -321,13 +342,9 @@ def fuse(
                               fixed_series=fixed_series, moving_series=moving_series, seed=seed,
                               metrics=metrics, device=device, patch=patch, overlap=overlap,
                               anonymize=anonymize, threads=threads, max_memory=max_memory)
-        status, stage = _status(quiet)
-        try:
+        with _stages(quiet) as stage:
             result = fuse_pair(fixed, moving, output, options, report=report, figure=figure,
                                overwrite=overwrite, stage=stage)
-        finally:
-            if status is not None:
-                status.stop()
         if not quiet:
             how = _registration_line(result.report["registration"])
             scores = ""
@@ -361,9 +378,11 @@ def register(
     def body() -> None:
         from .pipeline import register_pair
 
-        reg = register_pair(fixed, moving, output, transform=transform, save_transform=save_transform,
-                            fixed_series=fixed_series, moving_series=moving_series, seed=seed, overwrite=overwrite,
-                            initial_transform=initial_transform, landmarks=landmarks)
+        with _stages(quiet) as stage:
+            reg = register_pair(fixed, moving, output, transform=transform, save_transform=save_transform,
+                                fixed_series=fixed_series, moving_series=moving_series, seed=seed,
+                                overwrite=overwrite, initial_transform=initial_transform, landmarks=landmarks,
+                                stage=stage)
         if not quiet:
             typer.echo(f"{output}  {_registration_line(reg.summary())}")
 

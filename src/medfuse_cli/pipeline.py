@@ -106,7 +106,7 @@ class FuseResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-Stage = Callable[[str], None]
+Stage = Callable[..., None]  # stage(name) as a step starts; stage(name, done, total) as a long one goes on
 
 
 def _load(path: str | os.PathLike[str] | Image, series: str | None) -> Image:
@@ -154,8 +154,11 @@ def _describe(image: Image, modality_source: str) -> dict[str, Any]:
     }
 
 
-def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Image, Image, Registration, dict]:
-    """The pure part of the pipeline on in-memory images (no files)."""
+def fuse_images(fixed: Image, moving: Image, options: FuseOptions,
+                stage: Stage | None = None) -> tuple[Image, Image, Registration, dict]:
+    """The pure part of the pipeline on in-memory images (no files); ``stage`` hears of each step
+    and of a network's progress."""
+    stage = stage or (lambda *args: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     check_usable(fixed, "FIXED")
@@ -173,6 +176,7 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
         elif options.method == "auto":
             log.info("auto: the networks fuse MRI with CT, PET or SPECT, but %s: using %s", pair, method)
     budget = plan(fixed.shape[:3], method, options.metrics, options.patch, options.max_memory, options.device)
+    stage("registering")
     reg = register(fixed, moving, options.transform, seed=options.seed, initial=options.start())
     for w in reg.warnings:
         log.warning("%s", w)
@@ -181,6 +185,7 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     timings["register_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    stage("resampling and normalising")
     transform = None if reg.skipped else reg.transform
     moved = resample_to(moving, fixed, transform)
     timings["resample_s"] = time.perf_counter() - t0
@@ -200,8 +205,10 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     t0 = time.perf_counter()
     ran: dict[str, Any] = {}
     first, second = (b, a) if mri_moving else (a, b)  # the MRI first, as the networks learnt it
+    stage(f"fusing ({method})")
     f = fuse(method, first, second, task=task or "mri-pet", device=options.device, patch=budget.patch,
-             overlap=options.overlap, threads=options.threads, info=ran, batch=budget.batch)
+             overlap=options.overlap, threads=options.threads, info=ran, batch=budget.batch,
+             progress=lambda done, total: stage(f"fusing ({method})", done, total))
     timings["fuse_s"] = time.perf_counter() - t0
 
     if moved.is_color:
@@ -237,6 +244,7 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions) -> tuple[Imag
     }
     if budget.metrics:
         t0 = time.perf_counter()
+        stage("scoring")
         details["metrics"] = _metrics(fixed, moved, fused)
         timings["metrics_s"] = time.perf_counter() - t0
     return fused, moved, reg, details
@@ -330,8 +338,7 @@ def fuse_pair(
         fixed_src = _assign_modality(fixed_img, options.fixed_modality, Modality.MR)
         moving_src = _assign_modality(moving_img, options.moving_modality, Modality.PT)
 
-        stage("registering and fusing")
-        fused, moved, reg, details = fuse_images(fixed_img, moving_img, options)
+        fused, moved, reg, details = fuse_images(fixed_img, moving_img, options, stage)
 
         if out_path is not None:
             stage("writing")
@@ -402,9 +409,13 @@ def register_pair(
     overwrite: bool = False,
     initial_transform: str | os.PathLike[str] | None = None,
     landmarks: Sequence[str | os.PathLike[str]] | None = None,
+    stage: Stage | None = None,
 ) -> Registration:
-    """Register MOVING onto FIXED, write MOVING on FIXED's grid (and the transform, if asked)."""
+    """Register MOVING onto FIXED, write MOVING on FIXED's grid (and the transform, if asked);
+    ``stage`` hears of each step."""
     import tempfile
+
+    stage = stage or (lambda *args: None)
 
     options = FuseOptions(transform=transform, initial_transform=None if initial_transform is None else str(initial_transform),
                           landmarks=[str(p) for p in landmarks] if landmarks else None)  # checks the name and the files
@@ -412,14 +423,18 @@ def register_pair(
     check_output(out_path, overwrite, inputs=[fixed, moving])
     if save_transform is not None:
         check_writable(Path(save_transform), overwrite, inputs=[fixed, moving])
+    stage("reading")
     fixed_img, moving_img = _load(fixed, fixed_series), _load(moving, moving_series)
     check_usable(fixed_img, "FIXED")
     check_usable(moving_img, "MOVING")
     _check_pair(fixed_img, moving_img)
+    stage("registering")
     reg = register(fixed_img, moving_img, transform, seed=seed, initial=options.start())
     for w in reg.warnings:
         log.warning("%s", w)
+    stage("resampling")
     moved = resample_to(moving_img, fixed_img, None if reg.skipped else reg.transform)
+    stage("writing")
     write_image(moved, out_path, overwrite=overwrite)
     if save_transform is not None:
         import SimpleITK as sitk

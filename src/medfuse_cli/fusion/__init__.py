@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ..errors import InvalidInputError
@@ -51,11 +53,12 @@ def model_name(method: str, task: str) -> str:
 
 def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", device: str = "auto",
          patch: int = 96, overlap: float = 0.25, threads: int = 0, info: dict | None = None,
-         batch: int = 8) -> np.ndarray:
+         batch: int = 8, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Fuse normalised arrays ``(x, y, z)`` in [0, 1] of one shape. 2D networks go slice by slice
     (axial, ``batch`` slices at a time); volume networks by overlapping windows of ``patch`` voxels.
     ``threads`` > 0 sets torch's CPU threads. ``info``, when given, receives the device a network
-    ran on (and a 2D network's slices per forward)."""
+    ran on (and a 2D network's slices per forward); ``progress(done, total)`` hears of a network's
+    batches of slices or windows."""
     volume = a.shape[2] > 1
     method = resolve_method(method, volume)
     if method in CLASSIC_RULES:
@@ -81,8 +84,8 @@ def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", devic
             info["device"] = str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)}, float16)"
         model = load_model(name, str(dev))
         if method in VOLUME_NETWORKS:
-            return sliding_window(model, sa, sb, size, overlap, device=dev, task=task)
-        return fuse_stack(model, sa, sb, task, batch=size, device=dev, info=info)
+            return sliding_window(model, sa, sb, size, overlap, device=dev, task=task, progress=progress)
+        return fuse_stack(model, sa, sb, task, batch=size, device=dev, info=info, progress=progress)
 
     # on a GPU out-of-memory error: smaller windows (batches of slices), then the CPU
     sizes = [patch, max(patch // 2, 8), 8] if method in VOLUME_NETWORKS else [batch, max(batch // 4, 1), 1]

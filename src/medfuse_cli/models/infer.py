@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -111,10 +113,11 @@ def planned_slice_batch(name: str, rows: int, cols: int, batch: int, device: str
 
 @torch.inference_mode()
 def fuse_stack(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, task: str, batch: int = 8,
-               device: torch.device | None = None, info: dict | None = None) -> np.ndarray:
+               device: torch.device | None = None, info: dict | None = None,
+               progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Fuse stacks of slices ``(n, rows, cols)`` in [0, 1], at most ``batch`` at a time
     (:func:`slice_batch`; ``info`` receives the number as ``slices_per_forward``); returns float32
-    in [0, 1]."""
+    in [0, 1]. ``progress(done, total)`` hears of every batch of slices."""
     from .adafuse import TASKS
 
     device = device or next(model.parameters()).device
@@ -136,6 +139,8 @@ def fuse_stack(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, task: str, 
         with autocast(device):
             f = model(ta, tb, t)[:, 0, :h, :w]
         out[i : i + batch] = f.float().cpu().numpy()
+        if progress is not None:
+            progress(min(i + batch, n), n)
     return out
 
 
@@ -159,14 +164,15 @@ def gaussian_importance(shape: tuple[int, ...], sigma_scale: float = 0.125) -> n
 
 @torch.inference_mode()
 def sliding_window(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, patch: int = 96, overlap: float = 0.25,
-                   device: torch.device | None = None, task: str | None = None) -> np.ndarray:
+                   device: torch.device | None = None, task: str | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Fuse volumes ``(z, y, x)`` in [0, 1] with a 3D network, window by window.
 
     Windows of ``patch`` voxels a side (rounded up to the model's multiple; shorter sides are
     padded by replication) overlap by ``overlap`` and are blended with Gaussian weights, so
     memory is bounded by the window, not the volume (besides the output itself). A volume that
     fits in one window is fused in one call. ``task`` (one of ``adafuse.TASKS``) conditions a model
-    with a task embedding, which needs it.
+    with a task embedding, which needs it. ``progress(done, total)`` hears of every window.
     """
     from .adafuse import TASKS
 
@@ -193,13 +199,14 @@ def sliding_window(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, patch: 
     weight = gaussian_importance(win)
     acc = np.zeros(full, np.float32)
     norm = np.zeros(full, np.float32)
-    for z in grids[0]:
-        for y in grids[1]:
-            for x in grids[2]:
-                sl = (slice(z, z + win[0]), slice(y, y + win[1]), slice(x, x + win[2]))
-                ta = torch.from_numpy(np.ascontiguousarray(a[sl], np.float32))[None, None].to(device)
-                tb = torch.from_numpy(np.ascontiguousarray(b[sl], np.float32))[None, None].to(device)
-                with autocast(device):
-                    acc[sl] += model(ta, tb, t)[0, 0].float().cpu().numpy() * weight
-                norm[sl] += weight
+    corners = list(itertools.product(*grids))
+    for done, (z, y, x) in enumerate(corners, 1):
+        sl = (slice(z, z + win[0]), slice(y, y + win[1]), slice(x, x + win[2]))
+        ta = torch.from_numpy(np.ascontiguousarray(a[sl], np.float32))[None, None].to(device)
+        tb = torch.from_numpy(np.ascontiguousarray(b[sl], np.float32))[None, None].to(device)
+        with autocast(device):
+            acc[sl] += model(ta, tb, t)[0, 0].float().cpu().numpy() * weight
+        norm[sl] += weight
+        if progress is not None:
+            progress(done, len(corners))
     return (acc / norm)[tuple(slice(0, n) for n in dims)]

@@ -318,7 +318,7 @@ def fuse_pair(
     """
     with collected_warnings() as seen:
         options = options or FuseOptions()
-        stage = stage or (lambda name: None)
+        stage = stage or (lambda *args: None)
         out_path = Path(output) if output is not None else None
         report_path = Path(report) if report is not None else (report_beside(out_path) if out_path else None)
         if out_path is not None:

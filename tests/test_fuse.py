@@ -458,3 +458,35 @@ def test_api_callers_still_see_warnings_on_stderr(tmp_path):
     res = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "modality unknown, assumed MR" in res.stderr and "modality unknown, assumed MR" in res.stdout
+
+
+def test_a_colour_map_shows_a_grey_pet_in_colour(tmp_path, cli):
+    """--colormap hot: MOVING's luminance is fused and its colour (Cb/Cr of the PET through the map)
+    put back, so the NIfTI output is RGB on FIXED's grid; bad maps, an MR or a colour MOVING are refused."""
+    import nibabel as nib
+
+    from medfuse_cli.intensity import colourised, rgb_to_ycbcr, window_for
+
+    out = tmp_path / "c.nii.gz"
+    res = cli("fuse", T1, PET, "-o", out, "--colormap", "hot", "--method", "mean")
+    assert res.exit_code == 0, res.stderr
+    written, fixed = nib.load(out), nib.load(T1)
+    assert written.get_data_dtype().names == ("R", "G", "B") and written.shape == fixed.shape
+    np.testing.assert_array_equal(written.affine, fixed.affine)
+    rgb = np.asarray(written.dataobj)
+    rgb = np.stack([rgb["R"], rgb["G"], rgb["B"]], axis=-1).astype(np.float32)
+    pet = read_image(PET)
+    _, cb, cr = rgb_to_ycbcr(rgb)
+    _, pet_cb, pet_cr = rgb_to_ycbcr(colourised(pet, window_for(pet), "hot").data)
+    assert np.median(np.abs(cb - pet_cb)) < 1 and np.median(np.abs(cr - pet_cr)) < 1  # the PET's colour
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert "hot colour map" in report["colour"] and report["parameters"]["colormap"] == "hot"
+    assert report["metrics"]["values"]["SSIM_worst"] > 0.5
+    spect = shared_path("harvard", "mri-spect")
+    for args, message in (((T1, PET, "--colormap", "nope"), "unknown colour map"),
+                          ((PET, T1, "--colormap", "hot"), "is an MR"),
+                          ((spect / "03008_mri.png", spect / "03008_spect.png", "--colormap", "hot"), "already colour")):
+        bad = cli("fuse", *args, "-o", tmp_path / "bad.nii.gz")
+        assert_one_line_error(bad, 4)
+        assert message in bad.stderr
+    assert not (tmp_path / "bad.nii.gz").exists()

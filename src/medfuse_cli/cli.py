@@ -244,6 +244,7 @@ MovingModality = Annotated[
 CtWindow = Annotated[
     str | None, typer.Option("--ct-window", help="CT intensity window: brain (L40 W80), bone (L600 W2800) or LEVEL,WIDTH in HU. Default: 0.5-99.5 percentile window.")
 ]
+Colormap = Annotated[str | None, typer.Option("--colormap", help="Show a greyscale MOVING (PET, SPECT or CT) in this colour map over its window (hot, inferno, jet, ... any matplotlib name), as PET and SPECT are read: its luminance is fused with FIXED and its colour put back, so the output is RGB (NIfTI RGB24, PNG, DICOM RGB). Default: greyscale output.", show_default=False)]
 FixedSeries = Annotated[str | None, typer.Option("--fixed-series", help="FIXED is DICOM with several series: take this one (UID, number or description).")]
 MovingSeries = Annotated[str | None, typer.Option("--moving-series", help="MOVING is DICOM with several series: take this one (UID, number or description).")]
 InitialTransform = Annotated[Path | None, typer.Option("--initial-transform", readable=False, help="Start the registration from this rigid transform (ITK .tfm / .txt / .h5, LPS, FIXED point -> MOVING point, as register --save-transform and SimpleITK write it) instead of the headers and the centres of mass; with --transform none, apply it as it is (rigid or affine). For scans in different frames of reference.")]
@@ -308,6 +309,7 @@ def fuse(
     fixed_modality: FixedModality = None,
     moving_modality: MovingModality = None,
     ct_window: CtWindow = None,
+    colormap: Colormap = None,
     report: Annotated[Path | None, typer.Option("--report", readable=False, help="JSON report path (default: beside the output, OUT.json).")] = None,
     figure: Annotated[Path | None, typer.Option("--figure", readable=False, help="Also write a PNG figure: FIXED, MOVING, fused and an overlay, middle slice of each plane, in physical proportions.")] = None,
     fixed_series: FixedSeries = None,
@@ -338,7 +340,7 @@ def fuse(
                               initial_transform=None if initial_transform is None else str(initial_transform),
                               landmarks=[str(p) for p in landmarks] if landmarks else None,
                               fixed_modality=fixed_modality,
-                              moving_modality=moving_modality, ct_window=ct_window,
+                              moving_modality=moving_modality, ct_window=ct_window, colormap=colormap,
                               fixed_series=fixed_series, moving_series=moving_series, seed=seed,
                               metrics=metrics, device=device, patch=patch, overlap=overlap,
                               anonymize=anonymize, threads=threads, max_memory=max_memory)
@@ -525,6 +527,7 @@ def batch(
     fixed_modality: FixedModality = None,
     moving_modality: MovingModality = None,
     ct_window: CtWindow = None,
+    colormap: Colormap = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
     seed: Seed = 0,
@@ -567,8 +570,9 @@ def batch(
 
         signal.signal(signal.SIGTERM, _term)
         options = {"method": method, "transform": transform, "fixed_modality": fixed_modality,
-                       "moving_modality": moving_modality, "ct_window": ct_window, "fixed_series": fixed_series,
-                       "moving_series": moving_series, "seed": seed, "metrics": metrics, "device": device,
+                       "moving_modality": moving_modality, "ct_window": ct_window, "colormap": colormap,
+                       "fixed_series": fixed_series, "moving_series": moving_series, "seed": seed,
+                       "metrics": metrics, "device": device,
                        "patch": patch, "overlap": overlap, "figures": figures, "dicom": dicom, "anonymize": anonymize,
                        "max_memory": max_memory}
         result = _batch_with_progress(

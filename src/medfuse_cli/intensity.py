@@ -80,6 +80,25 @@ def ycbcr_to_rgb(y: np.ndarray, cb: np.ndarray, cr: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.stack([r, g, b], axis=-1)), 0, 255).astype(np.uint8)
 
 
+def check_colormap(name: str) -> None:
+    """A colour map matplotlib knows (``hot``, ``inferno``, ``jet`` ...), or exit 4."""
+    import matplotlib
+
+    if name not in matplotlib.colormaps:
+        raise InvalidInputError(f"unknown colour map {name!r}; try hot, inferno, magma, viridis or jet "
+                                "(any name of matplotlib.colormaps)")
+
+
+def colourised(image: Image, window: Window, name: str) -> Image:
+    """A greyscale image as 0..255 RGB through a matplotlib colour map over ``window``, as PET and
+    SPECT are shown (and as the Harvard pairs come)."""
+    import matplotlib
+
+    check_colormap(name)
+    rgb = matplotlib.colormaps[name](window.apply(image.data))[..., :3] * 255.0
+    return image.with_data(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
+
+
 def window_for(image: Image, ct_window: tuple[float, float] | None = None) -> Window:
     """The normalisation window of an image (see module docstring)."""
     data = luminance(image.data) if image.is_color else image.data

@@ -20,7 +20,9 @@ from .errors import GeometryError, InvalidInputError
 from .fusion import NETWORKS, check_fits, fuse, resolve_method
 from .image import Image, Modality
 from .intensity import (
+    check_colormap,
     check_usable,
+    colourised,
     parse_ct_window,
     rgb_to_ycbcr,
     window_for,
@@ -69,6 +71,7 @@ class FuseOptions:
     patch: int = 96  # volume networks: sliding-window side, voxels
     overlap: float = 0.25  # volume networks: overlap of neighbouring windows (fraction)
     max_memory: str = "auto"  # "auto" (what is available) or a size such as "4G"
+    colormap: str | None = None  # show a grey MOVING (PET, SPECT, CT) in this matplotlib colour map: colour output
 
     def __post_init__(self) -> None:
         from .memory import parse_size
@@ -85,6 +88,8 @@ class FuseOptions:
             raise InvalidInputError(f"unknown transform {self.transform!r}; choose rigid, affine or none")
         self._start = given_start(self.initial_transform, self.landmarks, rigid=self.transform != "none")
         parse_ct_window(self.ct_window)
+        if self.colormap is not None:
+            check_colormap(self.colormap)
         for m in (self.fixed_modality, self.moving_modality):
             if m is not None:
                 try:
@@ -164,6 +169,9 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions,
     check_usable(fixed, "FIXED")
     check_usable(moving, "MOVING")
     _check_pair(fixed, moving)
+    if options.colormap and (moving.is_color or moving.modality is Modality.MR):
+        what = "already colour" if moving.is_color else "an MR; give the MRI as FIXED"
+        raise InvalidInputError(f"--colormap colours MOVING (the PET, SPECT or CT), but {moving.provenance.source} is {what}")
     mri_moving, task = network_roles(fixed.modality, moving.modality)
     method = resolve_method(options.method, volume=not fixed.is_2d, learnt_pair=task is not None)
     check_fits(method, volume=not fixed.is_2d)  # before registering
@@ -195,9 +203,11 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions,
     fwin = window_for(fixed, ct_window)
     a = fwin.apply(fixed.data)
     mwin = window_for(moving, ct_window)
+    if options.colormap:
+        moved = colourised(moved, mwin, options.colormap)
     if moved.is_color:
         y, cb, cr = rgb_to_ycbcr(moved.data)
-        b = mwin.apply(y)
+        b = y / np.float32(255.0) if options.colormap else mwin.apply(y)
     else:
         b = mwin.apply(moved.data)
     timings["normalise_s"] = time.perf_counter() - t0
@@ -234,7 +244,8 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions,
             "fixed": {"lo": fwin.lo, "hi": fwin.hi, "rule": fwin.rule},
             "moving": {"lo": mwin.lo, "hi": mwin.hi, "rule": mwin.rule},
         },
-        "colour": "YCbCr: Y fused, Cb/Cr of MOVING kept" if moved.is_color else None,
+        "colour": (None if not moved.is_color else "YCbCr: Y fused, Cb/Cr of MOVING kept"
+                   + (f" (MOVING shown in the {options.colormap} colour map over its window)" if options.colormap else "")),
         "method": method if method == options.method else f"{method} (from {options.method})",
         "model": _model_used(method, task or "mri-pet"),
         "mri_input": "MOVING" if mri_moving else "FIXED" if task else None,

@@ -164,6 +164,13 @@ def test_colour_results_are_an_rgb_series(tmp_path):
     img = reader.Execute()
     assert img.GetSize() == t1.shape and img.GetNumberOfComponentsPerPixel() == 3
     np.testing.assert_allclose(_sitk_corners(img), _corners(t1.affine, t1.shape), atol=1e-3)
+    # medfuse reads its own colour series back (info, convert, eval): the same voxels on the same grid
+    back = read_image(tmp_path / "rgb")
+    assert back.is_color and back.data.dtype == np.uint8
+    canonical = [nib.as_closest_canonical(nib.Nifti1Image(d, np.round(a, 3))) for d, a in ((back.data, back.affine),
+                                                                                         (rgb, t1.affine))]
+    np.testing.assert_allclose(canonical[0].affine, canonical[1].affine, atol=1e-3)
+    np.testing.assert_array_equal(np.asanyarray(canonical[0].dataobj), np.asanyarray(canonical[1].dataobj))
 
 
 def test_a_nonstandard_patient_sex_in_fixed_is_left_out(tmp_path, cli):

@@ -8,6 +8,7 @@ equalised output) with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import zipfile
@@ -288,11 +289,15 @@ def read_dicom(
 
     slices: list[Slice] = []
     datasets = []
+    samples = {int(e.header.get("SamplesPerPixel", 1) or 1) for e in group}
+    if not samples <= {1} and samples != {3}:
+        raise InvalidInputError(f"{path.name}: {samples} samples per pixel; medfuse reads greyscale or RGB series")
+    colour = samples == {3}
     for entry in group:
         ds, arr = _pixels(entry)
         datasets.append(ds)
-        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-            raise InvalidInputError(f"{entry.name}: colour DICOM input is not supported")
+        if colour and (int(ds.get("NumberOfFrames", 1) or 1) > 1 or arr.shape[-1:] != (3,)):
+            raise InvalidInputError(f"{entry.name}: multi-frame colour DICOM is not supported")
         if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
             slices.extend(_multiframe_slices(ds, arr, entry.name))
             continue
@@ -304,9 +309,15 @@ def read_dicom(
         slices.append(Slice(arr, iop, ipp, spacing, slope, inter, order, order[1]))
 
     suv_factor = _suv_factor(datasets[0], path.name) if suv else None
-    stack = SliceStack.from_slices(slices, path.name, frames)
     thickness = _float(first, "SpacingBetweenSlices", _float(first, "SliceThickness", 1.0)) or 1.0
-    vol, affine_lps, notes = stack_slices(stack, path.name, thickness)
+    if colour:  # RGB (pydicom gives YBR as RGB): each channel stacked as a greyscale series
+        stacked = [stack_slices(SliceStack.from_slices([dataclasses.replace(sl, pixels=sl.pixels[..., c], slope=1.0,
+                                                                            inter=0.0) for sl in slices],
+                                                       path.name, frames), path.name, thickness) for c in range(3)]
+        vol = np.clip(np.rint(np.stack([v for v, _, _ in stacked], axis=-1)), 0, 255).astype(np.uint8)
+        _, affine_lps, notes = stacked[0]
+    else:
+        vol, affine_lps, notes = stack_slices(SliceStack.from_slices(slices, path.name, frames), path.name, thickness)
     for note in notes:
         log.warning("%s: %s", path.name, note)
     units = _units(first)

@@ -134,7 +134,10 @@ def _edge_preservation(g_s, a_s, g_f, a_f) -> np.ndarray:
 
 def qabf(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> float:
     (ga, aa), (gb, ab), (gf, af) = _edges(a), _edges(b), _edges(f)
-    num = (_edge_preservation(ga, aa, gf, af) * ga + _edge_preservation(gb, ab, gf, af) * gb).sum()
+    num = 0.0
+    for g, angle in ((ga, aa), (gb, ab)):  # weighted by the source's edge strength: only its edges count
+        edge = g > 0
+        num += float((_edge_preservation(g[edge], angle[edge], gf[edge], af[edge]) * g[edge]).sum())
     den = (ga + gb).sum()
     return float(num / den) if den > 0 else 0.0
 

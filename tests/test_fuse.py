@@ -481,6 +481,10 @@ def test_a_colour_map_shows_a_grey_pet_in_colour(tmp_path, cli):
     assert np.median(np.abs(cb - pet_cb)) < 1 and np.median(np.abs(cr - pet_cr)) < 1  # the PET's colour
     report = json.loads((tmp_path / "c.json").read_text())
     assert "hot colour map" in report["colour"] and report["parameters"]["colormap"] == "hot"
+    back = read_image(out)  # medfuse reads its RGB NIfTI back (info, convert, eval)
+    assert back.is_color and back.data.dtype == np.uint8
+    np.testing.assert_array_equal(back.data, rgb.astype(np.uint8))
+    assert cli("info", out).exit_code == 0
     assert report["metrics"]["values"]["SSIM_worst"] > 0.5
     spect = shared_path("harvard", "mri-spect")
     for args, message in (((T1, PET, "--colormap", "nope"), "unknown colour map"),

@@ -61,8 +61,7 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     shape = tuple(int(s) for s in img.shape)
     check_voxel_count(shape, path.name)
     _check_size(path, header, shape)
-    if header.get_data_dtype() == RGB24:
-        raise InvalidInputError(f"{path.name}: RGB NIfTI input is not supported; convert it to greyscale")
+    rgb = header.get_data_dtype() == RGB24  # as medfuse writes colour results
     while len(shape) > 4 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) > 4:
@@ -71,6 +70,8 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
         raise GeometryError(f"{path.name}: a {len(shape)}D NIfTI is not an image")
     slope, inter = img.dataobj.slope, img.dataobj.inter
     scaled = not (slope in (None, 1.0) and inter in (None, 0.0))
+    if rgb and len(shape) == 4 and shape[3] > 1:
+        raise GeometryError(f"{path.name}: 4D RGB NIfTI images are not supported")
     try:
         if len(shape) == 4 and shape[3] > 1:
             index = frames.select(shape[3], path.name)
@@ -81,6 +82,8 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     except (EOFError, OSError, ValueError, OverflowError, zlib.error, gzip.BadGzipFile) as exc:
         raise InvalidInputError(f"{path.name}: truncated or corrupt NIfTI data ({exc})") from exc
     data = data.reshape(data.shape[:3] if data.ndim >= 3 else data.shape + (1,) * (3 - data.ndim))
+    if rgb:
+        data = np.stack([data[c] for c in RGB24.names], axis=-1)
     if data.dtype.byteorder not in ("=", "|"):
         data = data.astype(data.dtype.newbyteorder("="))
     if data.dtype not in _NATIVE_DTYPES and data.dtype != np.float32:

@@ -17,6 +17,7 @@ import nibabel as nib
 import pytest
 from conftest import EXAMPLES, shared_path
 
+from medfuse_cli import read_image
 from medfuse_cli.batch import discover
 
 T1 = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"
@@ -388,3 +389,27 @@ def test_a_file_system_without_locks_warns_instead_of_refusing(tmp_path, monkeyp
     with exclusive(tmp_path):
         ran = True
     assert ran and "no file locking on the file system" in caplog.text
+
+
+def test_case_folders_of_dicom_files_pair_their_mr_and_pet_series(tmp_path, cli):
+    """A case folder holding the DICOM files of an MR and a PET series side by side (as a PACS exports a
+    study) is one case: the MR series is FIXED, the PET series MOVING; a folder with the MR alone is
+    listed as not paired, with its series."""
+    import zipfile
+
+    pet = shared_path("dicom", "pt_ge_discoveryst_fdg_sts001", "dicom")
+    study, mr_only = tmp_path / "in" / "study1", tmp_path / "in" / "study2"
+    for folder in (study, mr_only):
+        zipfile.ZipFile(EXAMPLES / "dicom" / "mr_t1_xa30.zip").extractall(folder)
+    for f in sorted(pet.glob("*.dcm")):
+        (study / f"pet_{f.name}").symlink_to(f)
+    cases, rule, unpaired = discover(tmp_path / "in", tmp_path / "out")
+    assert rule == "subfolders" and [c.id for c in cases] == ["study1"]
+    assert cases[0].fixed == cases[0].moving == str(study) and cases[0].fixed_series != cases[0].moving_series
+    assert len(unpaired) == 1 and unpaired[0].startswith("study2: DICOM files of 1 MR and 0 CT/PET/SPECT series")
+    res = cli("batch", tmp_path / "in", "-o", tmp_path / "out", "--engine", "sequential", "--method", "mean",
+              "--no-metrics", "--transform", "none")
+    assert res.exit_code == 0, res.stderr
+    report = json.loads((tmp_path / "out" / "study1.json").read_text())
+    assert (report["inputs"]["fixed"]["modality"], report["inputs"]["moving"]["modality"]) == ("MR", "PT")
+    assert nib.load(tmp_path / "out" / "study1.nii.gz").shape == read_image(EXAMPLES / "dicom" / "mr_t1_xa30.zip").shape

@@ -8,7 +8,9 @@ Pairing rules, tried in this order (the first that finds a pair wins):
    so ``medfuse eval --pairs IN --fused OUT_DIR`` reads it directly.
 2. ``nnunet``: ``CASE_0000.EXT`` (FIXED) + ``CASE_0001.EXT`` (MOVING); output ``OUT_DIR/CASE.EXT``.
 3. ``subfolders``: one sub-folder per case holding two inputs (NIfTI / PNG / TIFF files or DICOM
-   series); the MR one (from DICOM or the file name) is FIXED; output ``OUT_DIR/CASE.nii.gz``.
+   series); the MR one (from DICOM or the file name) is FIXED; or holding the DICOM files of a
+   study, whose one MR series is FIXED and one CT / PET / SPECT series MOVING; output
+   ``OUT_DIR/CASE.nii.gz``.
 
 A CSV manifest has columns ``id,fixed,moving[,output][,initial_transform][,fixed_landmarks,moving_landmarks]``
 (paths relative to the CSV's folder; ``initial_transform``: a transform file that starts that case's
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import functools
 import glob
 import hashlib
 import io
@@ -66,6 +69,8 @@ class BatchCase:
     output: str
     initial_transform: str | None = None  # a manifest's optional column: this case's registration start
     landmarks: list[str] | None = None  # optional columns fixed_landmarks, moving_landmarks: as fuse --landmarks
+    fixed_series: str | None = None  # a case folder of DICOM files: FIXED's and MOVING's series in it
+    moving_series: str | None = None
 
     @property
     def report(self) -> Path:
@@ -172,13 +177,47 @@ def _is_input(path: Path) -> bool:
     return path.is_dir() or path.name.lower().endswith(INPUT_EXT) or path.suffix == ""
 
 
-def _subfolders(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
+def _maybe_dicom(path: Path) -> bool:
+    """A file that may be DICOM: not NIfTI, PNG, TIFF or a zip."""
+    return not path.name.lower().endswith((".nii.gz", ".nii", *RASTER, ".zip"))
+
+
+def _dicom_series_pair(sub: Path, series_given: bool) -> tuple[str | None, str | None] | str:
+    """FIXED's and MOVING's series in a case folder of DICOM files (as a PACS exports a study): its one
+    MR series and its one CT, PET or SPECT series, localizers left out; with --fixed-series /
+    --moving-series given, those choose in every case. Otherwise why the folder cannot be paired."""
+    from .io.dicom import list_series
+
+    if series_given:
+        return None, None
+    try:
+        found = [i for i in list_series(sub) if not i.localizer]
+    except MedfuseError as exc:
+        return f"unreadable DICOM ({exc})"
+    mr = [i for i in found if i.modality == "MR"]
+    other = [i for i in found if i.modality in ("CT", "PT", "NM")]
+    if len(mr) == 1 and len(other) == 1:
+        return mr[0].uid, other[0].uid
+    listing = "; ".join(i.label() for i in found)
+    return (f"DICOM files of {len(mr)} MR and {len(other)} CT/PET/SPECT series, needs one of each (or give "
+            f"--fixed-series and --moving-series): {listing}")
+
+
+def _subfolders(root: Path, out: Path, series_given: bool = False) -> tuple[list[BatchCase], list[str]]:
     from .image import Modality
     from .io import guess_modality, read_image
 
     cases, unpaired = [], []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         inputs = [p for p in sorted(sub.iterdir()) if not p.name.startswith(".") and _is_input(p)]
+        if len(inputs) != 2 and inputs and all(p.is_file() and _maybe_dicom(p) for p in inputs):
+            found = _dicom_series_pair(sub, series_given)
+            if isinstance(found, str):
+                unpaired.append(f"{sub.name}: {found}")
+            else:
+                cases.append(BatchCase(sub.name, str(sub), str(sub), str(out / f"{sub.name}.nii.gz"),
+                                       fixed_series=found[0], moving_series=found[1]))
+            continue
         if len(inputs) != 2:
             unpaired.append(f"{sub.name}: {len(inputs)} inputs, needs exactly 2")
             continue
@@ -226,9 +265,11 @@ def _manifest(path: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
     return cases, problems
 
 
-def discover(source: Path, out: Path, dicom: bool = False) -> tuple[list[BatchCase], str, list[str]]:
+def discover(source: Path, out: Path, dicom: bool = False,
+             series_given: bool = False) -> tuple[list[BatchCase], str, list[str]]:
     """The cases of a folder or manifest, the pairing rule that matched, and what was not paired.
-    ``dicom``: volumes are written as DICOM series folders (``OUT_DIR/CASE``) instead of NIfTI."""
+    ``dicom``: volumes are written as DICOM series folders (``OUT_DIR/CASE``) instead of NIfTI;
+    ``series_given``: --fixed-series / --moving-series choose the series in case folders of DICOM files."""
     if not source.exists():
         raise InputNotFoundError(f"{source}: no such folder or manifest")
     out = _abs(out)
@@ -242,7 +283,8 @@ def discover(source: Path, out: Path, dicom: bool = False) -> tuple[list[BatchCa
         if out == source or source in out.parents:
             raise OutputError(f"output folder {out} is inside the input folder {source}; a re-run would read "
                               "the results as inputs: write them elsewhere")
-        for rule, finder in (("benchmark", _benchmark), ("nnunet", _nnunet), ("subfolders", _subfolders)):
+        for rule, finder in (("benchmark", _benchmark), ("nnunet", _nnunet),
+                             ("subfolders", functools.partial(_subfolders, series_given=series_given))):
             cases, problems = finder(source, out)
             if cases:
                 break
@@ -270,6 +312,8 @@ def fingerprint(case: BatchCase, options: dict[str, Any]) -> str:
     for given in [case.initial_transform, *(case.landmarks or [])]:
         if given:
             blob += json.dumps(stat(given))
+    if case.fixed_series or case.moving_series:
+        blob += json.dumps([case.fixed_series, case.moving_series])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -325,7 +369,7 @@ def run_case(case: dict[str, str | None], options: dict[str, Any], fp: str, time
     try:
         Path(case["output"]).parent.mkdir(parents=True, exist_ok=True)
         opts = {k: v for k, v in options.items() if k not in BATCH_ONLY}
-        for key in ("initial_transform", "landmarks"):
+        for key in ("initial_transform", "landmarks", "fixed_series", "moving_series"):
             if case.get(key):
                 opts[key] = case[key]
         figure = None
@@ -423,7 +467,8 @@ def run_batch(
     FuseOptions(**{k: v for k, v in options.items() if k not in BATCH_ONLY})  # validate before any work
     if engine not in ("dask", "sequential"):
         raise InvalidInputError(f"unknown engine {engine!r}; choose dask or sequential")
-    cases, rule, unpaired = discover(source, out, dicom=bool(options.get("dicom")))
+    cases, rule, unpaired = discover(source, out, dicom=bool(options.get("dicom")),
+                                     series_given=bool(options.get("fixed_series") or options.get("moving_series")))
     total = len(cases)
     if part is not None:
         cases = part.select(cases)

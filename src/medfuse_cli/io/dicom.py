@@ -54,6 +54,7 @@ class SeriesInfo:
     description: str
     modality: str
     n_files: int
+    localizer: bool = False  # ImageType says LOCALIZER (a scout), never a series to fuse
 
     def label(self) -> str:
         num = "-" if self.number is None else str(self.number)
@@ -128,6 +129,7 @@ def _series_info(uid: str, group: list[_Entry]) -> SeriesInfo:
         description=str(ds.get("SeriesDescription", "") or ""),
         modality=str(ds.get("Modality", "OT") or "OT"),
         n_files=len(group),
+        localizer="LOCALIZER" in [str(t).upper() for t in (ds.get("ImageType") or [])],
     )
 
 

@@ -610,10 +610,12 @@ def _run_dask(todo, options, workers, scheduler, case_timeout, finish) -> None:
         from .memory import available
 
         n = workers or min(os.cpu_count() or 1, len(todo))
-        # each worker's share of the memory free now (dask's default shares the total)
+        # each worker's share of the memory free now (dask's default shares the total); workers log only
+        # critical messages (a worker's heartbeat racing the cluster's shutdown printed a traceback; a
+        # case's failure is in its row, a lost worker fails its case)
         with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC.items()}):
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   silence_logs=logging.ERROR, memory_limit=available() // n)
+                                   silence_logs=logging.CRITICAL, memory_limit=available() // n)
         client = Client(cluster)
     try:
         futures = {client.submit(run_case, asdict(c), options, fp, case_timeout, key=f"medfuse-{c.id}-{fp[:16]}",

@@ -82,3 +82,24 @@ def write_fcsv(path, points, system="LPS"):
               for i, (x, y, z) in enumerate(points)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_localizer(folder, source=EXAMPLES / "dicom" / "mr_t1_xa30.zip"):
+    """Three slices of the bundled MR series as a localizer (scout) series of their own: ImageType
+    LOCALIZER, three orientations (which no single volume can hold)."""
+    import io
+    import zipfile
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(zipfile.ZipFile(source).namelist())[40:43]
+    uid = generate_uid()
+    for i, (name, iop) in enumerate(zip(names, ([1, 0, 0, 0, 1, 0], [0, 1, 0, 0, 0, -1], [1, 0, 0, 0, 0, -1]),
+                                       strict=True)):
+        ds = pydicom.dcmread(io.BytesIO(zipfile.ZipFile(source).read(name)))
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SeriesNumber = uid, generate_uid(), 1
+        ds.SeriesDescription, ds.ImageType, ds.ImageOrientationPatient = "localizer", ["ORIGINAL", "PRIMARY", "LOCALIZER"], iop
+        ds.save_as(folder / f"localizer{i}.dcm")
+    return uid

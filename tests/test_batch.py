@@ -15,7 +15,7 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
-from conftest import EXAMPLES, shared_path
+from conftest import EXAMPLES, shared_path, write_localizer
 
 from medfuse_cli import read_image
 from medfuse_cli.batch import discover
@@ -394,15 +394,16 @@ def test_a_file_system_without_locks_warns_instead_of_refusing(tmp_path, monkeyp
 
 
 def test_case_folders_of_dicom_files_pair_their_mr_and_pet_series(tmp_path, cli):
-    """A case folder holding the DICOM files of an MR and a PET series side by side (as a PACS exports a
-    study) is one case: the MR series is FIXED, the PET series MOVING; a folder with the MR alone is
-    listed as not paired, with its series."""
+    """A case folder holding the DICOM files of an MR, a PET and a localizer series side by side (as a
+    PACS exports a study) is one case: the MR series is FIXED, the PET series MOVING, the localizer left
+    out; a folder with the MR alone is listed as not paired, with its series."""
     import zipfile
 
     pet = shared_path("dicom", "pt_ge_discoveryst_fdg_sts001", "dicom")
     study, mr_only = tmp_path / "in" / "study1", tmp_path / "in" / "study2"
     for folder in (study, mr_only):
         zipfile.ZipFile(EXAMPLES / "dicom" / "mr_t1_xa30.zip").extractall(folder)
+    write_localizer(study)  # an MR series too, but a scout: left out
     for f in sorted(pet.glob("*.dcm")):
         (study / f"pet_{f.name}").symlink_to(f)
     cases, rule, unpaired = discover(tmp_path / "in", tmp_path / "out")

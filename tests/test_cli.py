@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import EXAMPLES, assert_one_line_error, shared_path
+from conftest import EXAMPLES, assert_one_line_error, shared_path, write_localizer
 
 from medfuse_cli import __version__, read_image
 
@@ -91,6 +91,23 @@ def test_info_reports_geometry(cli):
     assert item["spacing_mm"] == [2.0, 2.0, 2.0] and item["modality"] == "MR"
     table = cli("info", MR_ZIP)
     assert table.exit_code == 0 and "anat-T1w_acq-tfl" in table.stdout and "PIR" in table.stdout
+
+
+def test_info_lists_a_study_whose_localizer_is_no_volume(tmp_path, cli):
+    """A study folder with a localizer (three planes in one series) beside the MR series: info lists
+    both, the localizer with the reason it is not one volume, instead of failing the whole listing."""
+    import zipfile
+
+    zipfile.ZipFile(MR_ZIP).extractall(tmp_path / "study")
+    scout = write_localizer(tmp_path / "study")
+    res = cli("info", tmp_path / "study", "--json")
+    assert res.exit_code == 0, res.stderr
+    items = {item["series_uid"]: item for item in json.loads(res.stdout)}
+    assert len(items) == 2 and "different orientations" in items[scout]["error"]
+    assert items[scout]["notes"][0] == "a localizer (scout) series"
+    (mr,) = (item for uid, item in items.items() if uid != scout)
+    assert mr["shape"] == list(read_image(MR_ZIP).shape) and "error" not in mr
+    assert cli("info", tmp_path / "study").exit_code == 0  # the table too
 
 
 def test_no_patient_identifiers_in_outputs(tmp_path, cli):

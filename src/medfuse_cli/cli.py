@@ -209,7 +209,7 @@ def info(
             for key in ("series_uid", "series_description", "format", "modality", "shape", "dtype", "color",
                         "spacing_mm", "orientation", "origin_mm_ras", "units", "min", "max", "mean",
                         "non_finite_voxels"):
-                value = item[key]
+                value = item.get(key)
                 if value is None:
                     continue
                 if isinstance(value, float):

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import MedfuseError
 from .image import Image
 from .io import FrameChoice, read_image
 
@@ -47,5 +48,19 @@ def describe_path(path: Path, series: str | None = None, frames: FrameChoice | N
 
         found = list_series(path)
         if len(found) > 1:
-            return [describe_image(read_image(path, series=s.uid, frames=frames)) for s in found]
+            return [_describe_series(path, s, frames) for s in found]
     return [describe_image(read_image(path, series=series, frames=frames))]
+
+
+def _describe_series(path: Path, info: Any, frames: FrameChoice | None) -> dict[str, Any]:
+    """One series of a DICOM input that holds several; one that is not a volume (a localizer's three
+    planes, say) is listed with the reason instead of failing the whole listing."""
+    try:
+        summary = describe_image(read_image(path, series=info.uid, frames=frames))
+    except MedfuseError as exc:
+        summary = {"source": path.name, "format": "dicom", "series_uid": info.uid, "series_number": info.number,
+                   "series_description": info.description or None, "modality": info.modality,
+                   "notes": [f"not readable as one volume: {exc}"], "error": str(exc)}
+    if info.localizer:
+        summary["notes"] = ["a localizer (scout) series", *summary["notes"]]
+    return summary

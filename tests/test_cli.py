@@ -108,6 +108,10 @@ def test_info_lists_a_study_whose_localizer_is_no_volume(tmp_path, cli):
     (mr,) = (item for uid, item in items.items() if uid != scout)
     assert mr["shape"] == list(read_image(MR_ZIP).shape) and "error" not in mr
     assert cli("info", tmp_path / "study").exit_code == 0  # the table too
+    # the study as FIXED needs no --fixed-series: a localizer is never the series to fuse
+    res = cli("convert", tmp_path / "study", "-o", tmp_path / "mr.nii.gz")
+    assert res.exit_code == 0, res.stderr
+    assert nib.load(tmp_path / "mr.nii.gz").shape == read_image(MR_ZIP).shape
 
 
 def test_no_patient_identifiers_in_outputs(tmp_path, cli):

@@ -152,6 +152,10 @@ def _choose_series(groups: dict[str, list[_Entry]], series: str | None, name: st
     if series is None:
         if len(groups) == 1:
             return next(iter(groups))
+        kept = [uid for uid, i in infos.items() if not i.localizer]
+        if len(kept) == 1:  # a localizer (scout) is never the series to fuse
+            log.info("%s: left out %d localizer series", name, len(groups) - 1)
+            return kept[0]
         listing = "; ".join(i.label() for i in sorted(infos.values(), key=lambda i: (i.number or 0)))
         raise ChoiceRequiredError(f"{name} holds {len(groups)} series; choose one with --series: {listing}")
     wanted = series.strip()

@@ -294,16 +294,19 @@ def test_local_cluster_workers_share_the_free_memory(monkeypatch):
         pass
 
     def fake_cluster(**kwargs):
-        seen.update(kwargs, environ=dict(dask.config.get("distributed.nanny.pre-spawn-environ")))
+        seen.update(kwargs, environ={k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")})
         raise Stop
 
     monkeypatch.setattr(dask.distributed, "LocalCluster", fake_cluster)
     monkeypatch.setattr(memory, "available", lambda: 8 << 30)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     with pytest.raises(Stop):
         batch._run_dask([object()] * 3, {}, 2, None, None, lambda row: None)
     assert seen["n_workers"] == 2 and seen["memory_limit"] == 4 << 30
-    # the workers start with glibc keeping freed memory (dask's 64 KiB trim made the metrics 2.4x slower)
-    assert seen["environ"]["MALLOC_TRIM_THRESHOLD_"] == 2**27 and seen["environ"]["MALLOC_MMAP_THRESHOLD_"] == 2**25
+    # the workers start with glibc keeping freed memory (dask's 64 KiB trim made the metrics 2.4x slower),
+    # even after an earlier cluster in this process left dask's value in os.environ
+    assert seen["environ"] == {"MALLOC_TRIM_THRESHOLD_": str(2**27), "MALLOC_MMAP_THRESHOLD_": str(2**25)}
+    assert os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536"  # and it is back as it was
 
 
 def test_job_array_parts_share_one_output_folder(tmp_path, cli):

@@ -613,7 +613,8 @@ def _run_dask(todo, options, workers, scheduler, case_timeout, finish) -> None:
         # each worker's share of the memory free now (dask's default shares the total); workers log only
         # critical messages (a worker's heartbeat racing the cluster's shutdown printed a traceback; a
         # case's failure is in its row, a lost worker fails its case)
-        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC.items()}):
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC.items()}), \
+                _environ({k: str(v) for k, v in WORKER_MALLOC.items()}):  # a value in os.environ beats dask's config
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                                    silence_logs=logging.CRITICAL, memory_limit=available() // n)
         client = Client(cluster)
@@ -629,6 +630,21 @@ def _run_dask(todo, options, workers, scheduler, case_timeout, finish) -> None:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` while the block runs (as processes spawned in it inherit them)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _child() -> None:

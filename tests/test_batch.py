@@ -419,3 +419,21 @@ def test_case_folders_of_dicom_files_pair_their_mr_and_pet_series(tmp_path, cli)
     report = json.loads((tmp_path / "out" / "study1.json").read_text())
     assert (report["inputs"]["fixed"]["modality"], report["inputs"]["moving"]["modality"]) == ("MR", "PT")
     assert nib.load(tmp_path / "out" / "study1.nii.gz").shape == read_image(EXAMPLES / "dicom" / "mr_t1_xa30.zip").shape
+
+
+def test_a_changed_dicom_folder_is_not_taken_as_complete(tmp_path):
+    """A case whose input is a folder (a DICOM series or study) gets a new fingerprint when a file is
+    added to it or changed, so a re-run redoes it; an untouched folder keeps its fingerprint."""
+    from medfuse_cli.batch import BatchCase, fingerprint
+
+    folder = tmp_path / "study"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.dcm").write_bytes(b"x" * 10)
+    case = BatchCase("c", str(folder), str(folder), str(tmp_path / "c.nii.gz"))
+    first = fingerprint(case, {})
+    assert fingerprint(case, {}) == first
+    (folder / "b.dcm").write_bytes(b"y")
+    second = fingerprint(case, {})
+    assert second != first
+    (folder / "b.dcm").write_bytes(b"yy")
+    assert fingerprint(case, {}) != second

@@ -305,11 +305,18 @@ def discover(source: Path, out: Path, dicom: bool = False,
 
 
 def fingerprint(case: BatchCase, options: dict[str, Any]) -> str:
-    """Hash of what determines a case's output: inputs (path, size, mtime), options, version."""
+    """Hash of what determines a case's output: inputs (path, size, mtime; for a DICOM folder its
+    files' count, total size and latest mtime), options, version."""
 
     def stat(p: str) -> list[Any]:
-        s = Path(p).stat() if Path(p).exists() else None
-        return [p, s.st_size, s.st_mtime_ns] if s and Path(p).is_file() else [p]
+        path = Path(p)
+        if path.is_file():
+            s = path.stat()
+            return [p, s.st_size, s.st_mtime_ns]
+        if path.is_dir():
+            files = [f.stat() for f in path.rglob("*") if f.is_file()]
+            return [p, len(files), sum(f.st_size for f in files), max((f.st_mtime_ns for f in files), default=0)]
+        return [p]
 
     blob = json.dumps({"fixed": stat(case.fixed), "moving": stat(case.moving), "options": options,
                        "version": __version__}, sort_keys=True)

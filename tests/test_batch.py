@@ -419,6 +419,14 @@ def test_case_folders_of_dicom_files_pair_their_mr_and_pet_series(tmp_path, cli)
     report = json.loads((tmp_path / "out" / "study1.json").read_text())
     assert (report["inputs"]["fixed"]["modality"], report["inputs"]["moving"]["modality"]) == ("MR", "PT")
     assert nib.load(tmp_path / "out" / "study1.nii.gz").shape == read_image(EXAMPLES / "dicom" / "mr_t1_xa30.zip").shape
+    # fuse takes the same study as FIXED and MOVING: its MR series and its PET series
+    res = cli("fuse", study, study, "-o", tmp_path / "one.nii.gz", "--method", "mean", "--no-metrics",
+              "--transform", "none")
+    assert res.exit_code == 0, res.stderr
+    report = json.loads((tmp_path / "one.json").read_text())
+    assert (report["inputs"]["fixed"]["modality"], report["inputs"]["moving"]["modality"]) == ("MR", "PT")
+    res = cli("fuse", mr_only, mr_only, "-o", tmp_path / "two.nii.gz")
+    assert res.exit_code == 2 and "1 MR and 0 CT/PET/SPECT series" in res.stderr
 
 
 def test_a_changed_dicom_folder_is_not_taken_as_complete(tmp_path):

@@ -187,24 +187,17 @@ def _maybe_dicom(path: Path) -> bool:
 
 
 def _dicom_series_pair(sub: Path, series_given: bool) -> tuple[str | None, str | None] | str:
-    """FIXED's and MOVING's series in a case folder of DICOM files (as a PACS exports a study): its one
-    MR series and its one CT, PET or SPECT series, localizers left out; with --fixed-series /
-    --moving-series given, those choose in every case. Otherwise why the folder cannot be paired."""
-    from .io.dicom import list_series
+    """FIXED's and MOVING's series in a case folder of DICOM files (:func:`io.dicom.study_series_pair`);
+    with --fixed-series / --moving-series given, those choose in every case. Otherwise why the folder
+    cannot be paired."""
+    from .io.dicom import study_series_pair
 
     if series_given:
         return None, None
     try:
-        found = [i for i in list_series(sub) if not i.localizer]
+        return study_series_pair(sub)
     except MedfuseError as exc:
-        return f"unreadable DICOM ({exc})"
-    mr = [i for i in found if i.modality == "MR"]
-    other = [i for i in found if i.modality in ("CT", "PT", "NM")]
-    if len(mr) == 1 and len(other) == 1:
-        return mr[0].uid, other[0].uid
-    listing = "; ".join(i.label() for i in found)
-    return (f"DICOM files of {len(mr)} MR and {len(other)} CT/PET/SPECT series, needs one of each (or give "
-            f"--fixed-series and --moving-series): {listing}")
+        return str(exc)
 
 
 def _subfolders(root: Path, out: Path, series_given: bool = False) -> tuple[list[BatchCase], list[str]]:

@@ -118,6 +118,19 @@ def _load(path: str | os.PathLike[str] | Image, series: str | None) -> Image:
     return path if isinstance(path, Image) else read_image(path, series=series, frames=FrameChoice())
 
 
+def _load_pair(fixed: str | os.PathLike[str] | Image, moving: str | os.PathLike[str] | Image,
+               fixed_series: str | None, moving_series: str | None) -> tuple[Image, Image]:
+    """FIXED and MOVING; one DICOM study given as both (with no series chosen) gives its MR series as
+    FIXED and its CT, PET or SPECT series as MOVING."""
+    same = not isinstance(fixed, Image) and not isinstance(moving, Image) and Path(fixed) == Path(moving)
+    study = same and (Path(fixed).is_dir() or Path(fixed).suffix.lower() == ".zip")
+    if study and fixed_series is None and moving_series is None:
+        from .io.dicom import study_series_pair
+
+        fixed_series, moving_series = study_series_pair(Path(fixed))
+    return _load(fixed, fixed_series), _load(moving, moving_series)
+
+
 def _assign_modality(image: Image, given: str | None, default: Modality) -> str:
     if given is not None:
         image.modality = Modality.parse(given)
@@ -341,8 +354,7 @@ def fuse_pair(
         started = time.perf_counter()
         stage("reading")
         t0 = time.perf_counter()
-        fixed_img = _load(fixed, options.fixed_series)
-        moving_img = _load(moving, options.moving_series)
+        fixed_img, moving_img = _load_pair(fixed, moving, options.fixed_series, options.moving_series)
         read_s = time.perf_counter() - t0
         if out_path is not None:
             check_dicom_fits(out_path, fixed_img.is_2d)
@@ -435,7 +447,7 @@ def register_pair(
     if save_transform is not None:
         check_writable(Path(save_transform), overwrite, inputs=[fixed, moving])
     stage("reading")
-    fixed_img, moving_img = _load(fixed, fixed_series), _load(moving, moving_series)
+    fixed_img, moving_img = _load_pair(fixed, moving, fixed_series, moving_series)
     check_usable(fixed_img, "FIXED")
     check_usable(moving_img, "MOVING")
     _check_pair(fixed_img, moving_img)

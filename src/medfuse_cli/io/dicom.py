@@ -147,6 +147,19 @@ def list_series(path: Path) -> list[SeriesInfo]:
     return sorted(infos, key=lambda s: (s.number is None, s.number or 0, s.uid))
 
 
+def study_series_pair(path: Path) -> tuple[str, str]:
+    """The series to fuse in one study (a PACS export: the DICOM files of several series side by
+    side): its one MR series (FIXED) and its one CT, PET or SPECT series (MOVING), localizers left
+    out; otherwise a choice the user must make (exit 2), with the series listed."""
+    found = [i for i in list_series(path) if not i.localizer]
+    mr = [i for i in found if i.modality == "MR"]
+    other = [i for i in found if i.modality in ("CT", "PT", "NM")]
+    if len(mr) == 1 and len(other) == 1:
+        return mr[0].uid, other[0].uid
+    raise ChoiceRequiredError(f"DICOM files of {len(mr)} MR and {len(other)} CT/PET/SPECT series, needs one of each "
+                              "(or give --fixed-series and --moving-series): " + "; ".join(i.label() for i in found))
+
+
 def _choose_series(groups: dict[str, list[_Entry]], series: str | None, name: str) -> str:
     infos = {uid: _series_info(uid, g) for uid, g in groups.items()}
     if series is None:

@@ -427,6 +427,8 @@ def test_case_folders_of_dicom_files_pair_their_mr_and_pet_series(tmp_path, cli)
     assert (report["inputs"]["fixed"]["modality"], report["inputs"]["moving"]["modality"]) == ("MR", "PT")
     res = cli("fuse", mr_only, mr_only, "-o", tmp_path / "two.nii.gz")
     assert res.exit_code == 2 and "1 MR and 0 CT/PET/SPECT series" in res.stderr
+    missing = tmp_path / "missing.zip"
+    assert cli("fuse", missing, missing, "-o", tmp_path / "three.nii.gz").exit_code == 3
 
 
 def test_a_changed_dicom_folder_is_not_taken_as_complete(tmp_path):

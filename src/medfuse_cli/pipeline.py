@@ -123,7 +123,7 @@ def _load_pair(fixed: str | os.PathLike[str] | Image, moving: str | os.PathLike[
     """FIXED and MOVING; one DICOM study given as both (with no series chosen) gives its MR series as
     FIXED and its CT, PET or SPECT series as MOVING."""
     same = not isinstance(fixed, Image) and not isinstance(moving, Image) and Path(fixed) == Path(moving)
-    study = same and (Path(fixed).is_dir() or Path(fixed).suffix.lower() == ".zip")
+    study = same and (Path(fixed).is_dir() or Path(fixed).suffix.lower() == ".zip" and Path(fixed).is_file())
     if study and fixed_series is None and moving_series is None:
         from .io.dicom import study_series_pair
 

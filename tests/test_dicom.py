@@ -262,3 +262,36 @@ def test_nm_multiframe_tomo(tmp_path):
     np.testing.assert_array_equal(image.data, frames.transpose(2, 1, 0))
     top = np.array([float(v) for v in slices[-1].ImagePositionPatient])
     np.testing.assert_allclose(image.affine @ [0, 0, 19, 1], [-top[0], -top[1], top[2], 1], atol=1e-3)
+
+
+def test_palette_colour_pet_is_read_as_its_colours(tmp_path):
+    """A colour-mapped PET series (PALETTE COLOR: indices into a colour table) reads as the RGB the table
+    gives, on the grid of the same indices stored as greyscale."""
+    folder = shared_path(*PET, "dicom")
+    files = [f for f in sorted(folder.glob("*.dcm")) if pydicom.dcmread(f, stop_before_pixels=True).Modality == "PT"]
+    peak = max(float(ds.pixel_array.max()) * float(ds.RescaleSlope) for ds in map(pydicom.dcmread, files))
+    ramp = np.linspace(0.0, 1.0, 256)
+    lut = np.rint(65535 * np.stack([np.clip(3 * ramp, 0, 1), np.clip(3 * ramp - 1, 0, 1),
+                                    np.clip(3 * ramp - 2, 0, 1)])).astype(np.uint16)  # a "hot" table
+    for kind in ("grey", "palette"):
+        (tmp_path / kind).mkdir()
+        for f in files:
+            ds = pydicom.dcmread(f)
+            real = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+            ds.PixelData = np.clip(np.rint(255 * real / peak), 0, 255).astype(np.uint8).tobytes()
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+            ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+            for tag in ("SmallestImagePixelValue", "LargestImagePixelValue"):
+                ds.pop(tag, None)
+            if kind == "palette":
+                ds.PhotometricInterpretation = "PALETTE COLOR"
+                for colour, table in zip(("Red", "Green", "Blue"), lut, strict=True):
+                    ds.add_new(f"{colour}PaletteColorLookupTableDescriptor", "US", [256, 0, 16])
+                    ds.add_new(f"{colour}PaletteColorLookupTableData", "OW", table.tobytes())
+            ds.save_as(tmp_path / kind / f.name)
+    grey, palette = read_image(tmp_path / "grey"), read_image(tmp_path / "palette")
+    assert palette.is_color and palette.data.dtype == np.uint8 and palette.shape == grey.shape
+    np.testing.assert_allclose(palette.affine, grey.affine, atol=1e-6)
+    expected = np.rint(lut.T[grey.data.astype(np.int64)] / 257.0)
+    np.testing.assert_array_equal(palette.data, expected)
+    assert 0 < palette.data[..., 0].mean() < 255 and palette.data[..., 2].max() > 0  # a real image, not flat

@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut
 
 from ..errors import ChoiceRequiredError, InvalidInputError
 from ..image import Image, Modality, Provenance
@@ -189,9 +190,17 @@ def _pixels(entry: _Entry) -> tuple[Dataset, np.ndarray]:
             ds = pydicom.dcmread(fh)
         _parse_all(ds)
         arr = ds.pixel_array
+        if _is_palette(ds):  # indices into a colour table (colour-mapped PET/NM): the colours are the image
+            arr = apply_color_lut(arr, ds)
+            if arr.dtype != np.uint8:  # 16-bit table entries
+                arr = np.rint(arr / 257.0).astype(np.uint8)
     except Exception as exc:
         raise InvalidInputError(f"{entry.name}: corrupt or undecodable DICOM pixel data ({exc})") from exc
     return ds, arr
+
+
+def _is_palette(ds: Dataset) -> bool:
+    return str(ds.get("PhotometricInterpretation", "") or "").strip().upper() == "PALETTE COLOR"
 
 
 def _float(ds: Dataset, key: str, default: float) -> float:
@@ -308,9 +317,10 @@ def read_dicom(
 
     slices: list[Slice] = []
     datasets = []
-    samples = {int(e.header.get("SamplesPerPixel", 1) or 1) for e in group}
+    samples = {3 if _is_palette(e.header) else int(e.header.get("SamplesPerPixel", 1) or 1) for e in group}
     if not samples <= {1} and samples != {3}:
-        raise InvalidInputError(f"{path.name}: {samples} samples per pixel; medfuse reads greyscale or RGB series")
+        raise InvalidInputError(f"{path.name}: {samples} samples per pixel (or greyscale mixed with colour); "
+                                "medfuse reads greyscale, RGB or palette-colour series")
     colour = samples == {3}
     for entry in group:
         ds, arr = _pixels(entry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -149,3 +150,16 @@ def test_verbose_shows_library_warnings_not_their_debug_log(cli):
     res = cli("info", MR_ZIP, "--verbose")
     assert res.exit_code == 0, res.stderr
     assert len(res.stderr.splitlines()) < 50, res.stderr[:500]
+
+
+def test_a_terminal_sees_each_stage_and_the_slices_done(tmp_path, cli, monkeypatch):
+    """On a terminal (forced here) fuse shows its stages and a network's slice count; --quiet shows none."""
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+    t1, pet = T1, EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+    res = cli("fuse", t1, pet, "-o", tmp_path / "a.nii.gz", "--method", "adafuse", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", res.stderr)
+    assert "reading" in shown and "fusing (adafuse)" in shown and re.search(r" [1-9][0-9]*/91 ", shown)
+    res = cli("fuse", t1, pet, "-o", tmp_path / "b.nii.gz", "--method", "adafuse", "--no-metrics", "--quiet")
+    assert res.exit_code == 0 and "fusing" not in res.stderr

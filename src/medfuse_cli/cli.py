@@ -269,22 +269,10 @@ def _registration_line(summary: dict) -> str:
 def _stages(quiet: bool) -> Iterator[Callable[..., None] | None]:
     """A stage callback for a terminal (nothing otherwise): the step with a spinner and its time, and
     for a network's slices or windows a bar with done/total and the time left."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
-    if quiet or not console.is_terminal:
+    bar = _progress(quiet, "{task.description}", "{task.fields[count]}", stages=True)
+    if bar is None:
         yield None
         return
-    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
     task = bar.add_task("starting", total=None, count="")
 
     def stage(name: str, done: int | None = None, total: int | None = None) -> None:
@@ -488,14 +476,16 @@ def eval_(
     _run(debug, quiet, verbose, body)
 
 
-def _progress(quiet: bool, label: str, *extra: str) -> Any:
+def _progress(quiet: bool, label: str, *extra: str, stages: bool = False) -> Any:
     """A Rich progress bar on stderr (label, bar, done/total, extra columns, elapsed, ETA), or None
-    when quiet or not on a terminal."""
+    when quiet or not on a terminal. ``stages``: a transient bar led by a spinner, whose extra
+    columns replace done/total (a stage may have no total)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        SpinnerColumn,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
@@ -504,8 +494,11 @@ def _progress(quiet: bool, label: str, *extra: str) -> Any:
     console = Console(stderr=True)
     if quiet or not console.is_terminal:
         return None
-    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), *(TextColumn(e) for e in extra),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    head = (SpinnerColumn(),) if stages else ()
+    count = () if stages else (MofNCompleteColumn(),)
+    return Progress(*head, TextColumn(label), BarColumn(), *count, *(TextColumn(e) for e in extra),
+                    TimeElapsedColumn(), *(() if stages else (TextColumn("ETA"),)), TimeRemainingColumn(),
+                    console=console, transient=stages)
 
 
 def _with_progress(total: int, quiet: bool, label: str, work: Callable[[Callable[[], None] | None], Any]) -> Any:

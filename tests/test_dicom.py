@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import shared_path
+from conftest import EXAMPLES, shared_path
 from scipy import ndimage
 
 from medfuse_cli import read_image
@@ -21,6 +21,7 @@ from medfuse_cli.io import FrameChoice
 MR = ("dicom", "mr_siemens_xa30_t1w")
 PET = ("dicom", "pt_ge_discoveryst_fdg_sts001")
 CT = ("dicom", "ct_ge_hispeed_head_tilt")
+EXAMPLES_MR = EXAMPLES / "dicom" / "mr_t1_xa30.zip"
 
 
 def _voxel_map(mine: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -295,3 +296,42 @@ def test_palette_colour_pet_is_read_as_its_colours(tmp_path):
     expected = np.rint(lut.T[grey.data.astype(np.int64)] / 257.0)
     np.testing.assert_array_equal(palette.data, expected)
     assert 0 < palette.data[..., 0].mean() < 255 and palette.data[..., 2].max() > 0  # a real image, not flat
+
+
+def _compressed_copy(source: Path, dest: Path, syntax: str) -> None:
+    """The bundled MR series re-encoded by GDCM in another transfer syntax (a PACS export's)."""
+    import gdcm
+
+    dest.mkdir()
+    with zipfile.ZipFile(source) as z:
+        for name in sorted(z.namelist()):
+            raw = dest / (Path(name).name + ".raw")
+            raw.write_bytes(z.read(name))
+            reader = gdcm.ImageReader()
+            reader.SetFileName(str(raw))
+            assert reader.Read()
+            change = gdcm.ImageChangeTransferSyntax()
+            change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+            change.SetInput(reader.GetImage())
+            assert change.Change()
+            writer = gdcm.ImageWriter()
+            writer.SetFileName(str(dest / Path(name).name))
+            writer.SetFile(reader.GetFile())
+            writer.SetImage(change.GetOutput())
+            assert writer.Write()
+            raw.unlink()
+
+
+def test_jpeg_lossless_series_reads_as_the_uncompressed_one(tmp_path):
+    source = EXAMPLES_MR
+    _compressed_copy(source, tmp_path / "jll", "JPEGLosslessProcess14_1")
+    assert "Lossless" in pydicom.dcmread(next((tmp_path / "jll").iterdir())).file_meta.TransferSyntaxUID.name
+    plain, packed = read_image(source), read_image(tmp_path / "jll")
+    np.testing.assert_array_equal(packed.data, plain.data)
+    np.testing.assert_array_equal(packed.affine, plain.affine)
+
+
+def test_a_series_no_decoder_reads_is_named_as_such(tmp_path, cli):
+    _compressed_copy(EXAMPLES_MR, tmp_path / "jpeg12", "JPEGExtendedProcess2_4")  # lossy 12-bit JPEG
+    res = cli("info", tmp_path / "jpeg12")
+    assert res.exit_code == 4 and "compressed as 'JPEG Extended" in res.stderr and "Traceback" not in res.stderr

@@ -185,6 +185,7 @@ def _choose_series(groups: dict[str, list[_Entry]], series: str | None, name: st
 
 
 def _pixels(entry: _Entry) -> tuple[Dataset, np.ndarray]:
+    ds: Dataset | None = None
     try:
         with entry.opener() as fh:  # type: ignore[operator]
             ds = pydicom.dcmread(fh)
@@ -195,6 +196,10 @@ def _pixels(entry: _Entry) -> tuple[Dataset, np.ndarray]:
             if arr.dtype != np.uint8:  # 16-bit table entries
                 arr = np.rint(arr / 257.0).astype(np.uint8)
     except Exception as exc:
+        syntax = ds.file_meta.get("TransferSyntaxUID") if ds is not None and hasattr(ds, "file_meta") else None
+        if syntax is not None and syntax.is_compressed and "Unable to decode" in str(exc):
+            raise InvalidInputError(f"{entry.name}: pixel data compressed as '{syntax.name}', which no installed "
+                                    "decoder reads (decompress it, e.g. with gdcmconv --raw)") from exc
         raise InvalidInputError(f"{entry.name}: corrupt or undecodable DICOM pixel data ({exc})") from exc
     return ds, arr
 

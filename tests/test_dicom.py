@@ -335,3 +335,34 @@ def test_a_series_no_decoder_reads_is_named_as_such(tmp_path, cli):
     _compressed_copy(EXAMPLES_MR, tmp_path / "jpeg12", "JPEGExtendedProcess2_4")  # lossy 12-bit JPEG
     res = cli("info", tmp_path / "jpeg12")
     assert res.exit_code == 4 and "compressed as 'JPEG Extended" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_colour_nm_multiframe_tomo(tmp_path):
+    """A colour (RGB) NM multi-frame object built from real PET slices reads as a colour volume,
+    frame i at ipp0 + i*step*normal, as the greyscale one does."""
+    folder = shared_path(*PET, "dicom")
+    slices = [pydicom.dcmread(f) for f in sorted(folder.glob("*.dcm"))[:12]][::-1]
+    grey = np.stack([s.pixel_array * float(s.RescaleSlope) for s in slices])
+    level = np.clip(np.rint(255 * grey / grey.max()), 0, 255).astype(np.uint8)
+    frames = np.stack([level, 255 - level, level // 2], axis=-1)  # (frames, rows, cols, RGB)
+    ds = copy.deepcopy(slices[0])
+    ds.Modality, ds.SOPClassUID = "NM", "1.2.840.10008.5.1.4.1.1.20"
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.NumberOfFrames, ds.SpacingBetweenSlices = len(slices), "3.27"
+    ds.RescaleSlope, ds.RescaleIntercept = "1", "0"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    for tag in ("SmallestImagePixelValue", "LargestImagePixelValue"):
+        ds.pop(tag, None)
+    det = pydicom.Dataset()
+    det.ImageOrientationPatient = slices[0].ImageOrientationPatient
+    det.ImagePositionPatient = slices[0].ImagePositionPatient
+    ds.DetectorInformationSequence = pydicom.Sequence([det])
+    del ds.ImagePositionPatient
+    ds.PixelData = frames.tobytes()
+    ds.save_as(tmp_path / "nm.dcm", enforce_file_format=False)
+    image = read_image(tmp_path / "nm.dcm")
+    assert image.is_color and image.modality.value == "NM" and image.shape == (128, 128, 12)
+    np.testing.assert_array_equal(image.data, frames.transpose(2, 1, 0, 3))
+    top = np.array([float(v) for v in slices[-1].ImagePositionPatient])
+    np.testing.assert_allclose(image.affine @ [0, 0, 11, 1], [-top[0], -top[1], top[2], 1], atol=1e-3)

@@ -227,10 +227,11 @@ def _vector(ds: Dataset, key: str, n: int, name: str) -> np.ndarray:
     return vec
 
 
-def _multiframe_slices(ds: Dataset, arr: np.ndarray, name: str) -> list[Slice]:
-    """Split a multi-frame object (enhanced CT/MR/PET, or NM tomo) into positioned slices."""
+def _multiframe_slices(ds: Dataset, arr: np.ndarray, name: str, colour: bool = False) -> list[Slice]:
+    """Split a multi-frame object (enhanced CT/MR/PET, or NM tomo; greyscale or colour) into
+    positioned slices."""
     n = int(ds.get("NumberOfFrames", 1) or 1)
-    if arr.ndim == 2:
+    if arr.ndim == (3 if colour else 2):
         arr = arr[None]
     if arr.shape[0] != n:
         raise InvalidInputError(f"{name}: NumberOfFrames={n} but pixel data holds {arr.shape[0]} frames")
@@ -330,10 +331,10 @@ def read_dicom(
     for entry in group:
         ds, arr = _pixels(entry)
         datasets.append(ds)
-        if colour and (int(ds.get("NumberOfFrames", 1) or 1) > 1 or arr.shape[-1:] != (3,)):
-            raise InvalidInputError(f"{entry.name}: multi-frame colour DICOM is not supported")
+        if colour and arr.shape[-1:] != (3,):
+            raise InvalidInputError(f"{entry.name}: colour pixel data of shape {arr.shape} is not RGB")
         if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
-            slices.extend(_multiframe_slices(ds, arr, entry.name))
+            slices.extend(_multiframe_slices(ds, arr, entry.name, colour))
             continue
         iop = _vector(ds, "ImageOrientationPatient", 6, entry.name)
         ipp = _vector(ds, "ImagePositionPatient", 3, entry.name)

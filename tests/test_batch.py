@@ -51,7 +51,7 @@ def test_mixed_good_and_bad_cases(tmp_path, cli):
 
     Image.new("L", (256, 256), 40).save(pairs / "90002_mri.png")  # constant
     shutil.copy(pairs / f"{good[0]}_pet.png", pairs / "90002_pet.png")
-    Image.open(pairs / f"{good[1]}_mri.png").resize((128, 128)).save(pairs / "90003_ct.png")  # size differs
+    Image.open(pairs / f"{good[1]}_mri.png").resize((128, 96)).save(pairs / "90003_ct.png")  # aspect differs
     shutil.copy(pairs / f"{good[1]}_mri.png", pairs / "90003_mri.png")
     (pairs / "90004_mri.png").symlink_to(pairs / f"{good[2]}_mri.png")  # no partner
     out = tmp_path / "out"

@@ -357,8 +357,8 @@ def test_bad_pairs(tmp_path, cli):
     small = tmp_path / "small.png"
     from PIL import Image as PILImage
 
-    PILImage.open(mri_png).resize((128, 128)).save(small)
-    refused(5, mri_png, small)  # 2D sizes differ
+    PILImage.open(mri_png).resize((128, 100)).save(small)
+    refused(5, mri_png, small)  # 2D slices without geometry, of another aspect ratio
     image = read_image(PET)
     nan = image.with_data(image.data.copy())
     nan.data[40, 40, 40] = np.nan
@@ -494,3 +494,49 @@ def test_a_colour_map_shows_a_grey_pet_in_colour(tmp_path, cli):
         assert_one_line_error(bad, 4)
         assert message in bad.stderr
     assert not (tmp_path / "bad.nii.gz").exists()
+
+
+def test_slices_of_different_sizes_are_taken_to_show_one_field(tmp_path, cli):
+    """A 128x128 export of a real PET slice beside its 256x256 MRI is spread over the MRI's field of
+    view (warned) and fuses as the full-size PET does; the output is on the MRI's grid."""
+    from PIL import Image as PILImage
+
+    folder = shared_path("harvard", "mri-pet")
+    mri, pet = folder / "25015_mri.png", folder / "25015_pet.png"
+    small = tmp_path / "25015_pet.png"
+    PILImage.open(pet).resize((128, 128), PILImage.BOX).save(small)
+    res = cli("fuse", mri, small, "-o", tmp_path / "small.png", "--method", "mean", "--transform", "none")
+    assert res.exit_code == 0, res.stderr
+    assert "taken to show the same field of view" in res.stderr
+    assert cli("fuse", mri, pet, "-o", tmp_path / "full.png", "--method", "mean").exit_code == 0
+    a, b = (np.asarray(PILImage.open(tmp_path / n).convert("L"), float) for n in ("small.png", "full.png"))
+    assert a.shape == b.shape == (256, 256)
+    diff = np.abs(a - b)
+    assert diff.mean() < 2.0  # the same placement: only the PET's lost resolution differs
+    shifted = np.abs(a[:, 2:] - b[:, :-2]).mean()  # a placement 2 pixels off is much further away
+    assert shifted > 2 * diff.mean()
+
+
+def test_a_rotated_shifted_smaller_slice_is_registered_in_its_plane(tmp_path):
+    """2D rigid registration: a real MRI slice rotated by 6 degrees, shifted and exported at half size
+    is brought back onto the original (a rotation about the slice normal only)."""
+    from PIL import Image as PILImage
+
+    from medfuse_cli.pipeline import _check_pair
+    from medfuse_cli.register import resample_to, rotation_degrees
+
+    mri = shared_path("harvard", "mri-pet", "25015_mri.png")
+    moved = tmp_path / "25015_t2.png"
+    PILImage.open(mri).rotate(6, translate=(5, -4), resample=PILImage.BILINEAR).resize((128, 128), PILImage.BOX).save(moved)
+    fixed = read_image(mri)
+    moving = _check_pair(fixed, read_image(moved))
+    reg = register(fixed, moving, "rigid")
+    assert reg.skipped is None and reg.mi_after > reg.mi_before
+    assert abs(rotation_degrees(reg.transform) - 6.0) < 0.7
+    matrix = np.asarray(reg.transform.GetMatrix()).reshape(3, 3)
+    assert np.allclose(matrix[2], [0, 0, 1]) and reg.transform.GetTranslation()[2] == 0.0
+    before = resample_to(moving, fixed)
+    after = resample_to(moving, fixed, reg.transform)
+    inside = fixed.data > 0.1 * fixed.data.max()
+    err = [float(np.abs(m.data - fixed.data)[inside].mean()) for m in (before, after)]
+    assert err[1] < 0.4 * err[0]

@@ -233,7 +233,7 @@ MaxMemory = Annotated[str, typer.Option("--max-memory", help="Memory one fusion 
 Overlap = Annotated[float, typer.Option("--overlap", help="Volume networks (dcfb3d): overlap of neighbouring windows, 0 to below 1; windows are blended with Gaussian weights.")]
 Transform = Annotated[
     str,
-    typer.Option("--transform", "-t", help="Registration: rigid, affine (rigid then affine) or none. Skipped when both inputs share one grid."),
+    typer.Option("--transform", "-t", help="Registration: rigid, affine (rigid then affine) or none. Skipped when both inputs share one grid (PNG/TIFF slices of one size are taken as aligned); 2D slices are registered in their plane."),
 ]
 FixedModality = Annotated[
     str | None, typer.Option("--fixed-modality", help="Modality of FIXED (MR, CT, PT/PET, NM/SPECT) when the header or file name does not say; default assumed MR.")

@@ -53,7 +53,7 @@ EXIT_CODES: dict[int, str] = {
     4: "no usable image or option value: empty folder, not an image, corrupt or truncated file, "
     "unsupported encoding, NaN/inf or constant image, unknown method/modality/window",
     5: "unusable geometry: 4D frame out of range, a volume written to a 2D format, bad affine, "
-    "a pair that does not overlap, 2D with 3D, 2D slices of different sizes",
+    "a pair that does not overlap, 2D with 3D, PNG/TIFF slices of different aspect ratios",
     6: "output exists (use --overwrite), cannot be written, lies inside an input folder or has a too long name; "
     "another batch is writing to the same folder",
     7: "batch finished but some cases failed or timed out (see summary.csv)",

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,9 @@ def _assign_modality(image: Image, given: str | None, default: Modality) -> str:
     return "assumed"
 
 
-def _check_pair(fixed: Image, moving: Image) -> None:
+def _check_pair(fixed: Image, moving: Image) -> Image:
+    """Refuse pairs that cannot be fused; returns MOVING, spread over FIXED's field of view when both
+    are slices without geometry (PNG / TIFF) of different sizes."""
     if fixed.is_color:
         raise InvalidInputError(f"FIXED {fixed.provenance.source} is colour; the anatomical image must be greyscale")
     if fixed.is_2d != moving.is_2d:
@@ -150,11 +152,25 @@ def _check_pair(fixed: Image, moving: Image) -> None:
         raise GeometryError(
             f"{two.provenance.source} is a 2D slice but {three.provenance.source} is a 3D volume; give two of a kind"
         )
-    if fixed.is_2d and fixed.shape != moving.shape:
-        raise GeometryError(
-            f"2D sizes differ: {fixed.provenance.source} is {fixed.shape[0]}x{fixed.shape[1]}, "
-            f"{moving.provenance.source} is {moving.shape[0]}x{moving.shape[1]}"
-        )
+    rasters = {fixed.provenance.format, moving.provenance.format} <= {"png", "tiff"}
+    if fixed.is_2d and rasters and fixed.shape != moving.shape:
+        return _same_field_of_view(fixed, moving)
+    return moving
+
+
+def _same_field_of_view(fixed: Image, moving: Image) -> Image:
+    """MOVING's pixels spread over FIXED's field of view: two slices without geometry, of different
+    sizes, are taken to show the same field (a PET exported at 128x128 beside a 256x256 MRI)."""
+    (fw, fh), (mw, mh) = fixed.shape[:2], moving.shape[:2]
+    scale = np.array([fw / mw, fh / mh])
+    if abs(scale[0] / scale[1] - 1.0) > 0.01:
+        raise GeometryError(f"2D slices without geometry differ in shape: {fixed.provenance.source} is {fw}x{fh}, "
+                            f"{moving.provenance.source} is {mw}x{mh}; crop or pad one to the other's aspect ratio")
+    log.warning("%s (%dx%d) and %s (%dx%d) carry no geometry: taken to show the same field of view",
+                fixed.provenance.source, fw, fh, moving.provenance.source, mw, mh)
+    to_fixed = np.diag([scale[0], scale[1], 1.0, 1.0])
+    to_fixed[:2, 3] = (scale - 1.0) / 2.0  # pixel edges meet: MOVING's pixel i covers FIXED's i*s .. (i+1)*s
+    return replace(moving, affine=fixed.affine @ to_fixed)
 
 
 def _describe(image: Image, modality_source: str) -> dict[str, Any]:
@@ -181,7 +197,7 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions,
     t0 = time.perf_counter()
     check_usable(fixed, "FIXED")
     check_usable(moving, "MOVING")
-    _check_pair(fixed, moving)
+    moving = _check_pair(fixed, moving)
     if options.colormap and (moving.is_color or moving.modality is Modality.MR):
         what = "already colour" if moving.is_color else "an MR; give the MRI as FIXED"
         raise InvalidInputError(f"--colormap colours MOVING (the PET, SPECT or CT), but {moving.provenance.source} is {what}")
@@ -450,7 +466,7 @@ def register_pair(
     fixed_img, moving_img = _load_pair(fixed, moving, fixed_series, moving_series)
     check_usable(fixed_img, "FIXED")
     check_usable(moving_img, "MOVING")
-    _check_pair(fixed_img, moving_img)
+    moving_img = _check_pair(fixed_img, moving_img)
     stage("registering")
     reg = register(fixed_img, moving_img, transform, seed=seed, initial=options.start())
     for w in reg.warnings:

@@ -121,6 +121,37 @@ def to_sitk(image: Image, channel: int | None = None):
     return out
 
 
+def _in_plane(image, flat: bool):
+    """A one-slice SimpleITK volume as a 2D image in its plane (the volume itself unless ``flat``);
+    only for slices whose plane is the LPS x-y plane (PNG, TIFF, axial 2D NIfTI)."""
+    if not flat:
+        return image
+    d = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    if image.GetSize()[2] != 1 or not (np.allclose(d[2, :2], 0, atol=1e-6) and np.allclose(d[:2, 2], 0, atol=1e-6)):
+        raise GeometryError("2D slices are registered in the x-y plane only; this slice lies in another plane: "
+                            "use --transform none")
+    return image[:, :, 0]
+
+
+def _in_space(transform):
+    """A 2D transform of the x-y plane as the 3D transform that leaves z alone (FIXED -> MOVING, LPS)."""
+    import SimpleITK as sitk
+
+    matrix = np.eye(3)
+    matrix[:2, :2] = np.asarray(transform.GetMatrix(), float).reshape(2, 2)
+    centre, shift = [*transform.GetCenter(), 0.0], [*transform.GetTranslation(), 0.0]
+    if isinstance(transform, sitk.Euler2DTransform):
+        out = sitk.Euler3DTransform()
+        out.SetCenter(centre)
+        out.SetRotation(0.0, 0.0, transform.GetAngle())
+    else:
+        out = sitk.AffineTransform(3)
+        out.SetCenter(centre)
+        out.SetMatrix([float(v) for v in matrix.ravel()])
+    out.SetTranslation(shift)
+    return out
+
+
 def _world_corners(image: Image) -> np.ndarray:
     sh = np.array(image.shape) - 1
     idx = np.array([[i, j, k, 1] for i in (0, sh[0]) for j in (0, sh[1]) for k in (0, sh[2])], float).T
@@ -246,22 +277,26 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", s
         return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="--transform none")
     if fixed.same_grid(moving) and initial is None:
         return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="inputs share one grid")
-    if fixed.is_2d or moving.is_2d:
-        raise GeometryError("2D images cannot be registered (on different grids, or from --initial-transform or "
-                            "--landmarks); give pairs of one size and grid, or use --transform none")
-    m = to_sitk(_winsorised(_grey(moving)))
-    f = _no_finer_than(to_sitk(_winsorised(_grey(fixed))), min(m.GetSpacing()) / 2)
-    mi_before = _mattes(f, m, sitk.Transform(3, sitk.sitkIdentity) if initial is None else initial.transform)
+    flat = fixed.is_2d or moving.is_2d
+    if flat and initial is not None:
+        raise GeometryError("2D slices are registered from their contents only; --initial-transform and --landmarks "
+                            "are for volumes (use --transform none to fuse the slices as they lie)")
+    m = _in_plane(to_sitk(_winsorised(_grey(moving))), flat)
+    f = _in_plane(_no_finer_than(to_sitk(_winsorised(_grey(fixed))), min(m.GetSpacing()) / 2), flat)
+    dim = f.GetDimension()
+    mi_before = _mattes(f, m, sitk.Transform(dim, sitk.sitkIdentity) if initial is None else initial.transform)
     coarse = {name: _optimise(f, m, start, seed, rigid=True, levels=COARSE) for name, start in _starts(f, m, initial)}
     start = max(coarse, key=lambda name: coarse[name][1])
     transform, _ = _optimise(f, m, coarse[start][0], seed, rigid=True, levels=FINE)
     if kind is TransformKind.AFFINE:
-        affine = sitk.AffineTransform(3)
+        affine = sitk.AffineTransform(dim)
         affine.SetMatrix(transform.GetMatrix())
         affine.SetTranslation(transform.GetTranslation())
         affine.SetCenter(transform.GetCenter())
         transform, _ = _optimise(f, m, affine, seed, rigid=False)
     mi_after = _mattes(f, m, transform)
+    if flat:
+        transform = _in_space(transform)
     result = Registration(transform, kind.value, mi_before=mi_before, mi_after=mi_after, start=start,
                           starts_mi={name: value for name, (_, value) in coarse.items()})
     result = _with_landmarks(result, initial)
@@ -295,9 +330,9 @@ def _starts(f, m, initial) -> list[tuple[str, Any]]:
 
     if initial is not None:
         return [(initial.option, _rigid_start(initial.transform))]
-    moments = sitk.CenteredTransformInitializer(f, m, sitk.Euler3DTransform(),
-                                                sitk.CenteredTransformInitializerFilter.MOMENTS)
-    header = sitk.Euler3DTransform()
+    euler = sitk.Euler2DTransform if f.GetDimension() == 2 else sitk.Euler3DTransform
+    moments = sitk.CenteredTransformInitializer(f, m, euler(), sitk.CenteredTransformInitializerFilter.MOMENTS)
+    header = euler()
     header.SetCenter(moments.GetCenter())
     if np.linalg.norm(moments.GetTranslation()) > SAME_START_MM:
         return [("header", header), ("moments", moments)]
@@ -395,7 +430,8 @@ def _optimise(fixed, moving, initial, seed: int, rigid: bool, levels: tuple[int,
     # points by about the image radius r, a translation by 1 mm.
     size = np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())
     radius2 = float((np.linalg.norm(size) / 2) ** 2)
-    scales = [radius2] * 3 + [1.0] * 3 if rigid else [radius2] * 9 + [1.0] * 3
+    dim = fixed.GetDimension()
+    scales = [radius2] * (dim * (dim - 1) // 2) + [1.0] * dim if rigid else [radius2] * dim * dim + [1.0] * dim
     reg.SetOptimizerScales(scales)
     reg.SetShrinkFactorsPerLevel([SHRINK[i] for i in levels])
     reg.SetSmoothingSigmasPerLevel([SHRINK[i] / 2 if SHRINK[i] > 1 else 0.0 for i in levels])

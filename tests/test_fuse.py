@@ -540,3 +540,20 @@ def test_a_rotated_shifted_smaller_slice_is_registered_in_its_plane(tmp_path):
     inside = fixed.data > 0.1 * fixed.data.max()
     err = [float(np.abs(m.data - fixed.data)[inside].mean()) for m in (before, after)]
     assert err[1] < 0.4 * err[0]
+
+
+def test_slices_of_one_size_are_taken_as_aligned_unless_rigid_is_asked(tmp_path, cli):
+    """--transform auto (the default) takes two PNG slices of one size as aligned; --transform rigid
+    registers them anyway (a real MRI slice and the same slice turned by 5 degrees)."""
+    from PIL import Image as PILImage
+
+    mri = shared_path("harvard", "mri-ct", "34010_mri.png")
+    turned = tmp_path / "34010_t1.png"
+    PILImage.open(mri).rotate(5, resample=PILImage.BILINEAR).save(turned)
+    for transform, out in (("auto", "a.png"), ("rigid", "r.png")):
+        res = cli("fuse", mri, turned, "-o", tmp_path / out, "--transform", transform, "--method", "mean")
+        assert res.exit_code == 0, res.stderr
+    auto = json.loads((tmp_path / "a.json").read_text())["registration"]
+    rigid = json.loads((tmp_path / "r.json").read_text())["registration"]
+    assert auto["skipped"] == "inputs share one grid" and auto["kind"] == "auto"
+    assert rigid["skipped"] is None and rigid["kind"] == "rigid" and abs(rigid["rotation_deg"] - 5.0) < 0.5

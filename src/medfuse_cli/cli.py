@@ -233,7 +233,7 @@ MaxMemory = Annotated[str, typer.Option("--max-memory", help="Memory one fusion 
 Overlap = Annotated[float, typer.Option("--overlap", help="Volume networks (dcfb3d): overlap of neighbouring windows, 0 to below 1; windows are blended with Gaussian weights.")]
 Transform = Annotated[
     str,
-    typer.Option("--transform", "-t", help="Registration: rigid, affine (rigid then affine) or none. Skipped when both inputs share one grid (PNG/TIFF slices of one size are taken as aligned); 2D slices are registered in their plane."),
+    typer.Option("--transform", "-t", help="Registration: auto (rigid, but none when both inputs share one grid, e.g. templates in one space or PNG/TIFF slices of one size: taken as aligned), rigid or affine (rigid then affine; also on one grid, for images resampled to one grid but not aligned), or none. 2D slices are registered in their plane."),
 ]
 FixedModality = Annotated[
     str | None, typer.Option("--fixed-modality", help="Modality of FIXED (MR, CT, PT/PET, NM/SPECT) when the header or file name does not say; default assumed MR.")
@@ -291,7 +291,7 @@ def fuse(
     moving: MovingArg,
     output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Fused image: .nii.gz / .nii (3D or 2D), .png / .tif (2D), or a folder (a path without extension): a new derived DICOM series.", show_default=False)],
     method: Method = "laplacian",
-    transform: Transform = "rigid",
+    transform: Transform = "auto",
     initial_transform: InitialTransform = None,
     landmarks: Landmarks = None,
     fixed_modality: FixedModality = None,
@@ -351,7 +351,7 @@ def register(
     fixed: FixedArg,
     moving: MovingArg,
     output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="MOVING resampled onto FIXED's grid: .nii.gz / .nii / .png / .tif.", show_default=False)],
-    transform: Transform = "rigid",
+    transform: Transform = "auto",
     initial_transform: InitialTransform = None,
     landmarks: Landmarks = None,
     save_transform: Annotated[Path | None, typer.Option("--save-transform", readable=False, help="Also save the transform (ITK .tfm, LPS, FIXED point -> MOVING point).")] = None,
@@ -516,7 +516,7 @@ def batch(
     source: Annotated[Path, typer.Argument(readable=False, help="Folder of pairs (ID_mri + ID_ct/pet/spect, CASE_0000 + CASE_0001, or one sub-folder per case) or a CSV manifest id,fixed,moving[,output].", show_default=False)],
     out_dir: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Output folder: fused images, one JSON report each, summary.csv.", show_default=False)],
     method: Method = "laplacian",
-    transform: Transform = "rigid",
+    transform: Transform = "auto",
     fixed_modality: FixedModality = None,
     moving_modality: MovingModality = None,
     ct_window: CtWindow = None,

@@ -55,7 +55,7 @@ class FuseOptions:
     """Every parameter of one fusion; recorded in the report."""
 
     method: str = "laplacian"
-    transform: str = "rigid"
+    transform: str = "auto"
     initial_transform: str | None = None  # ITK transform file: the registration's start (with "none": the result)
     landmarks: list[str] | None = None  # FIXED's and MOVING's landmark files: their rigid fit is the start instead
     fixed_modality: str | None = None
@@ -84,8 +84,8 @@ class FuseOptions:
         check_device_name(self.device)
         if self.threads < 0:
             raise InvalidInputError(f"--threads {self.threads}: must be 0 (torch's default) or more")
-        if self.transform not in ("rigid", "affine", "none"):
-            raise InvalidInputError(f"unknown transform {self.transform!r}; choose rigid, affine or none")
+        if self.transform not in ("auto", "rigid", "affine", "none"):
+            raise InvalidInputError(f"unknown transform {self.transform!r}; choose auto, rigid, affine or none")
         self._start = given_start(self.initial_transform, self.landmarks, rigid=self.transform != "none")
         parse_ct_window(self.ct_window)
         if self.colormap is not None:
@@ -440,7 +440,7 @@ def register_pair(
     fixed: str | os.PathLike[str],
     moving: str | os.PathLike[str],
     output: str | os.PathLike[str],
-    transform: str = "rigid",
+    transform: str = "auto",
     save_transform: str | os.PathLike[str] | None = None,
     fixed_series: str | None = None,
     moving_series: str | None = None,

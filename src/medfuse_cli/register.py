@@ -40,6 +40,7 @@ START_DRIFT_MM = 20.0  # registration moving FIXED's centre this far from where 
 
 
 class TransformKind(str, enum.Enum):
+    AUTO = "auto"  # rigid, unless both images share one grid (then taken as aligned)
     RIGID = "rigid"
     AFFINE = "affine"
     NONE = "none"
@@ -259,13 +260,14 @@ def _rigid_start(transform):
     return start
 
 
-def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", seed: int = 0,
+def register(fixed: Image, moving: Image, kind: str | TransformKind = "auto", seed: int = 0,
              initial: GivenStart | None = None) -> Registration:
     """Find the transform that maps FIXED's world points into MOVING (SimpleITK convention).
 
     ``initial`` (from :func:`given_start`) is the only start, and with ``kind`` none the result.
-    Otherwise returns an identity transform, marked ``skipped``, when ``kind`` is ``none`` or both
-    images share one grid. ``mattes_mi_*`` are SimpleITK's Mattes MI (higher is better).
+    Otherwise returns an identity transform, marked ``skipped``, when ``kind`` is ``none``, or
+    ``auto`` and both images share one grid (``auto`` is ``rigid`` otherwise; ``rigid`` and
+    ``affine`` register images on one grid too). ``mattes_mi_*`` are SimpleITK's Mattes MI (higher is better).
     """
     import SimpleITK as sitk
 
@@ -275,8 +277,10 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "rigid", s
         if initial is not None:
             return _with_landmarks(Registration(initial.transform, kind.value, start=initial.option), initial)
         return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="--transform none")
-    if fixed.same_grid(moving) and initial is None:
-        return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="inputs share one grid")
+    if kind is TransformKind.AUTO:
+        if fixed.same_grid(moving) and initial is None:
+            return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="inputs share one grid")
+        kind = TransformKind.RIGID
     flat = fixed.is_2d or moving.is_2d
     if flat and initial is not None:
         raise GeometryError("2D slices are registered from their contents only; --initial-transform and --landmarks "

@@ -71,7 +71,7 @@ def test_bad_inputs_give_one_line_and_no_output(tmp_path, cli):
         assert_one_line_error(cli("convert", src, "-o", out), code)
         assert not out.exists()
     assert_one_line_error(cli("convert", T1, "-o", tmp_path / "x.png"), 5)
-    assert_one_line_error(cli("convert", T1, "-o", tmp_path / "x.mha"), 6)
+    assert_one_line_error(cli("convert", T1, "-o", tmp_path / "x.mhd"), 6)  # two-file MetaImage: not written
     assert_one_line_error(cli("convert", T1, "-o", junk / "inside_a_file.nii.gz"), 6)
     assert_one_line_error(cli("convert", T1, "-o", tmp_path), 6)
     assert_one_line_error(cli("convert", T1, "-o", tmp_path / "s.nii.gz", "--suv"), 4)

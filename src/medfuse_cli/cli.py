@@ -142,7 +142,7 @@ def convert(
     ],
     output: Annotated[
         Path,
-        typer.Option("--output", "-o", readable=False, help="Output file: .nii.gz, .nii, .png, .tif or .tiff.", show_default=False),
+        typer.Option("--output", "-o", readable=False, help="Output file: .nii.gz, .nii, .nrrd, .mha, .png, .tif or .tiff.", show_default=False),
     ],
     series: Series = None,
     frame: Frame = None,
@@ -289,7 +289,7 @@ def _stages(quiet: bool) -> Iterator[Callable[..., None] | None]:
 def fuse(
     fixed: FixedArg,
     moving: MovingArg,
-    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Fused image: .nii.gz / .nii (3D or 2D), .png / .tif (2D), or a folder (a path without extension): a new derived DICOM series.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Fused image: .nii.gz / .nii / .nrrd / .mha (3D or 2D), .png / .tif (2D), or a folder (a path without extension): a new derived DICOM series.", show_default=False)],
     method: Method = "laplacian",
     transform: Transform = "auto",
     initial_transform: InitialTransform = None,

@@ -6,7 +6,7 @@ thread, so the same inputs give the same result bit for bit. Two starts go throu
 levels, the headers' alignment and the centres of mass (moments, when they are more than
 ``SAME_START_MM`` apart); the finest level continues from the one with the higher mutual
 information. A start given by the user (a transform file, or a fit to paired landmarks) replaces
-both. SimpleITK works in LPS+; conversion happens here only.
+both. SimpleITK works in LPS+; :func:`medfuse_cli.io.itk.to_sitk` converts.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import numpy as np
 
 from .errors import GeometryError, InputNotFoundError, InvalidInputError
 from .image import Image
+from .io.itk import LPS, to_sitk
 from .landmarks import LandmarkFit, fit_landmarks
 
 log = logging.getLogger(__name__)
 
-LPS = np.diag([-1.0, -1.0, 1.0])
 SHRINK = (4, 2, 1)  # multi-resolution levels, coarse to fine
 SAMPLING = (0.25, 0.15, 0.1)  # fraction of FIXED's voxels (regular grid) seen by the metric per level
 MIN_STEP = 2e-3  # optimiser stops when its step (scaled units, about mm) falls below this
@@ -102,24 +102,6 @@ def given_start(initial_transform: str | os.PathLike[str] | None, landmarks: Seq
         fit = fit_landmarks(*landmarks)
         return GivenStart(fit.transform, "--landmarks", fit)
     return None
-
-
-def to_sitk(image: Image, channel: int | None = None):
-    """A SimpleITK image (LPS) of a greyscale :class:`Image` (or one colour channel)."""
-    import SimpleITK as sitk
-
-    data = image.data if channel is None else image.data[..., channel]
-    if data.ndim != 3:
-        raise GeometryError("registration needs a greyscale image (or one channel)")
-    spacing = np.asarray(image.spacing)
-    direction = LPS @ image.direction
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
-        raise GeometryError(f"{image.provenance.source}: sheared affine; resample it to an orthogonal grid first")
-    out = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)).astype(np.float32))
-    out.SetSpacing([float(s) for s in spacing])
-    out.SetOrigin([float(v) for v in LPS @ np.asarray(image.origin)])
-    out.SetDirection([float(v) for v in direction.ravel()])
-    return out
 
 
 def _in_plane(image, flat: bool):

@@ -11,6 +11,7 @@ from ..errors import InputNotFoundError, InvalidInputError, OutputError
 from ..image import Image, Modality
 from .atomic import check_name_and_place, check_writable
 from .frames import FrameChoice
+from .itk import ITK_OUTPUT_SUFFIXES, ITK_SUFFIXES, read_itk, write_itk
 
 __all__ = ["FrameChoice", "check_dicom_fits", "check_output", "guess_modality", "output_format", "read_image",
            "write_image"]
@@ -45,6 +46,8 @@ def _kind(path: Path) -> str:
         return "nifti"
     if name.endswith(RASTER_SUFFIXES):
         return "raster"
+    if name.endswith(ITK_SUFFIXES):
+        return "itk"
     if name.endswith(".zip"):
         return "dicom"
     with open(path, "rb") as fh:
@@ -56,7 +59,7 @@ def _kind(path: Path) -> str:
     if head[:2] == b"\x1f\x8b":
         return "nifti"
     raise InvalidInputError(
-        f"{path.name}: not a recognised image (expected NIfTI, a DICOM folder/zip/file, PNG or TIFF)"
+        f"{path.name}: not a recognised image (expected NIfTI, NRRD, MetaImage, a DICOM folder/zip/file, PNG or TIFF)"
     )
 
 
@@ -101,6 +104,8 @@ def read_image(
         from .nifti import read_nifti
 
         image = read_nifti(path, frames=frames)
+    elif kind == "itk":
+        image = read_itk(path, frames=frames)
     else:
         from .raster import read_raster
 
@@ -111,7 +116,7 @@ def read_image(
 
 
 def output_format(path: str | os.PathLike[str]) -> str:
-    """``nifti``, ``raster`` or ``dicom`` (a path without an extension, or an existing folder: a
+    """``nifti``, ``raster``, ``itk`` (NRRD / MetaImage) or ``dicom`` (a path without an extension, or an existing folder: a
     DICOM series folder)."""
     path = Path(path)
     name = path.name.lower()
@@ -119,9 +124,12 @@ def output_format(path: str | os.PathLike[str]) -> str:
         return "nifti"
     if name.endswith(RASTER_SUFFIXES):
         return "raster"
+    if name.endswith(ITK_OUTPUT_SUFFIXES):
+        return "itk"
     if path.is_dir() or not path.suffix:
         return "dicom"
-    raise OutputError(f"{path.name}: unknown output format; use .nii.gz, .nii, .png, .tif, .tiff or a folder (DICOM)")
+    raise OutputError(f"{path.name}: unknown output format; use .nii.gz, .nii, .nrrd, .mha, .png, .tif, .tiff or a "
+                      "folder (DICOM)")
 
 
 def check_output(path: str | os.PathLike[str], overwrite: bool = False,
@@ -164,6 +172,8 @@ def write_image(image: Image, path: str | os.PathLike[str], overwrite: bool = Fa
         from .nifti import write_nifti
 
         write_nifti(image, path, overwrite)
+    elif fmt == "itk":
+        write_itk(image, path, overwrite)
     else:
         from .raster import write_raster
 

@@ -1,0 +1,99 @@
+"""NRRD and MetaImage (``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``) through SimpleITK, as 3D Slicer and
+ITK tools save volumes; and the one conversion between :class:`Image` (RAS+) and SimpleITK (LPS+)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GeometryError, InvalidInputError
+from ..image import Image, Modality, Provenance
+from .atomic import atomic_write_bytes
+from .frames import FrameChoice
+from .limits import check_voxel_count
+
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+ITK_OUTPUT_SUFFIXES = (".nrrd", ".mha")  # one file each (.nhdr / .mhd keep their voxels in a second file)
+LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def to_sitk(image: Image, channel: int | None = None):
+    """A SimpleITK image (LPS) of a greyscale :class:`Image`, one of its colour channels, or (with
+    ``channel`` -1) all three as a vector image."""
+    import SimpleITK as sitk
+
+    if channel == -1 and image.is_color:
+        return sitk.Compose([sitk.Cast(to_sitk(image, c), sitk.sitkUInt8) for c in range(3)])
+    data = image.data if channel is None else image.data[..., channel]
+    if data.ndim != 3:
+        raise GeometryError("registration needs a greyscale image (or one channel)")
+    direction = LPS @ image.direction
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise GeometryError(f"{image.provenance.source}: sheared affine; resample it to an orthogonal grid first")
+    out = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)).astype(np.float32))
+    out.SetSpacing([float(s) for s in image.spacing])
+    out.SetOrigin([float(v) for v in LPS @ np.asarray(image.origin)])
+    out.SetDirection([float(v) for v in direction.ravel()])
+    return out
+
+
+def read_itk(path: Path, frames: FrameChoice | None = None) -> Image:
+    """A 2D or 3D NRRD / MetaImage file (greyscale, or RGB as colour) as an :class:`Image`."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InvalidInputError(f"{path.name}: unreadable NRRD/MetaImage header ({_first_line(exc)})") from None
+    size, dim, comps = list(reader.GetSize()), reader.GetDimension(), reader.GetNumberOfComponents()
+    if dim not in (2, 3):
+        raise GeometryError(f"{path.name}: {dim}D image; medfuse reads 2D slices and 3D volumes from NRRD/MetaImage")
+    if frames is not None and (frames.frame is not None or frames.mean):
+        raise InvalidInputError(f"{path.name}: --frame applies to 4D inputs; this image is {dim}D")
+    if comps not in (1, 3):
+        raise InvalidInputError(f"{path.name}: {comps} components per voxel; medfuse reads greyscale or RGB")
+    check_voxel_count(size, path.name)
+    try:
+        itk = reader.Execute()
+    except RuntimeError as exc:
+        raise InvalidInputError(f"{path.name}: corrupt or truncated image data ({_first_line(exc)})") from None
+    data = sitk.GetArrayFromImage(itk)  # (z, y, x[, c]) or (y, x[, c])
+    data = data[None] if dim == 2 else data
+    data = np.moveaxis(data, (0, 1, 2), (2, 1, 0))
+    spacing, origin = np.ones(3), np.zeros(3)
+    direction = np.eye(3)
+    spacing[:dim] = itk.GetSpacing()
+    origin[:dim] = itk.GetOrigin()
+    direction[:dim, :dim] = np.asarray(itk.GetDirection(), float).reshape(dim, dim)
+    affine = np.eye(4)
+    affine[:3, :3] = LPS @ direction @ np.diag(spacing)
+    affine[:3, 3] = LPS @ origin
+    colour = comps == 3
+    if colour:
+        data = np.clip(np.rint(data), 0, 255).astype(np.uint8) if data.dtype != np.uint8 else data
+    else:
+        data = data.astype(np.float32)
+    if not np.all(np.isfinite(affine)):
+        raise GeometryError(f"{path.name}: invalid spacing, origin or direction")
+    fmt = "nrrd" if path.name.lower().endswith((".nrrd", ".nhdr")) else "metaimage"
+    return Image(data=data, affine=affine, modality=Modality.OT, provenance=Provenance(source=path.name, format=fmt))
+
+
+def write_itk(image: Image, path: Path, overwrite: bool = False) -> None:
+    """Write ``image`` as one compressed ``.nrrd`` or ``.mha`` file, atomically."""
+    import SimpleITK as sitk
+
+    itk = to_sitk(image, -1 if image.is_color else None)
+    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
+        tmp_file = Path(tmp) / ("image" + path.suffix.lower())
+        sitk.WriteImage(itk, str(tmp_file), useCompression=True)
+        atomic_write_bytes(path, tmp_file.read_bytes(), overwrite)
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(exc).__name__

@@ -1,0 +1,72 @@
+"""NRRD and MetaImage in and out (SimpleITK): the same voxels and world geometry as NIfTI and DICOM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import EXAMPLES, assert_one_line_error
+
+from medfuse_cli import read_image, write_image
+
+T1 = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"
+PET = EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+MR_ZIP = EXAMPLES / "dicom" / "mr_t1_xa30.zip"
+
+
+def _corners_lps(img) -> np.ndarray:
+    n = img.GetSize()
+    return np.array([img.TransformIndexToPhysicalPoint([i, j, k]) for i in (0, n[0] - 1) for j in (0, n[1] - 1)
+                     for k in (0, n[2] - 1)])
+
+
+def _corners_of(image) -> np.ndarray:
+    n = image.shape
+    idx = np.array([[i, j, k, 1.0] for i in (0, n[0] - 1) for j in (0, n[1] - 1) for k in (0, n[2] - 1)])
+    return (image.affine @ idx.T).T[:, :3] * [-1, -1, 1]
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_a_file_itk_converted_reads_as_the_nifti_does(tmp_path, suffix):
+    """SimpleITK's own conversion of the NIfTI (its reader, not ours) reads back voxel for voxel."""
+    path = tmp_path / f"t1{suffix}"
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(path))
+    a, b = read_image(T1), read_image(path)
+    assert b.provenance.format in ("nrrd", "metaimage") and b.modality.value == "MR"
+    np.testing.assert_allclose(b.data, a.data, rtol=1e-6)
+    np.testing.assert_allclose(b.affine, a.affine, atol=1e-4)
+    assert b.orientation == a.orientation == "LAS"
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_written_files_keep_an_oblique_dicom_geometry(tmp_path, suffix):
+    mr = read_image(MR_ZIP)
+    out = tmp_path / f"mr{suffix}"
+    write_image(mr, out)
+    itk = sitk.ReadImage(str(out))
+    assert itk.GetSize() == mr.shape
+    np.testing.assert_allclose(_corners_lps(itk), _corners_of(mr), atol=1e-3)
+    back = read_image(out)
+    np.testing.assert_array_equal(back.data, mr.data.astype(np.float32))
+    np.testing.assert_allclose(back.affine, mr.affine, atol=1e-5)
+
+
+def test_a_colour_fusion_written_as_nrrd(tmp_path, cli):
+    for name in ("f.nrrd", "f.nii.gz"):
+        res = cli("fuse", T1, PET, "-o", tmp_path / name, "--method", "mean", "--colormap", "hot", "--no-metrics")
+        assert res.exit_code == 0, res.stderr
+    itk = sitk.ReadImage(str(tmp_path / "f.nrrd"))
+    assert itk.GetNumberOfComponentsPerPixel() == 3 and itk.GetPixelID() == sitk.sitkVectorUInt8
+    nrrd, nifti = read_image(tmp_path / "f.nrrd"), read_image(tmp_path / "f.nii.gz")
+    assert nrrd.is_color and nifti.is_color
+    np.testing.assert_array_equal(nrrd.data, nifti.data)
+    np.testing.assert_allclose(nrrd.affine, read_image(T1).affine, atol=1e-5)
+
+
+def test_a_truncated_nrrd_is_one_line(tmp_path, cli):
+    good = tmp_path / "t1.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(good), useCompression=False)
+    raw = good.read_bytes()
+    (tmp_path / "cut.nrrd").write_bytes(raw[: len(raw) // 2])
+    res = cli("info", tmp_path / "cut.nrrd")
+    assert_one_line_error(res, 4)

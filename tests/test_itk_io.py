@@ -70,3 +70,18 @@ def test_a_truncated_nrrd_is_one_line(tmp_path, cli):
     (tmp_path / "cut.nrrd").write_bytes(raw[: len(raw) // 2])
     res = cli("info", tmp_path / "cut.nrrd")
     assert_one_line_error(res, 4)
+
+
+def test_batch_pairs_nrrd_and_metaimage_files(tmp_path, cli):
+    """A case folder of an NRRD MRI and a MetaImage PET, and benchmark-style NRRD pairs, are cases."""
+    for layout in ("folders", "pairs"):
+        root = tmp_path / layout
+        (root / "case1").mkdir(parents=True)
+        fixed, moving = ((root / "case1" / "t1.nrrd", root / "case1" / "pet.mha") if layout == "folders"
+                         else (root / "a_mri.nrrd", root / "a_pet.nrrd"))
+        sitk.WriteImage(sitk.ReadImage(str(T1)), str(fixed))
+        sitk.WriteImage(sitk.ReadImage(str(PET)), str(moving))
+        res = cli("batch", root, "-o", tmp_path / f"out_{layout}", "--engine", "sequential", "--method", "mean", "-q")
+        assert res.exit_code == 0, res.stderr
+        out = tmp_path / f"out_{layout}" / ("case1.nii.gz" if layout == "folders" else "a.nii.gz")
+        np.testing.assert_allclose(read_image(out).affine, read_image(T1).affine, atol=1e-5)

@@ -48,14 +48,15 @@ from typing import Any
 
 from . import __version__
 from .errors import InputNotFoundError, InvalidInputError, MedfuseError, OutputError
+from .io.itk import ITK_SUFFIXES
 from .metrics import METRICS
 
 log = logging.getLogger(__name__)
 
 RASTER = (".png", ".tif", ".tiff")
-INPUT_EXT = (".nii.gz", ".nii", *RASTER, ".dcm", ".zip")
-BENCH_RE = re.compile(r"^(?P<id>.+)_mri(?P<ext>\.png|\.tiff?|\.nii(\.gz)?)$", re.IGNORECASE)
-NNUNET_RE = re.compile(r"^(?P<id>.+)_(?P<ch>000[01])(?P<ext>\.png|\.tiff?|\.nii(\.gz)?)$", re.IGNORECASE)
+INPUT_EXT = (".nii.gz", ".nii", *ITK_SUFFIXES, *RASTER, ".dcm", ".zip")
+BENCH_RE = re.compile(r"^(?P<id>.+)_mri(?P<ext>\.png|\.tiff?|\.nii(\.gz)?|\.nrrd|\.mha)$", re.IGNORECASE)
+NNUNET_RE = re.compile(r"^(?P<id>.+)_(?P<ch>000[01])(?P<ext>\.png|\.tiff?|\.nii(\.gz)?|\.nrrd|\.mha)$", re.IGNORECASE)
 SUMMARY_EVERY_S = 2.0
 BATCH_ONLY = ("figures", "dicom")  # batch options that are not FuseOptions
 # glibc settings for LocalCluster workers. dask sets MALLOC_TRIM_THRESHOLD_=65536, which also turns off
@@ -158,7 +159,7 @@ def _benchmark(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
             unpaired.append(f"{mri}: {'no' if not partners else 'several'} CT/PET/SPECT partner")
             continue
         rel = mri.parent.relative_to(root)
-        cases.append(BatchCase(m["id"], str(mri), str(partners[0]), str(out / rel / f"{m['id']}.png")))
+        cases.append(BatchCase(m["id"], str(mri), str(partners[0]), str(out / rel / f"{m['id']}{_output_ext(mri)}")))
     return cases, unpaired
 
 
@@ -183,7 +184,7 @@ def _is_input(path: Path) -> bool:
 
 def _maybe_dicom(path: Path) -> bool:
     """A file that may be DICOM: not NIfTI, PNG, TIFF or a zip."""
-    return not path.name.lower().endswith((".nii.gz", ".nii", *RASTER, ".zip"))
+    return not path.name.lower().endswith((".nii.gz", ".nii", *ITK_SUFFIXES, *RASTER, ".zip"))
 
 
 def _dicom_series_pair(sub: Path, series_given: bool) -> tuple[str | None, str | None] | str:

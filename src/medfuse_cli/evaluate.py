@@ -45,9 +45,9 @@ CONVENTIONS = {
     "(forward differences)",
     "volumes": "Qabf, VIF, FMI pooled over axial slices; the others over all voxels",
 }
-PAIR_RE = re.compile(r"^(?P<id>.+)_mri\.(?P<ext>png|tif|tiff|nii|nii\.gz)$", re.IGNORECASE)
+PAIR_RE = re.compile(r"^(?P<id>.+)_mri\.(?P<ext>png|tif|tiff|nii|nii\.gz|nrrd|mha)$", re.IGNORECASE)
 OTHERS = ("ct", "pet", "spect")
-EXTENSIONS = (".png", ".tif", ".tiff", ".nii.gz", ".nii")
+EXTENSIONS = (".png", ".tif", ".tiff", ".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 def metric_array(image: Image) -> np.ndarray:

@@ -85,3 +85,38 @@ def test_batch_pairs_nrrd_and_metaimage_files(tmp_path, cli):
         assert res.exit_code == 0, res.stderr
         out = tmp_path / f"out_{layout}" / ("case1.nii.gz" if layout == "folders" else "a.nii.gz")
         np.testing.assert_allclose(read_image(out).affine, read_image(T1).affine, atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".nhdr", ".mhd"])
+def test_a_detached_header_reads_only_its_own_data_file(tmp_path, cli, suffix):
+    """A header with its voxels in a file beside it reads; one that points anywhere else is refused
+    (an untrusted header must not make medfuse read another file into its output)."""
+    header = tmp_path / "case" / f"t1{suffix}"
+    header.parent.mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(header))
+    np.testing.assert_allclose(read_image(header).data, read_image(T1).data, rtol=1e-6)
+    key = "data file:" if suffix == ".nhdr" else "ElementDataFile ="
+    lines = header.read_text(encoding="latin-1").splitlines()
+    data_name = next(line.split(key[-1], 1)[1].strip() for line in lines if line.startswith(key))
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes((tmp_path / "case" / data_name).read_bytes())
+    for elsewhere in (str(secret), f"../{secret.name}"):
+        evil = header.with_name(f"evil{suffix}")
+        evil.write_text("\n".join(f"{key} {elsewhere}" if line.startswith(key) else line for line in lines) + "\n",
+                        encoding="latin-1")
+        res = cli("info", evil)
+        assert_one_line_error(res, 4)
+        assert "beside the header" in res.stderr
+
+
+def test_a_header_that_crashes_itk_is_one_line(tmp_path, cli):
+    """Found by fuzzing: an NRRD whose header stops after `space:` (no sizes) kills ITK's reader with a
+    segmentation fault; medfuse reads in a child process, so it is one line and exit 4."""
+    full = tmp_path / "full.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(full), useCompression=False)
+    raw = full.read_bytes()
+    end = raw.index(b"space: left-posterior-superior\n") + len(b"space: left-posterior-superior\n")
+    (tmp_path / "cut.nrrd").write_bytes(raw[:end] + raw[-3000:])
+    res = cli("info", tmp_path / "cut.nrrd")
+    assert_one_line_error(res, 4)
+    assert "damaged NRRD/MetaImage" in res.stderr

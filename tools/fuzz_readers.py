@@ -9,9 +9,10 @@ libFuzzer's ``-rss_limit_mb``) is a finding, saved by libFuzzer as ``crash-*`` /
     python tools/fuzz_readers.py all CORPUS_DIR -max_total_time=20       # what the tests run
     python tools/fuzz_readers.py --seeds nifti CORPUS_DIR                 # write seed inputs from examples/
 
-Readers: nifti (.nii), nifti-gz (.nii.gz), dicom (.dcm), png, tiff, or ``all`` (the first byte of
+Readers: nifti (.nii), nifti-gz (.nii.gz), dicom (.dcm), png, tiff, nrrd, mha, or ``all`` (the first byte of
 each input picks the reader: one process, one corpus, what the test suite runs). Seeds come from the bundled
-real examples (a cropped SPM12 T1, one slice of the XA30 DICOM series, PNG/TIFF slices of the T1).
+real examples (a cropped SPM12 T1, also as NRRD / MetaImage, one slice of the XA30 DICOM series, PNG/TIFF slices
+of the T1).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ with atheris.instrument_imports(include=["medfuse_cli", "nibabel", "pydicom", "P
     from medfuse_cli.io import read_image
 
 ROOT = Path(__file__).resolve().parents[1]
-SUFFIX = {"nifti": ".nii", "nifti-gz": ".nii.gz", "dicom": ".dcm", "png": ".png", "tiff": ".tif"}
+SUFFIX = {"nifti": ".nii", "nifti-gz": ".nii.gz", "dicom": ".dcm", "png": ".png", "tiff": ".tif", "nrrd": ".nrrd",
+          "mha": ".mha"}
 _WORK = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
 
 
@@ -53,6 +55,16 @@ def seeds(kind: str) -> dict[str, bytes]:
         img = nib.Nifti1Image(crop, t1.affine)
         raw = img.to_bytes()
         return {"t1_crop": raw if kind == "nifti" else __import__("gzip").compress(raw)}
+    if kind in ("nrrd", "mha"):
+        import SimpleITK as sitk
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = {}
+            for packed in (False, True):
+                path = Path(tmp) / f"crop{SUFFIX[kind]}"
+                sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(crop.T)), str(path), useCompression=packed)
+                out[f"t1_crop_{'gz' if packed else 'raw'}"] = path.read_bytes()
+            return out
     if kind == "dicom":
         with zipfile.ZipFile(ROOT / "examples" / "dicom" / "mr_t1_xa30.zip") as zf:
             name = sorted(n for n in zf.namelist() if not n.endswith("/"))[40]

@@ -508,6 +508,8 @@ def test_slices_of_different_sizes_are_taken_to_show_one_field(tmp_path, cli):
     res = cli("fuse", mri, small, "-o", tmp_path / "small.png", "--method", "mean", "--transform", "none")
     assert res.exit_code == 0, res.stderr
     assert "taken to show the same field of view" in res.stderr
+    warnings = json.loads((tmp_path / "small.json").read_text())["warnings"]
+    assert any("taken to show the same field of view" in w for w in warnings)  # the report keeps the assumption
     assert cli("fuse", mri, pet, "-o", tmp_path / "full.png", "--method", "mean").exit_code == 0
     a, b = (np.asarray(PILImage.open(tmp_path / n).convert("L"), float) for n in ("small.png", "full.png"))
     assert a.shape == b.shape == (256, 256)

@@ -120,3 +120,16 @@ def test_a_header_that_crashes_itk_is_one_line(tmp_path, cli):
     res = cli("info", tmp_path / "cut.nrrd")
     assert_one_line_error(res, 4)
     assert "damaged NRRD/MetaImage" in res.stderr
+
+
+def test_a_reader_that_exits_with_status_3_is_not_taken_for_a_refusal(tmp_path, cli, monkeypatch):
+    """ITK's MetaIO can exit the child itself; a status of 3 without medfuse's refusal line must
+    still be one line and exit 4 (the child here is made to exit so, as a mangled header did)."""
+    from medfuse_cli.io import itk
+
+    path = tmp_path / "t1.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(path))
+    monkeypatch.setattr(itk, "_CHILD", "import sys; print('ITK ERROR: garbage'); sys.stderr.write('4 x\\n'); sys.exit(3)")
+    res = cli("info", path)
+    assert_one_line_error(res, 4)
+    assert "damaged NRRD/MetaImage" in res.stderr

@@ -25,6 +25,7 @@ from . import __version__
 from .errors import GeometryError, InputNotFoundError, InvalidInputError
 from .image import Image
 from .intensity import luminance, window_for
+from .io.itk import ITK_OUTPUT_SUFFIXES
 from .metrics import METRICS, compute
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ CONVENTIONS = {
 }
 PAIR_RE = re.compile(r"^(?P<id>.+)_mri\.(?P<ext>png|tif|tiff|nii|nii\.gz|nrrd|mha)$", re.IGNORECASE)
 OTHERS = ("ct", "pet", "spect")
-EXTENSIONS = (".png", ".tif", ".tiff", ".nii.gz", ".nii", ".nrrd", ".mha")
+EXTENSIONS = (".png", ".tif", ".tiff", ".nii.gz", ".nii", *ITK_OUTPUT_SUFFIXES)
 
 
 def metric_array(image: Image) -> np.ndarray:

@@ -53,9 +53,10 @@ def read_itk(path: Path, frames: FrameChoice | None = None) -> Image:
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), tmp], capture_output=True, text=True,
                               check=False)
-        if proc.returncode == _CHILD_REFUSED:
-            code, _, message = proc.stderr.strip().splitlines()[-1].partition(" ")
-            raise _ERRORS.get(int(code), InvalidInputError)(message)
+        refusal = [line for line in proc.stderr.splitlines() if line.startswith(_REFUSAL)]
+        if proc.returncode == _CHILD_REFUSED and refusal:  # a medfuse error, not ITK exiting with status 3
+            code, _, message = refusal[-1][len(_REFUSAL):].partition(" ")
+            raise _ERRORS.get(code, InvalidInputError)(message)
         if proc.returncode != 0 or not (Path(tmp) / "data.npy").is_file():
             raise InvalidInputError(f"{path.name}: damaged NRRD/MetaImage file (ITK's reader failed, exit status "
                                     f"{proc.returncode})")
@@ -67,16 +68,17 @@ def read_itk(path: Path, frames: FrameChoice | None = None) -> Image:
 
 _CHILD = "import sys; from medfuse_cli.io.itk import _child; _child(sys.argv[1], sys.argv[2])"
 _CHILD_REFUSED = 3
-_ERRORS = {3: InputNotFoundError, 4: InvalidInputError, 5: GeometryError}
+_REFUSAL = "medfuse-refused: "
+_ERRORS = {"3": InputNotFoundError, "4": InvalidInputError, "5": GeometryError}
 
 
 def _child(path: str, out: str) -> None:
     """The child of :func:`read_itk`: the image as two .npy files in ``out``, or a medfuse error
-    (its exit code and message) on stderr and exit status 3."""
+    (marked, with its exit code and message) on stderr and exit status 3."""
     try:
         data, affine = _read_here(Path(path))
     except MedfuseError as exc:
-        print(f"{exc.exit_code} {exc}", file=sys.stderr)
+        print(f"{_REFUSAL}{exc.exit_code} {exc}", file=sys.stderr)
         sys.exit(_CHILD_REFUSED)
     np.save(Path(out) / "data.npy", data)
     np.save(Path(out) / "affine.npy", affine)

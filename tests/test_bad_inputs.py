@@ -173,12 +173,10 @@ def test_unusable_pairs_and_values(tmp_path, cli):
 
     pet = np.asarray(nib.load(str(PET)).dataobj).astype(np.float32)
     t1_png, pet_png, small_png = _slices(tmp_path)
-    nan = pet.copy()
-    nan[40, 40, 40] = np.nan
     inf = pet.copy()
     inf[10, 10, 10] = np.inf
     cases = [
-        ((T1, _nifti_like(tmp_path, "nan_pet.nii.gz", nan)), 4),
+        ((T1, _nifti_like(tmp_path, "nan_pet.nii.gz", np.full_like(pet, np.nan))), 4),
         ((T1, _nifti_like(tmp_path, "inf_pet.nii.gz", inf)), 4),
         ((T1, _nifti_like(tmp_path, "flat_pet.nii.gz", np.full_like(pet, 7.0))), 4),
         ((T1, _nifti_like(tmp_path, "far_pet.nii.gz", pet, shift_mm=5000.0)), 5),  # no overlap
@@ -227,6 +225,44 @@ def test_output_inside_an_input_folder_is_refused(tmp_path, cli):
         (pairs / "case1" / src.name).write_bytes(src.read_bytes())
     assert_one_line_error(cli("batch", pairs, "-o", pairs / "fused", "--engine", "sequential"), 6)
     assert sorted(p.name for p in pairs.iterdir()) == ["case1"]
+
+
+def test_nan_outside_a_mask_is_background(tmp_path, cli):
+    """SPM and others write NaN outside a mask: those voxels fuse as the lowest finite value, and
+    the report says so."""
+    import json
+
+    import nibabel as nib
+
+    pet = np.asarray(nib.load(str(PET)).dataobj).astype(np.float32)
+    masked = np.where(pet > 0.2 * pet.max(), pet, np.nan).astype(np.float32)
+    filled = np.where(np.isnan(masked), np.nanmin(masked), masked).astype(np.float32)
+    nan_pet = _nifti_like(tmp_path, "nan_pet.nii.gz", masked)
+    filled_pet = _nifti_like(tmp_path, "filled_pet.nii.gz", filled)
+    for src, out in ((nan_pet, "a.nii.gz"), (filled_pet, "b.nii.gz")):
+        assert cli("fuse", T1, src, "-o", tmp_path / out, "--method", "mean", "--no-metrics").exit_code == 0
+    a = np.asarray(nib.load(str(tmp_path / "a.nii.gz")).dataobj)
+    assert np.isfinite(a).all()
+    assert np.array_equal(a, np.asarray(nib.load(str(tmp_path / "b.nii.gz")).dataobj))
+    warnings = json.loads((tmp_path / "a.json").read_text())["warnings"]
+    assert any(f"{int(np.isnan(masked).sum())} NaN voxels" in w for w in warnings), warnings
+
+
+def test_an_input_file_is_never_the_output_even_with_overwrite(tmp_path, cli):
+    fixed, moving = tmp_path / "t1.nii.gz", tmp_path / "pet.nii.gz"
+    fixed.write_bytes(T1.read_bytes())
+    moving.write_bytes(PET.read_bytes())
+    link = tmp_path / "link.nii.gz"
+    link.symlink_to(moving)
+    for out in (moving, fixed, link, tmp_path / "sub" / ".." / "pet.nii.gz"):
+        assert_one_line_error(cli("fuse", fixed, moving, "-o", out, "--overwrite", "--method", "mean"), 6)
+        assert_one_line_error(cli("register", fixed, moving, "-o", out, "--overwrite"), 6)
+    assert_one_line_error(cli("fuse", fixed, moving, "-o", tmp_path / "f.nii.gz", "--report", moving,
+                              "--overwrite", "--method", "mean"), 6)
+    assert_one_line_error(cli("convert", moving, "-o", moving, "--overwrite"), 6)
+    assert_one_line_error(cli("eval", "--fixed", fixed, "--moving", moving, fixed, "--csv", moving,
+                              "--overwrite"), 6)
+    assert fixed.read_bytes() == T1.read_bytes() and moving.read_bytes() == PET.read_bytes()
 
 
 @pytest.mark.parametrize("output", ["../escaped.nii.gz", "sub/../../escaped.nii.gz", "/tmp/absolute.nii.gz"])

@@ -360,10 +360,10 @@ def test_bad_pairs(tmp_path, cli):
     PILImage.open(mri_png).resize((128, 100)).save(small)
     refused(5, mri_png, small)  # 2D slices without geometry, of another aspect ratio
     image = read_image(PET)
-    nan = image.with_data(image.data.copy())
-    nan.data[40, 40, 40] = np.nan
-    write_image(nan, tmp_path / "nan.nii.gz")
-    refused(4, T1, tmp_path / "nan.nii.gz")
+    inf = image.with_data(image.data.astype(np.float32))
+    inf.data[40, 40, 40] = np.inf
+    write_image(inf, tmp_path / "inf.nii.gz")
+    refused(4, T1, tmp_path / "inf.nii.gz")
     write_image(image.with_data(np.full(image.shape, 3.0, np.float32)), tmp_path / "flat.nii.gz")
     refused(4, T1, tmp_path / "flat.nii.gz")
     refused(4, T1, PET, "--method", "nonsense")

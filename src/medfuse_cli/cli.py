@@ -459,9 +459,10 @@ def eval_(
             if fused_dirs or split:
                 raise InvalidInputError("--fused and --split go with --pairs")
             cases, methods = single_pair_cases(fixed, moving, fused or [])
+        inputs = [p for p in (pairs, fixed, moving, *(fused or []), *(fused_dirs or [])) if p is not None]
         for out in (json_out, csv_out):
             if out is not None:
-                check_writable(out, overwrite)
+                check_writable(out, overwrite, inputs)
         rows = _with_progress(len(cases), quiet, "scoring",
                               lambda tick: evaluate_cases(cases, methods, read_image, tick))
         means = summarise(rows)

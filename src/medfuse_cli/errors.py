@@ -51,10 +51,10 @@ EXIT_CODES: dict[int, str] = {
     2: "usage error, or an ambiguous input that needs a choice (--series, --frame / --mean-frames)",
     3: "input not found or not readable",
     4: "no usable image or option value: empty folder, not an image, corrupt or truncated file, "
-    "unsupported encoding, NaN/inf or constant image, unknown method/modality/window",
+    "unsupported encoding, infinite, all-NaN or constant image, unknown method/modality/window",
     5: "unusable geometry: 4D frame out of range, a volume written to a 2D format, bad affine, "
     "a pair that does not overlap, 2D with 3D, PNG/TIFF slices of different aspect ratios",
-    6: "output exists (use --overwrite), cannot be written, lies inside an input folder or has a too long name; "
+    6: "output exists (use --overwrite), is an input, cannot be written, lies inside an input folder or has a too long name; "
     "another batch is writing to the same folder",
     7: "batch finished but some cases failed or timed out (see summary.csv)",
     8: "model weights missing, or not matching the sha256 of their model card",

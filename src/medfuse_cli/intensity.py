@@ -15,12 +15,16 @@ are reattached to the fused Y, so the output is colour.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import InvalidInputError
 from .image import Image, Modality
+
+log = logging.getLogger(__name__)
 
 CT_WINDOWS = {"brain": (40.0, 80.0), "bone": (600.0, 2800.0)}
 PERCENTILES = (0.5, 99.5)
@@ -114,14 +118,30 @@ def window_for(image: Image, ct_window: tuple[float, float] | None = None) -> Wi
     return Window(lo, hi, f"percentiles {PERCENTILES[0]}..{PERCENTILES[1]}")
 
 
-def check_usable(image: Image, role: str) -> None:
-    """Refuse images with NaN/inf voxels or a single value: nothing sensible can be fused."""
+def usable(image: Image, role: str) -> Image:
+    """``image`` ready to fuse. NaN voxels (SPM and others write NaN outside a mask) become the
+    lowest finite value, with a warning; infinite voxels, an image without a finite voxel and a
+    constant image are refused: nothing sensible can be fused."""
     data = image.data
     if data.dtype.kind == "f":
-        bad = int(np.count_nonzero(~np.isfinite(data)))
-        if bad:
-            raise InvalidInputError(f"{role} {image.provenance.source} has {bad} NaN/inf voxels")
+        finite = np.isfinite(data)
+        if not finite.all():
+            src = image.provenance.source
+            n_inf = int(np.count_nonzero(np.isinf(data)))
+            if n_inf:
+                raise InvalidInputError(f"{role} {src} has {n_inf} infinite voxels")
+            if not finite.any():
+                raise InvalidInputError(f"{role} {src} has no finite voxel (every voxel is NaN)")
+            n_nan = data.size - int(np.count_nonzero(finite))
+            low = float(data[finite].min())
+            log.warning("%s %s: %d NaN voxels (%.1f%%) taken as background (%g)", role, src, n_nan,
+                        100 * n_nan / data.size, low)
+            steps = [*image.provenance.steps, f"{n_nan} NaN voxels set to the lowest finite value {low:g}"]
+            image = image.with_data(np.where(finite, data, np.asarray(low, data.dtype)),
+                                    provenance=dataclasses.replace(image.provenance, steps=steps))
+            data = image.data
     if float(np.min(data)) == float(np.max(data)):
         raise InvalidInputError(
             f"{role} {image.provenance.source} is constant (every voxel is {float(np.min(data)):g}); nothing to fuse"
         )
+    return image

@@ -21,10 +21,10 @@ from .fusion import NETWORKS, check_fits, fuse, resolve_method
 from .image import Image, Modality
 from .intensity import (
     check_colormap,
-    check_usable,
     colourised,
     parse_ct_window,
     rgb_to_ycbcr,
+    usable,
     window_for,
     ycbcr_to_rgb,
 )
@@ -195,8 +195,8 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions,
     stage = stage or (lambda *args: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    check_usable(fixed, "FIXED")
-    check_usable(moving, "MOVING")
+    fixed = usable(fixed, "FIXED")
+    moving = usable(moving, "MOVING")
     moving = _check_pair(fixed, moving)
     if options.colormap and (moving.is_color or moving.modality is Modality.MR):
         what = "already colour" if moving.is_color else "an MR; give the MRI as FIXED"
@@ -464,8 +464,8 @@ def register_pair(
         check_writable(Path(save_transform), overwrite, inputs=[fixed, moving])
     stage("reading")
     fixed_img, moving_img = _load_pair(fixed, moving, fixed_series, moving_series)
-    check_usable(fixed_img, "FIXED")
-    check_usable(moving_img, "MOVING")
+    fixed_img = usable(fixed_img, "FIXED")
+    moving_img = usable(moving_img, "MOVING")
     moving_img = _check_pair(fixed_img, moving_img)
     stage("registering")
     reg = register(fixed_img, moving_img, transform, seed=seed, initial=options.start())

@@ -110,3 +110,20 @@ def test_plain_nii_and_gz_extension_decide_compression(tmp_path):
     write_image(image, tmp_path / "a.nii.gz")
     assert (tmp_path / "a.nii").read_bytes()[344:348] == b"n+1\0"
     assert gzip.decompress((tmp_path / "a.nii.gz").read_bytes())[344:348] == b"n+1\0"
+
+
+def test_a_header_without_position_is_read_with_a_warning(tmp_path, caplog):
+    """sform and qform codes 0 (ANALYZE-style): the voxels get nibabel's default grid and the user is
+    told that only registration can place the volume; a normal header says nothing."""
+    t1 = nib.load(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz")
+    bare = nib.Nifti1Image(np.asarray(t1.dataobj, np.float32), None)
+    bare.header.set_zooms((2.0, 2.0, 2.0))
+    bare.set_sform(None, code=0)
+    bare.set_qform(None, code=0)
+    nib.save(bare, tmp_path / "bare.nii.gz")
+    with caplog.at_level("WARNING"):
+        read_image(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz")
+        assert not caplog.records
+        image = read_image(tmp_path / "bare.nii.gz")
+    assert image.spacing == pytest.approx((2.0, 2.0, 2.0))
+    assert [r.getMessage() for r in caplog.records if "no position or orientation" in r.getMessage()]

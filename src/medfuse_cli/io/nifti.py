@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import zlib
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .frames import FrameChoice
 from .limits import check_voxel_count
 
 RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+log = logging.getLogger(__name__)
 _NATIVE_DTYPES = {np.dtype(t) for t in ("u1", "i1", "i2", "u2", "i4", "u4", "f4", "f8", "i8", "u8")}
 
 
@@ -93,6 +95,10 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     affine = img.affine
     if affine is None:
         raise GeometryError(f"{path.name}: no usable affine in the header")
+    if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0 and data.shape[2] > 1:
+        log.warning("%s: the header gives no position or orientation (sform and qform codes 0); voxels taken as "
+                    "%s at %s mm around the centre, so only registration can place it", path.name,
+                    "".join(nib.aff2axcodes(affine)), "x".join(f"{v:g}" for v in header.get_zooms()[:3]))
     return Image(
         data=data,
         affine=affine.astype(np.float64),

@@ -48,15 +48,15 @@ from typing import Any
 
 from . import __version__
 from .errors import InputNotFoundError, InvalidInputError, MedfuseError, OutputError
+from .io import PAIR_SUFFIXES, RASTER_SUFFIXES, named_pattern
 from .io.itk import ITK_SUFFIXES
 from .metrics import METRICS
 
 log = logging.getLogger(__name__)
 
-RASTER = (".png", ".tif", ".tiff")
-INPUT_EXT = (".nii.gz", ".nii", *ITK_SUFFIXES, *RASTER, ".dcm", ".zip")
-BENCH_RE = re.compile(r"^(?P<id>.+)_mri(?P<ext>\.png|\.tiff?|\.nii(\.gz)?|\.nrrd|\.mha)$", re.IGNORECASE)
-NNUNET_RE = re.compile(r"^(?P<id>.+)_(?P<ch>000[01])(?P<ext>\.png|\.tiff?|\.nii(\.gz)?|\.nrrd|\.mha)$", re.IGNORECASE)
+INPUT_EXT = (*PAIR_SUFFIXES, *ITK_SUFFIXES, ".dcm", ".zip")
+BENCH_RE = named_pattern("mri")
+NNUNET_RE = named_pattern("(?P<ch>000[01])")
 SUMMARY_EVERY_S = 2.0
 BATCH_ONLY = ("figures", "dicom")  # batch options that are not FuseOptions
 # glibc settings for LocalCluster workers. dask sets MALLOC_TRIM_THRESHOLD_=65536, which also turns off
@@ -144,7 +144,7 @@ def _as_folder(output: str) -> str:
 
 
 def _output_ext(fixed: Path) -> str:
-    return ".png" if fixed.suffix.lower() in RASTER else ".nii.gz"
+    return ".png" if fixed.suffix.lower() in RASTER_SUFFIXES else ".nii.gz"
 
 
 def _benchmark(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
@@ -184,7 +184,7 @@ def _is_input(path: Path) -> bool:
 
 def _maybe_dicom(path: Path) -> bool:
     """A file that may be DICOM: not NIfTI, PNG, TIFF or a zip."""
-    return not path.name.lower().endswith((".nii.gz", ".nii", *ITK_SUFFIXES, *RASTER, ".zip"))
+    return not path.name.lower().endswith((*PAIR_SUFFIXES, *ITK_SUFFIXES, ".zip"))
 
 
 def _dicom_series_pair(sub: Path, series_given: bool) -> tuple[str | None, str | None] | str:

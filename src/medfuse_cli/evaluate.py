@@ -12,7 +12,6 @@ import csv
 import io
 import logging
 import os
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from . import __version__
 from .errors import GeometryError, InputNotFoundError, InvalidInputError
 from .image import Image
 from .intensity import luminance, window_for
-from .io.itk import ITK_OUTPUT_SUFFIXES
+from .io import PAIR_SUFFIXES, named_pattern
 from .metrics import METRICS, compute
 
 log = logging.getLogger(__name__)
@@ -46,9 +45,9 @@ CONVENTIONS = {
     "(forward differences)",
     "volumes": "Qabf, VIF, FMI pooled over axial slices; the others over all voxels",
 }
-PAIR_RE = re.compile(r"^(?P<id>.+)_mri\.(?P<ext>png|tif|tiff|nii|nii\.gz|nrrd|mha)$", re.IGNORECASE)
+PAIR_RE = named_pattern("mri")
 OTHERS = ("ct", "pet", "spect")
-EXTENSIONS = (".png", ".tif", ".tiff", ".nii.gz", ".nii", *ITK_OUTPUT_SUFFIXES)
+EXTENSIONS = PAIR_SUFFIXES
 
 
 def metric_array(image: Image) -> np.ndarray:
@@ -175,7 +174,7 @@ def find_cases(pairs: Path, fused_dirs: list[Path], split: str | None = None) ->
         m = PAIR_RE.match(mri.name)
         if not m:
             continue
-        partners = [(o, mri.with_name(f"{m['id']}_{o}.{m['ext']}")) for o in OTHERS]
+        partners = [(o, mri.with_name(f"{m['id']}_{o}{m['ext']}")) for o in OTHERS]
         partners = [(o, p) for o, p in partners if p.is_file()]
         if len(partners) != 1:
             unpaired.append(mri.name)

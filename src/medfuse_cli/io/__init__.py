@@ -18,6 +18,14 @@ __all__ = ["FrameChoice", "check_dicom_fits", "check_output", "guess_modality", 
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 RASTER_SUFFIXES = (".png", ".tif", ".tiff")
+PAIR_SUFFIXES = (".nii.gz", ".nii", *RASTER_SUFFIXES, *ITK_OUTPUT_SUFFIXES)  # one-file images of a pairs folder
+
+
+def named_pattern(tag: str) -> re.Pattern[str]:
+    """``ID_TAG.EXT`` for the one-file image suffixes (``ID_mri.png``, ``CASE_0000.nii.gz``): groups
+    ``id`` and ``ext`` (with its dot); ``tag`` is a regular expression."""
+    exts = "|".join(re.escape(e) for e in sorted(PAIR_SUFFIXES, key=len, reverse=True))
+    return re.compile(rf"^(?P<id>.+)_{tag}(?P<ext>{exts})$", re.IGNORECASE)
 
 _MODALITY_WORDS = {
     Modality.MR: ("mri", "mr", "t1", "t1w", "t2", "t2w", "pd", "flair", "epi"),

@@ -561,6 +561,34 @@ def test_slices_of_one_size_are_taken_as_aligned_unless_rigid_is_asked(tmp_path,
     assert rigid["skipped"] is None and rigid["kind"] == "rigid" and abs(rigid["rotation_deg"] - 5.0) < 0.5
 
 
+def test_a_slice_takes_a_given_transform_only_in_its_plane(tmp_path, cli):
+    """--initial-transform on 2D slices: applied as it is with --transform none when it keeps the
+    slice in its plane (a 3 mm shift moves the pixels by 3), refused (exit 5) when it tilts or lifts
+    the slice, and refused with rigid, which registers slices from their contents only."""
+    import SimpleITK as sitk
+
+    mri = shared_path("harvard", "mri-ct", "34010_mri.png")
+    ct = shared_path("harvard", "mri-ct", "34010_ct.png")
+    transforms = {}
+    for name, angles, shift in (("shift", (0, 0, 0), (3, 0, 0)), ("tilt", (0.2, 0, 0), (0, 0, 0)),
+                                ("lift", (0, 0, 0), (0, 0, 2))):
+        t = sitk.Euler3DTransform()
+        t.SetRotation(*angles)
+        t.SetTranslation(shift)
+        transforms[name] = tmp_path / f"{name}.tfm"
+        sitk.WriteTransform(t, str(transforms[name]))
+    out = tmp_path / "moved.png"
+    res = cli("register", mri, ct, "-o", out, "--transform", "none", "--initial-transform", transforms["shift"])
+    assert res.exit_code == 0, res.stderr
+    moved, source = read_image(out).data[..., 0], read_image(ct).data[..., 0]
+    assert np.array_equal(moved[:-3], source[3:])  # LPS +3 mm along the first array axis
+    for name in ("tilt", "lift"):
+        assert_one_line_error(cli("register", mri, ct, "-o", tmp_path / "x.png", "--transform", "none",
+                                  "--initial-transform", transforms[name]), 5)
+    assert_one_line_error(cli("fuse", mri, ct, "-o", tmp_path / "y.png", "--transform", "rigid",
+                              "--initial-transform", transforms["shift"]), 5)
+
+
 @pytest.mark.parametrize("group, case, other", [("mri-pet", "25015", "pet"), ("mri-spect", "29010", "spect"),
                                                ("mri-ct", "34010", "ct")])
 def test_a_turned_half_size_other_modality_slice_is_registered(tmp_path, group, case, other):

@@ -141,12 +141,18 @@ def _world_corners(image: Image) -> np.ndarray:
     return (image.affine @ idx)[:3].T
 
 
+def _mapped_corners(image: Image, transform=None) -> np.ndarray:
+    """``image``'s corners in RAS world mm, mapped by ``transform`` (SimpleITK, LPS) when given."""
+    a = _world_corners(image)
+    if transform is None:
+        return a
+    return np.array([transform.TransformPoint(tuple(float(v) for v in LPS @ p)) for p in a]) @ LPS
+
+
 def check_overlap(fixed: Image, moving: Image, transform=None) -> None:
     """Refuse pairs whose physical bounding boxes do not intersect (FIXED's mapped by ``transform``,
     a SimpleITK transform FIXED point -> MOVING point in LPS, when given)."""
-    a, b = _world_corners(fixed), _world_corners(moving)
-    if transform is not None:
-        a = np.array([transform.TransformPoint(tuple(float(v) for v in LPS @ p)) for p in a]) @ LPS
+    a, b = _mapped_corners(fixed, transform), _world_corners(moving)
     lo = np.maximum(a.min(0), b.min(0))
     hi = np.minimum(a.max(0), b.max(0))
     # 2D images are one voxel thick: allow half a voxel of slack on every axis
@@ -242,6 +248,22 @@ def _rigid_start(transform):
     return start
 
 
+def _check_flat_start(fixed: Image, moving: Image, kind: TransformKind, initial: GivenStart | None) -> None:
+    """2D slices take a given transform only as it is (``--transform none``), and only one that keeps
+    FIXED's slice in MOVING's plane (a rotation about the normal, a shift in the plane)."""
+    if initial is None or not (fixed.is_2d or moving.is_2d):
+        return
+    if kind is not TransformKind.NONE:
+        raise GeometryError("2D slices are registered from their contents only; give --initial-transform or "
+                            "--landmarks with --transform none (an in-plane transform, applied as it is)")
+    corners = _mapped_corners(fixed, initial.transform)
+    k = (np.linalg.inv(moving.affine) @ np.c_[corners, np.ones(len(corners))].T)[2]
+    if np.max(np.abs(k)) > 0.5:
+        raise GeometryError(f"{initial.option} moves the 2D slice out of its plane (up to "
+                            f"{np.max(np.abs(k)) * moving.spacing[2]:.1f} mm); a slice takes only a rotation "
+                            "about its normal and a shift within its plane")
+
+
 def register(fixed: Image, moving: Image, kind: str | TransformKind = "auto", seed: int = 0,
              initial: GivenStart | None = None) -> Registration:
     """Find the transform that maps FIXED's world points into MOVING (SimpleITK convention).
@@ -254,6 +276,7 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "auto", se
     import SimpleITK as sitk
 
     kind = TransformKind(kind)
+    _check_flat_start(fixed, moving, kind, initial)
     check_overlap(fixed, moving, None if initial is None else initial.transform)
     if kind is TransformKind.NONE:
         if initial is not None:
@@ -264,9 +287,6 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "auto", se
             return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="inputs share one grid")
         kind = TransformKind.RIGID
     flat = fixed.is_2d or moving.is_2d
-    if flat and initial is not None:
-        raise GeometryError("2D slices are registered from their contents only; --initial-transform and --landmarks "
-                            "are for volumes (use --transform none to fuse the slices as they lie)")
     m = _in_plane(to_sitk(_winsorised(_grey(moving))), flat)
     f = _in_plane(_no_finer_than(to_sitk(_winsorised(_grey(fixed))), min(m.GetSpacing()) / 2), flat)
     dim = f.GetDimension()

@@ -30,7 +30,7 @@ def to_sitk(image: Image, channel: int | None = None):
         return sitk.Compose([sitk.Cast(to_sitk(image, c), sitk.sitkUInt8) for c in range(3)])
     data = image.data if channel is None else image.data[..., channel]
     if data.ndim != 3:
-        raise GeometryError("registration needs a greyscale image (or one channel)")
+        raise GeometryError("SimpleITK takes a greyscale image, one colour channel or all three")
     direction = LPS @ image.direction
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
         raise GeometryError(f"{image.provenance.source}: sheared affine; resample it to an orthogonal grid first")

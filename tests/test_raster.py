@@ -72,3 +72,30 @@ def test_slice_to_nifti_keeps_the_raster_geometry(tmp_path):
     back = read_image(tmp_path / "ct.nii.gz")
     np.testing.assert_array_equal(back.data, image.data)
     assert back.orientation == "LPS" and back.spacing == (1.0, 1.0, 1.0)
+
+
+def test_jpeg_and_bmp_slices_are_read_never_written(tmp_path, cli, caplog):
+    """BMP holds the PNG's pixels exactly, so it fuses to the same bytes; JPEG is read with a warning
+    that it is lossy; a damaged JPEG is exit 4 and a .jpg output exit 6."""
+    folder = shared_path("harvard", "mri-pet")
+    for role in ("mri", "pet"):
+        with PILImage.open(folder / f"25015_{role}.png") as im:
+            im.save(tmp_path / f"25015_{role}.bmp")
+            im.save(tmp_path / f"25015_{role}.jpg", quality=90)
+    pet = read_image(folder / "25015_pet.png")
+    bmp = read_image(tmp_path / "25015_pet.bmp")
+    assert bmp.provenance.format == "bmp" and bmp.modality.value == "PT"
+    np.testing.assert_array_equal(bmp.data, pet.data)
+    with caplog.at_level("WARNING"):
+        jpg = read_image(tmp_path / "25015_pet.jpg")
+    assert jpg.is_color and jpg.shape == pet.shape and "lossy" in caplog.text
+    assert 0 < np.abs(jpg.data.astype(int) - pet.data).mean() < 5  # close to the PNG, not equal
+    for inputs, out in (((folder / "25015_mri.png", folder / "25015_pet.png"), "png.png"),
+                        ((tmp_path / "25015_mri.bmp", tmp_path / "25015_pet.bmp"), "bmp.png")):
+        assert cli("fuse", *inputs, "-o", tmp_path / out, "--method", "mean", "--no-metrics").exit_code == 0
+    assert (tmp_path / "png.png").read_bytes() == (tmp_path / "bmp.png").read_bytes()
+    damaged = tmp_path / "damaged.jpg"
+    damaged.write_bytes((tmp_path / "25015_pet.jpg").read_bytes()[:200])
+    assert cli("info", damaged).exit_code == 4
+    res = cli("fuse", tmp_path / "25015_mri.jpg", tmp_path / "25015_pet.jpg", "-o", tmp_path / "f.jpg")
+    assert res.exit_code == 6 and not (tmp_path / "f.jpg").exists()

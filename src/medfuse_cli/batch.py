@@ -48,7 +48,7 @@ from typing import Any
 
 from . import __version__
 from .errors import InputNotFoundError, InvalidInputError, MedfuseError, OutputError
-from .io import PAIR_SUFFIXES, RASTER_SUFFIXES, named_pattern
+from .io import PAIR_SUFFIXES, RASTER_READ_SUFFIXES, named_pattern
 from .io.itk import ITK_SUFFIXES
 from .metrics import METRICS
 
@@ -144,7 +144,7 @@ def _as_folder(output: str) -> str:
 
 
 def _output_ext(fixed: Path) -> str:
-    return ".png" if fixed.suffix.lower() in RASTER_SUFFIXES else ".nii.gz"
+    return ".png" if fixed.suffix.lower() in RASTER_READ_SUFFIXES else ".nii.gz"
 
 
 def _benchmark(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:

@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import InvalidInputError
 from .image import Image, Modality
+from .io.raster import RASTER_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def colourised(image: Image, window: Window, name: str) -> Image:
 def window_for(image: Image, ct_window: tuple[float, float] | None = None) -> Window:
     """The normalisation window of an image (see module docstring)."""
     data = luminance(image.data) if image.is_color else image.data
-    if image.provenance.format in ("png", "tiff") and data.dtype == np.uint8 or image.is_color:
+    if image.provenance.format in RASTER_FORMATS and data.dtype == np.uint8 or image.is_color:
         return Window(0.0, 255.0, "8-bit display range 0..255")
     if image.modality is Modality.CT and ct_window is not None:
         level, width = ct_window

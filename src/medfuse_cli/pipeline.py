@@ -30,6 +30,7 @@ from .intensity import (
 )
 from .io import FrameChoice, check_dicom_fits, check_output, read_image, write_image
 from .io.atomic import atomic_write_bytes, check_writable
+from .io.raster import RASTER_FORMATS
 from .memory import peak, plan
 from .register import Registration, given_start, register, resample_to
 
@@ -152,7 +153,7 @@ def _check_pair(fixed: Image, moving: Image) -> Image:
         raise GeometryError(
             f"{two.provenance.source} is a 2D slice but {three.provenance.source} is a 3D volume; give two of a kind"
         )
-    rasters = {fixed.provenance.format, moving.provenance.format} <= {"png", "tiff"}
+    rasters = {fixed.provenance.format, moving.provenance.format} <= set(RASTER_FORMATS)
     if fixed.is_2d and rasters and fixed.shape != moving.shape:
         return _same_field_of_view(fixed, moving)
     return moving
@@ -253,7 +254,7 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions,
     if moved.is_color:
         data = ycbcr_to_rgb(f * 255.0, cb, cr)
         units = None
-    elif fixed.provenance.format in ("png", "tiff"):
+    elif fixed.provenance.format in RASTER_FORMATS:
         data = np.clip(np.rint(f * 255.0), 0, 255).astype(np.uint8)
         units = None
     else:

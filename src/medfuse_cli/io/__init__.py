@@ -12,13 +12,15 @@ from ..image import Image, Modality
 from .atomic import check_name_and_place, check_writable
 from .frames import FrameChoice
 from .itk import ITK_OUTPUT_SUFFIXES, ITK_SUFFIXES, read_itk, write_itk
+from .raster import READ_ONLY_SUFFIXES
 
 __all__ = ["FrameChoice", "check_dicom_fits", "check_output", "guess_modality", "output_format", "read_image",
            "write_image"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-RASTER_SUFFIXES = (".png", ".tif", ".tiff")
-PAIR_SUFFIXES = (".nii.gz", ".nii", *RASTER_SUFFIXES, *ITK_OUTPUT_SUFFIXES)  # one-file images of a pairs folder
+RASTER_SUFFIXES = (".png", ".tif", ".tiff")  # written; JPEG and BMP are read too
+RASTER_READ_SUFFIXES = (*RASTER_SUFFIXES, *READ_ONLY_SUFFIXES)
+PAIR_SUFFIXES = (".nii.gz", ".nii", *RASTER_READ_SUFFIXES, *ITK_OUTPUT_SUFFIXES)  # one-file images of a pairs folder
 
 
 def named_pattern(tag: str) -> re.Pattern[str]:
@@ -52,7 +54,7 @@ def _kind(path: Path) -> str:
         return "dicom"
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
-    if name.endswith(RASTER_SUFFIXES):
+    if name.endswith(RASTER_READ_SUFFIXES):
         return "raster"
     if name.endswith(ITK_SUFFIXES):
         return "itk"
@@ -67,7 +69,7 @@ def _kind(path: Path) -> str:
     if head[:2] == b"\x1f\x8b":
         return "nifti"
     raise InvalidInputError(
-        f"{path.name}: not a recognised image (expected NIfTI, NRRD, MetaImage, a DICOM folder/zip/file, PNG or TIFF)"
+        f"{path.name}: not a recognised image (expected NIfTI, NRRD, MetaImage, a DICOM folder/zip/file, PNG, TIFF, JPEG or BMP)"
     )
 
 

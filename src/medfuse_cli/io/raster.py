@@ -1,4 +1,5 @@
-"""2D raster slices: PNG (Pillow) and TIFF (tifffile), greyscale or RGB, 8 or 16 bit.
+"""2D raster slices: PNG (Pillow) and TIFF (tifffile), greyscale or RGB, 8 or 16 bit; JPEG and BMP
+are read too (Pillow), never written (medfuse writes lossless PNG or TIFF).
 
 A raster pixel (column i, row j) is placed at RAS+ ``(-i, -j, 0)`` mm: 1 mm pixels in the
 radiological display convention (image left = patient right, top = anterior), the same
@@ -21,8 +22,9 @@ from .limits import MAX_PIXELS_2D, check_voxel_count
 log = logging.getLogger(__name__)
 
 RASTER_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
-PNG_SUFFIXES = (".png",)
 TIFF_SUFFIXES = (".tif", ".tiff")
+READ_ONLY_SUFFIXES = (".jpg", ".jpeg", ".bmp")
+RASTER_FORMATS = ("png", "tiff", "jpeg", "bmp")  # Provenance.format of a raster slice
 
 
 def _from_pixels(pixels: np.ndarray, name: str, fmt: str) -> Image:
@@ -44,7 +46,7 @@ def _from_pixels(pixels: np.ndarray, name: str, fmt: str) -> Image:
 
 
 def read_raster(path: Path) -> Image:
-    """Read a PNG or TIFF slice."""
+    """Read a PNG, TIFF, JPEG or BMP slice."""
     suffix = path.suffix.lower()
     if suffix in TIFF_SUFFIXES:
         import tifffile
@@ -76,11 +78,15 @@ def read_raster(path: Path) -> Image:
             elif im.mode not in ("L", "RGB", "RGBA", "I;16", "I;16B", "F", "1"):
                 im = im.convert("RGB")
             pixels = np.asarray(im)
+            fmt = {"JPEG": "jpeg", "BMP": "bmp"}.get(im.format or "", "png")
     except (UnidentifiedImageError, PILImage.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidInputError(f"{path.name}: not a readable PNG ({exc})") from exc
+        kind = suffix.lstrip(".").upper().replace("JPG", "JPEG")
+        raise InvalidInputError(f"{path.name}: not a readable {kind} ({exc})") from exc
     if pixels.dtype == bool:
         pixels = pixels.astype(np.uint8) * 255
-    return _from_pixels(pixels, path.name, "png")
+    if fmt == "jpeg":
+        log.warning("%s is JPEG, which is lossy: its compression artefacts are fused and scored too", path.name)
+    return _from_pixels(pixels, path.name, fmt)
 
 
 def _to_storable(data: np.ndarray, name: str, allow_float: bool) -> np.ndarray:

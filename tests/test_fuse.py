@@ -561,6 +561,23 @@ def test_slices_of_one_size_are_taken_as_aligned_unless_rigid_is_asked(tmp_path,
     assert rigid["skipped"] is None and rigid["kind"] == "rigid" and abs(rigid["rotation_deg"] - 5.0) < 0.5
 
 
+def test_a_slab_fuses_and_one_too_thin_to_register_is_refused(tmp_path, cli):
+    """A 3-slice slab of the SPM pair fuses on its grid with metrics; a 2-slice slab cannot be
+    registered (ITK's pyramid needs 4 voxels per axis): one line, exit 5, not a crash."""
+    t1, pet = nib.load(T1), nib.load(PET)
+    for n in (3, 2):
+        affine = t1.affine.copy()
+        affine[:3, 3] = t1.affine[:3, :3] @ [0, 0, 40] + t1.affine[:3, 3]
+        nib.save(nib.Nifti1Image(np.asarray(t1.dataobj, np.float32)[:, :, 40:40 + n], affine), tmp_path / f"t1_{n}.nii.gz")
+        nib.save(nib.Nifti1Image(np.asarray(pet.dataobj, np.float32)[:, :, 40:40 + n], affine), tmp_path / f"pet_{n}.nii.gz")
+    res = cli("fuse", tmp_path / "t1_3.nii.gz", tmp_path / "pet_3.nii.gz", "-o", tmp_path / "f.nii.gz", "--method", "mean")
+    assert res.exit_code == 0, res.stderr
+    assert np.array_equal(nib.load(tmp_path / "f.nii.gz").affine, nib.load(tmp_path / "t1_3.nii.gz").affine)
+    assert 0 < json.loads((tmp_path / "f.json").read_text())["metrics"]["values"]["SSIM"] < 1
+    assert_one_line_error(cli("fuse", tmp_path / "t1_2.nii.gz", tmp_path / "pet_2.nii.gz", "-o", tmp_path / "g.nii.gz",
+                              "--transform", "rigid"), 5)
+
+
 def test_a_slice_takes_a_given_transform_only_in_its_plane(tmp_path, cli):
     """--initial-transform on 2D slices: applied as it is with --transform none when it keeps the
     slice in its plane (a 3 mm shift moves the pixels by 3), refused (exit 5) when it tilts or lifts

@@ -50,6 +50,19 @@ def test_ssim_3d_window_matches_scikit_image(volumes):
     assert M.ssim(a, f) == pytest.approx(ref, abs=1e-12)
 
 
+def test_a_slab_thinner_than_the_window_is_scored_slice_by_slice(volumes):
+    """Fewer than 11 slices: SSIM is the mean of scikit-image's 2D SSIM of each slice (a 3-slice
+    fusion used to end in an error after fusing); thinner in-plane is still an error."""
+    a, b = (v[:3] for v in volumes)
+    f = (a + b) / 2
+    refs = [structural_similarity(x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                  data_range=255) for x, y in zip(a, f, strict=True)]
+    assert M.ssim(a, f) == pytest.approx(np.mean(refs), abs=1e-12)
+    assert np.isfinite(M.compute(a, b, f)["SSIM_worst"])
+    with pytest.raises(GeometryError, match="11 voxels"):
+        M.ssim(a[:, :10], f[:, :10])
+
+
 def test_mutual_information_matches_sklearn_in_bits():
     a, b = _pair("03008", "spect")
     f = (a + b) / 2

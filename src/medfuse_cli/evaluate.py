@@ -33,7 +33,7 @@ CONVENTIONS = {
     "intensities": "greyscale 0..255; colour as Y of full-range BT.601 YCbCr; 8-bit slices as stored, "
     "other images by their 0.5-99.5 percentile window",
     "MI": "MI(A,F) + MI(B,F), bits, 256x256 joint histogram of rounded values",
-    "SSIM": "mean of SSIM(A,F) and SSIM(B,F); Gaussian sigma 1.5, 11 taps per axis (3D window for volumes), "
+    "SSIM": "mean of SSIM(A,F) and SSIM(B,F); Gaussian sigma 1.5, 11 taps per axis (3D window for volumes; 2D windows on each slice of a slab under 11 slices), "
     "K1 0.01, K2 0.03, L 255; SSIM_A, SSIM_B apart and SSIM_worst = the lower",
     "PSNR": "10 log10(255^2 / mean of MSE(A,F), MSE(B,F)); a perfect match is 100 dB",
     "VIF": "VIF(A,F) + VIF(B,F), pixel-domain VIFP, 4 scales, sigma_n^2 2",

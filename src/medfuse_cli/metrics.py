@@ -20,7 +20,7 @@ greyscale float arrays on a 0..255 scale of one shape: ``(rows, cols)`` for a sl
 - **SSIM** mean of SSIM(A,F) and SSIM(B,F) (also reported apart, and the worse of the two):
   Wang et al. 2004, Gaussian sigma 1.5 truncated to 11 taps per axis (a 3D window for volumes),
   K1=0.01, K2=0.03, L=255, population (co)variances, mean over the region 5 voxels in from
-  every border.
+  every border. A slab of fewer than 11 slices: the mean of the 2D SSIM of its slices.
 - **PSNR** 10 log10(255^2 / mean of MSE(A,F) and MSE(B,F)); a perfect match is reported as 100 dB.
 
 Qabf, VIF and FMI are 2D by definition; for volumes they are pooled over the axial slices
@@ -82,9 +82,13 @@ def correlation(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def ssim(x: np.ndarray, y: np.ndarray) -> float:
-    """Mean SSIM, Gaussian window (see module docstring), data range 255."""
-    if min(x.shape) < 2 * SSIM_RADIUS + 1:
-        raise GeometryError(f"SSIM needs at least {2 * SSIM_RADIUS + 1} voxels along every axis, got {x.shape}")
+    """Mean SSIM, Gaussian window (see module docstring), data range 255; a slab of fewer slices
+    than the window is scored with 2D windows on each slice."""
+    side = 2 * SSIM_RADIUS + 1
+    if x.ndim == 3 and x.shape[0] < side <= min(x.shape[1:]):
+        return float(np.mean([ssim(a, b) for a, b in zip(x, y, strict=True)]))
+    if min(x.shape) < side:
+        raise GeometryError(f"SSIM needs at least {side} voxels along every axis, got {x.shape}")
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
     def blur(z):

@@ -30,6 +30,7 @@ from .landmarks import LandmarkFit, fit_landmarks
 log = logging.getLogger(__name__)
 
 SHRINK = (4, 2, 1)  # multi-resolution levels, coarse to fine
+MIN_VOXELS = 4  # ITK's recursive Gaussian smoothing of the pyramid needs 4 voxels along every axis
 SAMPLING = (0.25, 0.15, 0.1)  # fraction of FIXED's voxels (regular grid) seen by the metric per level
 MIN_STEP = 2e-3  # optimiser stops when its step (scaled units, about mm) falls below this
 MAX_ROTATION = 20.0  # degrees; a larger rotation is reported as suspect (a wrong optimum, or no shared anatomy)
@@ -287,6 +288,10 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "auto", se
             return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="inputs share one grid")
         kind = TransformKind.RIGID
     flat = fixed.is_2d or moving.is_2d
+    for image in () if flat else (fixed, moving):
+        if min(image.shape[:3]) < MIN_VOXELS:
+            raise GeometryError(f"{image.provenance.source} is {min(image.shape[:3])} voxels thin; registering a volume "
+                                f"needs at least {MIN_VOXELS} along every axis (use --transform none for an aligned pair)")
     m = _in_plane(to_sitk(_winsorised(_grey(moving))), flat)
     f = _in_plane(_no_finer_than(to_sitk(_winsorised(_grey(fixed))), min(m.GetSpacing()) / 2), flat)
     dim = f.GetDimension()

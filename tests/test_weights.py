@@ -122,3 +122,24 @@ def test_models_lists_the_shipped_cards_and_where_networks_run(cli, monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Simulated GPU")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert "--device auto: CUDA device 0, Simulated GPU" in cli("models").stdout
+
+
+def test_models_check_verifies_every_weights_file(installed, cli):
+    """`medfuse models --check` hashes each weights file against its card: ok, then exit 8 naming the
+    damaged file (with -q, that one line only); --json carries each card's result."""
+    folder, card = installed
+    _write_card(folder, card)
+    res = cli("models", "--check")
+    assert res.exit_code == 0, res.stderr
+    assert re.search(rf"adafuse\s.*{card['sha256'][:12]}\W+ok", res.stdout)
+    with open(folder / card["weights"], "r+b") as fh:
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 1]))
+    res = cli("models", "--check", "-q")
+    assert_one_line_error(res, 8)
+    assert res.stdout == "" and card["weights"] in res.stderr and "does not match" in res.stderr
+    listed = json.loads(cli("models", "--check", "--json").stdout)
+    assert "does not match" in listed[0]["check"]
+    assert cli("models").exit_code == 0  # without --check, listing does not hash

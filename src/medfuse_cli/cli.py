@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -724,6 +724,7 @@ def _train_with_progress(quiet: bool, total: int, work: Callable[..., Any]) -> A
 @app.command()
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print the model cards as JSON.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Also verify every weights file against the sha256 of its model card (as every load does); exit 8 when one is missing or does not match.")] = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
     debug: Debug = False,
@@ -731,34 +732,51 @@ def models(
     """List the installed fusion models (weights/ with model cards) and the classic rules."""
 
     def body() -> None:
-        from rich.table import Table
-
         from .fusion import CLASSIC_RULES
-        from .models.weights import WEIGHTS_DIR, list_cards
+        from .models.weights import WEIGHTS_DIR, WeightsError, checked_file, list_cards
 
         cards = list_cards()
+        failed = []
+        for c in cards if check else ():
+            try:
+                checked_file(c["name"])
+                c["check"] = "ok"
+            except WeightsError as exc:
+                c["check"] = str(exc)
+                failed.append(str(exc))
         if as_json:
             typer.echo(json.dumps(cards, indent=2))
-            return
-        table = Table(title=f"models ({WEIGHTS_DIR})", title_justify="left")
-        for col in ("method", "kind", "tasks", "parameters", "val (held-out for volumes) SSIM / worst / Qabf", "sha256"):
-            table.add_column(col)
-        for c in cards:
-            val = "; ".join(f"{t.removeprefix('mri-')} {v['SSIM']:.3f}/{v['SSIM_worst']:.3f}/{v['Qabf']:.3f}"
-                            for t, v in c.get("validation", {}).items())
-            rule = c.get("architecture", {}).get("rule")
-            kind = f"network {c.get('model', c['name'])}" + (f", {rule} rule" if rule else "")
-            kind += ", volumes" if c.get("model") == "dcfb3d" else ""
-            table.add_row(c["name"], kind, ", ".join(c["tasks"]), f"{c['parameters']:,}", val, c["sha256"][:12])
-        for rule in CLASSIC_RULES:
-            table.add_row(rule, "classic rule", "any", "0", "", "")
-        if cards:
-            from .models.infer import device_summary
-
-            table.caption, table.caption_justify = device_summary(), "left"
-        _wide_console().print(table)
+        elif not (quiet and check):  # -q --check: errors only, for scripts
+            _print_models(cards, check, WEIGHTS_DIR, CLASSIC_RULES)
+        if failed:
+            raise WeightsError(f"{len(failed)} of {len(cards)} weights files failed the check; {failed[0]}")
 
     _run(debug, quiet, verbose, body)
+
+
+def _print_models(cards: list[dict], check: bool, folder: Path, rules: Sequence[str]) -> None:
+    """The table of ``medfuse models``."""
+    from rich.table import Table
+
+    table = Table(title=f"models ({folder})", title_justify="left")
+    for col in ("method", "kind", "tasks", "parameters", "val (held-out for volumes) SSIM / worst / Qabf", "sha256",
+                *(("check",) if check else ())):
+        table.add_column(col)
+    for c in cards:
+        val = "; ".join(f"{t.removeprefix('mri-')} {v['SSIM']:.3f}/{v['SSIM_worst']:.3f}/{v['Qabf']:.3f}"
+                        for t, v in c.get("validation", {}).items())
+        rule = c.get("architecture", {}).get("rule")
+        kind = f"network {c.get('model', c['name'])}" + (f", {rule} rule" if rule else "")
+        kind += ", volumes" if c.get("model") == "dcfb3d" else ""
+        table.add_row(c["name"], kind, ", ".join(c["tasks"]), f"{c['parameters']:,}", val, c["sha256"][:12],
+                      *((c["check"] if c["check"] == "ok" else "FAILED",) if check else ()))
+    for rule in rules:
+        table.add_row(rule, "classic rule", "any", "0", "", "", *(("",) if check else ()))
+    if cards:
+        from .models.infer import device_summary
+
+        table.caption, table.caption_justify = device_summary(), "left"
+    _wide_console().print(table)
 
 
 def _wide_console():

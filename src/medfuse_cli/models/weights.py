@@ -52,6 +52,15 @@ def load_checked(name: str, folder: Path | None = None) -> tuple[dict[str, Any],
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    weights, card = checked_file(name, folder)
+    try:
+        return load_file(str(weights)), card
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{weights.name}: not a readable safetensors file ({exc})") from None
+
+
+def checked_file(name: str, folder: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """The weights file of ``name`` and its model card, once the file's sha256 matches the card."""
     card_file = card_path(name, folder)
     if not card_file.is_file():
         raise WeightsError(f"no model card {card_file}; 'medfuse models' lists the installed models")
@@ -69,7 +78,4 @@ def load_checked(name: str, folder: Path | None = None) -> tuple[dict[str, Any],
     if digest != expected:
         raise WeightsError(f"{weights.name}: sha256 {digest[:12]}... does not match its model card "
                            f"({expected[:12]}...); the file is damaged or was replaced")
-    try:
-        return load_file(str(weights)), card
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(f"{weights.name}: not a readable safetensors file ({exc})") from None
+    return weights, card

@@ -316,6 +316,13 @@ def test_dicom_ct_onto_nifti_mr_without_registration(tmp_path, cli):
         np.testing.assert_array_equal(nib.load(out).affine, nib.load(T1).affine)
         assert nib.load(out).shape == (91, 109, 91)
     report = json.loads((tmp_path / "wavelet.json").read_text())
+    assert not [w for w in report["warnings"] if "Hounsfield" in w]
+    image = read_image(ct)
+    write_image(image.with_data(image.data + 1024), tmp_path / "raw_ct.nii.gz")  # stored values, no intercept
+    res = cli("fuse", T1, tmp_path / "raw_ct.nii.gz", "-o", tmp_path / "raw.nii.gz", "--transform", "none",
+              "--method", "mean", "--ct-window", "brain", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    assert [w for w in json.loads((tmp_path / "raw.json").read_text())["warnings"] if "Hounsfield" in w]
     assert report["normalisation"]["moving"]["lo"] == 0.0  # brain window: 40 - 80/2 HU
     assert report["normalisation"]["moving"]["hi"] == 80.0
     assert report["normalisation"]["fixed"]["rule"].startswith("percentiles")

@@ -111,6 +111,10 @@ def window_for(image: Image, ct_window: tuple[float, float] | None = None) -> Wi
         return Window(0.0, 255.0, "8-bit display range 0..255")
     if image.modality is Modality.CT and ct_window is not None:
         level, width = ct_window
+        low = float(np.nanmin(data))
+        if low > -500:
+            log.warning("%s: lowest value %g, where air would be about -1000 HU: not in Hounsfield units? "
+                        "The CT window L=%g W=%g may not fit", image.provenance.source, low, level, width)
         return Window(level - width / 2, level + width / 2, f"CT window L={level:g} W={width:g} HU")
     finite = data[np.isfinite(data)]
     lo, hi = (float(v) for v in np.percentile(finite, PERCENTILES))

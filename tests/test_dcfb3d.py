@@ -242,7 +242,7 @@ def test_threads_option_sets_torch_threads(pair):
         a, b = (x[40:43].transpose(2, 1, 0) for x in pair)
         info: dict = {}
         fuse("adafuse", a, b, device="cpu", threads=1, info=info)
-        assert torch.get_num_threads() == 1 and info["device"] == "cpu"
+        assert torch.get_num_threads() == 1 and info["device"] == "cpu, 1 thread"
     finally:
         torch.set_num_threads(before)
 

@@ -317,6 +317,7 @@ def test_dicom_ct_onto_nifti_mr_without_registration(tmp_path, cli):
         assert nib.load(out).shape == (91, 109, 91)
     report = json.loads((tmp_path / "wavelet.json").read_text())
     assert not [w for w in report["warnings"] if "Hounsfield" in w]
+    assert report["libraries"]["numpy"] == np.__version__ and report["libraries"]["SimpleITK"]
     image = read_image(ct)
     write_image(image.with_data(image.data + 1024), tmp_path / "raw_ct.nii.gz")  # stored values, no intercept
     res = cli("fuse", T1, tmp_path / "raw_ct.nii.gz", "-o", tmp_path / "raw.nii.gz", "--transform", "none",

@@ -303,6 +303,16 @@ def _model_used(method: str, task: str) -> dict[str, Any] | None:
     return {"name": card["name"], "task": task, "sha256": card["sha256"]}
 
 
+def _library_versions() -> dict[str, str]:
+    """Versions of the libraries that shaped this result (torch only when a network ran), so a report
+    says what to install to reproduce it."""
+    import sys
+    from importlib.metadata import version
+
+    names = ["numpy", "scipy", "SimpleITK", "nibabel", "pydicom", *(["torch"] if "torch" in sys.modules else [])]
+    return {name: version(name) for name in names}
+
+
 def _metrics(fixed: Image, moved: Image, fused: Image) -> dict[str, Any]:
     """``medfuse eval``'s metrics of this fusion (A = FIXED, B = MOVING on FIXED's grid)."""
     from .evaluate import CONVENTIONS, metric_array
@@ -387,6 +397,7 @@ def fuse_pair(
         rep: dict[str, Any] = {
             "tool": "medfuse",
             "version": __version__,
+            "libraries": _library_versions(),
             "output": out_path.name if out_path else None,
             "inputs": {"fixed": _describe(fixed_img, fixed_src), "moving": _describe(moving_img, moving_src)},
             "parameters": asdict(options),  # the fields only (not the start read from their files)

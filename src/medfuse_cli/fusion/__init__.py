@@ -81,7 +81,9 @@ def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", devic
 
     def run(dev: torch.device, size: int) -> np.ndarray:
         if info is not None:
-            info["device"] = str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)}, float16)"
+            n = torch.get_num_threads()
+            info["device"] = (f"cpu, {n} thread{'s' * (n != 1)}" if dev.type == "cpu"
+                              else f"{dev} ({torch.cuda.get_device_name(dev)}, float16)")
         model = load_model(name, str(dev))
         if method in VOLUME_NETWORKS:
             return sliding_window(model, sa, sb, size, overlap, device=dev, task=task, progress=progress)

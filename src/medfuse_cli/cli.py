@@ -350,7 +350,7 @@ def fuse(
 def register(
     fixed: FixedArg,
     moving: MovingArg,
-    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="MOVING resampled onto FIXED's grid: .nii.gz / .nii / .png / .tif.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="MOVING resampled onto FIXED's grid: .nii.gz / .nii / .nrrd / .mha, .png / .tif (2D), or a folder (a path without extension): a new derived DICOM series.", show_default=False)],
     transform: Transform = "auto",
     initial_transform: InitialTransform = None,
     landmarks: Landmarks = None,

@@ -224,7 +224,7 @@ def info(
 
 Method = Annotated[
     str,
-    typer.Option("--method", "-m", help="Fusion method: a classic rule (mean, max, laplacian: pyramid with max-abs details and mean base, wavelet: db2, 3 levels, gff: guided filtering fusion), a trained 2D network, slice by slice for volumes (adafuse: spatial + Fourier cross-attention; dran: dilated residual attention autoencoder with its fixed fusion rule), the 3D network for volumes (dcfb3d: deformable cross-attention, sliding window; see --patch, --overlap) or auto (adafuse when its weights are installed and the pair is an MRI with a CT, PET or SPECT, for volumes too, where it scored higher than dcfb3d on the held-out volumes; else laplacian). The networks take the MRI first whichever input is FIXED."),
+    typer.Option("--method", "-m", help="Fusion method: a classic rule (mean, max, laplacian: pyramid with max-abs details and mean base, wavelet: db2, 3 levels, gff: guided filtering fusion), a trained 2D network, slice by slice for volumes (adafuse: spatial + Fourier cross-attention; dran: dilated residual attention autoencoder with its fixed fusion rule), the 3D network for volumes (dcfb3d: deformable cross-attention, sliding window; see --patch, --overlap) or auto, the default (adafuse when its weights are installed and the pair is an MRI with a CT, PET or SPECT, for volumes too, where it scored higher than dcfb3d on the held-out volumes; else laplacian). The networks take the MRI first whichever input is FIXED."),
 ]
 Device = Annotated[str, typer.Option("--device", help="Where networks run: auto (the first CUDA device when present, else the CPU), cpu, cuda or cuda:N. On CUDA: float16 mixed precision; out of GPU memory falls back to smaller windows, then the CPU, with a warning.")]
 Threads = Annotated[int, typer.Option("--threads", min=0, help="CPU threads for the networks (0: torch's default, all cores).")]
@@ -290,7 +290,7 @@ def fuse(
     fixed: FixedArg,
     moving: MovingArg,
     output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Fused image: .nii.gz / .nii / .nrrd / .mha (3D or 2D), .png / .tif (2D), or a folder (a path without extension): a new derived DICOM series.", show_default=False)],
-    method: Method = "laplacian",
+    method: Method = "auto",
     transform: Transform = "auto",
     initial_transform: InitialTransform = None,
     landmarks: Landmarks = None,
@@ -516,7 +516,7 @@ def _with_progress(total: int, quiet: bool, label: str, work: Callable[[Callable
 def batch(
     source: Annotated[Path, typer.Argument(readable=False, help="Folder of pairs (ID_mri + ID_ct/pet/spect, CASE_0000 + CASE_0001, or one sub-folder per case) or a CSV manifest id,fixed,moving[,output].", show_default=False)],
     out_dir: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Output folder: fused images, one JSON report each, summary.csv.", show_default=False)],
-    method: Method = "laplacian",
+    method: Method = "auto",
     transform: Transform = "auto",
     fixed_modality: FixedModality = None,
     moving_modality: MovingModality = None,

@@ -55,7 +55,7 @@ def network_roles(fixed: Modality, moving: Modality) -> tuple[bool, str | None]:
 class FuseOptions:
     """Every parameter of one fusion; recorded in the report."""
 
-    method: str = "laplacian"
+    method: str = "auto"
     transform: str = "auto"
     initial_transform: str | None = None  # ITK transform file: the registration's start (with "none": the result)
     landmarks: list[str] | None = None  # FIXED's and MOVING's landmark files: their rigid fit is the start instead

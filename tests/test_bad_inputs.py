@@ -324,3 +324,23 @@ def test_manifest_landmarks_come_in_pairs(tmp_path, cli):
     res = cli("batch", manifest, "-o", out, "--engine", "sequential")
     assert_one_line_error(res, 4)
     assert "give both fixed_landmarks and moving_landmarks" in res.stderr and not out.exists()
+
+
+def test_a_folder_or_zip_of_other_images_names_them(tmp_path, cli):
+    """A folder or zip given as a DICOM series that holds a NIfTI instead: exit 4, and the line says
+    which file to give; an empty folder just says no DICOM was found."""
+    folder = tmp_path / "nifti_folder"
+    folder.mkdir()
+    (folder / PET.name).write_bytes(PET.read_bytes())
+    with zipfile.ZipFile(tmp_path / "nifti.zip", "w") as zf:
+        zf.write(PET, PET.name)
+    (tmp_path / "empty").mkdir()
+    res = cli("info", folder)
+    assert_one_line_error(res, 4)
+    assert str(folder / PET.name) in res.stderr
+    res = cli("fuse", T1, tmp_path / "nifti.zip", "-o", tmp_path / "f.nii.gz")
+    assert_one_line_error(res, 4)
+    assert "unzip it" in res.stderr and PET.name in res.stderr
+    res = cli("info", tmp_path / "empty")
+    assert_one_line_error(res, 4)
+    assert "other image" not in res.stderr

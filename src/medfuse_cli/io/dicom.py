@@ -106,18 +106,26 @@ def _read_header(name: str, opener: object) -> Dataset | None:
 
 def scan(path: Path) -> list[_Entry]:
     """All image DICOM files under ``path`` (headers only); non-image files are skipped."""
-    entries, skipped = [], 0
+    entries, skipped = [], []
     for name, opener in _iter_sources(path):
         ds = _read_header(name, opener)
         if ds is None:
-            skipped += 1
+            skipped.append(name)
             continue
         entries.append(_Entry(name=name, header=ds, opener=opener))
     if skipped:
-        log.info("ignored %d non-image or non-DICOM file(s) in %s", skipped, path.name)
+        log.info("ignored %d non-image or non-DICOM file(s) in %s", len(skipped), path.name)
     if not entries:
+        from . import ITK_SUFFIXES, PAIR_SUFFIXES
+
         what = "folder" if path.is_dir() else "file"
-        raise InvalidInputError(f"{path.name}: no DICOM image found in this {what}")
+        images = [n for n in skipped if n.lower().endswith((*PAIR_SUFFIXES, *ITK_SUFFIXES))]
+        hint = ""
+        if images and path.is_dir():
+            hint = f"; it holds {len(images)} other image file(s): give one itself, e.g. {path / images[0]}"
+        elif images:
+            hint = f"; it holds {len(images)} other image file(s) (e.g. {images[0]}): unzip it and give one itself"
+        raise InvalidInputError(f"{path.name}: no DICOM image found in this {what}{hint}")
     return entries
 
 

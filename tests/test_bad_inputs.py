@@ -240,12 +240,18 @@ def test_nan_outside_a_mask_is_background(tmp_path, cli):
     nan_pet = _nifti_like(tmp_path, "nan_pet.nii.gz", masked)
     filled_pet = _nifti_like(tmp_path, "filled_pet.nii.gz", filled)
     for src, out in ((nan_pet, "a.nii.gz"), (filled_pet, "b.nii.gz")):
-        assert cli("fuse", T1, src, "-o", tmp_path / out, "--method", "mean", "--no-metrics").exit_code == 0
+        assert cli("fuse", T1, src, "-o", tmp_path / out, "--method", "mean").exit_code == 0
     a = np.asarray(nib.load(str(tmp_path / "a.nii.gz")).dataobj)
     assert np.isfinite(a).all()
     assert np.array_equal(a, np.asarray(nib.load(str(tmp_path / "b.nii.gz")).dataobj))
-    warnings = json.loads((tmp_path / "a.json").read_text())["warnings"]
-    assert any(f"{int(np.isnan(masked).sum())} NaN voxels" in w for w in warnings), warnings
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert any(f"{int(np.isnan(masked).sum())} NaN voxels" in w for w in report["warnings"]), report["warnings"]
+    # eval takes the NaN source as fuse did: the same scores as the report's
+    res = cli("eval", "--fixed", T1, "--moving", nan_pet, tmp_path / "a.nii.gz", "--json", tmp_path / "e.json")
+    assert res.exit_code == 0, res.stderr
+    scored = json.loads((tmp_path / "e.json").read_text())
+    row = scored["cases"][0]
+    assert row["SSIM"] == pytest.approx(report["metrics"]["values"]["SSIM"], abs=1e-9)
 
 
 def test_an_input_file_is_never_the_output_even_with_overwrite(tmp_path, cli):

@@ -23,7 +23,7 @@ import numpy as np
 from . import __version__
 from .errors import GeometryError, InputNotFoundError, InvalidInputError
 from .image import Image
-from .intensity import luminance, window_for
+from .intensity import luminance, nan_as_background, window_for
 from .io import PAIR_SUFFIXES, named_pattern
 from .metrics import METRICS, compute
 
@@ -91,9 +91,11 @@ def check_same_grid(fixed: Image, other: Image, role: str) -> None:
 
 
 def score(fixed: Image, moving: Image, fused: Image) -> dict[str, float]:
-    """All metrics of ``fused`` against FIXED (A) and MOVING (B), which must share its grid."""
+    """All metrics of ``fused`` against FIXED (A) and MOVING (B), which must share its grid; NaN in a
+    source is background, as ``fuse`` takes it."""
     check_same_grid(fixed, moving, "MOVING")
     check_same_grid(fixed, fused, "fused image")
+    fixed, moving = nan_as_background(fixed, "FIXED"), nan_as_background(moving, "MOVING")
     return compute(metric_array(fixed), metric_array(moving), metric_array(fused))
 
 

@@ -124,29 +124,35 @@ def window_for(image: Image, ct_window: tuple[float, float] | None = None) -> Wi
 
 
 def usable(image: Image, role: str) -> Image:
-    """``image`` ready to fuse. NaN voxels (SPM and others write NaN outside a mask) become the
-    lowest finite value, with a warning; infinite voxels, an image without a finite voxel and a
-    constant image are refused: nothing sensible can be fused."""
+    """``image`` ready to fuse (:func:`nan_as_background`); a constant image is refused: nothing
+    sensible can be fused."""
+    image = nan_as_background(image, role)
     data = image.data
-    if data.dtype.kind == "f":
-        finite = np.isfinite(data)
-        if not finite.all():
-            src = image.provenance.source
-            n_inf = int(np.count_nonzero(np.isinf(data)))
-            if n_inf:
-                raise InvalidInputError(f"{role} {src} has {n_inf} infinite voxels")
-            if not finite.any():
-                raise InvalidInputError(f"{role} {src} has no finite voxel (every voxel is NaN)")
-            n_nan = data.size - int(np.count_nonzero(finite))
-            low = float(data[finite].min())
-            log.warning("%s %s: %d NaN voxels (%.1f%%) taken as background (%g)", role, src, n_nan,
-                        100 * n_nan / data.size, low)
-            steps = [*image.provenance.steps, f"{n_nan} NaN voxels set to the lowest finite value {low:g}"]
-            image = image.with_data(np.where(finite, data, np.asarray(low, data.dtype)),
-                                    provenance=dataclasses.replace(image.provenance, steps=steps))
-            data = image.data
     if float(np.min(data)) == float(np.max(data)):
         raise InvalidInputError(
             f"{role} {image.provenance.source} is constant (every voxel is {float(np.min(data)):g}); nothing to fuse"
         )
     return image
+
+
+def nan_as_background(image: Image, role: str) -> Image:
+    """NaN voxels (SPM and others write NaN outside a mask) become the lowest finite value, with a
+    warning; infinite voxels and an image without a finite voxel are refused."""
+    data = image.data
+    if data.dtype.kind != "f":
+        return image
+    finite = np.isfinite(data)
+    if finite.all():
+        return image
+    src = image.provenance.source
+    n_inf = int(np.count_nonzero(np.isinf(data)))
+    if n_inf:
+        raise InvalidInputError(f"{role} {src} has {n_inf} infinite voxels")
+    if not finite.any():
+        raise InvalidInputError(f"{role} {src} has no finite voxel (every voxel is NaN)")
+    n_nan = data.size - int(np.count_nonzero(finite))
+    low = float(data[finite].min())
+    log.warning("%s %s: %d NaN voxels (%.1f%%) taken as background (%g)", role, src, n_nan, 100 * n_nan / data.size, low)
+    steps = [*image.provenance.steps, f"{n_nan} NaN voxels set to the lowest finite value {low:g}"]
+    return image.with_data(np.where(finite, data, np.asarray(low, data.dtype)),
+                           provenance=dataclasses.replace(image.provenance, steps=steps))

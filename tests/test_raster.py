@@ -99,3 +99,35 @@ def test_jpeg_and_bmp_slices_are_read_never_written(tmp_path, cli, caplog):
     assert cli("info", damaged).exit_code == 4
     res = cli("fuse", tmp_path / "25015_mri.jpg", tmp_path / "25015_pet.jpg", "-o", tmp_path / "f.jpg")
     assert res.exit_code == 6 and not (tmp_path / "f.jpg").exists()
+
+
+def test_tiff_stacks_are_volumes(tmp_path, cli, caplog):
+    """A multi-page ImageJ TIFF of the SPM T1 / PET reads as the volume it holds (2 mm from its
+    unit, spacing and resolution) and fuses as the same voxels in NIfTI do; without a voxel size it
+    is 1 mm with a warning; a colour stack is refused (exit 5)."""
+    import nibabel as nib
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "bare.tif", np.zeros((12, 16, 16), np.uint8) + np.arange(16, dtype=np.uint8))
+    with caplog.at_level("WARNING"):
+        assert read_image(tmp_path / "bare.tif").spacing == pytest.approx((1.0, 1.0, 1.0))
+    assert "no voxel size" in caplog.text  # before cli(), which sets up its own log handlers
+    for role, src in (("t1", EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"), ("pet", EXAMPLES / "spm12" / "OldNorm_PET.nii.gz")):
+        d = np.asarray(nib.load(src).dataobj, np.float32)
+        d = (d / d.max() * 65535).astype(np.uint16)
+        tifffile.imwrite(tmp_path / f"stack_{role}.tif", d.transpose(2, 1, 0), imagej=True, resolution=(0.5, 0.5),
+                         metadata={"spacing": 2.0, "unit": "mm"})
+        nib.save(nib.Nifti1Image(d, np.diag([-2.0, -2.0, 2.0, 1.0])), tmp_path / f"same_{role}.nii.gz")
+    stack = read_image(tmp_path / "stack_t1.tif")
+    assert stack.shape == (91, 109, 91) and stack.spacing == pytest.approx((2.0, 2.0, 2.0))
+    np.testing.assert_array_equal(stack.data, read_image(tmp_path / "same_t1.nii.gz").data)
+    for kind in ("stack", "same"):
+        res = cli("fuse", tmp_path / f"{kind}_t1.{'tif' if kind == 'stack' else 'nii.gz'}",
+                  tmp_path / f"{kind}_pet.{'tif' if kind == 'stack' else 'nii.gz'}", "-o", tmp_path / f"{kind}.nii.gz",
+                  "--method", "laplacian", "--no-metrics")
+        assert res.exit_code == 0, res.stderr
+    fused = [nib.load(tmp_path / f"{kind}.nii.gz") for kind in ("stack", "same")]
+    np.testing.assert_array_equal(fused[0].get_fdata(), fused[1].get_fdata())
+    np.testing.assert_array_equal(fused[0].affine, fused[1].affine)
+    tifffile.imwrite(tmp_path / "colour.tif", np.zeros((12, 16, 16, 3), np.uint8), photometric="rgb")
+    assert cli("info", tmp_path / "colour.tif").exit_code == 5

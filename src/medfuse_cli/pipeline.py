@@ -254,7 +254,7 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions,
     if moved.is_color:
         data = ycbcr_to_rgb(f * 255.0, cb, cr)
         units = None
-    elif fixed.provenance.format in RASTER_FORMATS:
+    elif fixed.provenance.format in RASTER_FORMATS and fixed.is_2d:
         data = np.clip(np.rint(f * 255.0), 0, 255).astype(np.uint8)
         units = None
     else:

@@ -45,6 +45,38 @@ def _from_pixels(pixels: np.ndarray, name: str, fmt: str) -> Image:
                  provenance=Provenance(source=name, format=fmt))
 
 
+_MM_PER_UNIT = {"mm": 1.0, "millimeter": 1.0, "cm": 10.0, "centimeter": 10.0, "m": 1000.0, "meter": 1000.0,
+                "inch": 25.4, "micron": 1e-3, "um": 1e-3, "\u00b5m": 1e-3,
+                "\\u00b5m": 1e-3}  # ImageJ writes micrometres as the six characters \u00B5m
+
+
+def _tiff_stack(tif, name: str) -> Image:
+    """A multi-page greyscale TIFF (an ImageJ / Fiji stack) as a volume: pages are slices along +z,
+    in-plane placed as a single slice is; voxel size from ImageJ's ``spacing`` and ``unit`` and the
+    resolution tags, else 1 mm with a warning."""
+    series = tif.series[0]
+    if series.ndim != 3 or "S" in series.axes:
+        raise GeometryError(f"{name}: only greyscale TIFF stacks of one channel and time point are read "
+                            f"(axes {series.axes}, shape {series.shape})")
+    check_voxel_count(series.shape, name)
+    pixels = series.asarray()
+    meta = tif.imagej_metadata or {}
+    scale = _MM_PER_UNIT.get(str(meta.get("unit", "")).strip().lower())
+    page = tif.pages[0]
+    res = [page.tags.get(t) for t in ("XResolution", "YResolution")]
+    if scale is None or any(r is None for r in res) or "spacing" not in meta:
+        spacing = (1.0, 1.0, 1.0)
+        log.warning("%s: no voxel size in the TIFF stack (ImageJ unit, spacing and resolution); 1 mm assumed", name)
+    else:
+        x, y = (scale * r.value[1] / r.value[0] for r in res)  # pixels per unit -> mm per pixel
+        spacing = (x, y, scale * float(meta["spacing"]))
+    if pixels.dtype.kind not in "uif":
+        pixels = pixels.astype(np.float32)
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    return Image(data=np.ascontiguousarray(pixels.transpose(2, 1, 0)), affine=affine, modality=Modality.OT,
+                 provenance=Provenance(source=name, format="tiff"))
+
+
 def read_raster(path: Path) -> Image:
     """Read a PNG, TIFF, JPEG or BMP slice."""
     suffix = path.suffix.lower()
@@ -56,7 +88,7 @@ def read_raster(path: Path) -> Image:
                 page = tif.pages[0]
                 check_voxel_count(page.shape, path.name, MAX_PIXELS_2D)
                 if len(tif.pages) > 1 and len(tif.series[0].shape) > page.ndim:
-                    raise GeometryError(f"{path.name}: multi-page TIFF stacks are not supported; give one slice")
+                    return _tiff_stack(tif, path.name)
                 pixels = page.asarray()
         except (GeometryError, InvalidInputError):
             raise

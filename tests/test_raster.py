@@ -129,5 +129,12 @@ def test_tiff_stacks_are_volumes(tmp_path, cli, caplog):
     fused = [nib.load(tmp_path / f"{kind}.nii.gz") for kind in ("stack", "same")]
     np.testing.assert_array_equal(fused[0].get_fdata(), fused[1].get_fdata())
     np.testing.assert_array_equal(fused[0].affine, fused[1].affine)
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for role, other in (("t1", "mri"), ("pet", "pet")):
+        (pairs / f"1_{other}.tif").write_bytes((tmp_path / f"stack_{role}.tif").read_bytes())
+    res = cli("batch", pairs, "-o", tmp_path / "out", "--engine", "sequential", "--method", "mean", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    assert nib.load(tmp_path / "out" / "1.nii.gz").shape == (91, 109, 91)  # a volume: NIfTI, not PNG
     tifffile.imwrite(tmp_path / "colour.tif", np.zeros((12, 16, 16, 3), np.uint8), photometric="rgb")
     assert cli("info", tmp_path / "colour.tif").exit_code == 5

@@ -50,6 +50,7 @@ from . import __version__
 from .errors import InputNotFoundError, InvalidInputError, MedfuseError, OutputError
 from .io import PAIR_SUFFIXES, RASTER_READ_SUFFIXES, named_pattern
 from .io.itk import ITK_SUFFIXES
+from .io.raster import is_stack
 from .metrics import METRICS
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def _as_folder(output: str) -> str:
 
 
 def _output_ext(fixed: Path) -> str:
-    return ".png" if fixed.suffix.lower() in RASTER_READ_SUFFIXES else ".nii.gz"
+    return ".png" if fixed.suffix.lower() in RASTER_READ_SUFFIXES and not is_stack(fixed) else ".nii.gz"
 
 
 def _benchmark(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:

@@ -77,6 +77,19 @@ def _tiff_stack(tif, name: str) -> Image:
                  provenance=Provenance(source=name, format="tiff"))
 
 
+def is_stack(path: Path) -> bool:
+    """True for a TIFF file of several slices (read as a volume); reads the header only."""
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return False
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return len(tif.pages) > 1 and len(tif.series[0].shape) > tif.pages[0].ndim
+    except (OSError, ValueError, IndexError, KeyError):  # unreadable: the fusion will say so
+        return False
+
+
 def read_raster(path: Path) -> Image:
     """Read a PNG, TIFF, JPEG or BMP slice."""
     suffix = path.suffix.lower()
@@ -87,7 +100,7 @@ def read_raster(path: Path) -> Image:
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
                 check_voxel_count(page.shape, path.name, MAX_PIXELS_2D)
-                if len(tif.pages) > 1 and len(tif.series[0].shape) > page.ndim:
+                if len(tif.pages) > 1 and len(tif.series[0].shape) > page.ndim:  # as is_stack
                     return _tiff_stack(tif, path.name)
                 pixels = page.asarray()
         except (GeometryError, InvalidInputError):

@@ -85,9 +85,13 @@ def is_stack(path: Path) -> bool:
 
     try:
         with tifffile.TiffFile(path) as tif:
-            return len(tif.pages) > 1 and len(tif.series[0].shape) > tif.pages[0].ndim
+            return _several_slices(tif)
     except (OSError, ValueError, IndexError, KeyError):  # unreadable: the fusion will say so
         return False
+
+
+def _several_slices(tif) -> bool:
+    return len(tif.pages) > 1 and len(tif.series[0].shape) > tif.pages[0].ndim
 
 
 def read_raster(path: Path) -> Image:
@@ -100,7 +104,7 @@ def read_raster(path: Path) -> Image:
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
                 check_voxel_count(page.shape, path.name, MAX_PIXELS_2D)
-                if len(tif.pages) > 1 and len(tif.series[0].shape) > page.ndim:  # as is_stack
+                if _several_slices(tif):
                     return _tiff_stack(tif, path.name)
                 pixels = page.asarray()
         except (GeometryError, InvalidInputError):

@@ -307,10 +307,16 @@ def _library_versions() -> dict[str, str]:
     """Versions of the libraries that shaped this result (torch only when a network ran), so a report
     says what to install to reproduce it."""
     import sys
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # installed under another distribution name: ask the module
+            return str(getattr(sys.modules.get(name), "__version__", "unknown"))
 
     names = ["numpy", "scipy", "SimpleITK", "nibabel", "pydicom", *(["torch"] if "torch" in sys.modules else [])]
-    return {name: version(name) for name in names}
+    return {name: of(name) for name in names}
 
 
 def _metrics(fixed: Image, moved: Image, fused: Image) -> dict[str, Any]:

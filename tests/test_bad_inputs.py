@@ -281,6 +281,19 @@ def test_manifest_outputs_must_stay_in_the_output_folder(output, tmp_path, cli):
     assert not Path("/tmp/absolute.nii.gz").exists()
 
 
+def test_a_manifest_case_may_not_overwrite_another_cases_input(tmp_path, cli):
+    out = tmp_path / "out"
+    out.mkdir()
+    kept = out / "t1.nii.gz"
+    kept.write_bytes(T1.read_bytes())
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"id,fixed,moving,output\nc1,{kept},{PET},f1.nii.gz\nc2,{T1},{PET},t1.nii.gz\n")
+    res = cli("batch", manifest, "-o", out, "--engine", "sequential", "--method", "mean")
+    assert_one_line_error(res, 6)
+    assert "an input of case c1" in res.stderr
+    assert kept.read_bytes() == T1.read_bytes() and sorted(p.name for p in out.iterdir()) == ["t1.nii.gz"]
+
+
 def _medfuse(*args: object) -> subprocess.CompletedProcess:
     """Run the real ``medfuse`` process (file names as bytes reach it exactly as on disk)."""
     argv = [sys.executable, "-m", "medfuse_cli", *(os.fsencode(a) if isinstance(a, (str, Path)) else a for a in args)]

@@ -296,6 +296,11 @@ def discover(source: Path, out: Path, dicom: bool = False,
     ids = [c.output for c in cases]
     if len(set(ids)) < len(ids):
         raise InvalidInputError(f"{source}: several cases would write the same output; give a manifest with outputs")
+    inputs = {os.path.abspath(p): c.id for c in cases for p in (c.fixed, c.moving)}
+    for c in cases:
+        if os.path.abspath(c.output) in inputs:
+            raise OutputError(f"{source}: case {c.id} would write {c.output}, an input of case "
+                              f"{inputs[os.path.abspath(c.output)]}; give it another output")
     return cases, rule, problems
 
 

@@ -733,17 +733,10 @@ def models(
 
     def body() -> None:
         from .fusion import CLASSIC_RULES
-        from .models.weights import WEIGHTS_DIR, WeightsError, checked_file, list_cards
+        from .models.weights import WEIGHTS_DIR, WeightsError, check_cards, list_cards
 
         cards = list_cards()
-        failed = []
-        for c in cards if check else ():
-            try:
-                checked_file(c["name"])
-                c["check"] = "ok"
-            except WeightsError as exc:
-                c["check"] = str(exc)
-                failed.append(str(exc))
+        failed = check_cards(cards) if check else []
         if as_json:
             typer.echo(json.dumps(cards, indent=2))
         elif not (quiet and check):  # -q --check: errors only, for scripts

@@ -59,6 +59,20 @@ def load_checked(name: str, folder: Path | None = None) -> tuple[dict[str, Any],
         raise WeightsError(f"{weights.name}: not a readable safetensors file ({exc})") from None
 
 
+def check_cards(cards: list[dict[str, Any]]) -> list[str]:
+    """Hash each card's weights file (:func:`checked_file`); sets each card's ``check`` to ``ok`` or
+    the error, and returns the errors."""
+    failed = []
+    for card in cards:
+        try:
+            checked_file(card["name"])
+            card["check"] = "ok"
+        except WeightsError as exc:
+            card["check"] = str(exc)
+            failed.append(str(exc))
+    return failed
+
+
 def checked_file(name: str, folder: Path | None = None) -> tuple[Path, dict[str, Any]]:
     """The weights file of ``name`` and its model card, once the file's sha256 matches the card."""
     card_file = card_path(name, folder)

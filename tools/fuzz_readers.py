@@ -9,10 +9,10 @@ libFuzzer's ``-rss_limit_mb``) is a finding, saved by libFuzzer as ``crash-*`` /
     python tools/fuzz_readers.py all CORPUS_DIR -max_total_time=20       # what the tests run
     python tools/fuzz_readers.py --seeds nifti CORPUS_DIR                 # write seed inputs from examples/
 
-Readers: nifti (.nii), nifti-gz (.nii.gz), dicom (.dcm), png, tiff, nrrd, mha, or ``all`` (the first byte of
+Readers: nifti (.nii), nifti-gz (.nii.gz), dicom (.dcm), png, tiff, nrrd, mha, jpeg, bmp, tiff-stack (ImageJ), or ``all`` (the first byte of
 each input picks the reader: one process, one corpus, what the test suite runs). Seeds come from the bundled
-real examples (a cropped SPM12 T1, also as NRRD / MetaImage, one slice of the XA30 DICOM series, PNG/TIFF slices
-of the T1).
+real examples (a cropped SPM12 T1, also as NRRD / MetaImage and as an ImageJ TIFF stack, one slice of the XA30 DICOM
+series, PNG / TIFF / JPEG / BMP slices of the T1).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ with atheris.instrument_imports(include=["medfuse_cli", "nibabel", "pydicom", "P
         if "--seeds" not in sys.argv else contextlib.nullcontext():  # writing seeds needs no coverage
     import nibabel as nib
     import numpy as np
-    import tifffile  # noqa: F401 - instrumented before use
-    from PIL import PngImagePlugin, TiffImagePlugin  # noqa: F401 - instrumented before use
+    import tifffile
+    from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin  # noqa: F401 - instrumented before use
 
     import medfuse_cli.io.dicom
     import medfuse_cli.io.nifti
@@ -43,7 +43,7 @@ with atheris.instrument_imports(include=["medfuse_cli", "nibabel", "pydicom", "P
 
 ROOT = Path(__file__).resolve().parents[1]
 SUFFIX = {"nifti": ".nii", "nifti-gz": ".nii.gz", "dicom": ".dcm", "png": ".png", "tiff": ".tif", "nrrd": ".nrrd",
-          "mha": ".mha"}
+          "mha": ".mha", "jpeg": ".jpg", "bmp": ".bmp", "tiff-stack": ".tif"}
 _WORK = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
 
 
@@ -73,12 +73,13 @@ def seeds(kind: str) -> dict[str, bytes]:
 
     grey = (np.asarray(t1.dataobj)[:, :, 45].astype(np.float32) / max(1, crop.max()) * 255).astype(np.uint8)
     buf = io.BytesIO()
-    if kind == "png":
-        PILImage.fromarray(grey).save(buf, format="PNG")
-    else:
-        import tifffile
-
+    if kind in ("png", "jpeg", "bmp"):
+        PILImage.fromarray(grey).save(buf, format=kind.upper())
+    elif kind == "tiff":
         tifffile.imwrite(buf, grey.astype(np.uint16) * 200)
+    else:  # an ImageJ stack of the crop's slices, with its voxel size
+        tifffile.imwrite(buf, np.ascontiguousarray(crop.T.astype(np.uint16)), imagej=True, resolution=(0.5, 0.5),
+                         metadata={"spacing": 2.0, "unit": "mm", "axes": "ZYX"})
     return {f"t1_slice_{kind}": buf.getvalue()}
 
 

@@ -214,6 +214,9 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions,
         elif options.method == "auto":
             log.info("auto: the networks fuse MRI with CT, PET or SPECT, but %s: using %s", pair, method)
     budget = plan(fixed.shape[:3], method, options.metrics, options.patch, options.max_memory, options.device)
+    timings["check_s"] = time.perf_counter() - t0  # the inputs checked, the memory planned (torch loaded)
+
+    t0 = time.perf_counter()
     stage("registering")
     reg = register(fixed, moving, options.transform, seed=options.seed, initial=options.start())
     for w in reg.warnings:

@@ -106,6 +106,7 @@ def test_dcm2niix_places_the_series_on_fixed(fused_series, tmp_path):
     out = subprocess.run([DCM2NIIX, "-o", str(tmp_path), "-f", "back", "-z", "n", str(fused_series / "series")],
                          capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "Patient Position" not in out.stdout + out.stderr  # FIXED's (HFS) is copied
     back = nib.load(tmp_path / "back.nii")
     fixed = read_image(MR)
     assert back.shape == fixed.shape

@@ -156,6 +156,8 @@ def write_dicom_series(image: Image, folder: Path, ctx: DicomContext, overwrite:
             sc.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
             sc.SliceThickness = f"{spacing[2]:.6f}"
             sc.Laterality = ""  # type 2C; empty: not known from the sources
+            if ref is not None and ref.get("PatientPosition"):  # e.g. HFS, as converters expect it
+                sc.PatientPosition = str(ref.PatientPosition)
             if sources:  # derived from every instance of the source series
                 series_items = [_referenced_series(h) for h in sources]
                 sc.ReferencedSeriesSequence = Sequence(series_items)

@@ -138,3 +138,34 @@ def test_tiff_stacks_are_volumes(tmp_path, cli, caplog):
     assert nib.load(tmp_path / "out" / "1.nii.gz").shape == (91, 109, 91)  # a volume: NIfTI, not PNG
     tifffile.imwrite(tmp_path / "colour.tif", np.zeros((12, 16, 16, 3), np.uint8), photometric="rgb")
     assert cli("info", tmp_path / "colour.tif").exit_code == 5
+
+
+def test_damaged_tiffs_are_refused_not_filled_with_zeros(tmp_path, cli):
+    """A TIFF cut short (plain or compressed), an ImageJ stack holding fewer slices than it announces,
+    and a page whose strip byte counts are zero (a 197-byte file of the fuzzer claimed 50 M pixels and
+    was read as zeros in 8 s) end in one line and exit 4, with nothing written; the intact files read."""
+    import tifffile
+
+    t1 = np.asarray(read_image(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz").data)
+    slab = (t1[:, :, 40:43] / t1.max() * 65535).astype(np.uint16).transpose(2, 1, 0)  # 3 real slices
+    tifffile.imwrite(tmp_path / "plain.tif", slab[0])
+    tifffile.imwrite(tmp_path / "zlib.tif", slab[0], compression="zlib")
+    tifffile.imwrite(tmp_path / "stack.tif", slab, imagej=True, metadata={"axes": "ZYX"})
+    with tifffile.TiffFile(tmp_path / "plain.tif") as tif:
+        counts = tif.pages[0].tags["StripByteCounts"]
+        at, size = counts.valueoffset, counts.valuebytecount
+    raw = bytearray((tmp_path / "plain.tif").read_bytes())
+    raw[at:at + size] = bytes(size)  # every strip's byte count set to 0
+    cases = {"no_pixel_data.tif": (bytes(raw), "holds no pixel data")}
+    for name in ("plain.tif", "zlib.tif"):
+        assert read_image(tmp_path / name).shape == (91, 109, 1)
+        data = (tmp_path / name).read_bytes()
+        cases[f"cut_{name}"] = (data[: len(data) * 2 // 3], "truncated")
+    assert read_image(tmp_path / "stack.tif").shape == (91, 109, 3)
+    data = (tmp_path / "stack.tif").read_bytes()
+    cases["cut_stack.tif"] = (data[: len(data) * 2 // 3], "announces 3 images")
+    for name, (blob, message) in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        res = cli("convert", tmp_path / name, "-o", tmp_path / f"{name}.nii.gz")
+        assert res.exit_code == 4 and message in res.stderr, (name, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / f"{name}.nii.gz").exists()

@@ -77,6 +77,27 @@ def _tiff_stack(tif, name: str) -> Image:
                  provenance=Provenance(source=name, format="tiff"))
 
 
+def _check_complete(tif, size: int, name: str) -> None:
+    """Refuse a TIFF whose pixel data is missing or runs past the end of the file (``size`` bytes),
+    or an ImageJ stack holding fewer images than its header announces: tifffile would give zeros
+    for the missing pixels, or the first slice alone."""
+    announced = (tif.imagej_metadata or {}).get("images", 1)
+    held = int(np.prod(tif.series[0].shape[:-2])) if len(tif.series[0].shape) > 2 else 1
+    if isinstance(announced, int) and announced > max(held, len(tif.pages)):
+        raise InvalidInputError(f"{name}: truncated or damaged TIFF stack: its ImageJ header announces {announced} "
+                                f"images, the file holds {max(held, len(tif.pages))}")
+    for page in tif.pages:
+        counts, offsets = page.databytecounts, page.dataoffsets
+        if not any(counts):
+            raise InvalidInputError(f"{name}: damaged TIFF: a page claims {'x'.join(map(str, page.shape))} pixels "
+                                    "but holds no pixel data")
+        if any(o + c > size for o, c in zip(offsets, counts, strict=False)):
+            raise InvalidInputError(f"{name}: truncated TIFF: its pixel data runs past the end of the file")
+        if page.compression == 1 and sum(counts) < page.size * page.bitspersample // 8:
+            raise InvalidInputError(f"{name}: truncated or damaged TIFF: a page of {'x'.join(map(str, page.shape))} "
+                                    f"pixels holds only {sum(counts)} bytes")
+
+
 def is_stack(path: Path) -> bool:
     """True for a TIFF file of several slices (read as a volume); reads the header only."""
     if path.suffix.lower() not in TIFF_SUFFIXES:
@@ -104,6 +125,7 @@ def read_raster(path: Path) -> Image:
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
                 check_voxel_count(page.shape, path.name, MAX_PIXELS_2D)
+                _check_complete(tif, path.stat().st_size, path.name)
                 if _several_slices(tif):
                     return _tiff_stack(tif, path.name)
                 pixels = page.asarray()

@@ -203,3 +203,31 @@ def test_a_nonstandard_patient_sex_in_fixed_is_left_out(tmp_path, cli):
     assert res.exit_code == 0, res.stderr
     d = pydicom.dcmread(next((tmp_path / "out").glob("*.dcm")))
     assert not d.get("PatientSex") and d.PatientID == MARKERS["PatientID"]
+
+
+def test_overwrite_replaces_only_a_series_medfuse_wrote(tmp_path, cli):
+    """``-o FOLDER --overwrite`` replaced whatever folder it named, so ``-o results --overwrite`` deleted
+    a user's other files there, and the inputs themselves when they lay inside. Now a folder holding
+    an input, or any file that is not part of a series medfuse wrote, is refused (exit 6) and kept as
+    it is; a series medfuse wrote is still replaced."""
+    t1, pet = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz", PET
+    results = tmp_path / "results"
+    results.mkdir()
+    inputs = [results / t1.name, results / pet.name]
+    for src, dst in zip((t1, pet), inputs, strict=True):
+        shutil.copy(src, dst)
+    res = cli("fuse", *inputs, "-o", results, "--overwrite", "--method", "mean", "--no-metrics")
+    assert res.exit_code == 6 and "holds the input" in res.stderr
+    assert sorted(p.name for p in results.iterdir()) == sorted(p.name for p in inputs)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    for command in (("fuse", t1, pet), ("convert", t1)):
+        res = cli(*command, "-o", notes, "--overwrite", *(("--method", "mean", "--no-metrics") if command[0] == "fuse" else ()))
+        assert res.exit_code == 6 and "holding other files (notes.txt)" in res.stderr, res.stderr
+        assert [p.name for p in notes.iterdir()] == ["notes.txt"]
+    series = tmp_path / "series"
+    for _ in range(2):
+        res = cli("fuse", t1, pet, "-o", series, "--overwrite", "--method", "mean", "--no-metrics")
+        assert res.exit_code == 0, res.stderr
+    assert len(list(series.glob("IM*.dcm"))) == read_image(t1).shape[2]

@@ -169,3 +169,22 @@ def test_damaged_tiffs_are_refused_not_filled_with_zeros(tmp_path, cli):
         res = cli("convert", tmp_path / name, "-o", tmp_path / f"{name}.nii.gz")
         assert res.exit_code == 4 and message in res.stderr, (name, res.stderr)
         assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / f"{name}.nii.gz").exists()
+
+
+# a 217-byte TIFF from the fuzzer: its second "page" is no image, and tifffile iterates such pages
+# without end (medfuse hung on it, growing past 1 GB, until pages were visited by index)
+ENDLESS_PAGES = ("SUkqAAgAAAAOAAABBAABAAAAEAAAAAEBBAABAAAAkAAAAPoBAwABAAAAEAAAAAMBAwABAAAACAAAAAYBAwABIAAAAQAAAA4BAgBTAAAAtgAAABEB"
+                 "BAABAAAAcAEAABUBAwABAAAAAQAAABYBBAABAAAAAQAAABAAAAABAAQAAf/8ABAAAAACAQMAAQAAAAAAAAAAFwAAcAABARUAAAMBAAAAAQAA"
+                 "ABYBBAABAAAAAQAAABAAAAABAAQAAf/8ABAAAAACAQMAAQAAAAAAAAAAFwEEAAEAAAAAAg==")
+
+
+def test_a_tiff_whose_pages_never_end_is_refused_at_once(tmp_path):
+    import base64
+    import subprocess
+    import sys
+
+    path = tmp_path / "endless.tif"
+    path.write_bytes(base64.b64decode(ENDLESS_PAGES))
+    res = subprocess.run([sys.executable, "-m", "medfuse_cli", "info", str(path)], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert res.returncode == 4 and "damaged TIFF" in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -54,7 +54,8 @@ EXIT_CODES: dict[int, str] = {
     "unsupported encoding, infinite, all-NaN or constant image, unknown method/modality/window",
     5: "unusable geometry: 4D frame out of range, a volume written to a 2D format, bad affine, "
     "a pair that does not overlap, 2D with 3D, PNG/TIFF slices of different aspect ratios",
-    6: "output exists (use --overwrite), is an input, cannot be written, lies inside an input folder or has a too long name; "
+    6: "output exists (use --overwrite), is an input, cannot be written, lies inside an input folder or holds one, is "
+    "a folder of other files than a medfuse DICOM series, or has a too long name; "
     "another batch is writing to the same folder",
     7: "batch finished but some cases failed or timed out (see summary.csv)",
     8: "model weights missing, or not matching the sha256 of their model card",

@@ -153,6 +153,9 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False,
             raise OutputError(f"output {path} is a file; a DICOM series needs a folder")
         if path.exists() and not overwrite:
             raise OutputError(f"output {path} exists; use --overwrite to replace it")
+        from .dicom_write import check_replaceable
+
+        check_replaceable(path)
         parent = path.absolute().parent
         while not parent.exists():
             parent = parent.parent

@@ -14,8 +14,8 @@ TEMP_NAME_EXTRA = len("..XXXXXXXX.partial")  # what the temporary ".NAME.XXXXXXX
 
 def check_name_and_place(path: Path, inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
     """Refuse an output name the file system cannot hold (with its temporary name), an output that
-    is one of the input files (even with --overwrite), and an output inside an input folder (a DICOM
-    folder would read it back as part of its series next time)."""
+    is one of the input files (even with --overwrite), an output inside an input folder (a DICOM
+    folder would read it back as part of its series next time), and an output folder holding an input."""
     parent = _existing_parent(path)
     try:
         name_max = os.pathconf(parent, "PC_NAME_MAX")
@@ -29,6 +29,8 @@ def check_name_and_place(path: Path, inputs: Sequence[str | os.PathLike[str]] = 
         src = Path(os.path.abspath(src))
         if src.is_dir() and (target == src or src in target.parents):
             raise OutputError(f"output {path} is inside the input folder {src}; write it elsewhere")
+        if target in src.parents:  # replacing the folder would delete the input
+            raise OutputError(f"output {path} holds the input {src}; write it elsewhere")
         if target == src or (src.is_file() and target.exists() and os.path.samefile(src, target)):
             raise OutputError(f"output {path} is the input {src}; write it elsewhere")
 

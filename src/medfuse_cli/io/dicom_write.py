@@ -15,6 +15,7 @@ referring physician; new Study and Frame of Reference UIDs; PatientIdentityRemov
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import warnings
@@ -28,6 +29,7 @@ from ..image import Image
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 _LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, -x; +y, -y; +z, -z in LPS
+SERIES_FILE = re.compile(r"IM\d{5,}\.dcm")  # the files of a series medfuse writes
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,18 @@ def _grey_to_12bit(data: np.ndarray) -> tuple[np.ndarray, float, float]:
     return out, float(p_lo) + width / 2, width
 
 
+def check_replaceable(folder: Path) -> None:
+    """``--overwrite`` replaces a folder only when it holds nothing but a series medfuse wrote
+    (``IM#####.dcm`` files): never a folder of the user's other files."""
+    if not folder.is_dir():
+        return
+    others = [p.name for p in folder.iterdir() if not (p.is_file() and SERIES_FILE.fullmatch(p.name))]
+    if others:
+        raise OutputError(f"output {folder} is a folder holding other files ({', '.join(sorted(others)[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}); --overwrite replaces only a DICOM series medfuse "
+                          "wrote: give a new folder name")
+
+
 def write_dicom_series(image: Image, folder: Path, ctx: DicomContext, overwrite: bool = False) -> None:
     """Write ``image`` as a new series of single-frame files in ``folder``, atomically (a temporary
     folder renamed into place)."""
@@ -94,6 +108,7 @@ def write_dicom_series(image: Image, folder: Path, ctx: DicomContext, overwrite:
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise OutputError(f"output {folder} exists; use --overwrite to replace it")
+    check_replaceable(folder)
     fixed_headers = _series_headers(ctx.fixed, ctx.fixed_series)
     ref = fixed_headers[0] if fixed_headers else None
     keep = ref is not None and not ctx.anonymize
@@ -165,7 +180,7 @@ def write_dicom_series(image: Image, folder: Path, ctx: DicomContext, overwrite:
             if ctx.anonymize:
                 sc.PatientIdentityRemoved = "YES"
                 sc.DeidentificationMethod = "medfuse --anonymize: identity removed, new study UIDs"
-            sc.save_as(tmp / f"IM{k + 1:05d}.dcm", enforce_file_format=True)
+            sc.save_as(tmp / f"IM{k + 1:05d}.dcm", enforce_file_format=True)  # SERIES_FILE
         old = None
         if folder.exists():
             old = parent / f".{folder.name}.old"

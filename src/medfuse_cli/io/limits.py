@@ -8,6 +8,7 @@ from ..errors import InvalidInputError, OutOfMemoryError
 
 MAX_VOXELS = 2**31  # 8 GiB of float32: far beyond any clinical volume
 MAX_PIXELS_2D = 2**26  # a 8192 x 8192 slice: far beyond any radiological 2D image
+MAX_PAGES = 2**16  # pages of a TIFF stack: far beyond any scan's slices
 READ_BYTES_PER_VOXEL = 8  # the stored array and its float32 copy
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import GeometryError, InvalidInputError
 from ..image import Image, Modality, Provenance
 from .atomic import atomic_write_bytes
-from .limits import MAX_PIXELS_2D, check_voxel_count
+from .limits import MAX_PAGES, MAX_PIXELS_2D, check_voxel_count
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +78,33 @@ def _tiff_stack(tif, name: str) -> Image:
 
 
 def _check_complete(tif, size: int, name: str) -> None:
-    """Refuse a TIFF whose pixel data is missing or runs past the end of the file (``size`` bytes),
-    or an ImageJ stack holding fewer images than its header announces: tifffile would give zeros
-    for the missing pixels, or the first slice alone."""
-    announced = (tif.imagej_metadata or {}).get("images", 1)
-    held = int(np.prod(tif.series[0].shape[:-2])) if len(tif.series[0].shape) > 2 else 1
-    if isinstance(announced, int) and announced > max(held, len(tif.pages)):
-        raise InvalidInputError(f"{name}: truncated or damaged TIFF stack: its ImageJ header announces {announced} "
-                                f"images, the file holds {max(held, len(tif.pages))}")
-    for page in tif.pages:
+    """Refuse a TIFF with an empty page, pixel data missing or running past the end of the file
+    (``size`` bytes), or an ImageJ stack holding fewer images than its header announces: tifffile
+    would give zeros for the missing pixels, or the first slice alone. Pages are visited by index:
+    iterating a damaged file's pages (as its series do) can run on forever."""
+    count = len(tif.pages)
+    if count > MAX_PAGES:
+        raise InvalidInputError(f"{name}: the TIFF claims {count:,} pages; refusing")
+    for k in range(count):
+        page = tif.pages[k]
+        if not page.shape or page.dtype is None:
+            raise InvalidInputError(f"{name}: damaged TIFF: page {k + 1} of {count} holds no image")
         counts, offsets = page.databytecounts, page.dataoffsets
-        if not any(counts):
+        if not any(counts) or len(offsets) != len(counts):
             raise InvalidInputError(f"{name}: damaged TIFF: a page claims {'x'.join(map(str, page.shape))} pixels "
                                     "but holds no pixel data")
-        if any(o + c > size for o, c in zip(offsets, counts, strict=False)):
+        if any(o + c > size for o, c in zip(offsets, counts, strict=True)):
             raise InvalidInputError(f"{name}: truncated TIFF: its pixel data runs past the end of the file")
         if page.compression == 1 and sum(counts) < page.size * page.bitspersample // 8:
             raise InvalidInputError(f"{name}: truncated or damaged TIFF: a page of {'x'.join(map(str, page.shape))} "
                                     f"pixels holds only {sum(counts)} bytes")
+    announced = (tif.imagej_metadata or {}).get("images", 1)
+    if isinstance(announced, int) and announced > count:  # ImageJ may keep one page for contiguous data
+        shape = tif.series[0].shape
+        held = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+        if announced > held:
+            raise InvalidInputError(f"{name}: truncated or damaged TIFF stack: its ImageJ header announces "
+                                    f"{announced} images, the file holds {max(held, count)}")
 
 
 def is_stack(path: Path) -> bool:
@@ -106,8 +115,9 @@ def is_stack(path: Path) -> bool:
 
     try:
         with tifffile.TiffFile(path) as tif:
+            _check_complete(tif, path.stat().st_size, path.name)
             return _several_slices(tif)
-    except (OSError, ValueError, IndexError, KeyError):  # unreadable: the fusion will say so
+    except (OSError, ValueError, IndexError, KeyError, InvalidInputError):  # unreadable: the fusion will say so
         return False
 
 

@@ -65,7 +65,7 @@ def test_resume_continues_exactly_and_weights_are_checked(tmp_path):
 
 
 def test_fine_tune_starts_from_given_weights_and_records_them(tmp_path):
-    from medfuse_cli.errors import InvalidInputError
+    from medfuse_cli.errors import InvalidInputError, OutputError
     from medfuse_cli.models.weights import sha256
 
     common = {"data": str(shared_path("harvard")), "task": "mri-pet", "batch": 2, "crop": 64, "val_limit": 1, "threads": 1,
@@ -88,6 +88,13 @@ def test_fine_tune_starts_from_given_weights_and_records_them(tmp_path):
     with pytest.raises(InvalidInputError, match="not a readable safetensors"):
         train(TrainConfig(out=str(tmp_path / "y"), name="m", steps=1, init=str(bad), **common))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # a model of that name in --out (e.g. the shipped weights) is kept unless --overwrite
+    before = parent.read_bytes()
+    with pytest.raises(OutputError, match="exists"):
+        train(TrainConfig(out=str(tmp_path / "base"), name="m", steps=1, **common))
+    assert parent.read_bytes() == before
+    again = train(TrainConfig(out=str(tmp_path / "base"), name="m", steps=1, lr=0.0, **common), overwrite=True)
+    assert again["sha256"] == sha256(parent) and parent.read_bytes() != before
 
 
 def test_survival_term_is_zero_for_pixel_max_and_high_for_a_copy():
@@ -165,7 +172,7 @@ def test_train_learning_rate_defaults_lower_for_a_fine_tune(args, lr, cli, monke
 
     seen = []
 
-    def fake_train(cfg, resume=False, progress=None):
+    def fake_train(cfg, resume=False, progress=None, overwrite=False):
         seen.append(cfg)
         raise KeyboardInterrupt
 

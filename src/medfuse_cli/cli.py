@@ -642,6 +642,7 @@ def train_cmd(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 50,
     val_every: Annotated[int, typer.Option("--val-every", min=0, help="Steps between validations (0: only at the end).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/NAME.checkpoint.safetensors.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start afresh, replacing OUT/NAME.safetensors, its card and its checkpoint when they exist (otherwise an existing model is refused before training, exit 6: e.g. the shipped weights).")] = False,
     recipe: Annotated[str | None, typer.Option("--recipe", help="Loss. AdaFuse and dcfb3d: balanced (default; SSIM to each source + worst source + survival against pixel max + texture + intensity + Qabf), medfuse (no survival term), asfe (AdaFuse authors' successor recipe, 2D only), dc2fusion (DCFB-3D's official LNCC + SSIM + L1, MRI weighted 2:1) or constrained (Qabf, with each task's mean SSIM and worst-source SSIM in the batch held above the mean / max rules' as hinges). DRAN: recon (default; MSE + Sobel + SSIM), recon-grad, recon-mse, recon-fuse (recon + the balanced loss of the pair fused through the card's rule), recon-fuse-vif (and a VIF term).", show_default=False)] = None,
     loss_weight: Annotated[list[str] | None, typer.Option("--loss-weight", help="Override one weight of the recipe, KEY=VALUE (repeatable), e.g. margin=0.01 or qabf=6; the card records it.", show_default=False)] = None,
     rule: Annotated[str, typer.Option("--rule", help="DRAN fusion rule stored in the card: l1 (per-pixel L1-norm weights, the shipped model's), sfnn (the paper's softmax + nuclear norm, one weight per image) or mean. Default: the --init model's rule, else l1.", show_default=False)] = "",
@@ -689,7 +690,7 @@ def train_cmd(
                           tasks=len(TASKS) if task_embedding else 0,
                           slabs=str(slabs) if slabs else "", slab_depth=slab_depth,
                           widths=width_list, loss_weights=weights_over)
-        card = _train_with_progress(quiet, steps, lambda cb: train(cfg, resume=resume, progress=cb))
+        card = _train_with_progress(quiet, steps, lambda cb: train(cfg, resume=resume, progress=cb, overwrite=overwrite))
         if not quiet:
             typer.echo(f"wrote {out / card['weights']} ({card['parameters']:,} parameters, "
                        f"{card['training_seconds'] / 60:.1f} min) and {out / (card['name'] + '.json')}")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import InputNotFoundError, InvalidInputError
+from .errors import InputNotFoundError, InvalidInputError, OutputError
 from .models.adafuse import TASKS, AdaFuse
 from .models.dcfb3d import DCFB3D
 from .models.dran import DRAN
@@ -249,8 +249,10 @@ def classic_baselines(pairs: list[dict], by: str = "task") -> dict[str, dict[str
     return out
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) a training; returns the model card."""
+def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict], None] | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) a training; returns the model card. An existing model of the same name in
+    ``cfg.out`` (weights or card) is refused before any work unless ``overwrite``."""
     from .models.dran import RULES
     from .models.losses import RECIPES, RECON_RECIPES
 
@@ -292,6 +294,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
     torch.set_num_threads(cfg.threads)
     data, out = Path(cfg.data), Path(cfg.out)
     ckpt = out / f"{cfg.name}.checkpoint.safetensors"
+    existing = [p for p in (out / f"{cfg.name}.safetensors", out / f"{cfg.name}.json") if p.exists()]
+    if existing and not overwrite:
+        raise OutputError(f"{existing[0]} exists (a trained model): give another --name or --out, or --overwrite "
+                          "to replace it")
     slab_pairs: list[dict] = []
     if volume:
         from . import volumes
@@ -330,8 +336,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
     if resume and ckpt.is_file():
         step = _load_checkpoint(ckpt, model, opt, gen)
         log.warning("resumed from %s at step %d", ckpt, step)
-    elif ckpt.is_file():
-        raise InvalidInputError(f"{ckpt} exists: use --resume to continue it, or remove it to start again")
+    elif ckpt.is_file() and not overwrite:
+        raise InvalidInputError(f"{ckpt} exists: use --resume to continue it, or --overwrite (or remove it) to start "
+                                "again")
     history: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     model.train()

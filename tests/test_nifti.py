@@ -127,3 +127,31 @@ def test_a_header_without_position_is_read_with_a_warning(tmp_path, caplog):
         image = read_image(tmp_path / "bare.nii.gz")
     assert image.spacing == pytest.approx((2.0, 2.0, 2.0))
     assert [r.getMessage() for r in caplog.records if "no position or orientation" in r.getMessage()]
+
+
+def test_an_sform_and_qform_that_disagree_are_warned_of(tmp_path, caplog):
+    """The SPM T1 with its qform turned by 5 degrees (sform kept): medfuse follows the sform, says the
+    two forms place the image up to tens of mm apart, and writes both back unchanged; the same file
+    with agreeing forms says nothing."""
+    from medfuse_cli.io.nifti import FORMS_APART_MM
+
+    t1 = nib.load(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz")
+    img = nib.Nifti1Image(np.asarray(t1.dataobj), t1.affine)
+    img.set_sform(t1.affine, code=2)
+    img.set_qform(t1.affine, code=1)
+    nib.save(img, tmp_path / "agree.nii.gz")
+    turn = np.eye(4)
+    turn[:2, :2] = [[np.cos(np.radians(5)), -np.sin(np.radians(5))], [np.sin(np.radians(5)), np.cos(np.radians(5))]]
+    img.set_qform(turn @ t1.affine, code=1)
+    nib.save(img, tmp_path / "differ.nii.gz")
+    with caplog.at_level("WARNING"):
+        agree = read_image(tmp_path / "agree.nii.gz")
+        assert not caplog.records
+        differ = read_image(tmp_path / "differ.nii.gz")
+    messages = [r.getMessage() for r in caplog.records if "sform and qform place" in r.getMessage()]
+    assert len(messages) == 1 and float(messages[0].split("up to ")[1].split(" mm")[0]) > 10 * FORMS_APART_MM
+    np.testing.assert_array_equal(differ.affine, agree.affine)  # the sform
+    write_image(differ, tmp_path / "out.nii.gz")
+    back = nib.load(tmp_path / "out.nii.gz").header
+    np.testing.assert_allclose(back.get_qform(), turn @ t1.affine, atol=1e-4)
+    np.testing.assert_allclose(back.get_sform(), t1.affine, atol=1e-4)

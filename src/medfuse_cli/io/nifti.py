@@ -19,6 +19,7 @@ from .limits import check_voxel_count
 
 RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
 log = logging.getLogger(__name__)
+FORMS_APART_MM = 0.1  # an sform and a qform further apart than this at a corner are warned of
 _NATIVE_DTYPES = {np.dtype(t) for t in ("u1", "i1", "i2", "u2", "i4", "u4", "f4", "f8", "i8", "u8")}
 
 
@@ -53,6 +54,20 @@ def _check_size(path: Path, header: nib.Nifti1Header, shape: tuple[int, ...]) ->
     have = path.stat().st_size
     if need > have:
         raise InvalidInputError(f"{path.name}: truncated: the header needs {need:,} bytes, the file has {have:,}")
+
+
+def _warn_if_forms_differ(header, shape: tuple[int, ...], name: str) -> None:
+    """Warn when the sform and qform both claim to place the image (codes > 0) but place it
+    differently: medfuse (like nibabel and FSL) follows the sform, and a tool that reads the qform
+    would show the image, and medfuse's output, elsewhere."""
+    if int(header["sform_code"]) == 0 or int(header["qform_code"]) == 0:
+        return
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]).T
+    apart = float(np.max(np.linalg.norm((header.get_sform() - header.get_qform()) @ corners, axis=0)))
+    if apart > FORMS_APART_MM:
+        log.warning("%s: the header's sform and qform place the image differently (up to %.1f mm apart at its "
+                    "corners); medfuse follows the sform, as nibabel and FSL do, and copies both to its output: a "
+                    "tool that reads the qform will show both elsewhere", name, apart)
 
 
 def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
@@ -99,6 +114,7 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
         log.warning("%s: the header gives no position or orientation (sform and qform codes 0); voxels taken as "
                     "%s at %s mm around the centre, so only registration can place it", path.name,
                     "".join(nib.aff2axcodes(affine)), "x".join(f"{v:g}" for v in header.get_zooms()[:3]))
+    _warn_if_forms_differ(header, data.shape[:3], path.name)
     return Image(
         data=data,
         affine=affine.astype(np.float64),

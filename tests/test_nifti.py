@@ -155,3 +155,32 @@ def test_an_sform_and_qform_that_disagree_are_warned_of(tmp_path, caplog):
     back = nib.load(tmp_path / "out.nii.gz").header
     np.testing.assert_allclose(back.get_qform(), turn @ t1.affine, atol=1e-4)
     np.testing.assert_allclose(back.get_sform(), t1.affine, atol=1e-4)
+
+
+def test_a_header_in_metres_is_read_in_mm_and_written_back_in_metres(tmp_path, cli):
+    """The SPM T1 saved with its geometry in metres (xyzt_units): medfuse used the numbers as mm,
+    1000 times too small, where SimpleITK scales them; now it reads it in mm, fuses it with the PET
+    (in mm) as the mm file, and writes FIXED's header back as it was, in metres."""
+    import SimpleITK as sitk
+
+    t1 = nib.load(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz")
+    metres = t1.affine.copy()
+    metres[:3] /= 1000
+    img = nib.Nifti1Image(np.asarray(t1.dataobj), metres)
+    img.header.set_xyzt_units("meter", "sec")
+    nib.save(img, tmp_path / "t1_m.nii.gz")
+    image = read_image(tmp_path / "t1_m.nii.gz")
+    np.testing.assert_allclose(image.affine, t1.affine, atol=1e-4)
+    pet = EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+    for name in ("t1_m.nii.gz", "t1_mm.nii.gz"):
+        if name == "t1_mm.nii.gz":
+            nib.save(t1, tmp_path / name)
+        res = cli("fuse", tmp_path / name, pet, "-o", tmp_path / f"fused_{name}", "--method", "mean", "--no-metrics")
+        assert res.exit_code == 0, res.stderr
+    out = nib.load(tmp_path / "fused_t1_m.nii.gz")
+    assert out.header.get_xyzt_units()[0] == "meter"
+    np.testing.assert_allclose(out.affine, metres, atol=1e-7)
+    np.testing.assert_array_equal(out.get_fdata(), nib.load(tmp_path / "fused_t1_mm.nii.gz").get_fdata())
+    back = sitk.ReadImage(str(tmp_path / "fused_t1_m.nii.gz"))
+    np.testing.assert_allclose(back.GetSpacing(), (2.0, 2.0, 2.0), atol=1e-4)
+    np.testing.assert_allclose(back.GetOrigin(), sitk.ReadImage(str(pet)).GetOrigin(), atol=1e-3)

@@ -66,6 +66,7 @@ class NiftiGeometry:
     pixdim: tuple[float, ...]
     qform_code: int
     affine: tuple[tuple[float, ...], ...]
+    units: str = "mm"  # the header's spatial unit (the affine above is in mm whatever it is)
 
 
 @dataclass

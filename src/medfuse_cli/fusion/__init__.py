@@ -55,10 +55,10 @@ def fuse(method: str, a: np.ndarray, b: np.ndarray, task: str = "mri-pet", devic
          patch: int = 96, overlap: float = 0.25, threads: int = 0, info: dict | None = None,
          batch: int = 8, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Fuse normalised arrays ``(x, y, z)`` in [0, 1] of one shape. 2D networks go slice by slice
-    (along the third array axis, axial for most scans; ``batch`` slices at a time); volume networks by overlapping windows of ``patch`` voxels.
-    ``threads`` > 0 sets torch's CPU threads. ``info``, when given, receives the device a network
-    ran on (and a 2D network's slices per forward); ``progress(done, total)`` hears of a network's
-    batches of slices or windows."""
+    along the third array axis (axial for most scans), ``batch`` slices at a time; volume networks
+    by overlapping windows of ``patch`` voxels. ``threads`` > 0 sets torch's CPU threads. ``info``,
+    when given, receives the device a network ran on (and a 2D network's slices per forward);
+    ``progress(done, total)`` hears of a network's batches of slices or windows."""
     volume = a.shape[2] > 1
     method = resolve_method(method, volume)
     if method in CLASSIC_RULES:

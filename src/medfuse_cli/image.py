@@ -173,6 +173,12 @@ class Image:
         return self.affine[:3, :3] / np.asarray(self.spacing)
 
     @property
+    def is_sheared(self) -> bool:
+        """True when the array axes are not perpendicular in the world (e.g. an uncorrected gantry tilt)."""
+        d = self.direction
+        return not np.allclose(d.T @ d, np.eye(3), atol=1e-4)
+
+    @property
     def orientation(self) -> str:
         return axcodes(self.affine)
 

@@ -32,7 +32,7 @@ from .io import FrameChoice, check_dicom_fits, check_output, read_image, write_i
 from .io.atomic import atomic_write_bytes, check_writable
 from .io.raster import RASTER_FORMATS
 from .memory import peak, plan
-from .register import Registration, given_start, register, resample_to
+from .register import Registration, given_start, register, resample_to, unsheared
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,9 @@ def _assign_modality(image: Image, given: str | None, default: Modality) -> str:
 
 
 def _check_pair(fixed: Image, moving: Image) -> Image:
-    """Refuse pairs that cannot be fused; returns MOVING, spread over FIXED's field of view when both
-    are slices without geometry (PNG / TIFF) of different sizes."""
+    """Refuse pairs that cannot be fused (FIXED sheared among them); returns MOVING, spread over FIXED's
+    field of view when both are slices without geometry (PNG / TIFF) of different sizes, or resampled
+    onto an orthogonal grid when sheared."""
     if fixed.is_color:
         raise InvalidInputError(f"FIXED {fixed.provenance.source} is colour; the anatomical image must be greyscale")
     if fixed.is_2d != moving.is_2d:
@@ -156,7 +157,11 @@ def _check_pair(fixed: Image, moving: Image) -> Image:
     rasters = {fixed.provenance.format, moving.provenance.format} <= set(RASTER_FORMATS)
     if fixed.is_2d and rasters and fixed.shape != moving.shape:
         return _same_field_of_view(fixed, moving)
-    return moving
+    if fixed.is_sheared:
+        raise GeometryError(f"FIXED {fixed.provenance.source} has a sheared grid (e.g. an uncorrected gantry tilt), and "
+                            "the output lies on FIXED's grid: give its tilt-corrected version (dcm2niix's _Tilt_ file, "
+                            "or the DICOM series, which medfuse corrects), or give it as MOVING")
+    return unsheared(moving)
 
 
 def _same_field_of_view(fixed: Image, moving: Image) -> Image:

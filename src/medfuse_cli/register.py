@@ -458,6 +458,40 @@ def _optimise(fixed, moving, initial, seed: int, rigid: bool, levels: tuple[int,
     return out, -float(reg.GetMetricValue())
 
 
+def unsheared(image: Image) -> Image:
+    """A sheared volume resampled (linearly) onto the orthogonal grid that covers it: its first two
+    axes and spacings, the third along their normal with the slices' own spacing, as dcm2niix
+    corrects a gantry tilt. Images that are not sheared come back as they are."""
+    if not image.is_sheared:
+        return image
+    from scipy import ndimage
+
+    lin = image.affine[:3, :3]
+    x = lin[:, 0] / np.linalg.norm(lin[:, 0])
+    y = lin[:, 1] - (lin[:, 1] @ x) * x
+    y /= np.linalg.norm(y)
+    z = np.cross(x, y)
+    z *= np.sign(z @ lin[:, 2])
+    axes = np.stack([x, y, z], axis=1)
+    spacing = np.array([np.linalg.norm(lin[:, 0]), abs(lin[:, 1] @ y), abs(lin[:, 2] @ z)])
+    n = np.array(image.shape[:3]) - 1
+    corners = np.array([[i, j, k] for i in (0, n[0]) for j in (0, n[1]) for k in (0, n[2])], float)
+    local = (corners @ lin.T + image.affine[:3, 3]) @ axes  # the corners in the new axes (mm)
+    low = local.min(0)
+    shape = tuple(int(v) for v in np.ceil((local.max(0) - low) / spacing - 1e-6) + 1)
+    out_affine = np.eye(4)
+    out_affine[:3, :3] = axes * spacing
+    out_affine[:3, 3] = axes @ low
+    index = np.linalg.inv(image.affine) @ out_affine  # output voxel -> input voxel
+    data = ndimage.affine_transform(image.data.astype(np.float32), index[:3, :3], offset=index[:3, 3],
+                                    output_shape=shape, order=1, mode="constant", cval=float(np.min(image.data)))
+    log.warning("%s: its grid is sheared (e.g. an uncorrected gantry tilt): resampled onto an orthogonal grid of "
+                "%s voxels of %s mm", image.provenance.source, "x".join(map(str, shape)),
+                "x".join(f"{v:.3g}" for v in spacing))
+    return Image(data=data, affine=out_affine, modality=image.modality, units=image.units,
+                 provenance=image.provenance)
+
+
 def resample_to(moving: Image, fixed: Image, transform=None, linear: bool = True) -> Image:
     """MOVING's values on FIXED's grid (world mapping through ``transform``, identity if None)."""
     import SimpleITK as sitk

@@ -483,8 +483,12 @@ def unsheared(image: Image) -> Image:
     out_affine[:3, :3] = axes * spacing
     out_affine[:3, 3] = axes @ low
     index = np.linalg.inv(image.affine) @ out_affine  # output voxel -> input voxel
-    data = ndimage.affine_transform(image.data.astype(np.float32), index[:3, :3], offset=index[:3, 3],
-                                    output_shape=shape, order=1, mode="constant", cval=float(np.min(image.data)))
+    def resampled(values: np.ndarray) -> np.ndarray:
+        return ndimage.affine_transform(values.astype(np.float32), index[:3, :3], offset=index[:3, 3],
+                                        output_shape=shape, order=1, mode="constant", cval=float(np.min(values)))
+
+    data = (np.stack([resampled(image.data[..., c]) for c in range(3)], axis=-1) if image.is_color
+            else resampled(image.data))
     log.warning("%s: its grid is sheared (e.g. an uncorrected gantry tilt): resampled onto an orthogonal grid of "
                 "%s voxels of %s mm", image.provenance.source, "x".join(map(str, shape)),
                 "x".join(f"{v:.3g}" for v in spacing))

@@ -108,8 +108,11 @@ def test_plain_nii_and_gz_extension_decide_compression(tmp_path):
     image = read_image(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz")
     write_image(image, tmp_path / "a.nii")
     write_image(image, tmp_path / "a.nii.gz")
+    write_image(image, tmp_path / "B.NII.GZ")  # any case: an upper-case .GZ was written uncompressed
     assert (tmp_path / "a.nii").read_bytes()[344:348] == b"n+1\0"
     assert gzip.decompress((tmp_path / "a.nii.gz").read_bytes())[344:348] == b"n+1\0"
+    assert gzip.decompress((tmp_path / "B.NII.GZ").read_bytes())[344:348] == b"n+1\0"
+    assert nib.load(tmp_path / "B.NII.GZ").shape == image.shape
 
 
 def test_a_header_without_position_is_read_with_a_warning(tmp_path, caplog):

@@ -179,4 +179,4 @@ def nifti_bytes(image: Image, gz: bool) -> bytes:
 
 def write_nifti(image: Image, path: Path, overwrite: bool = False) -> None:
     """Write ``image`` to ``path`` (gzip when it ends in ``.gz``), atomically."""
-    atomic_write_bytes(path, nifti_bytes(image, gz=path.name.endswith(".gz")), overwrite)
+    atomic_write_bytes(path, nifti_bytes(image, gz=path.name.lower().endswith(".gz")), overwrite)

@@ -174,6 +174,10 @@ def test_a_header_in_metres_is_read_in_mm_and_written_back_in_metres(tmp_path, c
     nib.save(img, tmp_path / "t1_m.nii.gz")
     image = read_image(tmp_path / "t1_m.nii.gz")
     np.testing.assert_allclose(image.affine, t1.affine, atol=1e-4)
+    invalid = nib.Nifti1Image(np.asarray(t1.dataobj), t1.affine)
+    invalid.header["xyzt_units"] = 7  # no unit has code 7: nibabel's get_xyzt_units raises (the fuzzer found it)
+    nib.save(invalid, tmp_path / "t1_bad_unit.nii.gz")
+    assert read_image(tmp_path / "t1_bad_unit.nii.gz").spacing == pytest.approx((2.0, 2.0, 2.0))
     pet = EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
     for name in ("t1_m.nii.gz", "t1_mm.nii.gz"):
         if name == "t1_mm.nii.gz":

@@ -20,7 +20,7 @@ from .limits import check_voxel_count
 RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
 log = logging.getLogger(__name__)
 FORMS_APART_MM = 0.1  # an sform and a qform further apart than this at a corner are warned of
-MM_PER_UNIT = {"meter": 1000.0, "micron": 0.001}  # other units (mm, unknown) are read as mm
+SPATIAL_UNITS = {1: ("meter", 1000.0), 3: ("micron", 0.001)}  # xyzt_units codes; others (mm, unknown) are mm
 _NATIVE_DTYPES = {np.dtype(t) for t in ("u1", "i1", "i2", "u2", "i4", "u4", "f4", "f8", "i8", "u8")}
 
 
@@ -33,13 +33,14 @@ def _geometry(header: nib.Nifti1Header, affine: np.ndarray) -> NiftiGeometry:
         pixdim=tuple(float(v) for v in header["pixdim"]),
         qform_code=int(header["qform_code"]),
         affine=tuple(tuple(float(v) for v in row) for row in affine),
-        units=header.get_xyzt_units()[0] if _mm_per_unit(header) != 1.0 else "mm",
+        units=_spatial_unit(header)[0],
     )
 
 
-def _mm_per_unit(header: nib.Nifti1Header) -> float:
-    """Millimetres per unit of the header's spatial unit (ITK reads metres and microns this way too)."""
-    return MM_PER_UNIT.get(header.get_xyzt_units()[0], 1.0)
+def _spatial_unit(header: nib.Nifti1Header) -> tuple[str, float]:
+    """The header's spatial unit and millimetres per unit (ITK reads metres and microns this way
+    too); an unknown or invalid code is mm."""
+    return SPATIAL_UNITS.get(int(header["xyzt_units"]) & 0x07, ("mm", 1.0))
 
 
 def _load(path: Path) -> nib.Nifti1Image:
@@ -70,7 +71,7 @@ def _warn_if_forms_differ(header, shape: tuple[int, ...], name: str) -> None:
     if int(header["sform_code"]) == 0 or int(header["qform_code"]) == 0:
         return
     corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]).T
-    apart = _mm_per_unit(header) * float(np.max(np.linalg.norm((header.get_sform() - header.get_qform()) @ corners,
+    apart = _spatial_unit(header)[1] * float(np.max(np.linalg.norm((header.get_sform() - header.get_qform()) @ corners,
                                                                axis=0)))
     if apart > FORMS_APART_MM:
         log.warning("%s: the header's sform and qform place the image differently (up to %.1f mm apart at its "
@@ -118,11 +119,10 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     affine = img.affine
     if affine is None:
         raise GeometryError(f"{path.name}: no usable affine in the header")
-    to_mm = _mm_per_unit(header)
+    unit, to_mm = _spatial_unit(header)
     if to_mm != 1.0:  # nibabel gives the affine in the header's unit
         affine = np.diag([to_mm, to_mm, to_mm, 1.0]) @ affine
-        log.info("%s: the header's unit is the %s: read in mm, written back in %ss", path.name,
-                 header.get_xyzt_units()[0], header.get_xyzt_units()[0])
+        log.info("%s: the header's unit is the %s: read in mm, written back in %ss", path.name, unit, unit)
     if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0 and data.shape[2] > 1:
         log.warning("%s: the header gives no position or orientation (sform and qform codes 0); voxels taken as "
                     "%s at %s mm around the centre, so only registration can place it", path.name,

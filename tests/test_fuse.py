@@ -662,3 +662,22 @@ def test_a_sheared_moving_is_corrected_and_a_sheared_fixed_refused(tmp_path, cli
     assert np.abs(back[inside] - pet.data[inside]).mean() < 0.004 * np.ptp(pet.data)
     res = cli("fuse", tmp_path / "sheared.nii.gz", PET, "-o", tmp_path / "f.nii.gz", "--method", "mean")
     assert res.exit_code == 5 and "sheared grid" in res.stderr
+
+
+def test_a_sheared_colour_volume_is_resampled_channel_by_channel():
+    """A colour (RGB) MOVING on a sheared grid: each channel is resampled as the grey volume is (this
+    path used to hand the 4D array to a 3D resampler)."""
+    from medfuse_cli.register import unsheared
+
+    pet = read_image(PET)
+    affine = pet.affine.copy()
+    affine[:3, 2] += 0.3 * affine[:3, 1]  # slices shifted 0.3 voxel each along y
+    grey = pet.with_data(pet.data.astype(np.float32))
+    grey.affine = affine
+    rgb = pet.with_data(np.stack([pet.data, pet.data / 2, np.zeros_like(pet.data)], axis=-1).astype(np.float32))
+    rgb.affine = affine
+    flat_grey, flat_rgb = unsheared(grey), unsheared(rgb)
+    assert flat_rgb.is_color and not flat_rgb.is_sheared
+    np.testing.assert_array_equal(flat_rgb.affine, flat_grey.affine)
+    np.testing.assert_allclose(flat_rgb.data[..., 0], flat_grey.data, atol=1e-5)
+    np.testing.assert_allclose(flat_rgb.data[..., 1], flat_grey.data / 2, atol=1e-5)

@@ -770,6 +770,10 @@ def _print_models(cards: list[dict], check: bool, folder: Path, rules: Sequence[
         from .models.infer import device_summary
 
         table.caption, table.caption_justify = device_summary(), "left"
+    else:
+        table.caption = (f"no trained networks in {folder}: --method auto uses the laplacian rule "
+                         "(MEDFUSE_WEIGHTS names the folder of the model cards)")
+        table.caption_justify = "left"
     _wide_console().print(table)
 
 

@@ -218,6 +218,11 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions,
                         "a classic rule may suit this pair better", method, pair, task)
         elif options.method == "auto":
             log.info("auto: the networks fuse MRI with CT, PET or SPECT, but %s: using %s", pair, method)
+    elif options.method == "auto" and method not in NETWORKS:
+        from .models import weights
+
+        log.warning("auto: no AdaFuse model card in %s (MEDFUSE_WEIGHTS names another folder): using the %s rule",
+                    weights.WEIGHTS_DIR, method)
     budget = plan(fixed.shape[:3], method, options.metrics, options.patch, options.max_memory, options.device)
     timings["check_s"] = time.perf_counter() - t0  # the inputs checked, the memory planned (torch loaded)
 

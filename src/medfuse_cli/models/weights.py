@@ -10,8 +10,19 @@ from typing import Any
 
 from ..errors import MedfuseError
 
-# the repository's weights/ (editable install), or MEDFUSE_WEIGHTS for other layouts
-WEIGHTS_DIR = Path(os.environ.get("MEDFUSE_WEIGHTS", Path(__file__).resolve().parents[3] / "weights"))
+
+def shipped_folder() -> Path:
+    """Where the shipped weights are: ``MEDFUSE_WEIGHTS`` when set; else ``medfuse_cli/weights`` in an
+    installed package (``pip install .`` or a wheel copies the repository's ``weights/`` there); else
+    the repository's ``weights/`` (a source checkout or an editable install)."""
+    if os.environ.get("MEDFUSE_WEIGHTS"):
+        return Path(os.environ["MEDFUSE_WEIGHTS"])
+    here = Path(__file__).resolve()
+    packaged = here.parents[1] / "weights"
+    return packaged if packaged.is_dir() else here.parents[3] / "weights"
+
+
+WEIGHTS_DIR = shipped_folder()
 
 
 class WeightsError(MedfuseError):

@@ -160,6 +160,18 @@ def test_an_sform_and_qform_that_disagree_are_warned_of(tmp_path, caplog):
     np.testing.assert_allclose(back.get_sform(), t1.affine, atol=1e-4)
 
 
+def test_a_qform_that_is_no_rotation_is_warned_of(tmp_path, caplog):
+    """Found by fuzzing: a valid sform beside a qform whose quaternion is longer than 1 made the
+    sform/qform comparison raise (exit 1, internal error); now the sform is followed with a warning."""
+    t1 = nib.load(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz")
+    header = t1.header.copy()
+    header["qform_code"], header["quatern_c"] = 1, 1.004
+    nib.Nifti1Image(np.asarray(t1.dataobj), None, header).to_filename(tmp_path / "badq.nii.gz")
+    with caplog.at_level("WARNING"):
+        image = read_image(tmp_path / "badq.nii.gz")
+    assert any("qform is not a rotation" in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(image.affine, t1.affine, atol=1e-6)
+
 def test_a_header_in_metres_is_read_in_mm_and_written_back_in_metres(tmp_path, cli):
     """The SPM T1 saved with its geometry in metres (xyzt_units): medfuse used the numbers as mm,
     1000 times too small, where SimpleITK scales them; now it reads it in mm, fuses it with the PET
@@ -191,3 +203,39 @@ def test_a_header_in_metres_is_read_in_mm_and_written_back_in_metres(tmp_path, c
     back = sitk.ReadImage(str(tmp_path / "fused_t1_m.nii.gz"))
     np.testing.assert_allclose(back.GetSpacing(), (2.0, 2.0, 2.0), atol=1e-4)
     np.testing.assert_allclose(back.GetOrigin(), sitk.ReadImage(str(pet)).GetOrigin(), atol=1e-3)
+
+
+def test_a_simpleitk_vector_nifti_is_read_as_colour(tmp_path, cli):
+    """SimpleITK writes a vector image as a 5D NIfTI (x, y, z, 1, components; intent VECTOR): an
+    8-bit RGB(A) one is read as colour, as from NRRD; other vectors are refused in one line."""
+    import SimpleITK as sitk
+    from conftest import assert_one_line_error
+
+    pet = sitk.ReadImage(str(EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"))
+    grey = np.nan_to_num(sitk.GetArrayFromImage(pet).astype(np.float32))
+    grey = np.round((grey - grey.min()) / (grey.max() - grey.min()) * 255)
+    rgb = np.stack([grey, grey // 2, 255 - grey], -1).astype(np.uint8)
+    vec = sitk.GetImageFromArray(rgb, isVector=True)
+    vec.CopyInformation(pet)
+    sitk.WriteImage(vec, str(tmp_path / "rgb.nii.gz"))
+    sitk.WriteImage(vec, str(tmp_path / "rgb.nrrd"))
+    assert nib.load(tmp_path / "rgb.nii.gz").header["dim"][0] == 5  # what SimpleITK wrote
+
+    image, via_nrrd = read_image(tmp_path / "rgb.nii.gz"), read_image(tmp_path / "rgb.nrrd")
+    assert image.is_color and image.data.shape == (91, 109, 91, 3)
+    np.testing.assert_array_equal(image.data, via_nrrd.data)
+    np.testing.assert_allclose(image.affine, via_nrrd.affine, atol=1e-4)
+    np.testing.assert_array_equal(image.data[..., 1], np.transpose(rgb[..., 1], (2, 1, 0)))
+
+    rgba = sitk.GetImageFromArray(np.concatenate([rgb, np.full_like(rgb[..., :1], 255)], -1), isVector=True)
+    rgba.CopyInformation(pet)
+    for suffix in (".nii.gz", ".nrrd"):  # alpha dropped, as for PNG
+        sitk.WriteImage(rgba, str(tmp_path / f"rgba{suffix}"))
+        np.testing.assert_array_equal(read_image(tmp_path / f"rgba{suffix}").data, image.data)
+
+    # a displacement field (3 float components) is not colour, in either format (NRRD took it as colour)
+    field = sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.float32), isVector=True)
+    for suffix in (".nii.gz", ".nrrd"):
+        sitk.WriteImage(field, str(tmp_path / f"field{suffix}"))
+        assert_one_line_error(res := cli("info", tmp_path / f"field{suffix}"), 4)
+        assert "3 float32 components per voxel" in res.stderr

@@ -52,9 +52,11 @@ def seeds(kind: str) -> dict[str, bytes]:
     t1 = nib.load(str(ROOT / "examples" / "spm12" / "OldNorm_T1.nii.gz"))
     crop = np.asarray(t1.dataobj)[30:46, 40:56, 40:48]
     if kind in ("nifti", "nifti-gz"):
-        img = nib.Nifti1Image(crop, t1.affine)
-        raw = img.to_bytes()
-        return {"t1_crop": raw if kind == "nifti" else __import__("gzip").compress(raw)}
+        rgb = np.stack([crop, crop // 2, 255 - crop], -1)[:, :, :, None].astype(np.uint8)
+        vector = nib.Nifti1Image(rgb, t1.affine)  # 5D, as SimpleITK writes a colour vector image
+        vector.header.set_intent("vector")
+        pack = (lambda raw: raw) if kind == "nifti" else __import__("gzip").compress
+        return {"t1_crop": pack(nib.Nifti1Image(crop, t1.affine).to_bytes()), "t1_crop_rgb_vector": pack(vector.to_bytes())}
     if kind in ("nrrd", "mha"):
         import SimpleITK as sitk
 

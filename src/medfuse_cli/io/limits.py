@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from ..errors import InvalidInputError, OutOfMemoryError
 
 MAX_VOXELS = 2**31  # 8 GiB of float32: far beyond any clinical volume
@@ -27,3 +29,12 @@ def check_voxel_count(shape: Sequence[int], name: str, limit: int = MAX_VOXELS) 
     if need > free:
         raise OutOfMemoryError(f"{name}: reading {total:,} voxels needs about {need / 2**30:.1f} GiB; "
                                f"{free / 2**30:.1f} GiB are available")
+
+
+def check_components(components: int, dtype: np.dtype, name: str) -> None:
+    """One value per voxel (greyscale), or 3 / 4 8-bit ones (RGB / RGBA: colour, alpha dropped);
+    anything else, such as a float vector field, is refused."""
+    if components == 1 or (components in (3, 4) and np.dtype(dtype) == np.uint8):
+        return
+    raise InvalidInputError(f"{name}: {components} {np.dtype(dtype)} components per voxel (a vector field?); "
+                            "medfuse reads greyscale, or 8-bit RGB(A) as colour")

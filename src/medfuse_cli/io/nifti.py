@@ -15,9 +15,12 @@ from ..errors import GeometryError, InvalidInputError
 from ..image import Image, Modality, NiftiGeometry, Provenance
 from .atomic import atomic_write_bytes
 from .frames import FrameChoice
-from .limits import check_voxel_count
+from .limits import check_components, check_voxel_count
 
 RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+# NIFTI_INTENT_VECTOR, _RGB_VECTOR, _RGBA_VECTOR: a 5D file of one time point whose 5th axis holds
+# a voxel's components, as SimpleITK writes a vector image (an 8-bit RGB(A) one is colour)
+VECTOR_INTENTS = (1007, 2003, 2004)
 log = logging.getLogger(__name__)
 FORMS_APART_MM = 0.1  # an sform and a qform further apart than this at a corner are warned of
 SPATIAL_UNITS = {1: ("meter", 1000.0), 3: ("micron", 0.001)}  # xyzt_units codes; others (mm, unknown) are mm
@@ -70,9 +73,14 @@ def _warn_if_forms_differ(header, shape: tuple[int, ...], name: str) -> None:
     would show the image, and medfuse's output, elsewhere."""
     if int(header["sform_code"]) == 0 or int(header["qform_code"]) == 0:
         return
+    try:
+        qform = header.get_qform()
+    except ValueError:  # nibabel: quaternion b, c, d longer than 1 (not a rotation)
+        log.warning("%s: the header's qform is not a rotation (quaternion longer than 1); medfuse follows the "
+                    "sform, but a tool that reads the qform cannot place the image", name)
+        return
     corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]).T
-    apart = _spatial_unit(header)[1] * float(np.max(np.linalg.norm((header.get_sform() - header.get_qform()) @ corners,
-                                                               axis=0)))
+    apart = _spatial_unit(header)[1] * float(np.max(np.linalg.norm((header.get_sform() - qform) @ corners, axis=0)))
     if apart > FORMS_APART_MM:
         log.warning("%s: the header's sform and qform place the image differently (up to %.1f mm apart at its "
                     "corners); medfuse follows the sform, as nibabel and FSL do, and copies both to its output: a "
@@ -88,6 +96,10 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     check_voxel_count(shape, path.name)
     _check_size(path, header, shape)
     rgb = header.get_data_dtype() == RGB24  # as medfuse writes colour results
+    vector = len(shape) == 5 and shape[3] == 1 and shape[4] > 1 and int(header["intent_code"]) in VECTOR_INTENTS
+    if vector:
+        check_components(shape[4], header.get_data_dtype(), path.name)
+        shape = (*shape[:3], 1)
     while len(shape) > 4 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) > 4:
@@ -107,7 +119,10 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
         data = np.asarray(raw)
     except (EOFError, OSError, ValueError, OverflowError, zlib.error, gzip.BadGzipFile) as exc:
         raise InvalidInputError(f"{path.name}: truncated or corrupt NIfTI data ({exc})") from exc
-    data = data.reshape(data.shape[:3] if data.ndim >= 3 else data.shape + (1,) * (3 - data.ndim))
+    if vector:  # (x, y, z, 1, RGB[A]): colour, alpha dropped as for PNG
+        data = np.ascontiguousarray(data[:, :, :, 0, :3])
+    else:
+        data = data.reshape(data.shape[:3] if data.ndim >= 3 else data.shape + (1,) * (3 - data.ndim))
     if rgb:
         data = np.stack([data[c] for c in RGB24.names], axis=-1)
     if data.dtype.byteorder not in ("=", "|"):

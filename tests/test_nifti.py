@@ -207,7 +207,7 @@ def test_a_header_in_metres_is_read_in_mm_and_written_back_in_metres(tmp_path, c
 
 def test_a_simpleitk_vector_nifti_is_read_as_colour(tmp_path, cli):
     """SimpleITK writes a vector image as a 5D NIfTI (x, y, z, 1, components; intent VECTOR): an
-    8-bit RGB(A) one is read as colour, as from NRRD; other vectors are refused in one line."""
+    8- or 16-bit RGB(A) one is read as colour, as from NRRD; other vectors are refused in one line."""
     import SimpleITK as sitk
     from conftest import assert_one_line_error
 
@@ -226,12 +226,23 @@ def test_a_simpleitk_vector_nifti_is_read_as_colour(tmp_path, cli):
     np.testing.assert_array_equal(image.data, via_nrrd.data)
     np.testing.assert_allclose(image.affine, via_nrrd.affine, atol=1e-4)
     np.testing.assert_array_equal(image.data[..., 1], np.transpose(rgb[..., 1], (2, 1, 0)))
+    raw = bytearray(gzip.decompress((tmp_path / "rgb.nii.gz").read_bytes()))
+    raw[112:120] = np.array([2.0, 1.0], "<f4").tobytes()  # an scl_slope / scl_inter: not for colour
+    (tmp_path / "slope.nii").write_bytes(bytes(raw))
+    scaled = read_image(tmp_path / "slope.nii")
+    assert scaled.data.dtype == np.uint8
+    np.testing.assert_array_equal(scaled.data, image.data)
 
     rgba = sitk.GetImageFromArray(np.concatenate([rgb, np.full_like(rgb[..., :1], 255)], -1), isVector=True)
     rgba.CopyInformation(pet)
     for suffix in (".nii.gz", ".nrrd"):  # alpha dropped, as for PNG
         sitk.WriteImage(rgba, str(tmp_path / f"rgba{suffix}"))
         np.testing.assert_array_equal(read_image(tmp_path / f"rgba{suffix}").data, image.data)
+    deep = sitk.GetImageFromArray(rgb.astype(np.uint16) * 257, isVector=True)  # 16-bit: read as 8-bit
+    deep.CopyInformation(pet)
+    for suffix in (".nii.gz", ".nrrd"):
+        sitk.WriteImage(deep, str(tmp_path / f"rgb16{suffix}"))
+        np.testing.assert_array_equal(read_image(tmp_path / f"rgb16{suffix}").data, image.data)
 
     # a displacement field (3 float components) is not colour, in either format (NRRD took it as colour)
     field = sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.float32), isVector=True)
@@ -239,3 +250,33 @@ def test_a_simpleitk_vector_nifti_is_read_as_colour(tmp_path, cli):
         sitk.WriteImage(field, str(tmp_path / f"field{suffix}"))
         assert_one_line_error(res := cli("info", tmp_path / f"field{suffix}"), 4)
         assert "3 float32 components per voxel" in res.stderr
+
+
+def test_rgba32_and_complex_voxels(tmp_path, caplog):
+    """NIfTI's RGBA32 datatype ended in an internal error (exit 1): it is colour, alpha dropped.
+    Complex voxels (some MR reconstructions) were cut to their real part: now their magnitude, with
+    a warning, for one frame or the mean of all."""
+    from medfuse_cli.io.nifti import RGBA32
+
+    t1 = nib.load(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz")
+    grey = np.nan_to_num(np.asarray(t1.dataobj, dtype=np.float32))
+    rgba = np.zeros(grey.shape, RGBA32)
+    rgba["R"], rgba["G"], rgba["B"], rgba["A"] = grey * 255, grey * 100, 255 - grey * 255, 7
+    nib.Nifti1Image(rgba, t1.affine).to_filename(tmp_path / "rgba.nii.gz")
+    colour = read_image(tmp_path / "rgba.nii.gz")
+    assert colour.is_color
+    np.testing.assert_array_equal(colour.data, np.stack([rgba[c] for c in "RGB"], -1))
+    # found by fuzzing: an scl_slope on RGB voxels, which nibabel tries to apply and fails (exit 1)
+    raw = bytearray(nib.Nifti1Image(rgba, t1.affine).to_bytes())
+    raw[112:120] = np.array([2.0, 1.0], "<f4").tobytes()  # scl_slope, scl_inter
+    (tmp_path / "slope.nii").write_bytes(bytes(raw))
+    assert nib.load(tmp_path / "slope.nii").dataobj.slope == 2.0
+    np.testing.assert_array_equal(read_image(tmp_path / "slope.nii").data, colour.data)
+
+    turns = np.stack([grey * (0.6 + 0.8j), grey * (0.8 - 0.6j)], -1).astype(np.complex64)  # both of magnitude grey
+    nib.Nifti1Image(turns, t1.affine).to_filename(tmp_path / "complex.nii.gz")
+    with caplog.at_level("WARNING"):
+        for frames in (FrameChoice(frame=1), FrameChoice(mean=True)):
+            image = read_image(tmp_path / "complex.nii.gz", frames=frames)
+            np.testing.assert_allclose(image.data, grey, atol=1e-5)
+    assert sum("magnitude" in r.getMessage() for r in caplog.records) == 2

@@ -54,9 +54,9 @@ def test_rgb_16_bit_tiff(tmp_path):
     rgb16 = pet.data[:, :, 0].swapaxes(0, 1).astype(np.uint16) * 257
     path = tmp_path / "rgb16.tif"
     tifffile.imwrite(path, rgb16, photometric="rgb")
-    image = read_image(path)
-    assert image.is_color and image.data.dtype == np.uint16
-    np.testing.assert_array_equal(image.data[:, :, 0], rgb16.swapaxes(0, 1))
+    image = read_image(path)  # colour is 8-bit (the colour path works on 0..255): x / 257, rounded
+    assert image.is_color and image.data.dtype == np.uint8
+    np.testing.assert_array_equal(image.data, pet.data)
 
 
 def test_volume_cannot_be_written_as_png(tmp_path):
@@ -188,3 +188,31 @@ def test_a_tiff_whose_pages_never_end_is_refused_at_once(tmp_path):
     res = subprocess.run([sys.executable, "-m", "medfuse_cli", "info", str(path)], capture_output=True, text=True,
                          timeout=120, check=False)
     assert res.returncode == 4 and "damaged TIFF" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_16_bit_rgb_float_rgb_and_complex_tiffs(tmp_path, cli):
+    """A 16-bit RGB TIFF of a Harvard SPECT went through the colour path as if 8-bit (a garbled
+    fusion, Qabf 0.01): it is read as 8-bit and fuses as the PNG does. Float RGB is refused (exit 4);
+    complex pixels are read as their magnitude, with a warning."""
+    import json
+
+    import tifffile
+    from conftest import assert_one_line_error
+
+    folder = shared_path("harvard", "mri-spect")
+    spect = np.asarray(PILImage.open(folder / "03008_spect.png").convert("RGB"))
+    tifffile.imwrite(tmp_path / "spect16.tif", spect.astype(np.uint16) * 257, photometric="rgb")
+    for name, moving in (("png", folder / "03008_spect.png"), ("tif16", tmp_path / "spect16.tif")):
+        res = cli("fuse", folder / "03008_mri.png", moving, "-o", tmp_path / f"{name}.png", "--method", "mean")
+        assert res.exit_code == 0, res.stderr
+    np.testing.assert_array_equal(np.asarray(PILImage.open(tmp_path / "tif16.png")),
+                                  np.asarray(PILImage.open(tmp_path / "png.png")))
+    scores = [json.loads((tmp_path / f"{n}.json").read_text())["metrics"]["values"] for n in ("png", "tif16")]
+    assert scores[0] == scores[1]
+
+    tifffile.imwrite(tmp_path / "float.tif", spect.astype(np.float32) / 255, photometric="rgb")
+    assert_one_line_error(cli("info", tmp_path / "float.tif"), 4)
+
+    grey = spect[..., 0].astype(np.float32)
+    tifffile.imwrite(tmp_path / "complex.tif", (grey * (0.6 + 0.8j)).astype(np.complex64))
+    np.testing.assert_allclose(read_image(tmp_path / "complex.tif").data[:, :, 0], grey.T, rtol=1e-5)

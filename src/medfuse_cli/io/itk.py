@@ -14,7 +14,7 @@ from ..errors import GeometryError, InputNotFoundError, InvalidInputError, Medfu
 from ..image import Image, Modality, Provenance
 from .atomic import atomic_write_bytes
 from .frames import FrameChoice
-from .limits import check_components, check_voxel_count
+from .limits import check_components, check_voxel_count, colour_8bit
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 ITK_OUTPUT_SUFFIXES = (".nrrd", ".mha")  # one file each (.nhdr / .mhd keep their voxels in a second file)
@@ -105,7 +105,7 @@ def _read_here(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise InvalidInputError(f"{path.name}: corrupt or truncated image data ({_first_line(exc)})") from None
     data = sitk.GetArrayFromImage(itk)  # (z, y, x[, c]) or (y, x[, c])
     check_components(comps, data.dtype, path.name)
-    data = data[..., :3] if comps == 4 else data  # RGBA: alpha dropped
+    data = colour_8bit(data[..., :3], path.name) if comps > 1 else data  # RGBA: alpha dropped
     data = data[None] if dim == 2 else data
     data = np.moveaxis(data, (0, 1, 2), (2, 1, 0))
     spacing, origin = np.ones(3), np.zeros(3)
@@ -116,7 +116,7 @@ def _read_here(path: Path) -> tuple[np.ndarray, np.ndarray]:
     affine = np.eye(4)
     affine[:3, :3] = LPS @ direction @ np.diag(spacing)
     affine[:3, 3] = LPS @ origin
-    if comps == 1:  # colour is 8-bit (check_components)
+    if comps == 1:  # colour is 8-bit (colour_8bit)
         data = data.astype(np.float32)
     if not np.all(np.isfinite(affine)):
         raise GeometryError(f"{path.name}: invalid spacing, origin or direction")

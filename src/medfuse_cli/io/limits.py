@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 
 from ..errors import InvalidInputError, OutOfMemoryError
+
+log = logging.getLogger(__name__)
 
 MAX_VOXELS = 2**31  # 8 GiB of float32: far beyond any clinical volume
 MAX_PIXELS_2D = 2**26  # a 8192 x 8192 slice: far beyond any radiological 2D image
@@ -32,9 +35,20 @@ def check_voxel_count(shape: Sequence[int], name: str, limit: int = MAX_VOXELS) 
 
 
 def check_components(components: int, dtype: np.dtype, name: str) -> None:
-    """One value per voxel (greyscale), or 3 / 4 8-bit ones (RGB / RGBA: colour, alpha dropped);
+    """One value per voxel (greyscale), or 3 / 4 8- or 16-bit ones (RGB / RGBA: colour, alpha dropped);
     anything else, such as a float vector field, is refused."""
-    if components == 1 or (components in (3, 4) and np.dtype(dtype) == np.uint8):
+    if components == 1 or (components in (3, 4) and np.dtype(dtype) in (np.uint8, np.uint16)):
         return
     raise InvalidInputError(f"{name}: {components} {np.dtype(dtype)} components per voxel (a vector field?); "
-                            "medfuse reads greyscale, or 8-bit RGB(A) as colour")
+                            "medfuse reads greyscale, or 8- or 16-bit RGB(A) as colour")
+
+
+def colour_8bit(rgb: np.ndarray, name: str) -> np.ndarray:
+    """RGB voxels as 8-bit, which the colour path (YCbCr over 0..255) works on: 16-bit ones x / 257,
+    rounded; other types refused."""
+    if rgb.dtype == np.uint8:
+        return rgb
+    if rgb.dtype != np.uint16:
+        raise InvalidInputError(f"{name}: RGB of {rgb.dtype} channels; medfuse reads 8- or 16-bit RGB")
+    log.info("%s: 16-bit RGB read as 8-bit", name)
+    return np.round(rgb / 257.0).astype(np.uint8)

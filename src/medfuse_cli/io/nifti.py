@@ -15,9 +15,10 @@ from ..errors import GeometryError, InvalidInputError
 from ..image import Image, Modality, NiftiGeometry, Provenance
 from .atomic import atomic_write_bytes
 from .frames import FrameChoice
-from .limits import check_components, check_voxel_count
+from .limits import check_components, check_voxel_count, colour_8bit
 
 RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+RGBA32 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")])  # read as colour, alpha dropped
 # NIFTI_INTENT_VECTOR, _RGB_VECTOR, _RGBA_VECTOR: a 5D file of one time point whose 5th axis holds
 # a voxel's components, as SimpleITK writes a vector image (an 8-bit RGB(A) one is colour)
 VECTOR_INTENTS = (1007, 2003, 2004)
@@ -95,7 +96,8 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     shape = tuple(int(s) for s in img.shape)
     check_voxel_count(shape, path.name)
     _check_size(path, header, shape)
-    rgb = header.get_data_dtype() == RGB24  # as medfuse writes colour results
+    rgb = header.get_data_dtype() in (RGB24, RGBA32)  # RGB24: as medfuse writes colour results
+    complex_ = header.get_data_dtype().kind == "c"
     vector = len(shape) == 5 and shape[3] == 1 and shape[4] > 1 and int(header["intent_code"]) in VECTOR_INTENTS
     if vector:
         check_components(shape[4], header.get_data_dtype(), path.name)
@@ -107,24 +109,31 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     if len(shape) < 2:
         raise GeometryError(f"{path.name}: a {len(shape)}D NIfTI is not an image")
     slope, inter = img.dataobj.slope, img.dataobj.inter
-    scaled = not (slope in (None, 1.0) and inter in (None, 0.0))
+    scaled = not (slope in (None, 1.0) and inter in (None, 0.0)) and not (rgb or vector)  # colour is never scaled
     if rgb and len(shape) == 4 and shape[3] > 1:
         raise GeometryError(f"{path.name}: 4D RGB NIfTI images are not supported")
     try:
         if len(shape) == 4 and shape[3] > 1:
             index = frames.select(shape[3], path.name)
-            raw = img.get_fdata(dtype=np.float32).mean(axis=3) if index is None else img.dataobj[..., index]
-        else:
-            raw = np.asanyarray(img.dataobj)
+            if index is None:
+                voxels = np.abs(np.asanyarray(img.dataobj)) if complex_ else img.get_fdata(dtype=np.float32)
+                raw = voxels.mean(axis=3, dtype=np.float32)
+            else:
+                raw = img.dataobj[..., index]
+        else:  # nibabel would apply scl_slope / scl_inter to colour too (and fail on RGB24 / RGBA32)
+            raw = img.dataobj.get_unscaled() if rgb or vector else np.asanyarray(img.dataobj)
         data = np.asarray(raw)
     except (EOFError, OSError, ValueError, OverflowError, zlib.error, gzip.BadGzipFile) as exc:
         raise InvalidInputError(f"{path.name}: truncated or corrupt NIfTI data ({exc})") from exc
     if vector:  # (x, y, z, 1, RGB[A]): colour, alpha dropped as for PNG
-        data = np.ascontiguousarray(data[:, :, :, 0, :3])
+        data = colour_8bit(np.ascontiguousarray(data[:, :, :, 0, :3]), path.name)
     else:
         data = data.reshape(data.shape[:3] if data.ndim >= 3 else data.shape + (1,) * (3 - data.ndim))
     if rgb:
         data = np.stack([data[c] for c in RGB24.names], axis=-1)
+    if complex_:
+        log.warning("%s: complex voxels; their magnitude is used", path.name)
+        data = np.abs(data).astype(np.float32)
     if data.dtype.byteorder not in ("=", "|"):
         data = data.astype(data.dtype.newbyteorder("="))
     if data.dtype not in _NATIVE_DTYPES and data.dtype != np.float32:

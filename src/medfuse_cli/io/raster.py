@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import GeometryError, InvalidInputError
 from ..image import Image, Modality, Provenance
 from .atomic import atomic_write_bytes
-from .limits import MAX_PAGES, MAX_PIXELS_2D, check_voxel_count
+from .limits import MAX_PAGES, MAX_PIXELS_2D, check_voxel_count, colour_8bit
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,11 @@ def _from_pixels(pixels: np.ndarray, name: str, fmt: str) -> Image:
             pixels = r  # greyscale stored as RGB
     if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] != 3):
         raise GeometryError(f"{name}: unsupported raster layout {pixels.shape}; expected greyscale or RGB")
+    if pixels.ndim == 3:
+        pixels = colour_8bit(pixels, name)
+    if pixels.dtype.kind == "c":
+        log.warning("%s: complex pixels; their magnitude is used", name)
+        pixels = np.abs(pixels)
     if pixels.dtype.kind not in "uif":
         pixels = pixels.astype(np.float32)
     data = np.ascontiguousarray(np.swapaxes(pixels, 0, 1)[:, :, None])

@@ -681,3 +681,24 @@ def test_a_sheared_colour_volume_is_resampled_channel_by_channel():
     np.testing.assert_array_equal(flat_rgb.affine, flat_grey.affine)
     np.testing.assert_allclose(flat_rgb.data[..., 0], flat_grey.data, atol=1e-5)
     np.testing.assert_allclose(flat_rgb.data[..., 1], flat_grey.data / 2, atol=1e-5)
+
+
+def test_an_image_too_small_for_the_metrics_is_fused_without_them(tmp_path, cli):
+    """A 9x9 crop of a real pair was refused (exit 5) because the report's SSIM window needs 11
+    pixels, though the fusion itself needs no such size; now it is fused and the metrics skipped,
+    with a warning in the report. A 12x12 crop is still scored."""
+    from PIL import Image as PILImage
+
+    folder = shared_path("harvard", "mri-ct")
+    for side in (9, 12):
+        for role in ("mri", "ct"):
+            with PILImage.open(folder / f"02004_{role}.png") as im:
+                im.crop((120, 120, 120 + side, 120 + side)).save(tmp_path / f"{side}_{role}.png")
+        res = cli("fuse", tmp_path / f"{side}_mri.png", tmp_path / f"{side}_ct.png", "-o", tmp_path / f"{side}.png",
+                  "--method", "mean")
+        assert res.exit_code == 0, res.stderr
+        report = json.loads((tmp_path / f"{side}.json").read_text())
+        assert (report.get("metrics") is None) == (side == 9)
+        assert any("too small for the metrics" in w for w in report["warnings"]) == (side == 9)
+        with PILImage.open(tmp_path / f"{side}.png") as im:
+            assert im.size == (side, side)

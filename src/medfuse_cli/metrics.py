@@ -81,13 +81,22 @@ def correlation(x: np.ndarray, y: np.ndarray) -> float:
     return float((x * y).sum() / den) if den > 0 else 0.0
 
 
+def too_small(shape: tuple[int, ...]) -> bool:
+    """Whether SSIM's window does not fit an array of this (metric layout) shape: every axis needs
+    its side, except the slices of a slab thinner than it, which are scored one by one."""
+    side = 2 * SSIM_RADIUS + 1
+    if len(shape) == 3 and shape[0] < side:
+        shape = shape[1:]
+    return min(shape) < side
+
+
 def ssim(x: np.ndarray, y: np.ndarray) -> float:
     """Mean SSIM, Gaussian window (see module docstring), data range 255; a slab of fewer slices
     than the window is scored with 2D windows on each slice."""
     side = 2 * SSIM_RADIUS + 1
     if x.ndim == 3 and x.shape[0] < side <= min(x.shape[1:]):
         return float(np.mean([ssim(a, b) for a, b in zip(x, y, strict=True)]))
-    if min(x.shape) < side:
+    if too_small(x.shape):
         raise GeometryError(f"SSIM needs at least {side} voxels along every axis, got {x.shape}")
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 

@@ -223,7 +223,8 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions,
 
         log.warning("auto: no AdaFuse model card in %s (MEDFUSE_WEIGHTS names another folder): using the %s rule",
                     weights.WEIGHTS_DIR, method)
-    budget = plan(fixed.shape[:3], method, options.metrics, options.patch, options.max_memory, options.device)
+    metrics = options.metrics and _scorable(fixed)
+    budget = plan(fixed.shape[:3], method, metrics, options.patch, options.max_memory, options.device)
     timings["check_s"] = time.perf_counter() - t0  # the inputs checked, the memory planned (torch loaded)
 
     t0 = time.perf_counter()
@@ -330,6 +331,19 @@ def _library_versions() -> dict[str, str]:
 
     names = ["numpy", "scipy", "SimpleITK", "nibabel", "pydicom", *(["torch"] if "torch" in sys.modules else [])]
     return {name: of(name) for name in names}
+
+
+def _scorable(fixed: Image) -> bool:
+    """Whether the metrics' SSIM window fits FIXED's grid; if not, they are skipped with a warning (the
+    fusion itself needs no such size)."""
+    from .metrics import too_small
+
+    x, y, z = fixed.shape[:3]
+    if not too_small((y, x) if fixed.is_2d else (z, y, x)):
+        return True
+    log.warning("%s is too small for the metrics (SSIM's window needs 11 voxels a side): metrics skipped",
+                "x".join(map(str, fixed.shape[:3])))
+    return False
 
 
 def _metrics(fixed: Image, moved: Image, fused: Image) -> dict[str, Any]:

@@ -336,13 +336,13 @@ def _library_versions() -> dict[str, str]:
 def _scorable(fixed: Image) -> bool:
     """Whether the metrics' SSIM window fits FIXED's grid; if not, they are skipped with a warning (the
     fusion itself needs no such size)."""
-    from .metrics import too_small
+    from .metrics import SSIM_RADIUS, too_small
 
     x, y, z = fixed.shape[:3]
     if not too_small((y, x) if fixed.is_2d else (z, y, x)):
         return True
-    log.warning("%s is too small for the metrics (SSIM's window needs 11 voxels a side): metrics skipped",
-                "x".join(map(str, fixed.shape[:3])))
+    log.warning("%s is too small for the metrics (SSIM's window needs %d voxels a side): metrics skipped",
+                "x".join(map(str, fixed.shape[:3])), 2 * SSIM_RADIUS + 1)
     return False
 
 

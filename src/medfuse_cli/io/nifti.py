@@ -20,7 +20,7 @@ from .limits import check_components, check_voxel_count, colour_8bit
 RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
 RGBA32 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")])  # read as colour, alpha dropped
 # NIFTI_INTENT_VECTOR, _RGB_VECTOR, _RGBA_VECTOR: a 5D file of one time point whose 5th axis holds
-# a voxel's components, as SimpleITK writes a vector image (an 8-bit RGB(A) one is colour)
+# a voxel's components, as SimpleITK writes a vector image (an 8- or 16-bit RGB(A) one is colour)
 VECTOR_INTENTS = (1007, 2003, 2004)
 log = logging.getLogger(__name__)
 FORMS_APART_MM = 0.1  # an sform and a qform further apart than this at a corner are warned of

@@ -280,3 +280,46 @@ def test_rgba32_and_complex_voxels(tmp_path, caplog):
             image = read_image(tmp_path / "complex.nii.gz", frames=frames)
             np.testing.assert_allclose(image.data, grey, atol=1e-5)
     assert sum("magnitude" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_nifti_pairs_and_analyze_hdr_img(tmp_path, cli, caplog):
+    """.hdr/.img files (NIfTI-1 pairs, and Analyze 7.5 as SPM wrote it) were 'not a recognised
+    image'. A pair reads as its .nii.gz does, by either name; SPM's Analyze with its .mat keeps the
+    affine; Analyze without one is read as LAS with a warning; a short .img is refused (exit 4)."""
+    from conftest import assert_one_line_error
+
+    source = EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+    pet = nib.load(source)
+    reference = read_image(source)
+    voxels = np.asarray(pet.dataobj).astype(np.int16)
+    nib.Nifti1Pair(np.asarray(pet.dataobj), pet.affine).to_filename(tmp_path / "pair.hdr")
+    nib.Spm2AnalyzeImage(voxels, pet.affine).to_filename(tmp_path / "spm.img")  # + spm.mat
+    nib.AnalyzeImage(voxels, pet.affine).to_filename(tmp_path / "plain.hdr")
+    assert (tmp_path / "spm.mat").is_file()
+
+    with caplog.at_level("WARNING"):
+        for name in ("pair.hdr", "pair.img", "spm.hdr"):
+            image = read_image(tmp_path / name)
+            np.testing.assert_allclose(image.affine, reference.affine, atol=1e-5)
+            np.testing.assert_allclose(image.data, reference.data if name.startswith("pair") else voxels, atol=1e-6)
+        assert not [r for r in caplog.records if "orientation" in r.getMessage()]
+        plain = read_image(tmp_path / "plain.img")
+    assert any("Analyze 7.5 header gives no orientation" in r.getMessage() for r in caplog.records)
+    assert plain.orientation == "LAS"
+    np.testing.assert_array_equal(plain.data, voxels)
+
+    res = cli("fuse", tmp_path / "spm.hdr", EXAMPLES / "spm12" / "OldNorm_T1.nii.gz", "-o", tmp_path / "f.nii.gz",
+              "--method", "mean", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    out = nib.load(tmp_path / "f.nii.gz")
+    np.testing.assert_allclose(out.affine, reference.affine, atol=1e-5)
+    assert int(out.header["sform_code"]) > 0
+
+    (tmp_path / "pair.img").write_bytes((tmp_path / "pair.img").read_bytes()[:1000])
+    assert_one_line_error(cli("info", tmp_path / "pair.hdr"), 4)
+    # found by fuzzing: a negative step along a 4th axis made nibabel's conversion raise (exit 1)
+    header = bytearray((tmp_path / "plain.hdr").read_bytes())
+    header[40:42], header[48:50] = np.array([4], "<i2").tobytes(), np.array([1], "<i2").tobytes()  # dims: x,y,z,1
+    header[92:96] = np.array([-1.0], "<f4").tobytes()  # pixdim[4], the 4th axis's step
+    (tmp_path / "plain.hdr").write_bytes(bytes(header))
+    assert_one_line_error(cli("info", tmp_path / "plain.hdr"), 4)

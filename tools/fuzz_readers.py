@@ -9,7 +9,7 @@ libFuzzer's ``-rss_limit_mb``) is a finding, saved by libFuzzer as ``crash-*`` /
     python tools/fuzz_readers.py all CORPUS_DIR -max_total_time=20       # what the tests run
     python tools/fuzz_readers.py --seeds nifti CORPUS_DIR                 # write seed inputs from examples/
 
-Readers: nifti (.nii), nifti-gz (.nii.gz), dicom (.dcm), png, tiff, nrrd, mha, jpeg, bmp, tiff-stack (ImageJ), or ``all`` (the first byte of
+Readers: nifti (.nii), nifti-gz (.nii.gz), analyze (.hdr + .img), dicom (.dcm), png, tiff, nrrd, mha, jpeg, bmp, tiff-stack (ImageJ), or ``all`` (the first byte of
 each input picks the reader: one process, one corpus, what the test suite runs). Seeds come from the bundled
 real examples (a cropped SPM12 T1, also as NRRD / MetaImage and as an ImageJ TIFF stack, one slice of the XA30 DICOM
 series, PNG / TIFF / JPEG / BMP slices of the T1).
@@ -42,15 +42,25 @@ with atheris.instrument_imports(include=["medfuse_cli", "nibabel", "pydicom", "P
     from medfuse_cli.io import read_image
 
 ROOT = Path(__file__).resolve().parents[1]
-SUFFIX = {"nifti": ".nii", "nifti-gz": ".nii.gz", "dicom": ".dcm", "png": ".png", "tiff": ".tif", "nrrd": ".nrrd",
+SUFFIX = {"nifti": ".nii", "nifti-gz": ".nii.gz", "analyze": ".hdr", "dicom": ".dcm", "png": ".png", "tiff": ".tif", "nrrd": ".nrrd",
           "mha": ".mha", "jpeg": ".jpg", "bmp": ".bmp", "tiff-stack": ".tif"}
 _WORK = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+
+
+def _pair_bytes(img) -> bytes:
+    """The 348-byte header of a .hdr/.img image followed by its voxels (an SPM .mat is left out)."""
+    holders = {name: nib.FileHolder(fileobj=io.BytesIO()) for name, _ in img.files_types}
+    img.to_file_map(holders)
+    return holders["header"].fileobj.getvalue() + holders["image"].fileobj.getvalue()
 
 
 def seeds(kind: str) -> dict[str, bytes]:
     """Small real inputs of one kind, made from the bundled examples."""
     t1 = nib.load(str(ROOT / "examples" / "spm12" / "OldNorm_T1.nii.gz"))
     crop = np.asarray(t1.dataobj)[30:46, 40:56, 40:48]
+    if kind == "analyze":  # a header and its voxels, written as NAME.hdr + NAME.img by the target
+        return {"t1_crop_analyze": _pair_bytes(nib.Spm2AnalyzeImage(crop, t1.affine)),
+                "t1_crop_nifti_pair": _pair_bytes(nib.Nifti1Pair(crop, t1.affine))}
     if kind in ("nifti", "nifti-gz"):
         rgb = np.stack([crop, crop // 2, 255 - crop], -1)[:, :, :, None].astype(np.uint8)
         vector = nib.Nifti1Image(rgb, t1.affine)  # 5D, as SimpleITK writes a colour vector image
@@ -105,13 +115,20 @@ def target(kind: str):
                 return
             k, data = kinds[data[0] % len(kinds)], data[1:]
         path = _WORK / f"medfuse-fuzz-{os.getpid()}{SUFFIX[k]}"  # a file, removed after each input
-        path.write_bytes(data)
+        pair = path.with_suffix(".img") if k == "analyze" else None
+        if pair is not None:  # the first 348 bytes are the header, the rest the voxels
+            path.write_bytes(data[:348])
+            pair.write_bytes(data[348:])
+        else:
+            path.write_bytes(data)
         try:
             read_image(path)
         except MedfuseError:
             pass
         finally:
             path.unlink(missing_ok=True)
+            if pair is not None:
+                pair.unlink(missing_ok=True)
 
     return one_input
 

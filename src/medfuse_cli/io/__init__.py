@@ -18,6 +18,7 @@ __all__ = ["FrameChoice", "check_dicom_fits", "check_output", "guess_modality", 
            "write_image"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ANALYZE_SUFFIXES = (".hdr", ".img")  # NIfTI-1 pairs and Analyze 7.5 (SPM's older format): read only
 RASTER_SUFFIXES = (".png", ".tif", ".tiff")  # written; JPEG and BMP are read too
 RASTER_READ_SUFFIXES = (*RASTER_SUFFIXES, *READ_ONLY_SUFFIXES)
 PAIR_SUFFIXES = (".nii.gz", ".nii", *RASTER_READ_SUFFIXES, *ITK_OUTPUT_SUFFIXES)  # one-file images of a pairs folder
@@ -52,7 +53,7 @@ def _kind(path: Path) -> str:
     name = path.name.lower()
     if path.is_dir():
         return "dicom"
-    if name.endswith(NIFTI_SUFFIXES):
+    if name.endswith(NIFTI_SUFFIXES + ANALYZE_SUFFIXES):
         return "nifti"
     if name.endswith(RASTER_READ_SUFFIXES):
         return "raster"
@@ -69,7 +70,7 @@ def _kind(path: Path) -> str:
     if head[:2] == b"\x1f\x8b":
         return "nifti"
     raise InvalidInputError(
-        f"{path.name}: not a recognised image (expected NIfTI, NRRD, MetaImage, a DICOM folder/zip/file, PNG, TIFF, JPEG or BMP)"
+        f"{path.name}: not a recognised image (expected NIfTI (.nii, .nii.gz, .hdr/.img), NRRD, MetaImage, a DICOM folder/zip/file, PNG, TIFF, JPEG or BMP)"
     )
 
 

@@ -53,13 +53,27 @@ def _load(path: Path) -> nib.Nifti1Image:
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, EOFError, OSError, ValueError,
             zlib.error) as exc:
         raise InvalidInputError(f"{path.name}: not a readable NIfTI file ({exc})") from exc
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+    if isinstance(img, (nib.Nifti1Pair, nib.Nifti2Pair)):  # a .nii, or a NIfTI-1/2 .hdr/.img pair
+        return img
+    if not isinstance(img, nib.AnalyzeImage):
         raise InvalidInputError(f"{path.name}: not a NIfTI image ({type(img).__name__})")
-    return img
+    try:
+        converted = nib.Nifti1Image.from_image(img)
+        converted.header.set_sform(img.affine, code=2)  # so its outputs carry the grid it was read on
+        converted.header.set_qform(img.affine, code=2)
+    except (nib.spatialimages.HeaderDataError, ValueError, np.linalg.LinAlgError) as exc:  # zero voxel size, ...
+        raise InvalidInputError(f"{path.name}: not a usable Analyze header ({exc})") from exc
+    # Analyze 7.5 has no orientation field: nibabel (as SPM) takes the voxels as LAS around the
+    # header's origin, unless SPM wrote the affine into a .mat file beside it
+    if not (isinstance(img, nib.Spm99AnalyzeImage) and path.with_suffix(".mat").is_file()):
+        log.warning("%s: an Analyze 7.5 header gives no orientation; voxels taken as %s (SPM's convention), so only "
+                    "registration can place it", path.name, "".join(nib.aff2axcodes(img.affine)))
+    return converted
 
 
 def _check_size(path: Path, header: nib.Nifti1Header, shape: tuple[int, ...]) -> None:
-    """Refuse an uncompressed file shorter than its header claims, before reading any voxel."""
+    """Refuse an uncompressed file (the ``.img`` of a pair) shorter than its header claims, before
+    reading any voxel."""
     if path.name.lower().endswith(".gz"):
         return  # the decompressed size is only known by reading; a short stream fails while reading
     need = int(header.get_data_offset()) + int(np.prod(shape, dtype=object)) * header.get_data_dtype().itemsize
@@ -95,7 +109,7 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     header = img.header
     shape = tuple(int(s) for s in img.shape)
     check_voxel_count(shape, path.name)
-    _check_size(path, header, shape)
+    _check_size(path.with_suffix(".img") if path.suffix.lower() == ".hdr" else path, header, shape)  # a pair's voxels
     rgb = header.get_data_dtype() in (RGB24, RGBA32)  # RGB24: as medfuse writes colour results
     complex_ = header.get_data_dtype().kind == "c"
     vector = len(shape) == 5 and shape[3] == 1 and shape[4] > 1 and int(header["intent_code"]) in VECTOR_INTENTS

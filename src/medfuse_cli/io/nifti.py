@@ -47,7 +47,8 @@ def _spatial_unit(header: nib.Nifti1Header) -> tuple[str, float]:
     return SPATIAL_UNITS.get(int(header["xyzt_units"]) & 0x07, ("mm", 1.0))
 
 
-def _load(path: Path) -> nib.Nifti1Image:
+def _load(path: Path) -> nib.Nifti1Pair | nib.Nifti2Pair:
+    """A NIfTI image or pair; an Analyze 7.5 one converted to NIfTI-1 with its affine as sform."""
     try:
         img = nib.load(str(path))
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, EOFError, OSError, ValueError,
@@ -103,7 +104,8 @@ def _warn_if_forms_differ(header, shape: tuple[int, ...], name: str) -> None:
 
 
 def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
-    """Read a ``.nii`` / ``.nii.gz`` file; the affine follows the header's sform/qform codes."""
+    """Read a ``.nii`` / ``.nii.gz`` file or a ``.hdr`` / ``.img`` pair (NIfTI-1 or Analyze 7.5); the
+    affine follows the header's sform/qform codes."""
     frames = frames or FrameChoice()
     img = _load(path)
     header = img.header

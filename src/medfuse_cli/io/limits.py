@@ -52,3 +52,11 @@ def colour_8bit(rgb: np.ndarray, name: str) -> np.ndarray:
         raise InvalidInputError(f"{name}: RGB of {rgb.dtype} channels; medfuse reads 8- or 16-bit RGB")
     log.info("%s: 16-bit RGB read as 8-bit", name)
     return np.round(rgb / 257.0).astype(np.uint8)
+
+
+def real_valued(data: np.ndarray, name: str) -> np.ndarray:
+    """Complex voxels (some MR reconstructions) as their float32 magnitude, with a warning; others as they are."""
+    if data.dtype.kind != "c":
+        return data
+    log.warning("%s: complex voxels; their magnitude is used", name)
+    return np.abs(data).astype(np.float32)

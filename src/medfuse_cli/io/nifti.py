@@ -15,7 +15,7 @@ from ..errors import GeometryError, InvalidInputError
 from ..image import Image, Modality, NiftiGeometry, Provenance
 from .atomic import atomic_write_bytes
 from .frames import FrameChoice
-from .limits import check_components, check_voxel_count, colour_8bit
+from .limits import check_components, check_voxel_count, colour_8bit, real_valued
 
 RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
 RGBA32 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")])  # read as colour, alpha dropped
@@ -132,7 +132,7 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
         if len(shape) == 4 and shape[3] > 1:
             index = frames.select(shape[3], path.name)
             if index is None:
-                voxels = np.abs(np.asanyarray(img.dataobj)) if complex_ else img.get_fdata(dtype=np.float32)
+                voxels = real_valued(np.asanyarray(img.dataobj), path.name) if complex_ else img.get_fdata(dtype=np.float32)
                 raw = voxels.mean(axis=3, dtype=np.float32)
             else:
                 raw = img.dataobj[..., index]
@@ -147,9 +147,7 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
         data = data.reshape(data.shape[:3] if data.ndim >= 3 else data.shape + (1,) * (3 - data.ndim))
     if rgb:
         data = np.stack([data[c] for c in RGB24.names], axis=-1)
-    if complex_:
-        log.warning("%s: complex voxels; their magnitude is used", path.name)
-        data = np.abs(data).astype(np.float32)
+    data = real_valued(data, path.name)
     if data.dtype.byteorder not in ("=", "|"):
         data = data.astype(data.dtype.newbyteorder("="))
     if data.dtype not in _NATIVE_DTYPES and data.dtype != np.float32:

@@ -17,7 +17,13 @@ import numpy as np
 from ..errors import GeometryError, InvalidInputError
 from ..image import Image, Modality, Provenance
 from .atomic import atomic_write_bytes
-from .limits import MAX_PAGES, MAX_PIXELS_2D, check_voxel_count, colour_8bit
+from .limits import (
+    MAX_PAGES,
+    MAX_PIXELS_2D,
+    check_voxel_count,
+    colour_8bit,
+    real_valued,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +46,7 @@ def _from_pixels(pixels: np.ndarray, name: str, fmt: str) -> Image:
         raise GeometryError(f"{name}: unsupported raster layout {pixels.shape}; expected greyscale or RGB")
     if pixels.ndim == 3:
         pixels = colour_8bit(pixels, name)
-    if pixels.dtype.kind == "c":
-        log.warning("%s: complex pixels; their magnitude is used", name)
-        pixels = np.abs(pixels)
+    pixels = real_valued(pixels, name)
     if pixels.dtype.kind not in "uif":
         pixels = pixels.astype(np.float32)
     data = np.ascontiguousarray(np.swapaxes(pixels, 0, 1)[:, :, None])

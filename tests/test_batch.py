@@ -144,6 +144,30 @@ def test_pairing_rules_manifest_and_timeout(tmp_path, cli):
     assert not (tmp_path / "slow" / "brain.nii.gz").exists()
 
 
+def test_folders_of_hdr_img_pairs(tmp_path, cli):
+    """Analyze / NIfTI .hdr + .img pairs were found only through a CSV manifest; every folder rule
+    now names a pair by its .hdr (its .img goes with it) and the case fuses in FIXED's geometry."""
+    import numpy as np
+
+    def pair(src: Path, dest: Path) -> None:
+        image = nib.load(src)
+        nib.Nifti1Pair(np.asarray(image.dataobj), image.affine).to_filename(dest)
+
+    for name, partner in (("bench/s1_mri.hdr", "bench/s1_pet.hdr"), ("nn/b_0000.hdr", "nn/b_0001.hdr"),
+                          ("sub/c1/t1.hdr", "sub/c1/pet.hdr")):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        pair(T1, tmp_path / name)
+        pair(PET, tmp_path / partner)
+    for folder, expected in (("bench", "benchmark"), ("nn", "nnunet"), ("sub", "subfolders")):
+        cases, rule, unpaired = discover(tmp_path / folder, tmp_path / "o")
+        assert (rule, len(cases), unpaired) == (expected, 1, []), (folder, unpaired)
+        assert cases[0].fixed.endswith(("_mri.hdr", "_0000.hdr", "t1.hdr")) and cases[0].output.endswith(".nii.gz")
+    res = cli("batch", tmp_path / "sub", "-o", tmp_path / "out", "--engine", "sequential", "--method", "mean",
+              "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    np.testing.assert_allclose(nib.load(tmp_path / "out" / "c1.nii.gz").affine, nib.load(T1).affine, atol=1e-5)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,7 +21,8 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ANALYZE_SUFFIXES = (".hdr", ".img")  # NIfTI-1 pairs and Analyze 7.5 (SPM's older format): read only
 RASTER_SUFFIXES = (".png", ".tif", ".tiff")  # written; JPEG and BMP are read too
 RASTER_READ_SUFFIXES = (*RASTER_SUFFIXES, *READ_ONLY_SUFFIXES)
-PAIR_SUFFIXES = (".nii.gz", ".nii", *RASTER_READ_SUFFIXES, *ITK_OUTPUT_SUFFIXES)  # one-file images of a pairs folder
+# the images of a pairs folder, each named by one file (an Analyze / NIfTI pair by its .hdr)
+PAIR_SUFFIXES = (".nii.gz", ".nii", ".hdr", *RASTER_READ_SUFFIXES, *ITK_OUTPUT_SUFFIXES)
 
 
 def named_pattern(tag: str) -> re.Pattern[str]:

@@ -130,11 +130,20 @@ def _bad_dicom(kind: str, folder: Path) -> Path:
         def edit(ds, i):
             del ds.ImagePositionPatient
         return _dicom_series(folder, edit, files[:4])
+    if kind == "not_a_transfer_syntax":  # found by fuzzing: the error's own handling raised (exit 1)
+        def edit(ds, i):
+            ds.file_meta.TransferSyntaxUID = "0.2.840.10008.1.2.1"
+        return _dicom_series(folder, edit, files[:4])
+    if kind == "two_row_counts":  # found by fuzzing: int() of a list (exit 1)
+        def edit(ds, i):
+            ds["Rows"] = pydicom.DataElement("Rows", "US", [ds.Rows, ds.Rows])
+        return _dicom_series(folder, edit, files[:4])
     raise AssertionError(kind)
 
 
 DICOM_CASES = {"truncated_file": 4, "wrong_magic": 4, "bit_flipped_pixels": 4, "absurd_size": 4, "zero_rows": 4,
-               "mixed_series": 2, "no_geometry": 4}
+               "mixed_series": 2, "no_geometry": 4, "not_a_transfer_syntax": 4,
+               "two_row_counts": 4}
 
 
 @pytest.mark.parametrize("kind", list(DICOM_CASES))
@@ -191,6 +200,15 @@ def test_unusable_pairs_and_values(tmp_path, cli):
         assert_one_line_error(cli("fuse", *args, "-o", out), code)
         assert not (tmp_path / "out").exists(), args
     assert cli("fuse", t1_png, pet_png, "-o", tmp_path / "ok.png").exit_code == 0  # the positive control
+    # a colour PET given first (the inputs swapped): refused, and the message says which goes where
+    from PIL import Image as PILImage
+
+    grey = np.asarray(PILImage.open(pet_png))
+    PILImage.fromarray(np.stack([grey, grey // 2, 255 - grey], -1).astype(np.uint8)).save(tmp_path / "pet_rgb.png")
+    res = cli("fuse", tmp_path / "pet_rgb.png", t1_png, "-o", out)
+    assert_one_line_error(res, 4)
+    assert "give the MRI first (FIXED) and pet_rgb.png second (MOVING)" in res.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_unreadable_input_and_read_only_output_without_root(tmp_path, cli, monkeypatch):

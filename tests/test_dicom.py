@@ -339,7 +339,7 @@ def test_a_series_no_decoder_reads_is_named_as_such(tmp_path, cli):
 
 def test_colour_nm_multiframe_tomo(tmp_path):
     """A colour (RGB) NM multi-frame object built from real PET slices reads as a colour volume,
-    frame i at ipp0 + i*step*normal, as the greyscale one does."""
+    frame i at ipp0 + i*step*normal, as the greyscale one does, with 8-, 12- or 16-bit channels."""
     folder = shared_path(*PET, "dicom")
     slices = [pydicom.dcmread(f) for f in sorted(folder.glob("*.dcm"))[:12]][::-1]
     grey = np.stack([s.pixel_array * float(s.RescaleSlope) for s in slices])
@@ -366,3 +366,9 @@ def test_colour_nm_multiframe_tomo(tmp_path):
     np.testing.assert_array_equal(image.data, frames.transpose(2, 1, 0, 3))
     top = np.array([float(v) for v in slices[-1].ImagePositionPatient])
     np.testing.assert_allclose(image.affine @ [0, 0, 11, 1], [-top[0], -top[1], top[2], 1], atol=1e-3)
+    # 16- and 12-bit channels are scaled to 8 bits from their BitsStored (they were clipped at 255)
+    for bits in (16, 12):
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits, bits - 1
+        ds.PixelData = np.round(frames * ((2**bits - 1) / 255)).astype("<u2").tobytes()
+        ds.save_as(tmp_path / f"nm{bits}.dcm", enforce_file_format=False)
+        np.testing.assert_array_equal(read_image(tmp_path / f"nm{bits}.dcm").data, frames.transpose(2, 1, 0, 3))

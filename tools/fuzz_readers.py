@@ -85,7 +85,18 @@ def seeds(kind: str) -> dict[str, bytes]:
     if kind == "dicom":
         with zipfile.ZipFile(ROOT / "examples" / "dicom" / "mr_t1_xa30.zip") as zf:
             name = sorted(n for n in zf.namelist() if not n.endswith("/"))[40]
-            return {"xa30_slice": zf.read(name)}
+            raw = zf.read(name)
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(raw))  # a 12-bit RGB crop of the slice, without private tags
+        ds.remove_private_tags()
+        grey = ds.pixel_array[100:116, 100:116].astype(np.uint16)
+        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 16, 16, 3, "RGB"
+        ds.PlanarConfiguration, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 0, 16, 12, 11
+        ds.PixelData = np.stack([grey, grey // 2, 4095 - np.minimum(grey, 4095)], -1).astype("<u2").tobytes()
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=False)
+        return {"xa30_slice": raw, "xa30_crop_rgb12": buf.getvalue()}
     from PIL import Image as PILImage
 
     grey = (np.asarray(t1.dataobj)[:, :, 45].astype(np.float32) / max(1, crop.max()) * 255).astype(np.uint8)

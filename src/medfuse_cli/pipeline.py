@@ -148,7 +148,8 @@ def _check_pair(fixed: Image, moving: Image) -> Image:
     field of view when both are slices without geometry (PNG / TIFF) of different sizes, or resampled
     onto an orthogonal grid when sheared."""
     if fixed.is_color:
-        raise InvalidInputError(f"FIXED {fixed.provenance.source} is colour; the anatomical image must be greyscale")
+        raise InvalidInputError(f"FIXED {fixed.provenance.source} is colour, but FIXED must be the greyscale "
+                                f"anatomy: give the MRI first (FIXED) and {fixed.provenance.source} second (MOVING)")
     if fixed.is_2d != moving.is_2d:
         two, three = (fixed, moving) if fixed.is_2d else (moving, fixed)
         raise GeometryError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import reprlib
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from pydicom.pixels import apply_color_lut
 from ..errors import ChoiceRequiredError, InvalidInputError
 from ..image import Image, Modality, Provenance
 from .frames import FrameChoice
-from .limits import check_voxel_count
+from .limits import check_voxel_count, colour_8bit
 from .stack import Slice, SliceStack, stack_slices
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,18 @@ def _iter_sources(path: Path) -> Iterator[tuple[str, object]]:
         yield path.name, (lambda: open(path, "rb"))  # noqa: SIM115 - the caller closes it
 
 
+WHOLE_NUMBERS = ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "BitsStored",
+                 "InstanceNumber", "SeriesNumber")  # read with int()
+
+
 def _parse_all(ds: Dataset) -> None:
     """Convert every element now (pydicom parses values lazily), so a damaged value fails here,
     inside the reader's error handling, not later at first use."""
     ds.walk(lambda _ds, _elem: None)
+    for key in WHOLE_NUMBERS:
+        value = ds.get(key)
+        if value is not None and value != "" and not isinstance(value, int):
+            raise ValueError(f"{key} is {reprlib.repr(value)}, not one whole number")
 
 
 def _read_header(name: str, opener: object) -> Dataset | None:
@@ -199,17 +208,18 @@ def _pixels(entry: _Entry) -> tuple[Dataset, np.ndarray]:
             ds = pydicom.dcmread(fh)
         _parse_all(ds)
         arr = ds.pixel_array
-        if _is_palette(ds):  # indices into a colour table (colour-mapped PET/NM): the colours are the image
+        colour, bits = _is_palette(ds), 16  # bits of a colour channel; palette entries span 0..65535
+        if colour:  # indices into a colour table (colour-mapped PET/NM): the colours are the image
             arr = apply_color_lut(arr, ds)
-            if arr.dtype != np.uint8:  # 16-bit table entries
-                arr = np.rint(arr / 257.0).astype(np.uint8)
+        elif int(ds.get("SamplesPerPixel", 1) or 1) == 3:
+            colour, bits = True, int(ds.get("BitsStored") or 16)
     except Exception as exc:
         syntax = ds.file_meta.get("TransferSyntaxUID") if ds is not None and hasattr(ds, "file_meta") else None
-        if syntax is not None and syntax.is_compressed and "Unable to decode" in str(exc):
+        if syntax is not None and syntax.is_transfer_syntax and syntax.is_compressed and "Unable to decode" in str(exc):
             raise InvalidInputError(f"{entry.name}: pixel data compressed as '{syntax.name}', which no installed "
                                     "decoder reads (decompress it, e.g. with gdcmconv --raw)") from exc
         raise InvalidInputError(f"{entry.name}: corrupt or undecodable DICOM pixel data ({exc})") from exc
-    return ds, arr
+    return ds, colour_8bit(arr, entry.name, bits) if colour else arr
 
 
 def _is_palette(ds: Dataset) -> bool:

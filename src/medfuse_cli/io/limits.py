@@ -43,15 +43,16 @@ def check_components(components: int, dtype: np.dtype, name: str) -> None:
                             "medfuse reads greyscale, or 8- or 16-bit RGB(A) as colour")
 
 
-def colour_8bit(rgb: np.ndarray, name: str) -> np.ndarray:
-    """RGB voxels as 8-bit, which the colour path (YCbCr over 0..255) works on: 16-bit ones x / 257,
-    rounded; other types refused."""
+def colour_8bit(rgb: np.ndarray, name: str, bits: int = 16) -> np.ndarray:
+    """RGB voxels as 8-bit, which the colour path (YCbCr over 0..255) works on: 16-bit ones holding
+    ``bits`` bits (DICOM's BitsStored) scaled from 0..2**bits-1, rounded; other types refused."""
     if rgb.dtype == np.uint8:
         return rgb
     if rgb.dtype != np.uint16:
         raise InvalidInputError(f"{name}: RGB of {rgb.dtype} channels; medfuse reads 8- or 16-bit RGB")
-    log.info("%s: 16-bit RGB read as 8-bit", name)
-    return np.round(rgb / 257.0).astype(np.uint8)
+    top = 2 ** min(max(int(bits), 8), 16) - 1
+    log.info("%s: %d-bit RGB read as 8-bit", name, bits)
+    return np.round(np.minimum(rgb, top) * (255.0 / top)).astype(np.uint8)
 
 
 def real_valued(data: np.ndarray, name: str) -> np.ndarray:

@@ -134,16 +134,16 @@ def _bad_dicom(kind: str, folder: Path) -> Path:
         def edit(ds, i):
             ds.file_meta.TransferSyntaxUID = "0.2.840.10008.1.2.1"
         return _dicom_series(folder, edit, files[:4])
-    if kind == "two_row_counts":  # found by fuzzing: int() of a list (exit 1)
+    if kind in ("two_row_counts", "empty_rows"):  # found by fuzzing: int() of a list or of None (exit 1)
         def edit(ds, i):
-            ds["Rows"] = pydicom.DataElement("Rows", "US", [ds.Rows, ds.Rows])
+            ds["Rows"] = pydicom.DataElement("Rows", "US", [ds.Rows, ds.Rows] if kind == "two_row_counts" else None)
         return _dicom_series(folder, edit, files[:4])
     raise AssertionError(kind)
 
 
 DICOM_CASES = {"truncated_file": 4, "wrong_magic": 4, "bit_flipped_pixels": 4, "absurd_size": 4, "zero_rows": 4,
                "mixed_series": 2, "no_geometry": 4, "not_a_transfer_syntax": 4,
-               "two_row_counts": 4}
+               "two_row_counts": 4, "empty_rows": 4}
 
 
 @pytest.mark.parametrize("kind", list(DICOM_CASES))

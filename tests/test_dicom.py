@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import shutil
 import zipfile
 from pathlib import Path
@@ -372,3 +373,29 @@ def test_colour_nm_multiframe_tomo(tmp_path):
         ds.PixelData = np.round(frames * ((2**bits - 1) / 255)).astype("<u2").tobytes()
         ds.save_as(tmp_path / f"nm{bits}.dcm", enforce_file_format=False)
         np.testing.assert_array_equal(read_image(tmp_path / f"nm{bits}.dcm").data, frames.transpose(2, 1, 0, 3))
+
+
+def test_monochrome1_is_shown_as_a_viewer_shows_it(tmp_path, caplog):
+    """MONOCHROME1 (lowest values shown white) was read as stored, so a fused MRI looked inverted
+    against the viewer; an MR is now inverted within its range (as ITK reads it), while quantities
+    (a CT, PET or SPECT series claiming it) keep their stored values; both with a warning."""
+    ref = read_image(EXAMPLES_MR)
+    with zipfile.ZipFile(EXAMPLES_MR) as zf:
+        blobs = [zf.read(n) for n in sorted(zf.namelist()) if not n.endswith("/")]
+    for modality in ("MR", "PT"):
+        folder = tmp_path / modality
+        folder.mkdir()
+        for i, blob in enumerate(blobs):
+            ds = pydicom.dcmread(io.BytesIO(blob))
+            ds.PhotometricInterpretation, ds.Modality = "MONOCHROME1", modality
+            ds.PixelData = (4000 - ds.pixel_array).astype(ds.pixel_array.dtype).tobytes()
+            ds.save_as(folder / f"{i:03d}.dcm")
+        with caplog.at_level("WARNING"):
+            image = read_image(folder)
+        if modality == "MR":
+            assert image.data.min() == 4000 - ref.data.max()
+            np.testing.assert_array_equal(image.data - image.data.min(), ref.data - ref.data.min())
+            assert "MONOCHROME1 (lowest values shown white): inverted" in caplog.text
+        else:
+            np.testing.assert_array_equal(image.data, 4000 - ref.data)
+            assert "MONOCHROME1 ignored: a PT series' values are quantities" in caplog.text

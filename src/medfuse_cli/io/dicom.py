@@ -336,7 +336,7 @@ def read_dicom(
     uid = _choose_series(groups, series, path.name)
     group = groups[uid]
     first = group[0].header
-    rows, cols = int(first.get("Rows", 0)), int(first.get("Columns", 0))
+    rows, cols = int(first.get("Rows") or 0), int(first.get("Columns") or 0)
     check_voxel_count((rows, cols, len(group) * int(first.get("NumberOfFrames", 1) or 1)), path.name)
 
     slices: list[Slice] = []
@@ -371,17 +371,20 @@ def read_dicom(
         _, affine_lps, notes = stacked[0]
     else:
         vol, affine_lps, notes = stack_slices(SliceStack.from_slices(slices, path.name, frames), path.name, thickness)
+    modality_code = str(first.get("Modality", "OT") or "OT")
+    try:
+        modality = Modality.parse(modality_code)
+    except ValueError:
+        modality = Modality.OT
+    if str(first.get("PhotometricInterpretation", "") or "").strip().upper() == "MONOCHROME1":
+        vol, note = _monochrome1(vol, modality)
+        notes = [*notes, note]
     for note in notes:
         log.warning("%s: %s", path.name, note)
     units = _units(first)
     if suv_factor is not None:
         vol = (vol.astype(np.float64) * suv_factor).astype(np.float32)
         units = "SUVbw"
-    modality_code = str(first.get("Modality", "OT") or "OT")
-    try:
-        modality = Modality.parse(modality_code)
-    except ValueError:
-        modality = Modality.OT
     number = first.get("SeriesNumber")
     prov = Provenance(
         source=path.name,
@@ -393,6 +396,17 @@ def read_dicom(
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "") or "") or None,
     )
     return Image(data=vol, affine=LPS_TO_RAS @ affine_lps, modality=modality, units=units, provenance=prov)
+
+
+def _monochrome1(vol: np.ndarray, modality: Modality) -> tuple[np.ndarray, str]:
+    """A MONOCHROME1 series (viewers show its lowest values white) as MONOCHROME2, as ITK reads it:
+    inverted within its range, so the anatomy looks as a viewer shows it. Quantities (CT numbers,
+    activity: modalities whose DICOM objects never use MONOCHROME1) keep their values."""
+    if modality in (Modality.CT, Modality.PT, Modality.NM):
+        return vol, f"MONOCHROME1 ignored: a {modality.value} series' values are quantities, kept as stored"
+    wide = vol.astype(np.int64 if vol.dtype.kind in "iu" else np.float64)  # the sum of the extremes may overflow
+    inverted = (wide.max() + wide.min()) - wide  # within [min, max] again, so back in the stored type
+    return inverted.astype(vol.dtype), "MONOCHROME1 (lowest values shown white): inverted, as viewers show it"
 
 
 def _units(ds: Dataset) -> str | None:

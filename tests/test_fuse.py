@@ -702,3 +702,36 @@ def test_an_image_too_small_for_the_metrics_is_fused_without_them(tmp_path, cli)
         assert any("too small for the metrics" in w for w in report["warnings"]) == (side == 9)
         with PILImage.open(tmp_path / f"{side}.png") as im:
             assert im.size == (side, side)
+
+
+def test_one_slice_in_world_space_takes_a_volume(tmp_path, cli):
+    """A single slice with a position in space (NIfTI, DICOM) beside a volume was refused as "2D with
+    3D"; MOVING is now sampled on the slice's plane from the headers (or a given transform), the
+    result lies on the slice's grid, and what cannot work stays a one-line refusal."""
+    import SimpleITK as sitk
+
+    slab = tmp_path / "t1_slice.nii.gz"
+    nib.save(nib.load(T1).slicer[:, :, 44:45], slab)
+    pet = nib.load(PET).get_fdata()
+    moved = tmp_path / "pet_on_slice.nii.gz"
+    res = cli("register", slab, PET, "-o", moved)
+    assert res.exit_code == 0, res.stderr
+    np.testing.assert_allclose(nib.load(moved).get_fdata()[:, :, 0], pet[:, :, 44], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(nib.load(moved).affine, nib.load(slab).affine)
+    # a given transform, applied as it is: 2 mm up (one PET slice; FIXED point -> MOVING point, LPS)
+    sitk.WriteTransform(sitk.TranslationTransform(3, (0.0, 0.0, 2.0)), str(tmp_path / "up.tfm"))
+    res = cli("register", slab, PET, "-o", tmp_path / "up.nii.gz", "--initial-transform", tmp_path / "up.tfm")
+    assert res.exit_code == 0, res.stderr
+    np.testing.assert_allclose(nib.load(tmp_path / "up.nii.gz").get_fdata()[:, :, 0], pet[:, :, 45], rtol=1e-5, atol=1e-4)
+
+    out = tmp_path / "fused.nii.gz"
+    res = cli("fuse", slab, PET, "-o", out, "--method", "laplacian")
+    assert res.exit_code == 0, res.stderr
+    assert nib.load(out).shape == (91, 109, 1)
+    np.testing.assert_array_equal(nib.load(out).affine, nib.load(slab).affine)
+    report = json.loads((tmp_path / "fused.json").read_text())
+    assert "one slice of a volume" in report["registration"]["skipped"] and report["metrics"]["values"]["SSIM"] > 0.5
+    assert_one_line_error(cli("fuse", slab, PET, "-o", tmp_path / "r.nii.gz", "--transform", "rigid"), 5)
+    res = cli("fuse", PET, slab, "-o", tmp_path / "r.nii.gz")  # a volume cannot be filled from one slice
+    assert_one_line_error(res, 5)
+    assert "with the slice as FIXED" in res.stderr and not (tmp_path / "r.nii.gz").exists()

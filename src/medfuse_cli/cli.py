@@ -233,7 +233,7 @@ MaxMemory = Annotated[str, typer.Option("--max-memory", help="Memory one fusion 
 Overlap = Annotated[float, typer.Option("--overlap", help="Volume networks (dcfb3d): overlap of neighbouring windows, 0 to below 1; windows are blended with Gaussian weights.")]
 Transform = Annotated[
     str,
-    typer.Option("--transform", "-t", help="Registration: auto (rigid, but none when both inputs share one grid, e.g. templates in one space or PNG/TIFF slices of one size: taken as aligned), rigid or affine (rigid then affine; also on one grid, for images resampled to one grid but not aligned), or none. 2D slices are registered in their plane."),
+    typer.Option("--transform", "-t", help="Registration: auto (rigid, but none when both inputs share one grid, e.g. templates in one space or PNG/TIFF slices of one size: taken as aligned), rigid or affine (rigid then affine; also on one grid, for images resampled to one grid but not aligned), or none. 2D slices are registered in their plane; one NIfTI/DICOM slice as FIXED with a volume is aligned from the headers (auto = none)."),
 ]
 FixedModality = Annotated[
     str | None, typer.Option("--fixed-modality", help="Modality of FIXED (MR, CT, PT/PET, NM/SPECT) when the header or file name does not say; default assumed MR.")

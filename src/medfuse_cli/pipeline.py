@@ -150,12 +150,14 @@ def _check_pair(fixed: Image, moving: Image) -> Image:
     if fixed.is_color:
         raise InvalidInputError(f"FIXED {fixed.provenance.source} is colour, but FIXED must be the greyscale "
                                 f"anatomy: give the MRI first (FIXED) and {fixed.provenance.source} second (MOVING)")
-    if fixed.is_2d != moving.is_2d:
-        two, three = (fixed, moving) if fixed.is_2d else (moving, fixed)
-        raise GeometryError(
-            f"{two.provenance.source} is a 2D slice but {three.provenance.source} is a 3D volume; give two of a kind"
-        )
     rasters = {fixed.provenance.format, moving.provenance.format} <= set(RASTER_FORMATS)
+    placed = not {fixed.provenance.format, moving.provenance.format} & set(RASTER_FORMATS)  # both in world space
+    if fixed.is_2d != moving.is_2d and not (fixed.is_2d and placed):  # a slice in world space may take a volume
+        two, three = (fixed, moving) if fixed.is_2d else (moving, fixed)
+        hint = ("a slice with a volume works with the slice as FIXED" if placed else
+                "a PNG/TIFF/JPEG/BMP slice has no position in space; give it as DICOM or NIfTI")
+        raise GeometryError(f"{two.provenance.source} is a 2D slice but {three.provenance.source} is a 3D volume; "
+                            f"give two of a kind ({hint})")
     if fixed.is_2d and rasters and fixed.shape != moving.shape:
         return _same_field_of_view(fixed, moving)
     if fixed.is_sheared:

@@ -252,7 +252,7 @@ def _rigid_start(transform):
 def _check_flat_start(fixed: Image, moving: Image, kind: TransformKind, initial: GivenStart | None) -> None:
     """2D slices take a given transform only as it is (``--transform none``), and only one that keeps
     FIXED's slice in MOVING's plane (a rotation about the normal, a shift in the plane)."""
-    if initial is None or not (fixed.is_2d or moving.is_2d):
+    if initial is None or not moving.is_2d:  # FIXED a slice of MOVING's volume: any transform maps it into it
         return
     if kind is not TransformKind.NONE:
         raise GeometryError("2D slices are registered from their contents only; give --initial-transform or "
@@ -277,12 +277,20 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "auto", se
     import SimpleITK as sitk
 
     kind = TransformKind(kind)
+    slice_in_volume = fixed.is_2d and not moving.is_2d
+    if slice_in_volume:
+        if kind in (TransformKind.RIGID, TransformKind.AFFINE):
+            raise GeometryError(f"{fixed.provenance.source} is one slice and {moving.provenance.source} a volume: they are "
+                                "aligned from their headers only (no slice-to-volume registration); use --transform auto "
+                                "or none, with --initial-transform or --landmarks where the headers need a correction")
+        kind = TransformKind.NONE
     _check_flat_start(fixed, moving, kind, initial)
     check_overlap(fixed, moving, None if initial is None else initial.transform)
     if kind is TransformKind.NONE:
         if initial is not None:
             return _with_landmarks(Registration(initial.transform, kind.value, start=initial.option), initial)
-        return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="--transform none")
+        why = "one slice of a volume: aligned from the headers" if slice_in_volume else "--transform none"
+        return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped=why)
     if kind is TransformKind.AUTO:
         if fixed.same_grid(moving) and initial is None:
             return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="inputs share one grid")

@@ -72,6 +72,11 @@ def test_bad_inputs_give_one_line_and_no_output(tmp_path, cli):
         assert not out.exists()
     assert_one_line_error(cli("convert", T1, "-o", tmp_path / "x.png"), 5)
     assert_one_line_error(cli("convert", T1, "-o", tmp_path / "x.mhd"), 6)  # two-file MetaImage: not written
+    for name, why in (("x.jpg", ".jpg is read, never written"), ("x.hdr", ".hdr is read, never written"),
+                      ("x.xyz", "unknown output format")):
+        res = cli("convert", T1, "-o", tmp_path / name)
+        assert_one_line_error(res, 6)
+        assert why in res.stderr
     assert_one_line_error(cli("convert", T1, "-o", junk / "inside_a_file.nii.gz"), 6)
     assert_one_line_error(cli("convert", T1, "-o", tmp_path), 6)
     assert_one_line_error(cli("convert", T1, "-o", tmp_path / "s.nii.gz", "--suv"), 4)

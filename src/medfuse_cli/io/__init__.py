@@ -140,8 +140,9 @@ def output_format(path: str | os.PathLike[str]) -> str:
         return "itk"
     if path.is_dir() or not path.suffix:
         return "dicom"
-    raise OutputError(f"{path.name}: unknown output format; use .nii.gz, .nii, .nrrd, .mha, .png, .tif, .tiff or a "
-                      "folder (DICOM)")
+    read_only = [s for s in (*READ_ONLY_SUFFIXES, *ANALYZE_SUFFIXES, *ITK_SUFFIXES) if name.endswith(s)]
+    what = f"{read_only[0]} is read, never written" if read_only else "unknown output format"
+    raise OutputError(f"{path.name}: {what}; use .nii.gz, .nii, .nrrd, .mha, .png, .tif, .tiff or a folder (DICOM)")
 
 
 def check_output(path: str | os.PathLike[str], overwrite: bool = False,

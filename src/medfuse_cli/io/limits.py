@@ -1,4 +1,5 @@
-"""Sanity limits checked from headers before any voxel is allocated."""
+"""Sanity limits on what an input claims: sizes checked from its header before any voxel is
+allocated; components and types (colour, complex) as they are read."""
 
 from __future__ import annotations
 

@@ -78,6 +78,19 @@ def test_bad_training_options_fail_in_one_line(args, message, tmp_path, cli):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_bad_data_folder_is_named_by_train_s_own_option(tmp_path, cli):
+    """train's --data errors named eval's --pairs (and a --split train never given)."""
+    from conftest import assert_one_line_error
+
+    res = cli("train", "--model", "dran", "--data", tmp_path / "missing", "--out", tmp_path, "--steps", "1")
+    assert_one_line_error(res, 3)
+    assert "--data" in res.stderr and "--pairs" not in res.stderr
+    (tmp_path / "pairs").mkdir()
+    res = cli("train", "--model", "dran", "--data", tmp_path / "pairs", "--out", tmp_path, "--steps", "1")
+    assert_one_line_error(res, 3)
+    assert "splits.csv not found: the 'train' split needs it" in res.stderr and "--split" not in res.stderr
+
+
 def test_fusion_aware_steps_lower_the_fusion_loss_through_the_sfnn_rule():
     """recipe recon-fuse: the fusion loss of the sfnn-fused pair falls; gradients pass the rule."""
     from medfuse_cli.train import dran_loss

@@ -134,7 +134,7 @@ def _find_fused(fused_dir: Path, rel: Path, stem: str, unique: bool) -> Path | N
 def _split_ids(pairs: Path, split: str) -> set[tuple[str, str | None]]:
     table = pairs / "splits.csv"
     if not table.is_file():
-        raise InputNotFoundError(f"--split {split}: {table} not found (a CSV with columns pair_id, split)")
+        raise InputNotFoundError(f"{table} not found: the {split!r} split needs it (a CSV with columns pair_id, split)")
     with open(table, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"pair_id", "split"} <= set(rows[0]):
@@ -156,15 +156,17 @@ def method_names(folders: list[Path]) -> list[str]:
     return names
 
 
-def find_cases(pairs: Path, fused_dirs: list[Path], split: str | None = None) -> tuple[list[Case], list[str]]:
+def find_cases(pairs: Path, fused_dirs: list[Path], split: str | None = None,
+               option: str = "--pairs") -> tuple[list[Case], list[str]]:
     """Pair ``ID_mri.*`` with ``ID_{ct,pet,spect}.*`` under ``pairs``; find ``ID.*`` in each fused folder
     (in the sub-folder matching the pair's, e.g. ``FUSED/mri-pet/ID.png``, or at the top when the ID
     is unique).
 
-    Returns the cases and the names of the methods (one per fused folder).
+    Returns the cases and the names of the methods (one per fused folder). ``option`` names ``pairs``
+    in errors (the command's own option).
     """
     if not pairs.is_dir():
-        raise InputNotFoundError(f"--pairs {pairs}: not a folder")
+        raise InputNotFoundError(f"{option} {pairs}: not a folder")
     for d in fused_dirs:
         if not d.is_dir():
             raise InputNotFoundError(f"--fused {d}: not a folder")
@@ -192,7 +194,7 @@ def find_cases(pairs: Path, fused_dirs: list[Path], split: str | None = None) ->
     if unpaired:
         log.warning("%d MRI slices without exactly one CT/PET/SPECT partner: %s", len(unpaired), ", ".join(unpaired[:5]))
     if not cases:
-        raise InputNotFoundError(f"--pairs {pairs}: no ID_mri + ID_ct/pet/spect pairs found" + (f" in split {split}" if split else ""))
+        raise InputNotFoundError(f"{option} {pairs}: no ID_mri + ID_ct/pet/spect pairs found" + (f" in split {split}" if split else ""))
     return cases, names
 
 

@@ -96,7 +96,7 @@ def load_split(data: Path, split: str, task: str) -> list[dict[str, Any]]:
 
     if task != "all" and task not in TASKS:
         raise InvalidInputError(f"unknown task {task!r}; choose {', '.join(TASKS)} or all")
-    cases, _ = find_cases(data, [], split)
+    cases, _ = find_cases(data, [], split, option="--data")
     out = []
     for c in cases:
         if task != "all" and c.group != task:

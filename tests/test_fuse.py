@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import fields
 
 import nibabel as nib
@@ -268,6 +269,15 @@ def test_dicom_scans_in_different_frames_of_reference_are_flagged(tmp_path, cli)
               "--transform", "none")
     assert res.exit_code == 0, res.stderr
     assert json.loads((tmp_path / "g.json").read_text())["registration"]["warnings"] == []
+    # aligned from the headers alone (--transform none, or one MR slice placed in the PET volume): warned too
+    one = tmp_path / "one_slice.dcm"
+    with zipfile.ZipFile(mr) as zf:
+        one.write_bytes(zf.read(sorted(n for n in zf.namelist() if not n.endswith("/"))[47]))
+    for fixed, extra in ((mr, ("--transform", "none")), (one, ())):
+        res = cli("fuse", fixed, pet, "-o", tmp_path / "h.nii.gz", "--no-metrics", "--overwrite", *extra)
+        assert res.exit_code == 0, res.stderr
+        warnings = json.loads((tmp_path / "h.json").read_text())["registration"]["warnings"]
+        assert any("aligned from the headers alone" in w for w in warnings), fixed
 
 
 def test_bad_initial_transforms_are_one_line(tmp_path, cli):

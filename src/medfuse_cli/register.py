@@ -290,7 +290,12 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "auto", se
         if initial is not None:
             return _with_landmarks(Registration(initial.transform, kind.value, start=initial.option), initial)
         why = "one slice of a volume: aligned from the headers" if slice_in_volume else "--transform none"
-        return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped=why)
+        result = Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped=why)
+        if _unrelated_frames(fixed, moving):
+            result.warnings.append("FIXED and MOVING are in different frames of reference (DICOM FrameOfReferenceUID): "
+                                   "their headers do not relate them, yet they were aligned from the headers alone "
+                                   "(no registration); give a start with --landmarks or --initial-transform")
+        return result
     if kind is TransformKind.AUTO:
         if fixed.same_grid(moving) and initial is None:
             return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="inputs share one grid")
@@ -372,8 +377,7 @@ def _suspicions(fixed: Image, moving: Image, result: Registration, given: GivenS
     if result.mi_after is not None and result.mi_before is not None and result.mi_after < result.mi_before - 1e-3:
         warnings.append(f"registration lowered mutual information ({result.mi_before:.3f} -> {result.mi_after:.3f}); "
                         "check the result")
-    frames = {image.provenance.frame_of_reference_uid for image in (fixed, moving)}
-    if given is None and None not in frames and len(frames) == 2:
+    if given is None and _unrelated_frames(fixed, moving):
         warnings.append(
             "FIXED and MOVING are in different frames of reference (DICOM FrameOfReferenceUID): their headers do "
             "not relate them, so the registration had only their contents to go by; check the figure (--figure), "
@@ -386,6 +390,12 @@ def _suspicions(fixed: Image, moving: Image, result: Registration, given: GivenS
         warnings.append(f"registration rotated MOVING by {angle:.0f} degrees, more than scans of one patient usually "
                         f"differ: check the figure (--figure); {hint}")
     return warnings
+
+
+def _unrelated_frames(fixed: Image, moving: Image) -> bool:
+    """Whether both are DICOM scans in different frames of reference (unrelated coordinates)."""
+    frames = {image.provenance.frame_of_reference_uid for image in (fixed, moving)}
+    return None not in frames and len(frames) == 2
 
 
 def rotation_degrees(transform) -> float:

@@ -250,8 +250,9 @@ def _rigid_start(transform):
 
 
 def _check_flat_start(fixed: Image, moving: Image, kind: TransformKind, initial: GivenStart | None) -> None:
-    """2D slices take a given transform only as it is (``--transform none``), and only one that keeps
-    FIXED's slice in MOVING's plane (a rotation about the normal, a shift in the plane)."""
+    """Two 2D slices take a given transform only as it is (``--transform none``), and only one that keeps
+    FIXED's slice in MOVING's plane (a rotation about the normal, a shift in the plane); a FIXED slice
+    placed in a MOVING volume takes any."""
     if initial is None or not moving.is_2d:  # FIXED a slice of MOVING's volume: any transform maps it into it
         return
     if kind is not TransformKind.NONE:
@@ -272,7 +273,9 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "auto", se
     ``initial`` (from :func:`given_start`) is the only start, and with ``kind`` none the result.
     Otherwise returns an identity transform, marked ``skipped``, when ``kind`` is ``none``, or
     ``auto`` and both images share one grid (``auto`` is ``rigid`` otherwise; ``rigid`` and
-    ``affine`` register images on one grid too). ``mattes_mi_*`` are SimpleITK's Mattes MI (higher is better).
+    ``affine`` register images on one grid too). A FIXED slice in a MOVING volume is never registered:
+    ``auto`` means ``none`` and ``rigid`` / ``affine`` are refused. ``mattes_mi_*`` are SimpleITK's
+    Mattes MI (higher is better).
     """
     import SimpleITK as sitk
 

@@ -138,7 +138,7 @@ def _main(
 @app.command()
 def convert(
     input: Annotated[
-        Path, typer.Argument(readable=False, help="NIfTI, NRRD or MetaImage file, DICOM folder / zip / file, or PNG / TIFF / JPEG / BMP slice.", show_default=False)
+        Path, typer.Argument(readable=False, help="NIfTI (.nii, .nii.gz, .hdr/.img), NRRD or MetaImage file, DICOM folder / zip / file, or PNG / TIFF / JPEG / BMP slice.", show_default=False)
     ],
     output: Annotated[
         Path,
@@ -176,7 +176,7 @@ def convert(
 @app.command()
 def info(
     input: Annotated[
-        Path, typer.Argument(readable=False, help="NIfTI, NRRD or MetaImage file, DICOM folder / zip / file, or PNG / TIFF / JPEG / BMP slice.", show_default=False)
+        Path, typer.Argument(readable=False, help="NIfTI (.nii, .nii.gz, .hdr/.img), NRRD or MetaImage file, DICOM folder / zip / file, or PNG / TIFF / JPEG / BMP slice.", show_default=False)
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     series: Series = None,
@@ -250,8 +250,8 @@ MovingSeries = Annotated[str | None, typer.Option("--moving-series", help="MOVIN
 InitialTransform = Annotated[Path | None, typer.Option("--initial-transform", readable=False, help="Start the registration from this rigid transform (ITK .tfm / .txt / .h5, LPS, FIXED point -> MOVING point, as register --save-transform and SimpleITK write it) instead of the headers and the centres of mass; with --transform none, apply it as it is (rigid or affine). For scans in different frames of reference.")]
 Landmarks = Annotated[tuple[Path, Path] | None, typer.Option("--landmarks", readable=False, metavar="FIXED_POINTS MOVING_POINTS", help="Start the registration from the rigid fit of paired landmarks: the same anatomical points, in the same order, picked on FIXED and on MOVING (3D Slicer .fcsv / .mrk.json, or a CSV with columns r,a,s (RAS+) or l,p,s (LPS+), world mm). One point gives a shift, three or more a rotation too. With --transform none the fit is applied as it is. The report gives the points' RMS distance after the fit and after registration, and warns when registration moved them 10 mm further. For scans in different frames of reference.", show_default=False)]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the registration's metric sampling (same inputs + seed = same output bit for bit).")]
-FixedArg = Annotated[Path, typer.Argument(readable=False, help="Anatomical reference (normally the MRI): NIfTI, NRRD/MetaImage, DICOM folder/zip/file, PNG/TIFF (or JPEG/BMP). The output lives on its grid.", show_default=False)]
-MovingArg = Annotated[Path, typer.Argument(readable=False, help="The other modality (CT, PET, SPECT): NIfTI, NRRD/MetaImage, DICOM folder/zip/file, PNG/TIFF or JPEG/BMP (RGB pseudo-colour allowed).", show_default=False)]
+FixedArg = Annotated[Path, typer.Argument(readable=False, help="Anatomical reference (normally the MRI): NIfTI (.nii, .nii.gz, .hdr/.img), NRRD/MetaImage, DICOM folder/zip/file, PNG/TIFF (or JPEG/BMP). The output lives on its grid.", show_default=False)]
+MovingArg = Annotated[Path, typer.Argument(readable=False, help="The other modality (CT, PET, SPECT): NIfTI (.nii, .nii.gz, .hdr/.img), NRRD/MetaImage, DICOM folder/zip/file, PNG/TIFF or JPEG/BMP (RGB pseudo-colour allowed).", show_default=False)]
 
 
 def _registration_line(summary: dict) -> str:

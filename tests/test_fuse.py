@@ -745,3 +745,22 @@ def test_one_slice_in_world_space_takes_a_volume(tmp_path, cli):
     res = cli("fuse", PET, slab, "-o", tmp_path / "r.nii.gz")  # a volume cannot be filled from one slice
     assert_one_line_error(res, 5)
     assert "with the slice as FIXED" in res.stderr and not (tmp_path / "r.nii.gz").exists()
+
+
+@pytest.mark.parametrize("failure", ["full disk", "ctrl-c"])
+def test_a_report_that_cannot_be_written_takes_the_image_with_it(failure, tmp_path, cli, monkeypatch):
+    """The image (and figure) were left behind when the report after them failed (found with a full
+    tmpfs): a failed run now leaves no output at all, here and in a DICOM series folder."""
+    from medfuse_cli import report
+    from medfuse_cli.errors import OutputError
+
+    def fail(rep, path, overwrite=False):
+        if failure == "ctrl-c":
+            raise KeyboardInterrupt
+        raise OutputError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(report, "write_report", fail)
+    for out in (tmp_path / "f.nii.gz", tmp_path / "series"):
+        args = ("fuse", T1, PET, "-o", out, "--method", "mean", "--no-metrics", "--figure", tmp_path / "fig.png")
+        assert_one_line_error(cli(*args), 130 if failure == "ctrl-c" else 6)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], out

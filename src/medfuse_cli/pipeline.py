@@ -445,16 +445,37 @@ def fuse_pair(
         rep["timings"]["total_s"] = time.perf_counter() - started
         rep["memory"]["peak_bytes"] = peak()
         result = FuseResult(fused, moved, reg, rep)
-        if figure is not None:
-            stage("drawing figure")
-            from .report import write_figure
+        written = [out_path]
+        with _undone_on_failure(written):
+            if figure is not None:
+                stage("drawing figure")
+                from .report import write_figure
 
-            write_figure(fixed_img, moved, fused, Path(figure), overwrite=overwrite)
-        if report_path is not None:
-            from .report import write_report
+                write_figure(fixed_img, moved, fused, Path(figure), overwrite=overwrite)
+                written.append(Path(figure))
+            if report_path is not None:
+                from .report import write_report
 
-            write_report(rep, report_path, overwrite=overwrite)
+                write_report(rep, report_path, overwrite=overwrite)
         return result
+
+
+@contextlib.contextmanager
+def _undone_on_failure(written: list[Path | None]) -> Iterator[None]:
+    """Remove the outputs in ``written`` (files or a DICOM series folder; the list may grow inside) when
+    what follows them fails (a full disk for the report, Ctrl-C), so a failed run leaves no image
+    without its report."""
+    try:
+        yield
+    except BaseException:
+        import shutil
+
+        for path in (p for p in written if p is not None):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists() or path.is_symlink():
+                path.unlink(missing_ok=True)
+        raise
 
 
 def _dicom_context(fixed, moving, fixed_img: Image, moving_img: Image, options: FuseOptions, details: dict):

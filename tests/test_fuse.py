@@ -764,3 +764,10 @@ def test_a_report_that_cannot_be_written_takes_the_image_with_it(failure, tmp_pa
         args = ("fuse", T1, PET, "-o", out, "--method", "mean", "--no-metrics", "--figure", tmp_path / "fig.png")
         assert_one_line_error(cli(*args), 130 if failure == "ctrl-c" else 6)
         assert sorted(p.name for p in tmp_path.iterdir()) == [], out
+    # register: the transform file after the image
+    from medfuse_cli import pipeline
+
+    monkeypatch.setattr(pipeline, "atomic_write_bytes", lambda path, data, overwrite=False: fail({}, path))
+    res = cli("register", T1, PET, "-o", tmp_path / "moved.nii.gz", "--save-transform", tmp_path / "t.tfm")
+    assert_one_line_error(res, 130 if failure == "ctrl-c" else 6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -548,7 +548,8 @@ def register_pair(
         import SimpleITK as sitk
 
         target = Path(save_transform)
-        with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
+        with _undone_on_failure([out_path]), \
+                tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
             tmp_file = Path(tmp) / ("t" + "".join(target.suffixes or [".tfm"]))
             sitk.WriteTransform(reg.transform, str(tmp_file))
             atomic_write_bytes(target, tmp_file.read_bytes(), overwrite)

@@ -277,6 +277,26 @@ def test_dicom_series_outputs_with_anonymize_and_resume(tmp_path, cli):
         assert "skipped" in fh.read()  # the complete series is not redone
 
 
+def test_dicom_outputs_leave_a_one_slice_case_as_nifti(tmp_path, cli):
+    """With --dicom, a case whose FIXED is one NIfTI slice (placed in a PET volume) failed, as DICOM
+    output is for volumes; it is now written as NIfTI beside the other cases' series."""
+    import numpy as np
+
+    for case in ("slice", "volume"):
+        (tmp_path / "in" / case).mkdir(parents=True)
+        (tmp_path / "in" / case / "pet.nii.gz").symlink_to(PET)
+    nib.save(nib.load(T1).slicer[:, :, 44:45], tmp_path / "in" / "slice" / "t1.nii.gz")
+    (tmp_path / "in" / "volume" / "t1.nii.gz").symlink_to(T1)
+    res = cli("batch", tmp_path / "in", "-o", tmp_path / "out", "--engine", "sequential", "--dicom", "--method", "mean",
+              "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    assert {r["status"] for r in _summary(tmp_path / "out").values()} == {"done"}
+    assert nib.load(tmp_path / "out" / "slice.nii.gz").shape == (91, 109, 1)
+    np.testing.assert_array_equal(nib.load(tmp_path / "out" / "slice.nii.gz").affine,
+                                  nib.load(tmp_path / "in" / "slice" / "t1.nii.gz").affine)
+    assert len(list((tmp_path / "out" / "volume").glob("*.dcm"))) == 91
+
+
 def test_two_batches_into_one_folder_do_not_collide(tmp_path, cli):
     pairs = tmp_path / "in"
     pairs.mkdir()

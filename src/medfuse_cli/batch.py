@@ -144,6 +144,26 @@ def _as_folder(output: str) -> str:
     return output
 
 
+def _one_slice(fixed: str) -> bool:
+    """Whether FIXED is one NIfTI slice or one single-frame DICOM file, from its header: its result is
+    2D, which a DICOM series output cannot hold, so ``--dicom`` leaves it as NIfTI."""
+    path = Path(fixed)
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz", ".hdr", ".img")):
+            import nibabel as nib
+
+            shape = nib.load(path).shape
+            return len(shape) < 3 or shape[2] == 1
+        if path.is_file() and _maybe_dicom(path):
+            import pydicom
+
+            return int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames") or 1) == 1
+    except Exception:  # noqa: BLE001 - unreadable or damaged (any reader error): the case itself will say why
+        return False
+    return False
+
+
 def _output_ext(fixed: Path) -> str:
     return ".png" if fixed.suffix.lower() in RASTER_READ_SUFFIXES and not is_stack(fixed) else ".nii.gz"
 
@@ -292,7 +312,7 @@ def discover(source: Path, out: Path, dicom: bool = False,
                 f"{source}: no pairs found (ID_mri + ID_ct/pet/spect, CASE_0000 + CASE_0001, or one sub-folder per case)"
             )
     if dicom:
-        cases = [replace(c, output=_as_folder(c.output)) for c in cases]
+        cases = [c if _one_slice(c.fixed) else replace(c, output=_as_folder(c.output)) for c in cases]
     ids = [c.output for c in cases]
     if len(set(ids)) < len(ids):
         raise InvalidInputError(f"{source}: several cases would write the same output; give a manifest with outputs")

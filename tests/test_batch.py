@@ -162,6 +162,9 @@ def test_folders_of_hdr_img_pairs(tmp_path, cli):
         cases, rule, unpaired = discover(tmp_path / folder, tmp_path / "o")
         assert (rule, len(cases), unpaired) == (expected, 1, []), (folder, unpaired)
         assert cases[0].fixed.endswith(("_mri.hdr", "_0000.hdr", "t1.hdr")) and cases[0].output.endswith(".nii.gz")
+    from medfuse_cli.evaluate import find_cases
+
+    assert [c.fixed.name for c in find_cases(tmp_path / "bench", [])[0]] == ["s1_mri.hdr"]  # eval --pairs too
     res = cli("batch", tmp_path / "sub", "-o", tmp_path / "out", "--engine", "sequential", "--method", "mean",
               "--no-metrics")
     assert res.exit_code == 0, res.stderr
@@ -280,18 +283,24 @@ def test_dicom_series_outputs_with_anonymize_and_resume(tmp_path, cli):
 def test_dicom_outputs_leave_a_one_slice_case_as_nifti(tmp_path, cli):
     """With --dicom, a case whose FIXED is one NIfTI slice (placed in a PET volume) failed, as DICOM
     output is for volumes; it is now written as NIfTI beside the other cases' series."""
+    import zipfile
+
     import numpy as np
 
-    for case in ("slice", "volume"):
+    for case in ("slice", "dicom_slice", "volume"):
         (tmp_path / "in" / case).mkdir(parents=True)
         (tmp_path / "in" / case / "pet.nii.gz").symlink_to(PET)
     nib.save(nib.load(T1).slicer[:, :, 44:45], tmp_path / "in" / "slice" / "t1.nii.gz")
+    with zipfile.ZipFile(EXAMPLES / "dicom" / "mr_t1_xa30.zip") as zf:  # one single-frame MR file
+        name = sorted(n for n in zf.namelist() if not n.endswith("/"))[47]
+        (tmp_path / "in" / "dicom_slice" / "mr.dcm").write_bytes(zf.read(name))
     (tmp_path / "in" / "volume" / "t1.nii.gz").symlink_to(T1)
     res = cli("batch", tmp_path / "in", "-o", tmp_path / "out", "--engine", "sequential", "--dicom", "--method", "mean",
               "--no-metrics")
     assert res.exit_code == 0, res.stderr
     assert {r["status"] for r in _summary(tmp_path / "out").values()} == {"done"}
     assert nib.load(tmp_path / "out" / "slice.nii.gz").shape == (91, 109, 1)
+    assert nib.load(tmp_path / "out" / "dicom_slice.nii.gz").shape == (128, 128, 1)
     np.testing.assert_array_equal(nib.load(tmp_path / "out" / "slice.nii.gz").affine,
                                   nib.load(tmp_path / "in" / "slice" / "t1.nii.gz").affine)
     assert len(list((tmp_path / "out" / "volume").glob("*.dcm"))) == 91

@@ -48,7 +48,13 @@ from typing import Any
 
 from . import __version__
 from .errors import InputNotFoundError, InvalidInputError, MedfuseError, OutputError
-from .io import PAIR_SUFFIXES, RASTER_READ_SUFFIXES, named_pattern
+from .io import (
+    ANALYZE_SUFFIXES,
+    NIFTI_SUFFIXES,
+    PAIR_SUFFIXES,
+    RASTER_READ_SUFFIXES,
+    named_pattern,
+)
 from .io.itk import ITK_SUFFIXES
 from .io.raster import is_stack
 from .metrics import METRICS
@@ -150,7 +156,7 @@ def _one_slice(fixed: str) -> bool:
     path = Path(fixed)
     name = path.name.lower()
     try:
-        if name.endswith((".nii", ".nii.gz", ".hdr", ".img")):
+        if name.endswith(NIFTI_SUFFIXES + ANALYZE_SUFFIXES):
             import nibabel as nib
 
             shape = nib.load(path).shape

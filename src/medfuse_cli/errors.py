@@ -53,7 +53,8 @@ EXIT_CODES: dict[int, str] = {
     4: "no usable image or option value: empty folder, not an image, corrupt or truncated file, "
     "unsupported encoding, infinite, all-NaN or constant image, unknown method/modality/window",
     5: "unusable geometry: 4D frame out of range, a volume written to a 2D format, bad affine, a sheared FIXED, "
-    "a pair that does not overlap, 2D with 3D, PNG/TIFF slices of different aspect ratios",
+    "a pair that does not overlap, a PNG/TIFF slice with a volume, a volume FIXED with a slice, rigid/affine asked for a "
+    "slice placed in a volume, PNG/TIFF slices of different aspect ratios",
     6: "output exists (use --overwrite), is an input, cannot be written, lies inside an input folder or holds one, is "
     "a folder of other files than a medfuse DICOM series, or has a too long name; "
     "another batch is writing to the same folder",

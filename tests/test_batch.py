@@ -15,7 +15,7 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
-from conftest import EXAMPLES, shared_path, write_localizer
+from conftest import EXAMPLES, assert_one_line_error, shared_path, write_localizer
 
 from medfuse_cli import read_image
 from medfuse_cli.batch import discover
@@ -142,6 +142,16 @@ def test_pairing_rules_manifest_and_timeout(tmp_path, cli):
     row = _summary(tmp_path / "slow")["brain"]
     assert row["status"] == "timeout" and "--case-timeout" in row["error"]
     assert not (tmp_path / "slow" / "brain.nii.gz").exists()
+
+
+def test_cases_whose_reports_or_figures_would_collide_are_refused(tmp_path, cli):
+    """a.png and a.tif would share the report a.json; b's output a_figure.png is a's figure."""
+    for second in ("a.tif", "a_figure.png"):
+        manifest = tmp_path / "m.csv"
+        manifest.write_text(f"id,fixed,moving,output\na,{T1},{PET},a.png\nb,{T1},{PET},{second}\n")
+        res = cli("batch", manifest, "-o", tmp_path / "out", "--engine", "sequential")
+        assert_one_line_error(res, 4)
+        assert "cases a and b would both write" in res.stderr and not (tmp_path / "out").exists()
 
 
 def test_folders_of_hdr_img_pairs(tmp_path, cli):

@@ -84,6 +84,22 @@ def test_bad_inputs_give_one_line_and_no_output(tmp_path, cli):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "fake.png", "notes.txt", "textdir"]
 
 
+def test_two_outputs_of_one_command_may_not_be_one_file(tmp_path, cli):
+    """Even with --overwrite, the second output written would replace the first (the fused image
+    by its report): refused before any work, nothing written, the earlier file kept."""
+    pet = EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+    kept = tmp_path / "kept.nii.gz"
+    kept.write_bytes(b"an earlier result")
+    for args in (("fuse", T1, pet, "-o", kept, "--report", kept),
+                 ("fuse", T1, pet, "-o", kept, "--figure", tmp_path / "kept.json"),  # the default report's name
+                 ("fuse", T1, pet, "-o", tmp_path / "series", "--report", tmp_path / "series" / "r.json"),
+                 ("register", T1, pet, "-o", kept, "--save-transform", kept),
+                 ("eval", "--fixed", T1, "--moving", pet, pet, "--json", kept, "--csv", tmp_path / "." / kept.name)):
+        assert_one_line_error(cli(*args, "--overwrite"), 6)
+        assert kept.read_bytes() == b"an earlier result"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.nii.gz"]
+
+
 def test_debug_shows_the_traceback(tmp_path, cli):
     res = cli("convert", tmp_path / "missing.nii", "-o", tmp_path / "o.nii", "--debug")
     assert res.exit_code == 3 and "Traceback" in res.stderr

@@ -90,6 +90,11 @@ class BatchCase:
 
         return report_beside(Path(self.output))
 
+    @property
+    def figure(self) -> Path:
+        """Where --figures puts this case's figure."""
+        return self.report.with_name(self.report.stem + "_figure.png")
+
 
 @dataclass(frozen=True)
 class Part:
@@ -319,9 +324,13 @@ def discover(source: Path, out: Path, dicom: bool = False,
             )
     if dicom:
         cases = [c if _one_slice(c.fixed) else replace(c, output=_as_folder(c.output)) for c in cases]
-    ids = [c.output for c in cases]
-    if len(set(ids)) < len(ids):
-        raise InvalidInputError(f"{source}: several cases would write the same output; give a manifest with outputs")
+    written: dict[str, str] = {}  # every file a case writes (output, report, figure) -> its case
+    for c in cases:
+        for path in (c.output, c.report, c.figure):
+            other = written.setdefault(os.path.abspath(path), c.id)
+            if other != c.id:
+                raise InvalidInputError(f"{source}: cases {other} and {c.id} would both write {path}; "
+                                        "give them outputs of different names (a manifest's output column)")
     inputs = {os.path.abspath(p): c.id for c in cases for p in (c.fixed, c.moving)}
     for c in cases:
         if os.path.abspath(c.output) in inputs:
@@ -401,7 +410,7 @@ def run_case(case: dict[str, str | None], options: dict[str, Any], fp: str, time
             return {**row, "status": "failed", "seconds": round(time.perf_counter() - t0, 3),
                     "error": f"worker process exited with {proc.returncode}: {proc.stderr.strip()[-300:]}"}
     _limit_threads()
-    from .pipeline import FuseOptions, fuse_pair, report_beside
+    from .pipeline import FuseOptions, fuse_pair
 
     try:
         Path(case["output"]).parent.mkdir(parents=True, exist_ok=True)
@@ -409,10 +418,7 @@ def run_case(case: dict[str, str | None], options: dict[str, Any], fp: str, time
         for key in ("initial_transform", "landmarks", "fixed_series", "moving_series"):
             if case.get(key):
                 opts[key] = case[key]
-        figure = None
-        if options.get("figures"):
-            out = Path(case["output"])
-            figure = out.with_name(report_beside(out).stem + "_figure.png")
+        figure = BatchCase(**case).figure if options.get("figures") else None
         result = fuse_pair(case["fixed"], case["moving"], case["output"], FuseOptions(**opts), figure=figure,
                            overwrite=True,
                            report_extra={"batch": {"id": case["id"], "fingerprint": fp}})
@@ -458,7 +464,7 @@ def clean_partials(out: Path, cases: list[BatchCase] | None = None) -> int:
         found = []
         for c in cases:
             folder = Path(c.output).parent
-            for name in (Path(c.output).name, c.report.name, c.report.stem + "_figure.png"):
+            for name in (Path(c.output).name, c.report.name, c.figure.name):
                 found += folder.glob(f".{glob.escape(name)}.*.partial")
     for p in found:
         if p.is_dir():  # an unfinished DICOM series

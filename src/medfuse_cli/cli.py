@@ -445,7 +445,7 @@ def eval_(
             to_json,
         )
         from .io import read_image
-        from .io.atomic import atomic_write_bytes, check_writable
+        from .io.atomic import atomic_write_bytes, check_distinct, check_writable
 
         if pairs is not None:
             if fixed or moving or fused:
@@ -460,6 +460,7 @@ def eval_(
                 raise InvalidInputError("--fused and --split go with --pairs")
             cases, methods = single_pair_cases(fixed, moving, fused or [])
         inputs = [p for p in (pairs, fixed, moving, *(fused or []), *(fused_dirs or [])) if p is not None]
+        check_distinct({"--json": json_out, "--csv": csv_out})
         for out in (json_out, csv_out):
             if out is not None:
                 check_writable(out, overwrite, inputs)

@@ -55,7 +55,7 @@ EXIT_CODES: dict[int, str] = {
     5: "unusable geometry: 4D frame out of range, a volume written to a 2D format, bad affine, a sheared FIXED, "
     "a pair that does not overlap, a PNG/TIFF slice with a volume, a volume FIXED with a slice, rigid/affine asked for a "
     "slice placed in a volume, PNG/TIFF slices of different aspect ratios",
-    6: "output exists (use --overwrite), is an input, cannot be written, lies inside an input folder or holds one, is "
+    6: "output exists (use --overwrite), is an input or another output of the command, cannot be written, lies inside an input folder or holds one, is "
     "a folder of other files than a medfuse DICOM series, or has a too long name; "
     "another batch is writing to the same folder",
     7: "batch finished but some cases failed or timed out (see summary.csv)",

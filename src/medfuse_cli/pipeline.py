@@ -29,7 +29,7 @@ from .intensity import (
     ycbcr_to_rgb,
 )
 from .io import FrameChoice, check_dicom_fits, check_output, read_image, write_image
-from .io.atomic import atomic_write_bytes, check_writable
+from .io.atomic import atomic_write_bytes, check_distinct, check_writable
 from .io.raster import RASTER_FORMATS
 from .memory import peak, plan
 from .register import Registration, given_start, register, resample_to, unsheared
@@ -408,6 +408,8 @@ def fuse_pair(
         stage = stage or (lambda *args: None)
         out_path = Path(output) if output is not None else None
         report_path = Path(report) if report is not None else (report_beside(out_path) if out_path else None)
+        check_distinct({"--output": out_path, "--report" if report else "the report beside --output": report_path,
+                        "--figure": figure})
         if out_path is not None:
             check_output(out_path, overwrite, inputs=[fixed, moving])
         for extra in (report_path, Path(figure) if figure else None):
@@ -528,6 +530,7 @@ def register_pair(
     options = FuseOptions(transform=transform, initial_transform=None if initial_transform is None else str(initial_transform),
                           landmarks=[str(p) for p in landmarks] if landmarks else None)  # checks the name and the files
     out_path = Path(output)
+    check_distinct({"--output": out_path, "--save-transform": save_transform})
     check_output(out_path, overwrite, inputs=[fixed, moving])
     if save_transform is not None:
         check_writable(Path(save_transform), overwrite, inputs=[fixed, moving])

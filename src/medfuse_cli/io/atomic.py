@@ -35,6 +35,19 @@ def check_name_and_place(path: Path, inputs: Sequence[str | os.PathLike[str]] = 
             raise OutputError(f"output {path} is the input {src}; write it elsewhere")
 
 
+def check_distinct(outputs: dict[str, str | os.PathLike[str] | None]) -> None:
+    """Refuse two outputs of one command (named by option) that are the same file, or one inside
+    the other (a DICOM output folder): the second written would replace or join the first."""
+    named = [(option, Path(os.path.realpath(path))) for option, path in outputs.items() if path is not None]
+    for i, (first, a) in enumerate(named):
+        for second, b in named[i + 1:]:
+            if a == b:
+                raise OutputError(f"{first} and {second} name the same file {outputs[second]}; give each its own")
+            if a in b.parents or b in a.parents:
+                outer, inner = (first, second) if a in b.parents else (second, first)
+                raise OutputError(f"{inner} {outputs[inner]} is inside the folder of {outer}; write it elsewhere")
+
+
 def check_writable(path: Path, overwrite: bool, inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
     """Fail early (before any work) when ``path`` cannot be written as asked, or is inside one of
     the folders of ``inputs``."""

@@ -52,12 +52,13 @@ def test_written_files_keep_an_oblique_dicom_geometry(tmp_path, suffix):
 
 
 def test_a_colour_fusion_written_as_nrrd(tmp_path, cli):
-    for name in ("f.nrrd", "f.nii.gz"):
+    for name in ("f.nrrd", "g.nii.gz"):
         res = cli("fuse", T1, PET, "-o", tmp_path / name, "--method", "mean", "--colormap", "hot", "--no-metrics")
         assert res.exit_code == 0, res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "f.nrrd", "g.json", "g.nii.gz"]  # OUT.json
     itk = sitk.ReadImage(str(tmp_path / "f.nrrd"))
     assert itk.GetNumberOfComponentsPerPixel() == 3 and itk.GetPixelID() == sitk.sitkVectorUInt8
-    nrrd, nifti = read_image(tmp_path / "f.nrrd"), read_image(tmp_path / "f.nii.gz")
+    nrrd, nifti = read_image(tmp_path / "f.nrrd"), read_image(tmp_path / "g.nii.gz")
     assert nrrd.is_color and nifti.is_color
     np.testing.assert_array_equal(nrrd.data, nifti.data)
     np.testing.assert_allclose(nrrd.affine, read_image(T1).affine, atol=1e-5)

@@ -498,8 +498,12 @@ def _dicom_context(fixed, moving, fixed_img: Image, moving_img: Image, options: 
 
 
 def report_beside(out: Path) -> Path:
+    """``OUT.json`` for an output ``OUT.EXT`` of any written format (a DICOM folder: ``OUT.json``)."""
+    from .io import NIFTI_SUFFIXES, RASTER_SUFFIXES
+    from .io.itk import ITK_OUTPUT_SUFFIXES
+
     name = out.name
-    for suffix in (".nii.gz", ".nii", ".png", ".tiff", ".tif"):
+    for suffix in sorted((*NIFTI_SUFFIXES, *RASTER_SUFFIXES, *ITK_OUTPUT_SUFFIXES), key=len, reverse=True):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break

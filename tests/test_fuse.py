@@ -405,6 +405,26 @@ def test_figure_and_8_bit_registration_output(tmp_path, cli):
     np.testing.assert_array_equal(np.asarray(PILImage.open(out)), np.asarray(PILImage.open(folder / "02004_ct.png")))
 
 
+def test_a_figure_is_written_in_the_format_its_name_asks_for(tmp_path, cli):
+    """--figure f.pdf wrote PNG bytes into f.pdf; now PDF/SVG/JPEG as named (no dates: same bytes
+    every run), and a name of no figure format is refused before any work."""
+    magic = {"f.pdf": b"%PDF", "f.svg": b"<?xml", "f.jpg": b"\xff\xd8\xff", "f.png": b"\x89PNG"}
+    for name, start in magic.items():
+        for run in (1, 2):
+            res = cli("fuse", T1, PET, "-o", tmp_path / "o.nii.gz", "--method", "mean", "--no-metrics",
+                      "--figure", tmp_path / name, "--overwrite")
+            assert res.exit_code == 0, res.stderr
+            data = (tmp_path / name).read_bytes()
+            assert data.startswith(start), (name, data[:8])
+            if run == 1:
+                first = data
+        assert data == first, name
+    for name in ("f.gif", "f"):
+        res = cli("fuse", T1, PET, "-o", tmp_path / "p.nii.gz", "--figure", tmp_path / name)
+        assert_one_line_error(res, 6)
+        assert not (tmp_path / "p.nii.gz").exists() and not (tmp_path / name).exists()
+
+
 def test_figure_panels_keep_physical_proportions():
     """A real MR with 5.2 mm slices under 0.39 mm pixels: the coronal and sagittal panels are drawn
     13.3 times taller per row than wide, whatever the order of the voxel axes on disk."""

@@ -299,7 +299,7 @@ def fuse(
     ct_window: CtWindow = None,
     colormap: Colormap = None,
     report: Annotated[Path | None, typer.Option("--report", readable=False, help="JSON report path (default: beside the output, OUT.json).")] = None,
-    figure: Annotated[Path | None, typer.Option("--figure", readable=False, help="Also write a PNG figure: FIXED, MOVING, fused and an overlay, middle slice of each plane, in physical proportions.")] = None,
+    figure: Annotated[Path | None, typer.Option("--figure", readable=False, help="Also write a figure: FIXED, MOVING, fused and an overlay, middle slice of each plane, in physical proportions; PNG, PDF, SVG or JPEG by the name's suffix (.png, .pdf, .svg, .jpg).")] = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
     seed: Seed = 0,

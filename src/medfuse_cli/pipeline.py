@@ -415,6 +415,10 @@ def fuse_pair(
         for extra in (report_path, Path(figure) if figure else None):
             if extra is not None:
                 check_writable(extra, overwrite, inputs=[fixed, moving])
+        if figure:
+            from .report import figure_format
+
+            figure_format(Path(figure))
 
         started = time.perf_counter()
         stage("reading")

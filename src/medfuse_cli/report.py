@@ -1,4 +1,4 @@
-"""JSON run reports and a PNG figure a person can read at a glance (matplotlib, headless)."""
+"""JSON run reports and a figure a person can read at a glance (matplotlib, headless; PNG, PDF, SVG or JPEG)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from .errors import OutputError
 from .image import Image
 from .intensity import luminance
 from .io.atomic import atomic_write_bytes
+
+FIGURE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg", ".jpg": "jpeg", ".jpeg": "jpeg"}  # suffix -> matplotlib's
+_FIGURE_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}  # no dates: same inputs, same bytes
 
 
 def write_report(report: dict[str, Any], path: Path, overwrite: bool = False) -> None:
@@ -73,8 +77,18 @@ def _show(data: np.ndarray, flip: bool = False) -> np.ndarray:
     return np.clip((shown - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
 
 
+def figure_format(path: Path) -> str:
+    """The figure format ``path``'s suffix names; refused (exit 6) when it names none."""
+    fmt = FIGURE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise OutputError(f"figure {path.name}: use .png, .pdf, .svg or .jpg")
+    return fmt
+
+
 def write_figure(fixed: Image, moved: Image, fused: Image, path: Path, overwrite: bool = False) -> None:
-    """MRI, other modality (on the MRI grid), fused and an overlay, one row per plane."""
+    """MRI, other modality (on the MRI grid), fused and an overlay, one row per plane, in the format of
+    ``path``'s suffix."""
+    fmt = figure_format(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,6 +129,7 @@ def write_figure(fixed: Image, moved: Image, fused: Image, path: Path, overwrite
                 ax.set_ylabel(name, fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    with matplotlib.rc_context({"svg.hashsalt": "medfuse"}):  # SVG ids from a fixed salt, not a random one
+        fig.savefig(buf, format=fmt, dpi=90, metadata=_FIGURE_METADATA.get(fmt))
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue(), overwrite)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from dataclasses import fields
 
@@ -768,27 +769,36 @@ def test_one_slice_in_world_space_takes_a_volume(tmp_path, cli):
     assert "with the slice as FIXED" in res.stderr and not (tmp_path / "r.nii.gz").exists()
 
 
-@pytest.mark.parametrize("failure", ["full disk", "ctrl-c"])
+@pytest.mark.parametrize("failure", ["full disk", "ctrl-c", "sigterm"])
 def test_a_report_that_cannot_be_written_takes_the_image_with_it(failure, tmp_path, cli, monkeypatch):
     """The image (and figure) were left behind when the report after them failed (found with a full
-    tmpfs): a failed run now leaves no output at all, here and in a DICOM series folder."""
+    tmpfs) or the run was stopped (Ctrl-C; SIGTERM, a scheduler's time limit, which killed the process
+    where it stood): a failed run now leaves no output at all, here and in a DICOM series folder."""
+    import signal
+
     from medfuse_cli import report
     from medfuse_cli.errors import OutputError
+
+    code = {"full disk": 6, "ctrl-c": 130, "sigterm": 143}[failure]
+    before = signal.getsignal(signal.SIGTERM)
 
     def fail(rep, path, overwrite=False):
         if failure == "ctrl-c":
             raise KeyboardInterrupt
+        if failure == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
         raise OutputError(f"cannot write {path}: No space left on device")
 
     monkeypatch.setattr(report, "write_report", fail)
     for out in (tmp_path / "f.nii.gz", tmp_path / "series"):
         args = ("fuse", T1, PET, "-o", out, "--method", "mean", "--no-metrics", "--figure", tmp_path / "fig.png")
-        assert_one_line_error(cli(*args), 130 if failure == "ctrl-c" else 6)
+        assert_one_line_error(cli(*args), code)
         assert sorted(p.name for p in tmp_path.iterdir()) == [], out
     # register: the transform file after the image
     from medfuse_cli import pipeline
 
     monkeypatch.setattr(pipeline, "atomic_write_bytes", lambda path, data, overwrite=False: fail({}, path))
     res = cli("register", T1, PET, "-o", tmp_path / "moved.nii.gz", "--save-transform", tmp_path / "t.tfm")
-    assert_one_line_error(res, 130 if failure == "ctrl-c" else 6)
+    assert_one_line_error(res, code)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is gone

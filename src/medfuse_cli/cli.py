@@ -91,9 +91,23 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, ``kill``), raised where the program is so that it cleans up as
+    for Ctrl-C: no output without its report, no temporary files."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def _run(debug: bool, quiet: bool, verbose: bool, body: Callable[[], Any]) -> Any:
     """Run a command body; every failure becomes one line on stderr and a documented exit code."""
+    import signal
+    import threading
+
     _setup_logging(quiet, verbose)
+    main = threading.current_thread() is threading.main_thread()  # only it may take signals
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
     try:
         return body()
     except typer.Exit:
@@ -102,6 +116,8 @@ def _run(debug: bool, quiet: bool, verbose: bool, body: Callable[[], Any]) -> An
         if debug:
             traceback.print_exc()
         _fail(str(exc), exc.exit_code)
+    except _Terminated:
+        _fail("terminated (SIGTERM)", 143)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except MemoryError:
@@ -112,6 +128,9 @@ def _run(debug: bool, quiet: bool, verbose: bool, body: Callable[[], Any]) -> An
         if debug:
             traceback.print_exc()
         _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug and report it)", 1)
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _frames(frame: int | None, mean_frames: bool) -> Any:
@@ -554,16 +573,9 @@ def batch(
     """
 
     def body() -> None:
-        import signal
-
         from .batch import parse_part, run_batch
 
         share = None if part is None else parse_part(part)
-
-        def _term(signum, frame):  # SIGTERM: stop like Ctrl-C (summary.csv is already up to date)
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, _term)
         options = {"method": method, "transform": transform, "fixed_modality": fixed_modality,
                        "moving_modality": moving_modality, "ct_window": ct_window, "colormap": colormap,
                        "fixed_series": fixed_series, "moving_series": moving_series, "seed": seed,

@@ -62,4 +62,5 @@ EXIT_CODES: dict[int, str] = {
     8: "model weights missing, or not matching the sha256 of their model card",
     10: "out of memory, or the fusion would need more than --max-memory (checked before the heavy steps)",
     130: "interrupted (Ctrl-C)",
+    143: "terminated (SIGTERM, e.g. a scheduler's time limit; cleaned up as for Ctrl-C)",
 }

@@ -89,6 +89,20 @@ def test_one_pair_of_volumes(tmp_path, cli):
     assert means["fused"]["SSIM_worst"] > means["OldNorm_T1"]["SSIM_worst"]
 
 
+def test_a_fused_volume_with_nan_voxels_is_one_line(tmp_path, cli):
+    """Some NaN voxels, or only NaN (an internal error before: it has no window to take)."""
+    import nibabel as nib
+    import numpy as np
+
+    t1 = nib.load(T1)
+    for name, nan in (("some_nan.nii.gz", np.s_[10:20, 10:20, 10:20]), ("all_nan.nii.gz", np.s_[...])):
+        data = t1.get_fdata().astype(np.float32)
+        data[nan] = np.nan
+        nib.save(nib.Nifti1Image(data, t1.affine), tmp_path / name)
+        res = cli("eval", "--fixed", T1, "--moving", PET, tmp_path / name)
+        assert res.exit_code == 4 and "NaN/inf values" in res.stderr and res.stderr.count("\n") == 1, res.stderr
+
+
 def test_bad_input_gives_one_line_and_an_exit_code(tmp_path, cli):
     mri = shared_path("harvard", "mri-pet", "25015_mri.png")
     pet = shared_path("harvard", "mri-pet", "25015_pet.png")

@@ -71,8 +71,8 @@ def test_a_wheel_carries_the_weights_and_finds_them(tmp_path):
     # the unpacked wheel first on the path, as site-packages is for a regular install
     env = {k: v for k, v in os.environ.items() if k != "MEDFUSE_WEIGHTS"}
     env["PYTHONPATH"] = str(tmp_path / "site")
-    probe = ("import medfuse_cli.models.weights as w; cards = w.list_cards(); "
-             "print(w.WEIGHTS_DIR, len(cards), not w.check_cards(cards))")
+    probe = ("import medfuse_cli.models.weights as w; cards, problems = w.list_cards(); "
+             "print(w.WEIGHTS_DIR, len(cards), not w.check_cards(cards) and not problems)")
     res = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     folder, count, ok = res.stdout.split()

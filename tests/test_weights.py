@@ -143,3 +143,32 @@ def test_models_check_verifies_every_weights_file(installed, cli):
     listed = json.loads(cli("models", "--check", "--json").stdout)
     assert "does not match" in listed[0]["check"]
     assert cli("models").exit_code == 0  # without --check, listing does not hash
+
+
+@pytest.mark.parametrize("text", ["{bad", "null", "[1, 2]", '{"name": "dran", "weights": "dran.safetensors", "sha256": "0"}'])
+def test_a_card_that_cannot_be_read_is_named_not_skipped(text, installed, cli, monkeypatch):
+    """A broken card next to a good one: `models` listed the good one and left the broken one out
+    without a word (`--check` passed), or failed with an internal error (a card without tasks, or
+    JSON null); now it warns, --check fails with exit 8 naming it, and loading it is exit 8."""
+    folder, card = installed
+    _write_card(folder, card)
+    (folder / "dran.json").write_text(text)
+    res = cli("models")
+    assert res.exit_code == 0 and "adafuse" in res.stdout
+    assert "dran.json:notareadablemodelcard" in "".join(res.stderr.split())
+    res = cli("models", "--check", "-q")
+    assert_one_line_error(res, 8)
+    assert "1 of 2 models failed the check; dran.json: not a readable model card" in res.stderr
+    out = folder.parent / "x.nii.gz"
+    assert_one_line_error(cli("fuse", T1, PET, "-o", out, "--method", "dran", "--transform", "none"), 8)
+    assert not out.exists()
+
+
+def test_a_weights_folder_that_is_not_there_is_named(tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("MEDFUSE_WEIGHTS", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path / "nowhere")
+    res = cli("models")
+    assert res.exit_code == 0 and "mean" in res.stdout  # the classic rules are still there
+    squeezed = "".join(res.stderr.split())  # the log wraps long lines anywhere, even inside a path
+    assert "".join(f"no weights folder {tmp_path / 'nowhere'} (MEDFUSE_WEIGHTS)".split()) in squeezed
+    assert_one_line_error(cli("models", "--check", "-q"), 8)

@@ -749,14 +749,16 @@ def models(
         from .fusion import CLASSIC_RULES
         from .models.weights import WEIGHTS_DIR, WeightsError, check_cards, list_cards
 
-        cards = list_cards()
-        failed = check_cards(cards) if check else []
+        cards, problems = list_cards()
+        for problem in problems:  # a card that cannot be read lists no model: say so
+            logging.getLogger("medfuse_cli").warning("%s", problem)
+        failed = problems + check_cards(cards) if check else []
         if as_json:
             typer.echo(json.dumps(cards, indent=2))
         elif not (quiet and check):  # -q --check: errors only, for scripts
             _print_models(cards, check, WEIGHTS_DIR, CLASSIC_RULES)
         if failed:
-            raise WeightsError(f"{len(failed)} of {len(cards)} weights files failed the check; {failed[0]}")
+            raise WeightsError(f"{len(failed)} of {len(cards) + len(problems)} models failed the check; {failed[0]}")
 
     _run(debug, quiet, verbose, body)
 

@@ -43,18 +43,36 @@ def card_path(name: str, folder: Path | None = None) -> Path:
     return (folder or WEIGHTS_DIR) / f"{name}.json"
 
 
-def list_cards(folder: Path | None = None) -> list[dict[str, Any]]:
-    """Every model card in the weights folder."""
+CARD_FIELDS = {"name": str, "weights": str, "sha256": str, "tasks": list, "parameters": int}  # in every card
+
+
+def read_card(path: Path) -> dict[str, Any]:
+    """A model card: a JSON object with at least :data:`CARD_FIELDS`; else :class:`WeightsError`."""
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{path.name}: not a readable model card ({exc})") from None
+    if not isinstance(card, dict):
+        raise WeightsError(f"{path.name}: not a readable model card (no JSON object)")
+    bad = [k for k, kind in CARD_FIELDS.items() if not isinstance(card.get(k), kind)]
+    if bad:
+        raise WeightsError(f"{path.name}: not a readable model card (no valid {', '.join(bad)})")
+    return card
+
+
+def list_cards(folder: Path | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every model card in the weights folder (each ``*.json`` there), and what is wrong: an
+    unreadable card, or no such folder."""
     folder = folder or WEIGHTS_DIR
-    cards = []
-    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    if not folder.is_dir():
+        return [], [f"no weights folder {folder}" + (" (MEDFUSE_WEIGHTS)" if os.environ.get("MEDFUSE_WEIGHTS") else "")]
+    cards, problems = [], []
+    for p in sorted(folder.glob("*.json")):
         try:
-            card = json.loads(p.read_text())
-        except ValueError:
-            continue
-        if "sha256" in card and "weights" in card:
-            cards.append({**card, "_card": str(p)})
-    return cards
+            cards.append({**read_card(p), "_card": str(p)})
+        except WeightsError as exc:
+            problems.append(str(exc))
+    return cards, problems
 
 
 def load_checked(name: str, folder: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -76,7 +94,7 @@ def check_cards(cards: list[dict[str, Any]]) -> list[str]:
     failed = []
     for card in cards:
         try:
-            checked_file(card["name"])
+            checked_file(Path(card["_card"]).stem, Path(card["_card"]).parent)
             card["check"] = "ok"
         except WeightsError as exc:
             card["check"] = str(exc)
@@ -89,11 +107,8 @@ def checked_file(name: str, folder: Path | None = None) -> tuple[Path, dict[str,
     card_file = card_path(name, folder)
     if not card_file.is_file():
         raise WeightsError(f"no model card {card_file}; 'medfuse models' lists the installed models")
-    try:
-        card = json.loads(card_file.read_text())
-        weights_name, expected = str(card["weights"]), str(card["sha256"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise WeightsError(f"{card_file.name}: not a readable model card ({exc})") from None
+    card = read_card(card_file)
+    weights_name, expected = card["weights"], card["sha256"]
     if Path(weights_name).name != weights_name or not weights_name.endswith(".safetensors"):
         raise WeightsError(f"{card_file.name}: weights must be a .safetensors file beside the card, not {weights_name!r}")
     weights = card_file.parent / weights_name

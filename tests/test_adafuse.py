@@ -62,6 +62,17 @@ def test_resume_continues_exactly_and_weights_are_checked(tmp_path):
     with pytest.raises(WeightsError, match="sha256"):
         load_checked("m", tmp_path / "a")
     assert straight["recipe"]["recipe"] == "balanced"
+    # resuming with other options, or from a damaged checkpoint, is refused (was an internal error
+    # loading the state dict, or a silent change of task half-way)
+    from medfuse_cli.errors import InvalidInputError
+
+    ckpt = tmp_path / "b" / "m.checkpoint.safetensors"
+    for change, why in (({"task": "mri-pet"}, "task 'mri-ct', now 'mri-pet'"), ({"model": "dran"}, "model 'adafuse', now 'dran'")):
+        with pytest.raises(InvalidInputError, match=why):
+            train(TrainConfig(out=str(tmp_path / "b"), name="m", **{**common, **change}), resume=True, overwrite=True)
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(InvalidInputError, match="not a readable checkpoint"):
+        train(TrainConfig(out=str(tmp_path / "b"), name="m", **common), resume=True, overwrite=True)
 
 
 def test_fine_tune_starts_from_given_weights_and_records_them(tmp_path):

@@ -190,12 +190,27 @@ def _save_checkpoint(path: Path, model, opt, step: int, gen: torch.Generator, cf
     tmp.replace(path)
 
 
-def _load_checkpoint(path: Path, model, opt, gen: torch.Generator) -> int:
-    from safetensors import safe_open
+RESUME_MAY_CHANGE = {"data", "out", "name", "steps", "threads", "checkpoint_every", "val_every", "val_limit", "baselines"}
 
-    with safe_open(str(path), "pt") as fh:
-        meta = fh.metadata()
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+
+def _load_checkpoint(path: Path, model, opt, gen: torch.Generator, cfg: TrainConfig) -> int:
+    """Restore a checkpoint of the same run: every option but :data:`RESUME_MAY_CHANGE` as saved."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        saved = json.loads(meta["config"])
+        step = int(meta["step"])
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise InvalidInputError(f"{path}: not a readable checkpoint ({exc}); --overwrite starts again") from None
+    now = asdict(cfg)
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+    if changed:
+        what = "; ".join(f"{k.replace('_', '-')} {saved[k]!r}, now {now[k]!r}" for k in changed[:3])
+        raise InvalidInputError(f"--resume: {path.name} was made with other options ({what}); give the same "
+                                "options, or --overwrite to start again")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     params = list(model.parameters())
     for i, p in enumerate(params):
@@ -203,7 +218,7 @@ def _load_checkpoint(path: Path, model, opt, gen: torch.Generator) -> int:
         if st:
             opt.state[p] = st
     gen.set_state(tensors["rng"])
-    return int(meta["step"])
+    return step
 
 
 @torch.inference_mode()
@@ -334,7 +349,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
     gen = torch.Generator().manual_seed(cfg.seed)
     step, elapsed = 0, 0.0
     if resume and ckpt.is_file():
-        step = _load_checkpoint(ckpt, model, opt, gen)
+        step = _load_checkpoint(ckpt, model, opt, gen, cfg)
         log.warning("resumed from %s at step %d", ckpt, step)
     elif ckpt.is_file() and not overwrite:
         raise InvalidInputError(f"{ckpt} exists: use --resume to continue it, or --overwrite (or remove it) to start "

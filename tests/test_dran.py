@@ -70,6 +70,30 @@ def test_train_dran_writes_a_card_with_its_rule(tmp_path):
                           recipe="medfuse", steps=1))
 
 
+def test_a_diverged_or_failed_training_leaves_no_weights_without_a_card(tmp_path, monkeypatch):
+    """Too high a --lr trained on NaN weights and wrote them, then failed validating them (exit 4
+    with a file of NaN weights and no card); now it stops at the first non-finite step, keeping the
+    last checkpoint, and a failure after the weights (the card) takes them away."""
+    import medfuse_cli.train as train_module
+
+    common = {"data": str(shared_path("harvard")), "out": str(tmp_path), "name": "d", "model": "dran",
+              "task": "mri-ct", "steps": 3, "batch": 2, "crop": 64, "channels": 8, "val_limit": 1, "threads": 1,
+              "baselines": False, "checkpoint_every": 1}
+    with pytest.raises(InvalidInputError, match="training diverged at step .*lower --lr"):
+        train(TrainConfig(**{**common, "lr": 1e30}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.checkpoint.safetensors"]
+    with pytest.raises(InvalidInputError, match="--lr inf"):
+        train(TrainConfig(**{**common, "lr": float("inf")}), overwrite=True)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_module, "_write_card", full_disk)
+    with pytest.raises(OSError):
+        train(TrainConfig(**common), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.checkpoint.safetensors"]
+
+
 @pytest.mark.parametrize("args, message", [(("--model", "nope"), "unknown model"), (("--rule", "max"), "unknown DRAN rule"),
                                            (("--crop", "40"), "multiple of 16")])
 def test_bad_training_options_fail_in_one_line(args, message, tmp_path, cli):

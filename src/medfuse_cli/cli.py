@@ -649,7 +649,7 @@ def train_cmd(
     batch_size: Annotated[int, typer.Option("--batch", min=0, help="Pairs (3D: patches) per step; 0: 8 for 2D networks, 2 for dcfb3d.")] = 0,
     crop: Annotated[int, typer.Option("--crop", min=0, help="Random crop side (2D: multiple of 16, default 128; dcfb3d: 3D patch side, multiple of 8, default 48); 0: the default.")] = 0,
     init: Annotated[str | None, typer.Option("--init", help="Fine-tune: start from this installed model (name) or .safetensors file; the card records it.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (AdamW); default 1e-3, or 3e-4 with --init (a fine-tune: larger first steps undo much of the parent's training).", show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Peak learning rate (AdamW); default 1e-3, or 3e-4 with --init (a fine-tune: larger first steps undo much of the parent's training).", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of weights, batches and augmentation.")] = 0,
     threads: Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads.")] = 2,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")] = 50,

@@ -29,7 +29,12 @@ from .intensity import (
     ycbcr_to_rgb,
 )
 from .io import FrameChoice, check_dicom_fits, check_output, read_image, write_image
-from .io.atomic import atomic_write_bytes, check_distinct, check_writable
+from .io.atomic import (
+    atomic_write_bytes,
+    check_distinct,
+    check_writable,
+    undone_on_failure,
+)
 from .io.raster import RASTER_FORMATS
 from .memory import peak, plan
 from .register import Registration, given_start, register, resample_to, unsheared
@@ -452,7 +457,7 @@ def fuse_pair(
         rep["memory"]["peak_bytes"] = peak()
         result = FuseResult(fused, moved, reg, rep)
         written = [out_path]
-        with _undone_on_failure(written):
+        with undone_on_failure(written):
             if figure is not None:
                 stage("drawing figure")
                 from .report import write_figure
@@ -464,24 +469,6 @@ def fuse_pair(
 
                 write_report(rep, report_path, overwrite=overwrite)
         return result
-
-
-@contextlib.contextmanager
-def _undone_on_failure(written: list[Path | None]) -> Iterator[None]:
-    """Remove the outputs in ``written`` (files or a DICOM series folder; the list may grow inside) when
-    what follows them fails (a full disk for the report, Ctrl-C), so a failed run leaves no image
-    without its report."""
-    try:
-        yield
-    except BaseException:
-        import shutil
-
-        for path in (p for p in written if p is not None):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            elif path.exists() or path.is_symlink():
-                path.unlink(missing_ok=True)
-        raise
 
 
 def _dicom_context(fixed, moving, fixed_img: Image, moving_img: Image, options: FuseOptions, details: dict):
@@ -559,7 +546,7 @@ def register_pair(
         import SimpleITK as sitk
 
         target = Path(save_transform)
-        with _undone_on_failure([out_path]), \
+        with undone_on_failure([out_path]), \
                 tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
             tmp_file = Path(tmp) / ("t" + "".join(target.suffixes or [".tfm"]))
             sitk.WriteTransform(reg.transform, str(tmp_file))

@@ -296,6 +296,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
             raise InvalidInputError(f"unknown DRAN rule {cfg.rule!r}; choose {', '.join(RULES)}")
     if volume and len(cfg.widths) not in (0, 3):
         raise InvalidInputError(f"widths {cfg.widths}: DCFB-3D takes three (full, 1/2, 1/4 resolution)")
+    if not (math.isfinite(cfg.lr) and cfg.lr >= 0):
+        raise InvalidInputError(f"--lr {cfg.lr}: must be a finite number, 0 or more")
     cfg.recipe = cfg.recipe or DEFAULT_RECIPE[cfg.model]
     recipes = RECON_RECIPES if cfg.model == "dran" else [r for r in RECIPES if not (volume and r == "asfe")]
     if cfg.recipe not in recipes:
@@ -364,6 +366,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
             batch = (_patch_batch if volume else _batch)(train_pairs, cfg, gen)
         parts = train_step(model, opt, cfg, step, *batch)
         step += 1
+        _check_finite(model, step, parts["loss"], ckpt)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save_checkpoint(ckpt, model, opt, step, gen, cfg)
         if cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps:
@@ -374,6 +377,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
             progress(step, parts)
     elapsed = time.perf_counter() - t_start
     return finish(model, cfg, val_pairs, train_pairs + slab_pairs, elapsed, history, parent)
+
+
+def _check_finite(model: torch.nn.Module, step: int, loss: float, ckpt: Path) -> None:
+    """Stop a run whose loss or weights are no longer finite (too high a --lr), before it checkpoints."""
+    if math.isfinite(loss) and all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return
+    kept = f"{ckpt.name} holds the last checkpoint before it" if ckpt.is_file() else "nothing was written"
+    raise InvalidInputError(f"training diverged at step {step} (loss {loss:g}, or weights no longer finite): "
+                            f"{kept}; lower --lr")
 
 
 def train_step(model: AdaFuse | DRAN | DCFB3D, opt: torch.optim.Optimizer, cfg: TrainConfig, step: int,
@@ -456,18 +468,32 @@ def _start_from(model: AdaFuse | DRAN | DCFB3D, state: dict[str, torch.Tensor], 
 
 def finish(model: AdaFuse | DRAN | DCFB3D, cfg: TrainConfig, val_pairs, train_pairs, seconds: float, history,
            parent: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the weights and the model card."""
+    """Validate, then write the weights and the model card (the weights go again if the card fails)."""
     from safetensors.torch import save_file
 
-    from .models.weights import sha256
+    from .io.atomic import undone_on_failure
 
     out = Path(cfg.out)
     volume = getattr(model, "dims", 2) == 3
+    by = "id" if volume else "task"
+    validation = validate(model, val_pairs, by=by)  # before writing: a failure leaves no weights without a card
+    baselines = classic_baselines(val_pairs, by=by) if cfg.baselines else None
     weights = out / f"{cfg.name}.safetensors"
     tmp = weights.with_suffix(".partial")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"config": json.dumps(model.config)})
+    with undone_on_failure([tmp]):  # a full disk
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"config": json.dumps(model.config)})
     tmp.replace(weights)
+    with undone_on_failure([weights]):
+        return _write_card(model, cfg, weights, val_pairs, train_pairs, seconds, history, parent, validation, baselines)
+
+
+def _write_card(model, cfg: TrainConfig, weights: Path, val_pairs, train_pairs, seconds: float, history,
+                parent: dict[str, Any] | None, validation: dict, baselines: dict | None) -> dict[str, Any]:
+    from .io.atomic import atomic_write_bytes
+    from .models.weights import sha256
+
+    volume = getattr(model, "dims", 2) == 3
     card = {
         "name": cfg.name,
         "model": cfg.model,
@@ -490,12 +516,10 @@ def finish(model: AdaFuse | DRAN | DCFB3D, cfg: TrainConfig, val_pairs, train_pa
         # the whole chain: a parent that was itself a fine-tune brings its own parents' time
         "total_training_seconds": round(seconds + ((parent or {}).get("total_training_seconds")
                                                    or (parent or {}).get("training_seconds") or 0), 1),
-        "validation": validate(model, val_pairs, by="id" if volume else "task"),
-        "classic_rules_on_val": classic_baselines(val_pairs, by="id" if volume else "task") if cfg.baselines else None,
+        "validation": validation,
+        "classic_rules_on_val": baselines,
         "history": history,
         "metric_conventions": "medfuse eval (PEERS.md); sources and output as float 0..255 luminance",
     }
-    from .io.atomic import atomic_write_bytes
-
-    atomic_write_bytes(out / f"{cfg.name}.json", (json.dumps(card, indent=2) + "\n").encode(), overwrite=True)
+    atomic_write_bytes(weights.with_suffix(".json"), (json.dumps(card, indent=2) + "\n").encode(), overwrite=True)
     return card

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import OutputError
@@ -105,3 +106,21 @@ def atomic_write_bytes(path: Path, payload: bytes, overwrite: bool) -> None:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def undone_on_failure(written: list[Path | None]) -> Iterator[None]:
+    """Remove the outputs in ``written`` (files or a DICOM series folder; the list may grow inside) when
+    what follows them fails (a full disk for the report, Ctrl-C), so a failed run leaves no image
+    without its report."""
+    try:
+        yield
+    except BaseException:
+        import shutil
+
+        for path in (p for p in written if p is not None):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists() or path.is_symlink():
+                path.unlink(missing_ok=True)
+        raise

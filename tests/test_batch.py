@@ -154,6 +154,27 @@ def test_cases_whose_reports_or_figures_would_collide_are_refused(tmp_path, cli)
         assert "cases a and b would both write" in res.stderr and not (tmp_path / "out").exists()
 
 
+def test_a_manifest_saved_by_a_spreadsheet(tmp_path, cli):
+    """Excel's "CSV UTF-8" (byte-order mark, CRLF), semicolons, tabs in UTF-16 and spaces after the
+    commas were all "a manifest needs the columns id,fixed,moving"; a short row was an internal error."""
+    rows = [("id", "fixed", "moving"), ("spm", str(T1), str(PET))]
+    for name, text, encoding in (("bom.csv", "\ufeff" + "".join(",".join(r) + "\r\n" for r in rows), "utf-8"),
+                                 ("semi.csv", "".join(";".join(r) + "\n" for r in rows), "utf-8"),
+                                 ("spaces.csv", "".join(", ".join(r) + "\n" for r in rows), "utf-8"),
+                                 ("tabs.csv", "".join("\t".join(r) + "\r\n" for r in rows), "utf-16")):
+        (tmp_path / name).write_bytes(text.encode(encoding))
+        cases, rule, _ = discover(tmp_path / name, tmp_path / "out")
+        assert rule == "manifest" and [(c.id, c.fixed, c.moving) for c in cases] == [("spm", str(T1), str(PET))], name
+    (tmp_path / "short.csv").write_text(f"id,fixed,moving\nspm,{T1},{PET}\nb,{T1}\n")
+    res = cli("batch", tmp_path / "short.csv", "-o", tmp_path / "out")
+    assert_one_line_error(res, 4)
+    assert "short.csv: line 3: no moving" in res.stderr and not (tmp_path / "out").exists()
+    (tmp_path / "other.csv").write_text("case;mri;pet\n")
+    res = cli("batch", tmp_path / "other.csv", "-o", tmp_path / "out")
+    assert_one_line_error(res, 4)
+    assert "columns found: case, mri, pet" in res.stderr
+
+
 def test_folders_of_hdr_img_pairs(tmp_path, cli):
     """Analyze / NIfTI .hdr + .img pairs were found only through a CSV manifest; every folder rule
     now names a pair by its .hdr (its .img goes with it) and the case fuses in FIXED's geometry."""

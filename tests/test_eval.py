@@ -76,6 +76,13 @@ def test_split_filter_and_missing_fused_images(harvard_subset, tmp_path, cli):
     assert "missing" in res.stderr
     bad = cli("eval", "--pairs", root / "pairs", "--fused", root / "max", "--split", "test")
     assert bad.exit_code == 4 and "no such split" in bad.stderr
+    # the same table saved by a spreadsheet: byte-order mark, semicolons, CRLF (was "needs columns")
+    (root / "pairs" / "splits.csv").write_bytes("\ufeffpair_id;modality_pair;split\r\n25015;mri-pet;val\r\n"
+                                                 "02004; mri-ct ;val\r\n".encode("utf-8"))
+    res = cli("eval", "--pairs", root / "pairs", "--fused", root / "max", "--split", "val", "--json",
+              tmp_path / "s.json", "--overwrite")
+    assert res.exit_code == 0, res.stderr
+    assert {c["id"] for c in json.loads((tmp_path / "s.json").read_text())["cases"]} == {"25015", "02004"}
 
 
 def test_one_pair_of_volumes(tmp_path, cli):

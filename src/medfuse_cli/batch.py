@@ -272,11 +272,12 @@ def _subfolders(root: Path, out: Path, series_given: bool = False) -> tuple[list
 
 
 def _manifest(path: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or not {"id", "fixed", "moving"} <= set(rows[0]):
-        raise InvalidInputError(f"{path}: a manifest needs the columns id,fixed,moving[,output][,initial_transform]"
-                                "[,fixed_landmarks,moving_landmarks]")
+    from .tables import read_table
+
+    rows = read_table(path, ("id", "fixed", "moving"), "a manifest has the columns id,fixed,moving[,output]"
+                      "[,initial_transform][,fixed_landmarks,moving_landmarks]")
+    if not rows:
+        raise InvalidInputError(f"{path}: no cases in the manifest")
     cases, problems = [], []
     for r in rows:
         fixed, moving = (_abs(path.parent / r[k]) for k in ("fixed", "moving"))

@@ -134,11 +134,10 @@ def _split_ids(pairs: Path, split: str) -> set[tuple[str, str | None]]:
     table = pairs / "splits.csv"
     if not table.is_file():
         raise InputNotFoundError(f"{table} not found: the {split!r} split needs it (a CSV with columns pair_id, split)")
-    with open(table, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or not {"pair_id", "split"} <= set(rows[0]):
-        raise InvalidInputError(f"{table}: needs columns pair_id and split")
-    ids = {(r["pair_id"], r.get("modality_pair")) for r in rows if r["split"] == split}
+    from .tables import read_table
+
+    rows = read_table(table, ("pair_id", "split"))
+    ids = {(r["pair_id"], r.get("modality_pair") or None) for r in rows if r["split"] == split}
     if not ids:
         splits = sorted({r["split"] for r in rows})
         raise InvalidInputError(f"--split {split}: no such split in {table} (has {', '.join(splits)})")

@@ -140,6 +140,16 @@ def test_register_command_writes_moving_on_fixed_grid(tmp_path, cli):
     res = cli("register", T1, moved, "-o", again, "--transform", "none", "--initial-transform", tfm)
     assert res.exit_code == 0 and "--initial-transform applied" in res.stdout, res.stderr
     np.testing.assert_allclose(nib.load(again).get_fdata(), nib.load(out).get_fdata(), atol=1e-3)
+    # the format follows the suffix; one ITK cannot write (an internal error after the registration)
+    # or read back (no suffix) is refused before any work
+    h5 = tmp_path / "t.h5"
+    assert cli("register", T1, moved, "-o", tmp_path / "h5.nii.gz", "--save-transform", h5).exit_code == 0
+    assert h5.read_bytes().startswith(b"\x89HDF")
+    for name in ("t.json", "t"):
+        res = cli("register", T1, moved, "-o", tmp_path / "x.nii.gz", "--save-transform", tmp_path / name)
+        assert_one_line_error(res, 6)
+        assert "name it .tfm, .txt, .h5, .hdf5 or .mat" in res.stderr
+        assert not (tmp_path / "x.nii.gz").exists() and not (tmp_path / name).exists()
 
 
 def test_scans_in_different_frames_register_from_an_initial_transform(tmp_path, cli):

@@ -373,7 +373,7 @@ def register(
     transform: Transform = "auto",
     initial_transform: InitialTransform = None,
     landmarks: Landmarks = None,
-    save_transform: Annotated[Path | None, typer.Option("--save-transform", readable=False, help="Also save the transform (ITK .tfm, LPS, FIXED point -> MOVING point).")] = None,
+    save_transform: Annotated[Path | None, typer.Option("--save-transform", readable=False, help="Also save the transform (ITK .tfm, .txt, .h5, .hdf5 or .mat, by the name's suffix; LPS, FIXED point -> MOVING point).")] = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
     seed: Seed = 0,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import GeometryError, InvalidInputError
+from .errors import GeometryError, InvalidInputError, OutputError
 from .fusion import NETWORKS, check_fits, fuse, resolve_method
 from .image import Image, Modality
 from .intensity import (
@@ -502,6 +502,9 @@ def report_beside(out: Path) -> Path:
 
 
 
+TRANSFORM_SUFFIXES = (".tfm", ".txt", ".h5", ".hdf5", ".mat")  # what ITK writes and reads back (by the suffix)
+
+
 def register_pair(
     fixed: str | os.PathLike[str],
     moving: str | os.PathLike[str],
@@ -529,6 +532,9 @@ def register_pair(
     check_output(out_path, overwrite, inputs=[fixed, moving])
     if save_transform is not None:
         check_writable(Path(save_transform), overwrite, inputs=[fixed, moving])
+        if Path(save_transform).suffix.lower() not in TRANSFORM_SUFFIXES:
+            raise OutputError(f"--save-transform {Path(save_transform).name}: name it .tfm, .txt, .h5, .hdf5 or "
+                              ".mat (ITK chooses the format by the suffix)")
     stage("reading")
     fixed_img, moving_img = _load_pair(fixed, moving, fixed_series, moving_series)
     fixed_img = usable(fixed_img, "FIXED")
@@ -548,7 +554,10 @@ def register_pair(
         target = Path(save_transform)
         with undone_on_failure([out_path]), \
                 tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
-            tmp_file = Path(tmp) / ("t" + "".join(target.suffixes or [".tfm"]))
-            sitk.WriteTransform(reg.transform, str(tmp_file))
+            tmp_file = Path(tmp) / ("t" + target.suffix.lower())
+            try:
+                sitk.WriteTransform(reg.transform, str(tmp_file))
+            except RuntimeError as exc:
+                raise OutputError(f"cannot write the transform {target}: {str(exc).splitlines()[-1]}") from None
             atomic_write_bytes(target, tmp_file.read_bytes(), overwrite)
     return reg

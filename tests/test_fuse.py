@@ -145,6 +145,12 @@ def test_register_command_writes_moving_on_fixed_grid(tmp_path, cli):
     h5 = tmp_path / "t.h5"
     assert cli("register", T1, moved, "-o", tmp_path / "h5.nii.gz", "--save-transform", h5).exit_code == 0
     assert h5.read_bytes().startswith(b"\x89HDF")
+    # an upper-case suffix (T.MAT): written, and read back although ITK knows only lower-case ones
+    mat = tmp_path / "T.MAT"
+    assert cli("register", T1, moved, "-o", tmp_path / "mat.nii.gz", "--save-transform", mat).exit_code == 0
+    res = cli("register", T1, moved, "-o", tmp_path / "again_mat.nii.gz", "--transform", "none", "--initial-transform", mat)
+    assert res.exit_code == 0, res.stderr
+    np.testing.assert_allclose(nib.load(tmp_path / "again_mat.nii.gz").get_fdata(), nib.load(out).get_fdata(), atol=1e-3)
     for name in ("t.json", "t"):
         res = cli("register", T1, moved, "-o", tmp_path / "x.nii.gz", "--save-transform", tmp_path / name)
         assert_one_line_error(res, 6)

@@ -15,6 +15,8 @@ import contextlib
 import enum
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,7 +210,7 @@ def _mattes(fixed, moving, transform) -> float:
 
 
 def read_transform(path: str | os.PathLike[str], rigid: bool = False):
-    """A rigid or affine transform saved by ITK / SimpleITK (``.tfm``, ``.txt``, ``.h5``;
+    """A rigid or affine transform saved by ITK / SimpleITK (``.tfm``, ``.txt``, ``.h5``, ``.mat``;
     LPS, FIXED point -> MOVING point, as ``medfuse register --save-transform`` writes it); with
     ``rigid``, refused unless it is rigid (a registration must start from it)."""
     import SimpleITK as sitk
@@ -219,9 +221,14 @@ def read_transform(path: str | os.PathLike[str], rigid: bool = False):
     if not path.is_file():
         raise InputNotFoundError(f"--initial-transform {path}: no such file")
     try:
-        transform = sitk.ReadTransform(str(path)).Downcast()
+        with tempfile.TemporaryDirectory() as tmp:
+            name = str(path)
+            if path.suffix != path.suffix.lower():  # ITK picks its reader by the suffix, lower case only (T.MAT)
+                name = shutil.copyfile(path, Path(tmp) / f"t{path.suffix.lower()}")
+            transform = sitk.ReadTransform(str(name)).Downcast()
     except RuntimeError:
-        raise InvalidInputError(f"--initial-transform {path}: not a transform file ITK can read (.tfm, .txt, .h5)") from None
+        raise InvalidInputError(f"--initial-transform {path}: not a transform file ITK can read "
+                                "(.tfm, .txt, .h5, .hdf5, .mat)") from None
     while isinstance(transform, sitk.CompositeTransform) and transform.GetNumberOfTransforms() == 1:
         transform = transform.GetNthTransform(0).Downcast()
     if isinstance(transform, sitk.TranslationTransform):

@@ -26,11 +26,13 @@ def _corners_of(image) -> np.ndarray:
     return (image.affine @ idx.T).T[:, :3] * [-1, -1, 1]
 
 
-@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".MHA", ".NRRD", ".MHD"])
 def test_a_file_itk_converted_reads_as_the_nifti_does(tmp_path, suffix):
-    """SimpleITK's own conversion of the NIfTI (its reader, not ours) reads back voxel for voxel."""
+    """SimpleITK's own conversion of the NIfTI (its reader, not ours) reads back voxel for voxel,
+    also named in upper case (X.MHA was an "unreadable header": ITK chose its reader by lower-case suffixes)."""
     path = tmp_path / f"t1{suffix}"
-    sitk.WriteImage(sitk.ReadImage(str(T1)), str(path))
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(path.with_suffix(suffix.lower())))
+    path.with_suffix(suffix.lower()).rename(path)
     a, b = read_image(T1), read_image(path)
     assert b.provenance.format in ("nrrd", "metaimage") and b.modality.value == "MR"
     np.testing.assert_allclose(b.data, a.data, rtol=1e-6)

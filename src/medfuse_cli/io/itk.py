@@ -91,6 +91,8 @@ def _read_here(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    # by the suffix in any case: ITK's own choice knows only lower case (X.MHA was "unreadable")
+    reader.SetImageIO("MetaImageIO" if path.suffix.lower() in (".mha", ".mhd") else "NrrdImageIO")
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:

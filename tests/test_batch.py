@@ -146,12 +146,12 @@ def test_pairing_rules_manifest_and_timeout(tmp_path, cli):
 
 def test_cases_whose_reports_or_figures_would_collide_are_refused(tmp_path, cli):
     """a.png and a.tif would share the report a.json; b's output a_figure.png is a's figure."""
-    for second in ("a.tif", "a_figure.png"):
+    for second, other_id in (("a.tif", "b"), ("a_figure.png", "b"), ("a.png", "a")):  # the last: one id twice
         manifest = tmp_path / "m.csv"
-        manifest.write_text(f"id,fixed,moving,output\na,{T1},{PET},a.png\nb,{T1},{PET},{second}\n")
+        manifest.write_text(f"id,fixed,moving,output\na,{T1},{PET},a.png\n{other_id},{T1},{PET},{second}\n")
         res = cli("batch", manifest, "-o", tmp_path / "out", "--engine", "sequential")
         assert_one_line_error(res, 4)
-        assert "cases a and b would both write" in res.stderr and not (tmp_path / "out").exists()
+        assert f"cases a and {other_id} would both write" in res.stderr and not (tmp_path / "out").exists()
 
 
 def test_a_manifest_saved_by_a_spreadsheet(tmp_path, cli):

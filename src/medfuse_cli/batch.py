@@ -325,12 +325,12 @@ def discover(source: Path, out: Path, dicom: bool = False,
             )
     if dicom:
         cases = [c if _one_slice(c.fixed) else replace(c, output=_as_folder(c.output)) for c in cases]
-    written: dict[str, str] = {}  # every file a case writes (output, report, figure) -> its case
-    for c in cases:
+    written: dict[str, int] = {}  # every file a case writes (output, report, figure) -> its case's index
+    for i, c in enumerate(cases):
         for path in (c.output, c.report, c.figure):
-            other = written.setdefault(os.path.abspath(path), c.id)
-            if other != c.id:
-                raise InvalidInputError(f"{source}: cases {other} and {c.id} would both write {path}; "
+            other = written.setdefault(os.path.abspath(path), i)
+            if other != i:
+                raise InvalidInputError(f"{source}: cases {cases[other].id} and {c.id} would both write {path}; "
                                         "give them outputs of different names (a manifest's output column)")
     inputs = {os.path.abspath(p): c.id for c in cases for p in (c.fixed, c.moving)}
     for c in cases:

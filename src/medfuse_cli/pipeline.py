@@ -37,7 +37,15 @@ from .io.atomic import (
 )
 from .io.raster import RASTER_FORMATS
 from .memory import peak, plan
-from .register import Registration, given_start, register, resample_to, unsheared
+from .register import (
+    TRANSFORM_SUFFIXES,
+    Registration,
+    given_start,
+    register,
+    resample_to,
+    transform_suffixes,
+    unsheared,
+)
 
 log = logging.getLogger(__name__)
 
@@ -502,9 +510,6 @@ def report_beside(out: Path) -> Path:
 
 
 
-TRANSFORM_SUFFIXES = (".tfm", ".txt", ".h5", ".hdf5", ".mat")  # what ITK writes and reads back (by the suffix)
-
-
 def register_pair(
     fixed: str | os.PathLike[str],
     moving: str | os.PathLike[str],
@@ -533,8 +538,8 @@ def register_pair(
     if save_transform is not None:
         check_writable(Path(save_transform), overwrite, inputs=[fixed, moving])
         if Path(save_transform).suffix.lower() not in TRANSFORM_SUFFIXES:
-            raise OutputError(f"--save-transform {Path(save_transform).name}: name it .tfm, .txt, .h5, .hdf5 or "
-                              ".mat (ITK chooses the format by the suffix)")
+            raise OutputError(f"--save-transform {Path(save_transform).name}: name it {transform_suffixes()} "
+                              "(ITK chooses the format by the suffix)")
     stage("reading")
     fixed_img, moving_img = _load_pair(fixed, moving, fixed_series, moving_series)
     fixed_img = usable(fixed_img, "FIXED")

@@ -209,6 +209,14 @@ def _mattes(fixed, moving, transform) -> float:
         return -float(reg.MetricEvaluate(fixed, moving))
 
 
+TRANSFORM_SUFFIXES = (".tfm", ".txt", ".h5", ".hdf5", ".mat")  # what ITK writes and reads back (by the suffix)
+
+
+def transform_suffixes() -> str:
+    """``.tfm, .txt, .h5, .hdf5 or .mat``, for messages."""
+    return ", ".join(TRANSFORM_SUFFIXES[:-1]) + " or " + TRANSFORM_SUFFIXES[-1]
+
+
 def read_transform(path: str | os.PathLike[str], rigid: bool = False):
     """A rigid or affine transform saved by ITK / SimpleITK (``.tfm``, ``.txt``, ``.h5``, ``.mat``;
     LPS, FIXED point -> MOVING point, as ``medfuse register --save-transform`` writes it); with
@@ -228,7 +236,7 @@ def read_transform(path: str | os.PathLike[str], rigid: bool = False):
             transform = sitk.ReadTransform(str(name)).Downcast()
     except RuntimeError:
         raise InvalidInputError(f"--initial-transform {path}: not a transform file ITK can read "
-                                "(.tfm, .txt, .h5, .hdf5, .mat)") from None
+                                f"({transform_suffixes()})") from None
     while isinstance(transform, sitk.CompositeTransform) and transform.GetNumberOfTransforms() == 1:
         transform = transform.GetNthTransform(0).Downcast()
     if isinstance(transform, sitk.TranslationTransform):

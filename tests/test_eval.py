@@ -129,3 +129,45 @@ def test_bad_input_gives_one_line_and_an_exit_code(tmp_path, cli):
     json_out.write_text("{}")
     res = cli("eval", "--fixed", mri, "--moving", pet, mri, "--json", json_out)
     assert res.exit_code == 6 and json_out.read_text() == "{}"
+
+
+def test_folders_keep_scoring_past_an_image_that_cannot_be_scored(harvard_subset, tmp_path, cli):
+    """A damaged or wrong-sized fused image among many: its row carries the error, the others are
+    scored, and the exit code is 7 (before: the first one stopped the run and nothing was written)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    root = harvard_subset
+    fused = tmp_path / "max"
+    shutil.copytree(root / "max", fused)
+    damaged = fused / "mri-pet" / "25015.png"
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    PILImage.fromarray(np.zeros((128, 128), np.uint8) + 90).save(fused / "mri-ct" / "02004.png")
+    res = cli("eval", "--pairs", root / "pairs", "--fused", fused, "--fused", root / "mean",
+              "--json", tmp_path / "e.json", "--csv", tmp_path / "e.csv")
+    assert res.exit_code == 7, res.stderr
+    assert "2 of 6 fused images could not be scored" in " ".join(res.stderr.split())
+    assert "mri-pet (2 pairs" in res.stdout  # the table still shows what was scored
+    report = json.loads((tmp_path / "e.json").read_text())
+    errors = {(c["id"], c["method"]): c.get("error") for c in report["cases"]}
+    assert errors[("25015", "max")] and errors[("02004", "max")]
+    assert errors[("25016", "max")] is None and errors[("25015", "mean")] is None
+    assert report["means"]["mri-pet"]["max"]["n"] == 1 and report["means"]["mri-pet"]["mean"]["n"] == 2
+    assert "max" not in report["means"]["mri-ct"]
+    rows = list(csv.DictReader((tmp_path / "e.csv").open()))
+    assert sum(1 for r in rows if r["error"]) == 2
+    # an unreadable source fails every method of its pair, not the run
+    pairs = tmp_path / "pairs"
+    shutil.copytree(root / "pairs", pairs, symlinks=True)
+    (pairs / "mri-pet" / "25016_pet.png").unlink()
+    (pairs / "mri-pet" / "25016_pet.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    res = cli("eval", "--pairs", pairs, "--fused", root / "mean", "--json", tmp_path / "s.json")
+    assert res.exit_code == 7, res.stderr
+    cases = json.loads((tmp_path / "s.json").read_text())["cases"]
+    assert [c["id"] for c in cases if c.get("error")] == ["25016"]
+    # one pair given by --fixed/--moving still stops at its first error, with that error's code
+    mri, pet = pairs / "mri-pet" / "25015_mri.png", pairs / "mri-pet" / "25015_pet.png"
+    res = cli("eval", "--fixed", mri, "--moving", pet, damaged)
+    assert res.exit_code == 4 and len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -451,12 +451,15 @@ def eval_(
     SSIM_B and SSIM_worst (the lower) beside it; PSNR = 10 log10(255^2 / mean of the two MSEs);
     VIF = VIF(A,F) + VIF(B,F); CC = mean of the two correlations; SCD = corr(F-B, A) + corr(F-A, B).
     Volumes must share one grid; Qabf, VIF and FMI are pooled over axial slices.
+    With --pairs, an image that cannot be read or scored is a row with its error (in --json/--csv),
+    the others are still scored, and the exit code is 7; a missing fused image is only warned of.
     """
 
     def body() -> None:
         from .errors import InvalidInputError
         from .evaluate import (
             evaluate_cases,
+            failed_rows,
             find_cases,
             single_pair_cases,
             summarise,
@@ -484,7 +487,7 @@ def eval_(
             if out is not None:
                 check_writable(out, overwrite, inputs)
         rows = _with_progress(len(cases), quiet, "scoring",
-                              lambda tick: evaluate_cases(cases, methods, read_image, tick))
+                              lambda tick: evaluate_cases(cases, methods, read_image, tick, keep_going=pairs is not None))
         means = summarise(rows)
         if json_out is not None:
             from .report import write_report
@@ -493,6 +496,12 @@ def eval_(
         if csv_out is not None:
             atomic_write_bytes(csv_out, to_csv(rows, means).encode("utf-8", "surrogateescape"), overwrite)
         _eval_tables(means, quiet)
+        failed = failed_rows(rows)
+        if failed:
+            first = failed[0]
+            _fail(f"{len(failed)} of {len(rows)} fused images could not be scored (first: {first['method']} "
+                  f"for {first['group']} {first['id']}: {first['error']})"
+                  + ("; every row is in " + " and ".join(str(o) for o in (json_out, csv_out) if o) if json_out or csv_out else ""), 7)
 
     _run(debug, quiet, verbose, body)
 

@@ -58,7 +58,8 @@ EXIT_CODES: dict[int, str] = {
     6: "output exists (use --overwrite), is an input or another output of the command, cannot be written, lies inside an input folder or holds one, is "
     "a folder of other files than a medfuse DICOM series, or has a too long name; "
     "another batch is writing to the same folder",
-    7: "batch finished but some cases failed or timed out (see summary.csv)",
+    7: "batch finished but some cases failed or timed out (see summary.csv); eval --pairs scored the others "
+    "but some images could not be scored",
     8: "model weights missing, or not matching the sha256 of their model card",
     10: "out of memory, or the fusion would need more than --max-memory (checked before the heavy steps)",
     130: "interrupted (Ctrl-C)",

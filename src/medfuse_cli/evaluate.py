@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import GeometryError, InputNotFoundError, InvalidInputError
+from .errors import GeometryError, InputNotFoundError, InvalidInputError, MedfuseError
 from .image import Image
 from .intensity import luminance, nan_as_background, window_for
 from .io import PAIR_SUFFIXES, named_pattern
@@ -197,21 +197,44 @@ def find_cases(pairs: Path, fused_dirs: list[Path], split: str | None = None,
 
 
 def evaluate_cases(
-    cases: list[Case], methods: list[str], read: Callable[[Path], Image], progress: Callable[[], None] | None = None
+    cases: list[Case], methods: list[str], read: Callable[[Path], Image], progress: Callable[[], None] | None = None,
+    keep_going: bool = False,
 ) -> list[dict[str, Any]]:
-    """Score every (case, method); rows with ``id``, ``group``, ``method``, ``fused`` and metrics."""
+    """Score every (case, method); rows with ``id``, ``group``, ``method``, ``fused`` and metrics.
+
+    ``keep_going`` (folders of pairs): a case whose sources or fused image cannot be read or scored
+    becomes a row whose ``error`` holds the one-line message, and the others are still scored;
+    otherwise the first such error stops the run.
+    """
+    def attempt(row: dict[str, Any], work: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return work(*args)
+        except MedfuseError as exc:
+            if not keep_going:
+                raise
+            row["error"] = str(exc)
+            return None
+
     rows = []
     for case in cases:
-        if any(case.fused.get(m) for m in methods):
-            fixed, moving = read(case.fixed), read(case.moving)
+        sources = None
         for method in methods:
             path = case.fused.get(method)
             row: dict[str, Any] = {"id": case.id, "group": case.group, "method": method, "fused": str(path) if path else None}
+            rows.append(row)
             if path is None:
                 row["error"] = "missing"
-            else:
-                row.update(score(fixed, moving, read(path)))
-            rows.append(row)
+                continue
+            if sources is None:
+                sources = attempt(row, lambda c: (read(c.fixed), read(c.moving)), case)
+                if sources is None:
+                    sources = row["error"]
+            if isinstance(sources, str):
+                row["error"] = sources
+                continue
+            values = attempt(row, lambda pair, f: score(*pair, read(f)), sources, path)
+            if values is not None:
+                row.update(values)
         if progress:
             progress()
     missing = [r for r in rows if r.get("error") == "missing"]
@@ -219,6 +242,11 @@ def evaluate_cases(
         log.warning("%d fused images missing (e.g. %s for %s); their means leave them out",
                     len(missing), missing[0]["method"], missing[0]["id"])
     return rows
+
+
+def failed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that could not be scored (a missing fused image is not a failure)."""
+    return [r for r in rows if r.get("error") not in (None, "missing")]
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:

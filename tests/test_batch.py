@@ -145,13 +145,20 @@ def test_pairing_rules_manifest_and_timeout(tmp_path, cli):
 
 
 def test_cases_whose_reports_or_figures_would_collide_are_refused(tmp_path, cli):
-    """a.png and a.tif would share the report a.json; b's output a_figure.png is a's figure."""
-    for second, other_id in (("a.tif", "b"), ("a_figure.png", "b"), ("a.png", "a")):  # the last: one id twice
-        manifest = tmp_path / "m.csv"
+    """a.png and a.tif would share the report a.json; with --figures, b's output a_figure.png is a's figure."""
+    manifest = tmp_path / "m.csv"
+    for second, other_id, extra in (("a.tif", "b", ()), ("a_figure.png", "b", ("--figures",)),
+                                    ("a.png", "a", ())):  # the last: one id twice
         manifest.write_text(f"id,fixed,moving,output\na,{T1},{PET},a.png\n{other_id},{T1},{PET},{second}\n")
-        res = cli("batch", manifest, "-o", tmp_path / "out", "--engine", "sequential")
+        res = cli("batch", manifest, "-o", tmp_path / "out", "--engine", "sequential", *extra)
         assert_one_line_error(res, 4)
         assert f"cases a and {other_id} would both write" in res.stderr and not (tmp_path / "out").exists()
+    # without --figures no figure is written, so an output named like one is no collision
+    from medfuse_cli.batch import discover
+
+    manifest.write_text(f"id,fixed,moving,output\na,{T1},{PET},a.png\nb,{T1},{PET},a_figure.png\n")
+    cases, _, _ = discover(manifest, tmp_path / "out")
+    assert [Path(c.output).name for c in cases] == ["a.png", "a_figure.png"]
 
 
 def test_a_manifest_saved_by_a_spreadsheet(tmp_path, cli):

@@ -296,11 +296,12 @@ def _manifest(path: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
     return cases, problems
 
 
-def discover(source: Path, out: Path, dicom: bool = False,
-             series_given: bool = False) -> tuple[list[BatchCase], str, list[str]]:
+def discover(source: Path, out: Path, dicom: bool = False, series_given: bool = False,
+             figures: bool = False) -> tuple[list[BatchCase], str, list[str]]:
     """The cases of a folder or manifest, the pairing rule that matched, and what was not paired.
     ``dicom``: volumes are written as DICOM series folders (``OUT_DIR/CASE``) instead of NIfTI;
-    ``series_given``: --fixed-series / --moving-series choose the series in case folders of DICOM files."""
+    ``series_given``: --fixed-series / --moving-series choose the series in case folders of DICOM files;
+    ``figures``: each case writes its figure too (no case may write another's)."""
     if not source.exists():
         raise InputNotFoundError(f"{source}: no such folder or manifest")
     out = _abs(out)
@@ -327,7 +328,7 @@ def discover(source: Path, out: Path, dicom: bool = False,
         cases = [c if _one_slice(c.fixed) else replace(c, output=_as_folder(c.output)) for c in cases]
     written: dict[str, int] = {}  # every file a case writes (output, report, figure) -> its case's index
     for i, c in enumerate(cases):
-        for path in (c.output, c.report, c.figure):
+        for path in (c.output, c.report, *([c.figure] if figures else [])):
             other = written.setdefault(os.path.abspath(path), i)
             if other != i:
                 raise InvalidInputError(f"{source}: cases {cases[other].id} and {c.id} would both write {path}; "
@@ -512,7 +513,8 @@ def run_batch(
     if engine not in ("dask", "sequential"):
         raise InvalidInputError(f"unknown engine {engine!r}; choose dask or sequential")
     cases, rule, unpaired = discover(source, out, dicom=bool(options.get("dicom")),
-                                     series_given=bool(options.get("fixed_series") or options.get("moving_series")))
+                                     series_given=bool(options.get("fixed_series") or options.get("moving_series")),
+                                     figures=bool(options.get("figures")))
     total = len(cases)
     if part is not None:
         cases = part.select(cases)

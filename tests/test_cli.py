@@ -49,7 +49,8 @@ def test_convert_example_dicom_zip(tmp_path, cli):
     assert [p.name for p in out.parent.iterdir()] == ["mr.nii.gz"]  # no temporary files left
 
 
-def test_bad_inputs_give_one_line_and_no_output(tmp_path, cli):
+def test_bad_inputs_give_one_line_and_no_output(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "out.nii.gz"
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -79,6 +80,9 @@ def test_bad_inputs_give_one_line_and_no_output(tmp_path, cli):
         assert why in res.stderr
     assert_one_line_error(cli("convert", T1, "-o", junk / "inside_a_file.nii.gz"), 6)
     assert_one_line_error(cli("convert", T1, "-o", tmp_path), 6)
+    res = cli("convert", T1, "-o", "-")  # was written as a DICOM series in a folder named "-"
+    assert_one_line_error(res, 6)
+    assert "an image cannot go to standard output" in res.stderr
     assert_one_line_error(cli("convert", T1, "-o", tmp_path / "s.nii.gz", "--suv"), 4)
     assert_one_line_error(cli("info", tmp_path / "missing"), 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "fake.png", "notes.txt", "textdir"]

@@ -171,3 +171,19 @@ def test_folders_keep_scoring_past_an_image_that_cannot_be_scored(harvard_subset
     mri, pet = pairs / "mri-pet" / "25015_mri.png", pairs / "mri-pet" / "25015_pet.png"
     res = cli("eval", "--fixed", mri, "--moving", pet, damaged)
     assert res.exit_code == 4 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_json_and_csv_on_standard_output(harvard_subset, tmp_path, cli, monkeypatch):
+    """`--json -` / `--csv -` print on standard output instead of the tables (before: a file named "-")."""
+    monkeypatch.chdir(tmp_path)
+    root = harvard_subset
+    res = cli("eval", "--pairs", root / "pairs", "--fused", root / "max", "--csv", "-")
+    assert res.exit_code == 0, res.stderr
+    rows = list(csv.DictReader(res.stdout.splitlines()))
+    assert len(rows) == 3 + 2 and "pairs;" not in res.stdout  # per image and means, no table
+    res = cli("eval", "--pairs", root / "pairs", "--fused", root / "max", "--json", "-", "--csv", tmp_path / "e.csv")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["means"]["mri-pet"]["max"]["n"] == 2 and (tmp_path / "e.csv").is_file()
+    res = cli("eval", "--pairs", root / "pairs", "--fused", root / "max", "--json", "-", "--csv", "-")
+    assert res.exit_code == 6 and "both go to standard output" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.csv"]

@@ -422,6 +422,21 @@ def test_figure_and_8_bit_registration_output(tmp_path, cli):
     np.testing.assert_array_equal(np.asarray(PILImage.open(out)), np.asarray(PILImage.open(folder / "02004_ct.png")))
 
 
+def test_the_report_on_standard_output(tmp_path, cli, monkeypatch):
+    """`--report -` prints the JSON report instead of the summary line (before: a file named "-")."""
+    monkeypatch.chdir(tmp_path)
+    folder = shared_path("harvard", "mri-ct")
+    res = cli("fuse", folder / "02004_mri.png", folder / "02004_ct.png", "-o", "f.png", "--method", "max",
+              "--report", "-")
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["output"] == "f.png" and report["metrics"]["values"]["Qabf"] > 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png"]  # no f.json, no "-"
+    res = cli("fuse", folder / "02004_mri.png", folder / "02004_ct.png", "-o", "-", "--report", "r.json")
+    assert_one_line_error(res, 6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png"]
+
+
 def test_a_figure_is_written_in_the_format_its_name_asks_for(tmp_path, cli):
     """--figure f.pdf wrote PNG bytes into f.pdf; now PDF/SVG/JPEG as named (no dates: same bytes
     every run), and a name of no figure format is refused before any work."""

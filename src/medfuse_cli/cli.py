@@ -317,7 +317,7 @@ def fuse(
     moving_modality: MovingModality = None,
     ct_window: CtWindow = None,
     colormap: Colormap = None,
-    report: Annotated[Path | None, typer.Option("--report", readable=False, help="JSON report path (default: beside the output, OUT.json).")] = None,
+    report: Annotated[Path | None, typer.Option("--report", readable=False, help="JSON report path (default: beside the output, OUT.json); - prints it on standard output instead of the summary line.")] = None,
     figure: Annotated[Path | None, typer.Option("--figure", readable=False, help="Also write a figure: FIXED, MOVING, fused and an overlay, middle slice of each plane, in physical proportions; PNG, PDF, SVG or JPEG by the name's suffix (.png, .pdf, .svg, .jpg).")] = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
@@ -341,6 +341,7 @@ def fuse(
     """
 
     def body() -> None:
+        from .io.atomic import is_stdout
         from .pipeline import FuseOptions, fuse_pair
 
         options = FuseOptions(method=method, transform=transform,
@@ -354,7 +355,7 @@ def fuse(
         with _stages(quiet) as stage:
             result = fuse_pair(fixed, moving, output, options, report=report, figure=figure,
                                overwrite=overwrite, stage=stage)
-        if not quiet:
+        if not quiet and not is_stdout(report):
             how = _registration_line(result.report["registration"])
             scores = ""
             if "metrics" in result.report:
@@ -435,8 +436,8 @@ def eval_(
     pairs: Annotated[Path | None, typer.Option("--pairs", readable=False, help="Folder of pairs named ID_mri.png + ID_ct/pet/spect.png (searched recursively, as ../shared/data/harvard).", show_default=False)] = None,
     fused_dirs: Annotated[list[Path] | None, typer.Option("--fused", readable=False, help="With --pairs: a folder of fused images named ID.png (one method per folder; repeat to compare).", show_default=False)] = None,
     split: Annotated[str | None, typer.Option("--split", help="With --pairs: only the pairs of this split in PAIRS/splits.csv (columns pair_id, split), e.g. val.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", readable=False, help="Write per-image and mean values, with the conventions, as JSON.")] = None,
-    csv_out: Annotated[Path | None, typer.Option("--csv", readable=False, help="Write per-image rows and mean rows as CSV.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", readable=False, help="Write per-image and mean values, with the conventions, as JSON (- : on standard output, instead of the tables).")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", readable=False, help="Write per-image rows and mean rows as CSV (- : on standard output, instead of the tables).")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -467,7 +468,12 @@ def eval_(
             to_json,
         )
         from .io import read_image
-        from .io.atomic import atomic_write_bytes, check_distinct, check_writable
+        from .io.atomic import (
+            atomic_write_bytes,
+            check_distinct,
+            check_writable,
+            is_stdout,
+        )
 
         if pairs is not None:
             if fixed or moving or fused:
@@ -495,13 +501,13 @@ def eval_(
             write_report(to_json(rows, means), json_out, overwrite=overwrite)
         if csv_out is not None:
             atomic_write_bytes(csv_out, to_csv(rows, means).encode("utf-8", "surrogateescape"), overwrite)
-        _eval_tables(means, quiet)
+        _eval_tables(means, quiet or is_stdout(json_out) or is_stdout(csv_out))
         failed = failed_rows(rows)
         if failed:
             first = failed[0]
             _fail(f"{len(failed)} of {len(rows)} fused images could not be scored (first: {first['method']} "
                   f"for {first['group']} {first['id']}: {first['error']})"
-                  + ("; every row is in " + " and ".join(str(o) for o in (json_out, csv_out) if o) if json_out or csv_out else ""), 7)
+                  + ("; every row is in " + " and ".join("standard output" if is_stdout(o) else str(o) for o in (json_out, csv_out) if o) if json_out or csv_out else ""), 7)
 
     _run(debug, quiet, verbose, body)
 

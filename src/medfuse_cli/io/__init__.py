@@ -130,6 +130,8 @@ def read_image(
 def output_format(path: str | os.PathLike[str]) -> str:
     """``nifti``, ``raster``, ``itk`` (NRRD / MetaImage) or ``dicom`` (a path without an extension, or an existing folder: a
     DICOM series folder)."""
+    if os.fspath(path) == "-":
+        raise OutputError("-: an image cannot go to standard output; give a file (.nii.gz, .png, ...) or a folder (DICOM)")
     path = Path(path)
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES):

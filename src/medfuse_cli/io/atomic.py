@@ -11,6 +11,12 @@ from pathlib import Path
 from ..errors import OutputError
 
 TEMP_NAME_EXTRA = len("..XXXXXXXX.partial")  # what the temporary ".NAME.XXXXXXXX.partial" adds to NAME
+STDOUT = "-"  # a text output (a JSON report, eval's --json / --csv) named "-" goes to standard output
+
+
+def is_stdout(path: str | os.PathLike[str] | None) -> bool:
+    """Whether a text output is standard output (named ``-``)."""
+    return path is not None and os.fspath(path) == STDOUT
 
 
 def check_name_and_place(path: Path, inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
@@ -38,8 +44,13 @@ def check_name_and_place(path: Path, inputs: Sequence[str | os.PathLike[str]] = 
 
 def check_distinct(outputs: dict[str, str | os.PathLike[str] | None]) -> None:
     """Refuse two outputs of one command (named by option) that are the same file, or one inside
-    the other (a DICOM output folder): the second written would replace or join the first."""
-    named = [(option, Path(os.path.realpath(path))) for option, path in outputs.items() if path is not None]
+    the other (a DICOM output folder): the second written would replace or join the first; or two
+    that both go to standard output."""
+    to_stdout = [option for option, path in outputs.items() if is_stdout(path)]
+    if len(to_stdout) > 1:
+        raise OutputError(f"{' and '.join(to_stdout)} both go to standard output (-); give all but one a file")
+    named = [(option, Path(os.path.realpath(path))) for option, path in outputs.items()
+             if path is not None and not is_stdout(path)]
     for i, (first, a) in enumerate(named):
         for second, b in named[i + 1:]:
             if a == b:
@@ -51,7 +62,9 @@ def check_distinct(outputs: dict[str, str | os.PathLike[str] | None]) -> None:
 
 def check_writable(path: Path, overwrite: bool, inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
     """Fail early (before any work) when ``path`` cannot be written as asked, or is inside one of
-    the folders of ``inputs``."""
+    the folders of ``inputs``. Standard output (``-``) can always be written."""
+    if is_stdout(path):
+        return
     check_name_and_place(path, inputs)
     if path.exists() and path.is_dir():
         raise OutputError(f"output {path} is a folder, not a file")
@@ -75,8 +88,18 @@ def atomic_write_bytes(path: Path, payload: bytes, overwrite: bool) -> None:
     """Write ``payload`` to ``path`` so that readers only ever see the complete file.
 
     Without ``overwrite`` an existing file is never replaced, even one that appears while
-    writing (the final step is a hard link, which fails if the name exists).
+    writing (the final step is a hard link, which fails if the name exists). ``-`` writes to standard
+    output (a reader that stops early, ``| head``, is no error).
     """
+    if is_stdout(path):
+        import sys
+
+        try:
+            sys.stdout.buffer.write(payload)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return
     path = Path(path)
     check_writable(path, overwrite)
     try:

@@ -208,11 +208,11 @@ def _pixels(entry: _Entry) -> tuple[Dataset, np.ndarray]:
             ds = pydicom.dcmread(fh)
         _parse_all(ds)
         arr = ds.pixel_array
-        colour, bits = _is_palette(ds), 16  # bits of a colour channel; palette entries span 0..65535
-        if colour:  # indices into a colour table (colour-mapped PET/NM): the colours are the image
+        palette = _is_palette(ds)
+        if palette:  # indices into a colour table (colour-mapped PET/NM): the colours are the image
             arr = apply_color_lut(arr, ds)
-        elif int(ds.get("SamplesPerPixel", 1) or 1) == 3:
-            colour, bits = True, int(ds.get("BitsStored") or 16)
+        colour = _samples(ds) == 3
+        bits = 16 if palette else int(ds.get("BitsStored") or 16)  # of a colour channel; palette entries span 0..65535
     except Exception as exc:
         syntax = ds.file_meta.get("TransferSyntaxUID") if ds is not None and hasattr(ds, "file_meta") else None
         if syntax is not None and syntax.is_transfer_syntax and syntax.is_compressed and "Unable to decode" in str(exc):
@@ -220,6 +220,11 @@ def _pixels(entry: _Entry) -> tuple[Dataset, np.ndarray]:
                                     "decoder reads (decompress it, e.g. with gdcmconv --raw)") from exc
         raise InvalidInputError(f"{entry.name}: corrupt or undecodable DICOM pixel data ({exc})") from exc
     return ds, colour_8bit(arr, entry.name, bits) if colour else arr
+
+
+def _samples(ds: Dataset) -> int:
+    """Samples per pixel as read: 3 for RGB and for palette colour (its table gives RGB)."""
+    return 3 if _is_palette(ds) else int(ds.get("SamplesPerPixel", 1) or 1)
 
 
 def _is_palette(ds: Dataset) -> bool:
@@ -341,7 +346,7 @@ def read_dicom(
 
     slices: list[Slice] = []
     datasets = []
-    samples = {3 if _is_palette(e.header) else int(e.header.get("SamplesPerPixel", 1) or 1) for e in group}
+    samples = {_samples(e.header) for e in group}
     if not samples <= {1} and samples != {3}:
         raise InvalidInputError(f"{path.name}: {samples} samples per pixel (or greyscale mixed with colour); "
                                 "medfuse reads greyscale, RGB or palette-colour series")

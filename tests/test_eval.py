@@ -187,3 +187,21 @@ def test_json_and_csv_on_standard_output(harvard_subset, tmp_path, cli, monkeypa
     res = cli("eval", "--pairs", root / "pairs", "--fused", root / "max", "--json", "-", "--csv", "-")
     assert res.exit_code == 6 and "both go to standard output" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.csv"]
+
+
+def test_scoring_that_would_not_fit_in_memory_is_refused(harvard_subset, tmp_path, cli):
+    """--max-memory: a pair whose metrics would need more is refused before scoring (exit 10; with
+    --pairs its row, exit 7), where the metrics' float64 arrays could have been killed by the system."""
+    out = tmp_path / "fused.nii.gz"
+    assert cli("fuse", T1, PET, "-o", out, "--method", "mean", "-q", "--no-metrics").exit_code == 0
+    res = cli("eval", "--fixed", T1, "--moving", PET, out, "--max-memory", "256M")
+    assert res.exit_code == 10 and "scoring 91x109x91 voxels needs about" in res.stderr, res.stderr
+    assert cli("eval", "--fixed", T1, "--moving", PET, out, "--max-memory", "64G", "-q").exit_code == 0
+    root = harvard_subset
+    res = cli("eval", "--pairs", root / "pairs", "--fused", root / "max", "--max-memory", "256M",
+              "--json", tmp_path / "e.json")
+    assert res.exit_code == 7, res.stderr
+    cases = json.loads((tmp_path / "e.json").read_text())["cases"]
+    assert len(cases) == 3 and all("needs about" in c["error"] for c in cases)
+    res = cli("eval", "--pairs", root / "pairs", "--fused", root / "max", "--max-memory", "lots")
+    assert res.exit_code == 4 and len(res.stderr.strip().splitlines()) == 1, res.stderr

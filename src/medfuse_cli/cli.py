@@ -438,6 +438,7 @@ def eval_(
     split: Annotated[str | None, typer.Option("--split", help="With --pairs: only the pairs of this split in PAIRS/splits.csv (columns pair_id, split), e.g. val.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", readable=False, help="Write per-image and mean values, with the conventions, as JSON (- : on standard output, instead of the tables).")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", readable=False, help="Write per-image rows and mean rows as CSV (- : on standard output, instead of the tables).")] = None,
+    max_memory: Annotated[str, typer.Option("--max-memory", help="Memory scoring may use: a size (4G, 800M) or auto (what is available now, within any cgroup limit). A pair whose metrics would need more (about 90 bytes per voxel) is refused before scoring, exit 10 (with --pairs: its row).")] = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -474,6 +475,7 @@ def eval_(
             check_writable,
             is_stdout,
         )
+        from .memory import parse_size
 
         if pairs is not None:
             if fixed or moving or fused:
@@ -488,12 +490,14 @@ def eval_(
                 raise InvalidInputError("--fused and --split go with --pairs")
             cases, methods = single_pair_cases(fixed, moving, fused or [])
         inputs = [p for p in (pairs, fixed, moving, *(fused or []), *(fused_dirs or [])) if p is not None]
+        parse_size(max_memory)  # a bad value is a usage error, not an error on every row
         check_distinct({"--json": json_out, "--csv": csv_out})
         for out in (json_out, csv_out):
             if out is not None:
                 check_writable(out, overwrite, inputs)
         rows = _with_progress(len(cases), quiet, "scoring",
-                              lambda tick: evaluate_cases(cases, methods, read_image, tick, keep_going=pairs is not None))
+                              lambda tick: evaluate_cases(cases, methods, read_image, tick, keep_going=pairs is not None,
+                                                           max_memory=max_memory))
         means = summarise(rows)
         if json_out is not None:
             from .report import write_report

@@ -61,7 +61,8 @@ EXIT_CODES: dict[int, str] = {
     7: "batch finished but some cases failed or timed out (see summary.csv); eval --pairs scored the others "
     "but some images could not be scored",
     8: "model weights missing, or not matching the sha256 of their model card",
-    10: "out of memory, or the fusion would need more than --max-memory (checked before the heavy steps)",
+    10: "out of memory, or the fusion (or eval's scoring of a pair) would need more than --max-memory "
+    "(checked before the heavy steps)",
     130: "interrupted (Ctrl-C)",
     143: "terminated (SIGTERM, e.g. a scheduler's time limit; cleaned up as for Ctrl-C)",
 }

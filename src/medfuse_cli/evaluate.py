@@ -89,11 +89,16 @@ def check_same_grid(fixed: Image, other: Image, role: str) -> None:
         )
 
 
-def score(fixed: Image, moving: Image, fused: Image) -> dict[str, float]:
+def score(fixed: Image, moving: Image, fused: Image, max_memory: str | None = None) -> dict[str, float]:
     """All metrics of ``fused`` against FIXED (A) and MOVING (B), which must share its grid; NaN in a
-    source is background, as ``fuse`` takes it."""
+    source is background, as ``fuse`` takes it. ``max_memory`` (``--max-memory``): refuse first
+    when the metrics would need more (``fuse`` plans its memory itself)."""
     check_same_grid(fixed, moving, "MOVING")
     check_same_grid(fixed, fused, "fused image")
+    if max_memory is not None:
+        from .memory import check_scoring
+
+        check_scoring(fixed.shape, max_memory)
     fixed, moving = nan_as_background(fixed, "FIXED"), nan_as_background(moving, "MOVING")
     return compute(metric_array(fixed), metric_array(moving), metric_array(fused))
 
@@ -198,9 +203,10 @@ def find_cases(pairs: Path, fused_dirs: list[Path], split: str | None = None,
 
 def evaluate_cases(
     cases: list[Case], methods: list[str], read: Callable[[Path], Image], progress: Callable[[], None] | None = None,
-    keep_going: bool = False,
+    keep_going: bool = False, max_memory: str = "auto",
 ) -> list[dict[str, Any]]:
     """Score every (case, method); rows with ``id``, ``group``, ``method``, ``fused`` and metrics.
+    A pair whose metrics would need more than ``max_memory`` is refused (exit 10).
 
     ``keep_going`` (folders of pairs): a case whose sources or fused image cannot be read or scored
     becomes a row whose ``error`` holds the one-line message, and the others are still scored;
@@ -232,7 +238,7 @@ def evaluate_cases(
             if isinstance(sources, str):
                 row["error"] = sources
                 continue
-            values = attempt(row, lambda pair, f: score(*pair, read(f)), sources, path)
+            values = attempt(row, lambda pair, f: score(*pair, read(f), max_memory), sources, path)
             if values is not None:
                 row.update(values)
         if progress:

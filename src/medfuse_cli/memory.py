@@ -150,6 +150,20 @@ def _estimate(shape: tuple[int, ...], method: str, metrics: bool, patch: int, ba
     return int(resident() + BASE[0] + BASE[1] * voxels + network + scoring)
 
 
+def check_scoring(shape: tuple[int, ...], max_memory: str = "auto") -> None:
+    """Refuse (:class:`OutOfMemoryError`) to score a grid whose metrics would need more than
+    ``max_memory`` (``auto``: what is available): ``medfuse eval``'s check before each pair."""
+    limit = parse_size(max_memory)
+    limit = available() if limit is None else limit
+    voxels = 1
+    for s in shape[:3]:
+        voxels *= int(s)
+    need = resident() + METRICS[0] + METRICS[1] * voxels
+    if need > limit:
+        raise OutOfMemoryError(f"scoring {'x'.join(map(str, shape[:3]))} voxels needs about {need / 2**30:.1f} GiB "
+                               f"but may use {limit / 2**30:.1f} GiB; raise --max-memory or free memory")
+
+
 def plan(shape: tuple[int, ...], method: str, metrics: bool, patch: int, max_memory: str,
          device: str = "cpu") -> Plan:
     """The richest plan under the limit: first drop to smaller windows / batches, then skip the

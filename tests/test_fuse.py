@@ -127,19 +127,28 @@ def test_fusion_with_registration_is_deterministic(tmp_path, cli):
 
 def test_register_command_writes_moving_on_fixed_grid(tmp_path, cli):
     moved, _ = _misaligned(PET, tmp_path)
-    out, tfm = tmp_path / "reg.nii.gz", tmp_path / "t.tfm"
-    res = cli("register", T1, moved, "-o", out, "--save-transform", tfm)
+    out, tfm, rep = tmp_path / "reg.nii.gz", tmp_path / "t.tfm", tmp_path / "reg_report.json"
+    res = cli("register", T1, moved, "-o", out, "--save-transform", tfm, "--report", rep)
     assert res.exit_code == 0, res.stderr
     np.testing.assert_array_equal(nib.load(out).affine, nib.load(T1).affine)
     assert "Euler3DTransform" in tfm.read_text()
     assert "rigid registration, Mattes MI" in res.stdout and "rotation 11." in res.stdout  # (8, -6, 5) degrees
+    # the report (register had none): what fuse's says of the registration, the inputs and the timings
+    report = json.loads(rep.read_text())
+    assert report["output"] == "reg.nii.gz" and report["parameters"]["transform"] == "auto"
+    assert report["registration"]["kind"] == "rigid" and 11 < report["registration"]["rotation_deg"] < 12
+    assert report["inputs"]["moving"]["shape"] == list(read_image(moved).data.shape)
+    assert report["timings"]["register_s"] > 0 and isinstance(report["warnings"], list)
     # registered PET agrees with the original, aligned PET
     assert np.corrcoef(nib.load(out).get_fdata().ravel(), read_image(PET).data.ravel())[0, 1] > 0.97
     # the saved transform, applied as it is, gives the same resampled PET
     again = tmp_path / "again.nii.gz"
-    res = cli("register", T1, moved, "-o", again, "--transform", "none", "--initial-transform", tfm)
-    assert res.exit_code == 0 and "--initial-transform applied" in res.stdout, res.stderr
+    res = cli("register", T1, moved, "-o", again, "--transform", "none", "--initial-transform", tfm, "--report", "-")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["registration"]["start"] == "--initial-transform"  # the report, not the line
     np.testing.assert_allclose(nib.load(again).get_fdata(), nib.load(out).get_fdata(), atol=1e-3)
+    res = cli("register", T1, moved, "-o", tmp_path / "x.nii.gz", "--report", tmp_path / "x.nii.gz")
+    assert_one_line_error(res, 6)
     # the format follows the suffix; one ITK cannot write (an internal error after the registration)
     # or read back (no suffix) is refused before any work
     h5 = tmp_path / "t.h5"
@@ -825,6 +834,11 @@ def test_a_report_that_cannot_be_written_takes_the_image_with_it(failure, tmp_pa
         args = ("fuse", T1, PET, "-o", out, "--method", "mean", "--no-metrics", "--figure", tmp_path / "fig.png")
         assert_one_line_error(cli(*args), code)
         assert sorted(p.name for p in tmp_path.iterdir()) == [], out
+    # register: its report after the image and the transform
+    res = cli("register", T1, PET, "-o", tmp_path / "moved.nii.gz", "--save-transform", tmp_path / "t.tfm",
+              "--report", tmp_path / "r.json")
+    assert_one_line_error(res, code)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
     # register: the transform file after the image
     from medfuse_cli import pipeline
 

@@ -375,6 +375,7 @@ def register(
     initial_transform: InitialTransform = None,
     landmarks: Landmarks = None,
     save_transform: Annotated[Path | None, typer.Option("--save-transform", readable=False, help="Also save the transform (ITK .tfm, .txt, .h5, .hdf5 or .mat, by the name's suffix; LPS, FIXED point -> MOVING point).")] = None,
+    report: Annotated[Path | None, typer.Option("--report", readable=False, help="Also write a JSON report: inputs, parameters, registration (Mattes MI before and after, rotation, the start chosen, landmark distances), timings and every warning; - prints it on standard output instead of the summary line.", show_default=False)] = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
     seed: Seed = 0,
@@ -386,14 +387,15 @@ def register(
     """Register MOVING onto FIXED and write MOVING resampled on FIXED's grid (the fuse step alone)."""
 
     def body() -> None:
+        from .io.atomic import is_stdout
         from .pipeline import register_pair
 
         with _stages(quiet) as stage:
             reg = register_pair(fixed, moving, output, transform=transform, save_transform=save_transform,
                                 fixed_series=fixed_series, moving_series=moving_series, seed=seed,
                                 overwrite=overwrite, initial_transform=initial_transform, landmarks=landmarks,
-                                stage=stage)
-        if not quiet:
+                                stage=stage, report=report)
+        if not quiet and not is_stdout(report):
             typer.echo(f"{output}  {_registration_line(reg.summary())}")
 
     _run(debug, quiet, verbose, body)

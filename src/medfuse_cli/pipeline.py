@@ -145,12 +145,19 @@ def _load_pair(fixed: str | os.PathLike[str] | Image, moving: str | os.PathLike[
     return _load(fixed, fixed_series), _load(moving, moving_series)
 
 
+def _modality_source(image: Image) -> str:
+    """Where an image's modality came from, before any option or assumption."""
+    if image.modality is Modality.OT:
+        return "unknown"
+    return "dicom header" if image.provenance.format == "dicom" else "file name"
+
+
 def _assign_modality(image: Image, given: str | None, default: Modality) -> str:
     if given is not None:
         image.modality = Modality.parse(given)
         return "option"
     if image.modality is not Modality.OT:
-        return "dicom header" if image.provenance.format == "dicom" else "file name"
+        return _modality_source(image)
     image.modality = default
     log.warning("%s: modality unknown, assumed %s", image.provenance.source, default.value)
     return "assumed"
@@ -523,46 +530,83 @@ def register_pair(
     initial_transform: str | os.PathLike[str] | None = None,
     landmarks: Sequence[str | os.PathLike[str]] | None = None,
     stage: Stage | None = None,
+    report: str | os.PathLike[str] | None = None,
 ) -> Registration:
-    """Register MOVING onto FIXED, write MOVING on FIXED's grid (and the transform, if asked);
-    ``stage`` hears of each step."""
-    import tempfile
-
-    stage = stage or (lambda *args: None)
-
-    options = FuseOptions(transform=transform, initial_transform=None if initial_transform is None else str(initial_transform),
-                          landmarks=[str(p) for p in landmarks] if landmarks else None)  # checks the name and the files
-    out_path = Path(output)
-    check_distinct({"--output": out_path, "--save-transform": save_transform})
-    check_output(out_path, overwrite, inputs=[fixed, moving])
-    if save_transform is not None:
-        check_writable(Path(save_transform), overwrite, inputs=[fixed, moving])
-        if Path(save_transform).suffix.lower() not in TRANSFORM_SUFFIXES:
+    """Register MOVING onto FIXED, write MOVING on FIXED's grid (and the transform and a JSON report,
+    if asked; the report last); ``stage`` hears of each step."""
+    with collected_warnings() as seen:
+        started = time.perf_counter()
+        stage = stage or (lambda *args: None)
+        options = FuseOptions(transform=transform, initial_transform=None if initial_transform is None else str(initial_transform),
+                              landmarks=[str(p) for p in landmarks] if landmarks else None, seed=seed,
+                              fixed_series=fixed_series, moving_series=moving_series)  # checks the name and the files
+        out_path = Path(output)
+        report_path = Path(report) if report is not None else None
+        check_distinct({"--output": out_path, "--save-transform": save_transform, "--report": report_path})
+        check_output(out_path, overwrite, inputs=[fixed, moving])
+        for extra in (Path(save_transform) if save_transform is not None else None, report_path):
+            if extra is not None:
+                check_writable(extra, overwrite, inputs=[fixed, moving])
+        if save_transform is not None and Path(save_transform).suffix.lower() not in TRANSFORM_SUFFIXES:
             raise OutputError(f"--save-transform {Path(save_transform).name}: name it {transform_suffixes()} "
                               "(ITK chooses the format by the suffix)")
-    stage("reading")
-    fixed_img, moving_img = _load_pair(fixed, moving, fixed_series, moving_series)
-    fixed_img = usable(fixed_img, "FIXED")
-    moving_img = usable(moving_img, "MOVING")
-    moving_img = _check_pair(fixed_img, moving_img)
-    stage("registering")
-    reg = register(fixed_img, moving_img, transform, seed=seed, initial=options.start())
-    for w in reg.warnings:
-        log.warning("%s", w)
-    stage("resampling")
-    moved = resample_to(moving_img, fixed_img, None if reg.skipped else reg.transform)
-    stage("writing")
-    write_image(moved, out_path, overwrite=overwrite)
-    if save_transform is not None:
-        import SimpleITK as sitk
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        stage("reading")
+        fixed_img, moving_img = _load_pair(fixed, moving, fixed_series, moving_series)
+        fixed_img = usable(fixed_img, "FIXED")
+        moving_img = usable(moving_img, "MOVING")
+        moving_img = _check_pair(fixed_img, moving_img)
+        timings["read_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+        stage("registering")
+        reg = register(fixed_img, moving_img, transform, seed=seed, initial=options.start())
+        for w in reg.warnings:
+            log.warning("%s", w)
+        timings["register_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+        stage("resampling")
+        moved = resample_to(moving_img, fixed_img, None if reg.skipped else reg.transform)
+        timings["resample_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+        stage("writing")
+        write_image(moved, out_path, overwrite=overwrite)
+        written: list[Path | None] = [out_path]
+        with undone_on_failure(written):
+            if save_transform is not None:
+                _write_transform(reg, Path(save_transform), overwrite)
+                written.append(Path(save_transform))
+            timings["write_s"] = time.perf_counter() - t0
+            timings["total_s"] = time.perf_counter() - started
+            if report_path is not None:
+                from .report import write_report
 
-        target = Path(save_transform)
-        with undone_on_failure([out_path]), \
-                tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
-            tmp_file = Path(tmp) / ("t" + target.suffix.lower())
-            try:
-                sitk.WriteTransform(reg.transform, str(tmp_file))
-            except RuntimeError as exc:
-                raise OutputError(f"cannot write the transform {target}: {str(exc).splitlines()[-1]}") from None
-            atomic_write_bytes(target, tmp_file.read_bytes(), overwrite)
+                rep = {
+                    "tool": "medfuse",
+                    "version": __version__,
+                    "libraries": _library_versions(),
+                    "output": out_path.name,
+                    "inputs": {"fixed": _describe(fixed_img, _modality_source(fixed_img)),
+                               "moving": _describe(moving_img, _modality_source(moving_img))},
+                    "parameters": {k: v for k, v in asdict(options).items()
+                                   if k in ("transform", "initial_transform", "landmarks", "seed",
+                                            "fixed_series", "moving_series")},
+                    "registration": reg.summary(),
+                    "timings": timings,
+                    "memory": {"peak_bytes": peak()},
+                    "warnings": seen,
+                }
+                write_report(rep, report_path, overwrite=overwrite)
     return reg
+
+
+def _write_transform(reg: Registration, target: Path, overwrite: bool) -> None:
+    """Write the registration's transform atomically (ITK picks the format by the suffix)."""
+    import tempfile
+
+    import SimpleITK as sitk
+
+    with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
+        tmp_file = Path(tmp) / ("t" + target.suffix.lower())
+        try:
+            sitk.WriteTransform(reg.transform, str(tmp_file))
+        except RuntimeError as exc:
+            raise OutputError(f"cannot write the transform {target}: {str(exc).splitlines()[-1]}") from None
+        atomic_write_bytes(target, tmp_file.read_bytes(), overwrite)

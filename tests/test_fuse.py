@@ -386,6 +386,17 @@ def test_harvard_mri_pet_gives_a_colour_png(method, tmp_path):
     assert result.report["colour"]
 
 
+def test_the_same_image_twice_is_warned_of(tmp_path, cli):
+    """`fuse T1 T1` (a slip for `fuse T1 PET`) fused the MRI with itself without a word."""
+    for moving, warned in ((T1, True), (PET, False)):
+        stem = moving.name.split(".")[0]
+        res = cli("fuse", T1, moving, "-o", tmp_path / f"{stem}.nii.gz", "--method", "mean", "--no-metrics")
+        assert res.exit_code == 0, res.stderr
+        report = json.loads((tmp_path / f"{stem}.json").read_text())
+        assert any("hold the same image" in w for w in report["warnings"]) is warned
+        assert ("hold the same image" in " ".join(res.stderr.split())) is warned
+
+
 def test_bad_pairs(tmp_path, cli):
     mri_png = shared_path("harvard", "mri-pet", "25015_mri.png")
     out = tmp_path / "o.nii.gz"

@@ -178,6 +178,10 @@ def _check_pair(fixed: Image, moving: Image) -> Image:
                 "a PNG/TIFF/JPEG/BMP slice has no position in space; give it as DICOM or NIfTI")
         raise GeometryError(f"{two.provenance.source} is a 2D slice but {three.provenance.source} is a 3D volume; "
                             f"give two of a kind ({hint})")
+    if fixed.data.shape == moving.data.shape and np.array_equal(fixed.affine, moving.affine) \
+            and np.array_equal(fixed.data, moving.data):
+        log.warning("FIXED and MOVING hold the same image (%s and %s): the fusion can only return it; "
+                    "was the other modality meant?", fixed.provenance.source, moving.provenance.source)
     if fixed.is_2d and rasters and fixed.shape != moving.shape:
         return _same_field_of_view(fixed, moving)
     if fixed.is_sheared:

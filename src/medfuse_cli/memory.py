@@ -18,6 +18,7 @@ estimate beside the measured peak):
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -155,10 +156,7 @@ def check_scoring(shape: tuple[int, ...], max_memory: str = "auto") -> None:
     ``max_memory`` (``auto``: what is available): ``medfuse eval``'s check before each pair."""
     limit = parse_size(max_memory)
     limit = available() if limit is None else limit
-    voxels = 1
-    for s in shape[:3]:
-        voxels *= int(s)
-    need = resident() + METRICS[0] + METRICS[1] * voxels
+    need = resident() + METRICS[0] + METRICS[1] * math.prod(int(s) for s in shape[:3])
     if need > limit:
         raise OutOfMemoryError(f"scoring {'x'.join(map(str, shape[:3]))} voxels needs about {need / 2**30:.1f} GiB "
                                f"but may use {limit / 2**30:.1f} GiB; raise --max-memory or free memory")

@@ -463,7 +463,7 @@ def eval_(
         from .errors import InvalidInputError
         from .evaluate import (
             evaluate_cases,
-            failed_rows,
+            failures,
             find_cases,
             single_pair_cases,
             summarise,
@@ -508,12 +508,10 @@ def eval_(
         if csv_out is not None:
             atomic_write_bytes(csv_out, to_csv(rows, means).encode("utf-8", "surrogateescape"), overwrite)
         _eval_tables(means, quiet or is_stdout(json_out) or is_stdout(csv_out))
-        failed = failed_rows(rows)
+        failed = failures(rows)
         if failed:
-            first = failed[0]
-            _fail(f"{len(failed)} of {len(rows)} fused images could not be scored (first: {first['method']} "
-                  f"for {first['group']} {first['id']}: {first['error']})"
-                  + ("; every row is in " + " and ".join("standard output" if is_stdout(o) else str(o) for o in (json_out, csv_out) if o) if json_out or csv_out else ""), 7)
+            written = ["standard output" if is_stdout(o) else str(o) for o in (json_out, csv_out) if o]
+            _fail(failed + (f"; every row is in {' and '.join(written)}" if written else ""), 7)
 
     _run(debug, quiet, verbose, body)
 

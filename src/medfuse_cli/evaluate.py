@@ -250,9 +250,14 @@ def evaluate_cases(
     return rows
 
 
-def failed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows that could not be scored (a missing fused image is not a failure)."""
-    return [r for r in rows if r.get("error") not in (None, "missing")]
+def failures(rows: list[dict[str, Any]]) -> str | None:
+    """One line on the rows that could not be scored (a missing fused image is not a failure), or None."""
+    failed = [r for r in rows if r.get("error") not in (None, "missing")]
+    if not failed:
+        return None
+    first = failed[0]
+    return (f"{len(failed)} of {len(rows)} fused images could not be scored (first: {first['method']} for "
+            f"{first['group']} {first['id']}: {first['error']})")
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:

@@ -582,23 +582,30 @@ def register_pair(
             if report_path is not None:
                 from .report import write_report
 
-                rep = {
-                    "tool": "medfuse",
-                    "version": __version__,
-                    "libraries": _library_versions(),
-                    "output": out_path.name,
-                    "inputs": {"fixed": _describe(fixed_img, _modality_source(fixed_img)),
-                               "moving": _describe(moving_img, _modality_source(moving_img))},
-                    "parameters": {k: v for k, v in asdict(options).items()
-                                   if k in ("transform", "initial_transform", "landmarks", "seed",
-                                            "fixed_series", "moving_series")},
-                    "registration": reg.summary(),
-                    "timings": timings,
-                    "memory": {"peak_bytes": peak()},
-                    "warnings": seen,
-                }
+                rep = _registration_report(out_path, fixed_img, moving_img, options, reg, timings, seen)
                 write_report(rep, report_path, overwrite=overwrite)
     return reg
+
+
+REGISTRATION_PARAMETERS = ("transform", "initial_transform", "landmarks", "seed", "fixed_series", "moving_series")
+
+
+def _registration_report(out_path: Path, fixed: Image, moving: Image, options: FuseOptions, reg: Registration,
+                         timings: dict[str, float], warnings: list[str]) -> dict[str, Any]:
+    """The JSON report of ``register``: as ``fuse``'s, without the fusion."""
+    return {
+        "tool": "medfuse",
+        "version": __version__,
+        "libraries": _library_versions(),
+        "output": out_path.name,
+        "inputs": {"fixed": _describe(fixed, _modality_source(fixed)),
+                   "moving": _describe(moving, _modality_source(moving))},
+        "parameters": {k: v for k, v in asdict(options).items() if k in REGISTRATION_PARAMETERS},
+        "registration": reg.summary(),
+        "timings": timings,
+        "memory": {"peak_bytes": peak()},
+        "warnings": warnings,
+    }
 
 
 def _write_transform(reg: Registration, target: Path, overwrite: bool) -> None:

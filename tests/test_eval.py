@@ -205,3 +205,42 @@ def test_scoring_that_would_not_fit_in_memory_is_refused(harvard_subset, tmp_pat
     assert len(cases) == 3 and all("needs about" in c["error"] for c in cases)
     res = cli("eval", "--pairs", root / "pairs", "--fused", root / "max", "--max-memory", "lots")
     assert res.exit_code == 4 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_fused_volumes_in_another_voxel_order_are_scored_on_fixed_grid(tmp_path, cli):
+    """A fused volume written as a DICOM series reads back in its slices' order (the third axis
+    reversed against the LAS T1) and a reoriented NIfTI holds the same voxels in RAS order: both were
+    "another position/orientation" (exit 5); they are FIXED's grid and score as the original does.
+    `eval --pairs` finds the DICOM folder ID/ as `batch --dicom` and `fuse -o ID` write it."""
+    import nibabel as nib
+    import numpy as np
+
+    pairs, fused = tmp_path / "pairs", tmp_path / "fused"
+    pairs.mkdir()
+    crop = np.s_[15:75, 20:90, 20:60]  # a third of the T1 / PET pair: a quicker test
+    mri, pet = pairs / "spm_mri.nii.gz", pairs / "spm_pet.nii.gz"
+    nib.save(nib.load(T1).slicer[crop], mri)
+    nib.save(nib.load(PET).slicer[crop], pet)
+    nii = tmp_path / "nii" / "spm.nii.gz"
+    for out in (fused / "spm", nii):
+        assert cli("fuse", mri, pet, "-o", out, "--method", "mean", "-q", "--no-metrics").exit_code == 0
+    canonical = tmp_path / "ras" / "spm.nii.gz"
+    canonical.parent.mkdir()
+    nib.save(nib.as_closest_canonical(nib.load(nii)), canonical)
+    assert not np.allclose(nib.load(canonical).affine, nib.load(mri).affine)  # RAS, not the T1's LAS
+    res = cli("eval", "--pairs", pairs, "--fused", fused, "--fused", nii.parent, "--fused", canonical.parent,
+              "--json", tmp_path / "e.json")
+    assert res.exit_code == 0, res.stderr
+    means = json.loads((tmp_path / "e.json").read_text())["means"]["mri-pet"]
+    assert means["fused"]["n"] == means["ras"]["n"] == 1
+    for k in METRICS:
+        assert means["ras"][k] == pytest.approx(means["nii"][k], rel=1e-9, abs=1e-12), k
+    for k in ("SSIM", "SSIM_worst", "Qabf", "PSNR"):  # the series stores rounded integers
+        assert means["fused"][k] == pytest.approx(means["nii"][k], rel=2e-3), k
+    # a volume one voxel off FIXED's grid is still refused
+    img = nib.load(nii)
+    shifted = img.affine.copy()
+    shifted[2, 3] += 2.0
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), shifted), tmp_path / "off.nii.gz")
+    res = cli("eval", "--fixed", mri, "--moving", pet, tmp_path / "off.nii.gz")
+    assert res.exit_code == 5 and "another position/orientation" in res.stderr, res.stderr

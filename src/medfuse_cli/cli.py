@@ -454,7 +454,7 @@ def eval_(
     SSIM = mean of SSIM(A,F) and SSIM(B,F), Gaussian window 11, sigma 1.5, L = 255, with SSIM_A,
     SSIM_B and SSIM_worst (the lower) beside it; PSNR = 10 log10(255^2 / mean of the two MSEs);
     VIF = VIF(A,F) + VIF(B,F); CC = mean of the two correlations; SCD = corr(F-B, A) + corr(F-A, B).
-    Volumes must share one grid; Qabf, VIF and FMI are pooled over axial slices.
+    Volumes must share one grid (in any axis order); Qabf, VIF and FMI are pooled over axial slices.
     With --pairs, an image that cannot be read or scored is a row with its error (in --json/--csv),
     the others are still scored, and the exit code is 7; a missing fused image is only warned of.
     """

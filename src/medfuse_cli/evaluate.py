@@ -9,6 +9,7 @@ slices) is mapped by its own 0.5-99.5 percentile window to 0..255, as ``medfuse 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import os
@@ -72,10 +73,25 @@ def _grid_key(image: Image) -> str:
     return "2D" if image.is_2d else "3D"
 
 
-def check_same_grid(fixed: Image, other: Image, role: str) -> None:
-    """Sources and fused images must share one grid (2D: one size)."""
+def on_fixed_grid(fixed: Image, other: Image, role: str) -> Image:
+    """``other`` on FIXED's grid: as it is, or with its axes reordered or reversed when it holds FIXED's
+    voxels in another order (a DICOM series read back in its slices' order, a reoriented NIfTI);
+    otherwise a GeometryError (2D: one size)."""
     if fixed.is_2d != other.is_2d:
         raise GeometryError(f"{role} {other.provenance.source} is {_grid_key(other)}, FIXED is {_grid_key(fixed)}")
+    if not fixed.is_2d and not np.allclose(fixed.affine, other.affine, atol=1e-3):
+        from nibabel.orientations import (
+            apply_orientation,
+            inv_ornt_aff,
+            io_orientation,
+            ornt_transform,
+        )
+
+        order = ornt_transform(io_orientation(other.affine), io_orientation(fixed.affine))
+        data = apply_orientation(other.data, order)
+        affine = other.affine @ inv_ornt_aff(order, other.data.shape[:3])
+        if data.shape[:3] == fixed.shape[:3] and np.allclose(affine, fixed.affine, atol=1e-3):
+            return dataclasses.replace(other, data=np.ascontiguousarray(data), affine=fixed.affine.copy())
     if fixed.shape[:3] != other.shape[:3]:
         raise GeometryError(
             f"{role} {other.provenance.source} is {'x'.join(map(str, other.shape[:3]))}, FIXED is "
@@ -87,14 +103,15 @@ def check_same_grid(fixed: Image, other: Image, role: str) -> None:
             f"{role} {other.provenance.source} has the size of FIXED but another position/orientation: "
             "not on one grid (resample it first: medfuse register FIXED IMAGE -o OUT)"
         )
+    return other
 
 
 def score(fixed: Image, moving: Image, fused: Image, max_memory: str | None = None) -> dict[str, float]:
     """All metrics of ``fused`` against FIXED (A) and MOVING (B), which must share its grid; NaN in a
     source is background, as ``fuse`` takes it. ``max_memory`` (``--max-memory``): refuse first
     when the metrics would need more (``fuse`` plans its memory itself)."""
-    check_same_grid(fixed, moving, "MOVING")
-    check_same_grid(fixed, fused, "fused image")
+    moving = on_fixed_grid(fixed, moving, "MOVING")
+    fused = on_fixed_grid(fixed, fused, "fused image")
     if max_memory is not None:
         from .memory import check_scoring
 
@@ -115,15 +132,18 @@ class Case:
 
 
 def _find(folder: Path, stem: str, rglob: bool) -> Path | None:
+    """``folder/ID.*`` (or one ``ID.*`` anywhere below with ``rglob``), else a folder ``folder/ID``: a
+    fused volume written as a DICOM series (``fuse -o ID``, ``batch --dicom``)."""
     for ext in EXTENSIONS:
         if (folder / f"{stem}{ext}").is_file():
             return folder / f"{stem}{ext}"
-    if not rglob:
-        return None
-    hits = [p for ext in EXTENSIONS for p in folder.rglob(f"{stem}{ext}")]
-    if len(hits) > 1:
-        raise InvalidInputError(f"{folder}: several fused images named {stem}.*: {', '.join(map(str, hits[:3]))}")
-    return hits[0] if hits else None
+    if rglob:
+        hits = [p for ext in EXTENSIONS for p in folder.rglob(f"{stem}{ext}")]
+        if len(hits) > 1:
+            raise InvalidInputError(f"{folder}: several fused images named {stem}.*: {', '.join(map(str, hits[:3]))}")
+        if hits:
+            return hits[0]
+    return folder / stem if (folder / stem).is_dir() else None
 
 
 def _find_fused(fused_dir: Path, rel: Path, stem: str, unique: bool) -> Path | None:

@@ -117,3 +117,16 @@ def test_2d_networks_get_smaller_slice_batches_before_losing_the_metrics():
     chosen = plan(shape, "adafuse", True, 96, str(limit))
     assert (chosen.batch, chosen.metrics) == (2, False)
     assert any("batches of 2 slices" in n for n in chosen.notes) and chosen.estimate_bytes <= limit
+
+
+def test_register_checks_its_memory_before_registering(cli, tmp_path):
+    """register had no memory plan: a FIXED too large for the memory ran until the system killed it.
+    Now it stops before registering (exit 10), and its report records the limit, estimate and peak."""
+    res = cli("register", T1, PET, "-o", tmp_path / "o.nii.gz", "--max-memory", "256M", "--report", tmp_path / "r.json")
+    assert_one_line_error(res, 10)
+    assert "this registration needs about" in res.stderr and not list(tmp_path.iterdir())
+    assert_one_line_error(cli("register", T1, PET, "-o", tmp_path / "o.nii.gz", "--max-memory", "plenty"), 4)
+    res = cli("register", T1, PET, "-o", tmp_path / "o.nii.gz", "--max-memory", "64G", "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.stderr
+    memory = json.loads((tmp_path / "r.json").read_text())["memory"]
+    assert memory["limit_bytes"] == parse_size("64G") and 0 < memory["estimate_bytes"] < memory["limit_bytes"]

@@ -375,10 +375,11 @@ def register(
     initial_transform: InitialTransform = None,
     landmarks: Landmarks = None,
     save_transform: Annotated[Path | None, typer.Option("--save-transform", readable=False, help="Also save the transform (ITK .tfm, .txt, .h5, .hdf5 or .mat, by the name's suffix; LPS, FIXED point -> MOVING point).")] = None,
-    report: Annotated[Path | None, typer.Option("--report", readable=False, help="Also write a JSON report: inputs, parameters, registration (Mattes MI before and after, rotation, the start chosen, landmark distances), timings and every warning; - prints it on standard output instead of the summary line.", show_default=False)] = None,
+    report: Annotated[Path | None, typer.Option("--report", readable=False, help="Also write a JSON report: inputs, parameters, registration (Mattes MI before and after, rotation, the start chosen, landmark distances), timings, memory and every warning; - prints it on standard output instead of the summary line.", show_default=False)] = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
     seed: Seed = 0,
+    max_memory: Annotated[str, typer.Option("--max-memory", help="Memory the registration may use: a size (4G, 800M) or auto (what is available now, within any cgroup limit). Estimated from FIXED's grid after reading; over it, exit 10 before registering.")] = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -394,7 +395,7 @@ def register(
             reg = register_pair(fixed, moving, output, transform=transform, save_transform=save_transform,
                                 fixed_series=fixed_series, moving_series=moving_series, seed=seed,
                                 overwrite=overwrite, initial_transform=initial_transform, landmarks=landmarks,
-                                stage=stage, report=report)
+                                stage=stage, report=report, max_memory=max_memory)
         if not quiet and not is_stdout(report):
             typer.echo(f"{output}  {_registration_line(reg.summary())}")
 

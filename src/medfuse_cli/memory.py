@@ -195,6 +195,7 @@ def plan(shape: tuple[int, ...], method: str, metrics: bool, patch: int, max_mem
                 log.warning("%s", note)
             return Plan(limit, est, m, p, b, notes)
     need = _estimate(shape, method, False, windows[-1], batches[-1])
-    raise OutOfMemoryError(f"this fusion needs about {need / 2**30:.1f} GiB ({'x'.join(map(str, shape))} voxels on "
+    what = "registration" if method == "register" else "fusion"
+    raise OutOfMemoryError(f"this {what} needs about {need / 2**30:.1f} GiB ({'x'.join(map(str, shape))} voxels on "
                            f"FIXED's grid, {method}) but may use {limit / 2**30:.1f} GiB; raise --max-memory, "
-                           "free memory, or fuse a smaller FIXED")
+                           "free memory, or give a smaller FIXED")

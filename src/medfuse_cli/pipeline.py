@@ -535,15 +535,18 @@ def register_pair(
     landmarks: Sequence[str | os.PathLike[str]] | None = None,
     stage: Stage | None = None,
     report: str | os.PathLike[str] | None = None,
+    max_memory: str = "auto",
 ) -> Registration:
     """Register MOVING onto FIXED, write MOVING on FIXED's grid (and the transform and a JSON report,
-    if asked; the report last); ``stage`` hears of each step."""
+    if asked; the report last); ``stage`` hears of each step. Refused (exit 10) before registering
+    when it would need more than ``max_memory``."""
     with collected_warnings() as seen:
         started = time.perf_counter()
         stage = stage or (lambda *args: None)
         options = FuseOptions(transform=transform, initial_transform=None if initial_transform is None else str(initial_transform),
                               landmarks=[str(p) for p in landmarks] if landmarks else None, seed=seed,
-                              fixed_series=fixed_series, moving_series=moving_series)  # checks the name and the files
+                              fixed_series=fixed_series, moving_series=moving_series,
+                              max_memory=max_memory)  # checks the names, the files and the size
         out_path = Path(output)
         report_path = Path(report) if report is not None else None
         check_distinct({"--output": out_path, "--save-transform": save_transform, "--report": report_path})
@@ -561,6 +564,7 @@ def register_pair(
         fixed_img = usable(fixed_img, "FIXED")
         moving_img = usable(moving_img, "MOVING")
         moving_img = _check_pair(fixed_img, moving_img)
+        budget = plan(fixed_img.shape[:3], "register", False, options.patch, max_memory)
         timings["read_s"], t0 = time.perf_counter() - t0, time.perf_counter()
         stage("registering")
         reg = register(fixed_img, moving_img, transform, seed=seed, initial=options.start())
@@ -583,11 +587,13 @@ def register_pair(
                 from .report import write_report
 
                 rep = _registration_report(out_path, fixed_img, moving_img, options, reg, timings, seen)
+                rep["memory"] = {k: v for k, v in budget.summary().items() if k in ("limit_bytes", "estimate_bytes", "peak_bytes")}
                 write_report(rep, report_path, overwrite=overwrite)
     return reg
 
 
-REGISTRATION_PARAMETERS = ("transform", "initial_transform", "landmarks", "seed", "fixed_series", "moving_series")
+REGISTRATION_PARAMETERS = ("transform", "initial_transform", "landmarks", "seed", "fixed_series", "moving_series",
+                           "max_memory")
 
 
 def _registration_report(out_path: Path, fixed: Image, moving: Image, options: FuseOptions, reg: Registration,
@@ -603,7 +609,6 @@ def _registration_report(out_path: Path, fixed: Image, moving: Image, options: F
         "parameters": {k: v for k, v in asdict(options).items() if k in REGISTRATION_PARAMETERS},
         "registration": reg.summary(),
         "timings": timings,
-        "memory": {"peak_bytes": peak()},
         "warnings": warnings,
     }
 

@@ -36,7 +36,7 @@ from .io.atomic import (
     undone_on_failure,
 )
 from .io.raster import RASTER_FORMATS
-from .memory import peak, plan
+from .memory import Plan, peak, plan
 from .register import (
     TRANSFORM_SUFFIXES,
     Registration,
@@ -586,8 +586,7 @@ def register_pair(
             if report_path is not None:
                 from .report import write_report
 
-                rep = _registration_report(out_path, fixed_img, moving_img, options, reg, timings, seen)
-                rep["memory"] = {k: v for k, v in budget.summary().items() if k in ("limit_bytes", "estimate_bytes", "peak_bytes")}
+                rep = _registration_report(out_path, fixed_img, moving_img, options, reg, timings, budget, seen)
                 write_report(rep, report_path, overwrite=overwrite)
     return reg
 
@@ -597,7 +596,7 @@ REGISTRATION_PARAMETERS = ("transform", "initial_transform", "landmarks", "seed"
 
 
 def _registration_report(out_path: Path, fixed: Image, moving: Image, options: FuseOptions, reg: Registration,
-                         timings: dict[str, float], warnings: list[str]) -> dict[str, Any]:
+                         timings: dict[str, float], budget: Plan, warnings: list[str]) -> dict[str, Any]:
     """The JSON report of ``register``: as ``fuse``'s, without the fusion."""
     return {
         "tool": "medfuse",
@@ -609,6 +608,7 @@ def _registration_report(out_path: Path, fixed: Image, moving: Image, options: F
         "parameters": {k: v for k, v in asdict(options).items() if k in REGISTRATION_PARAMETERS},
         "registration": reg.summary(),
         "timings": timings,
+        "memory": {k: v for k, v in budget.summary().items() if k in ("limit_bytes", "estimate_bytes", "peak_bytes")},
         "warnings": warnings,
     }
 

@@ -3,7 +3,8 @@
 Each fusion runs in a fresh process (``medfuse fuse``, metrics on, ``--max-memory auto``) on the
 bundled SPM12 T1 + PET templates tiled to larger volumes; the report records the guard's estimate
 and the process's measured peak resident memory. A ratio estimate / peak at or above 1 means the
-guard is on the safe side.
+guard is on the safe side. A second table does the same for ``medfuse eval`` (its check before
+scoring a pair, printed with ``-v``) on larger tilings, where the metrics work slab by slab.
 
     python benchmarks/memory_guard.py
 """
@@ -11,9 +12,12 @@ guard is on the safe side.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -22,6 +26,30 @@ import numpy as np
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "spm12"
 TILES = [(1, 1, 1), (2, 2, 1), (2, 2, 2)]
 METHODS = ["laplacian", "adafuse", "dran", "dcfb3d"]
+EVAL_TILES = [(1, 1, 1), (2, 2, 2), (3, 3, 3), (4, 4, 3)]
+# medfuse eval in this process, then its own peak resident memory on stderr
+EVAL_WITH_PEAK = """import sys
+from medfuse_cli.cli import main
+from medfuse_cli.memory import peak
+sys.argv = ["medfuse", *sys.argv[1:]]
+try:
+    main()
+finally:
+    print(f"peak {peak()}", file=sys.stderr)
+"""
+
+
+def _tiled(tmp: Path, tiles: tuple[int, int, int]) -> list[Path]:
+    """The T1 and PET templates tiled, and their mean as a fused image, as NIfTI files."""
+    paths, arrays = [], []
+    for name in ("T1", "PET"):
+        img = nib.load(str(EXAMPLES / f"OldNorm_{name}.nii.gz"))
+        arrays.append(np.tile(np.asarray(img.dataobj, dtype=np.float32), tiles))
+        paths.append(tmp / f"{name}_{'x'.join(map(str, tiles))}.nii.gz")
+        nib.Nifti1Image(arrays[-1], img.affine).to_filename(paths[-1])
+    paths.append(tmp / "mean.nii.gz")
+    nib.Nifti1Image((arrays[0] + arrays[1]) / 2, img.affine).to_filename(paths[-1])
+    return paths
 
 
 def main() -> None:
@@ -30,12 +58,8 @@ def main() -> None:
         print("| size | voxels | method | estimate MiB | peak MiB | estimate / peak | seconds |")
         print("|---|--:|---|--:|--:|--:|--:|")
         for tiles in TILES:
-            paths = []
-            for name in ("T1", "PET"):
-                img = nib.load(str(EXAMPLES / f"OldNorm_{name}.nii.gz"))
-                data = np.tile(np.asarray(img.dataobj, dtype=np.float32), tiles)
-                paths.append(tmp / f"{name}_{'x'.join(map(str, tiles))}.nii.gz")
-                nib.Nifti1Image(data, img.affine).to_filename(paths[-1])
+            paths = _tiled(tmp, tiles)[:2]
+            shape = nib.load(str(paths[0])).shape
             for method in METHODS:
                 out = tmp / f"fused_{method}.nii.gz"
                 res = subprocess.run([sys.executable, "-m", "medfuse_cli", "fuse", *map(str, paths), "-o", str(out),
@@ -45,10 +69,31 @@ def main() -> None:
                     print(f"| {tiles} | | {method} | failed: {res.stderr.strip()} |")
                     continue
                 rep = json.loads(out.with_name(f"fused_{method}.json").read_text())
-                mem, shape = rep["memory"], data.shape
-                print(f"| {'x'.join(map(str, shape))} | {data.size / 1e6:.1f} M | {method} | "
+                mem = rep["memory"]
+                print(f"| {'x'.join(map(str, shape))} | {np.prod(shape) / 1e6:.1f} M | {method} | "
                       f"{mem['estimate_bytes'] / 2**20:.0f} | {mem['peak_bytes'] / 2**20:.0f} | "
                       f"{mem['estimate_bytes'] / mem['peak_bytes']:.2f} | {rep['timings']['total_s']:.1f} |")
+
+        print()
+        print("| eval: size | voxels | estimate MiB | peak MiB | estimate / peak | seconds |")
+        print("|---|--:|--:|--:|--:|--:|")
+        for tiles in EVAL_TILES:
+            t1, pet, fused = _tiled(tmp, tiles)
+            env = {**os.environ, "COLUMNS": "400"}  # one log line per message
+            start = time.perf_counter()
+            res = subprocess.run([sys.executable, "-c", EVAL_WITH_PEAK, "eval", "--fixed", str(t1), "--moving",
+                                  str(pet), str(fused), "-v"],
+                                 capture_output=True, text=True, check=False, env=env)
+            seconds = time.perf_counter() - start
+            estimate = re.search(r"estimate (\d+) MiB", res.stderr)
+            peak = re.search(r"^peak (\d+)", res.stderr, re.MULTILINE)
+            shape = nib.load(str(t1)).shape
+            if res.returncode or not (estimate and peak):
+                print(f"| {'x'.join(map(str, shape))} | | failed: {res.stderr.strip()[-300:]} |")
+                continue
+            est, top = int(estimate[1]), int(peak[1]) / 2**20
+            print(f"| {'x'.join(map(str, shape))} | {np.prod(shape) / 1e6:.1f} M | {est} | {top:.0f} | "
+                  f"{est / top:.2f} | {seconds:.1f} |")
 
 
 if __name__ == "__main__":

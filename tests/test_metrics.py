@@ -196,6 +196,22 @@ def test_volume_metrics_are_finite_and_pool_slices(volumes):
     assert min(per_slice) <= r["Qabf"] <= max(per_slice)
 
 
+@pytest.mark.parametrize("slab_slices", [0, 17, 33])
+def test_volume_metrics_slab_by_slab_equal_the_whole_volume_at_once(volumes, monkeypatch, slab_slices):
+    """SSIM, Qabf, VIF and the voxel sums are computed on slabs of slices so that scoring a large CT
+    needs no whole-volume float64 temporaries: every metric is the same as in one piece (SSIM's
+    slabs carry the window's radius of neighbours; differences reach across slab borders)."""
+    a, b = volumes
+    f = np.where(a > b, 0.7 * a + 0.3 * b, b)
+    whole = M.compute(a, b, f)
+    monkeypatch.setattr(M, "SLAB_VOXELS", slab_slices * a.shape[1] * a.shape[2])
+    steps = [hi - lo for lo, hi in M._slabs(a.shape)]
+    assert len(steps) == -(-a.shape[0] // max(1, slab_slices)) and sum(steps) == a.shape[0]
+    slabbed = M.compute(a, b, f)
+    for k in M.METRICS:
+        assert slabbed[k] == pytest.approx(whole[k], rel=1e-12, abs=1e-12), k
+
+
 @pytest.mark.parametrize(
     "other, expected",
     [

@@ -441,7 +441,7 @@ def eval_(
     split: Annotated[str | None, typer.Option("--split", help="With --pairs: only the pairs of this split in PAIRS/splits.csv (columns pair_id, split), e.g. val.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", readable=False, help="Write per-image and mean values, with the conventions, as JSON (- : on standard output, instead of the tables).")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", readable=False, help="Write per-image rows and mean rows as CSV (- : on standard output, instead of the tables).")] = None,
-    max_memory: Annotated[str, typer.Option("--max-memory", help="Memory scoring may use: a size (4G, 800M) or auto (what is available now, within any cgroup limit). A pair whose metrics would need more (about 90 bytes per voxel) is refused before scoring, exit 10 (with --pairs: its row).")] = "auto",
+    max_memory: Annotated[str, typer.Option("--max-memory", help="Memory scoring may use: a size (4G, 800M) or auto (what is available now, within any cgroup limit). A pair whose metrics would need more (about 35 bytes per voxel and 0.7 GiB; -v prints the estimate) is refused before scoring, exit 10 (with --pairs: its row).")] = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,

@@ -53,13 +53,19 @@ EXTENSIONS = PAIR_SUFFIXES
 
 def metric_array(image: Image) -> np.ndarray:
     """An image as float64 0..255 greyscale, ``(rows, cols)`` or ``(slices, rows, cols)``."""
-    data = np.asarray(luminance(image.data) if image.is_color else image.data, dtype=np.float64)
-    if not np.all(np.isfinite(data)):  # before the window, which an all-NaN image has none of
+    data = np.array(luminance(image.data) if image.is_color else image.data, dtype=np.float64)  # a copy
+    if not np.isfinite(data).all():  # before the window, which an all-NaN image has none of
         raise InvalidInputError(f"{image.provenance.source} has NaN/inf values; metrics are undefined")
     window = window_for(image)
     if (window.lo, window.hi) != (0.0, 255.0):
         span = window.hi - window.lo
-        data = np.clip((data - window.lo) / span, 0, 1) * 255 if span > 0 else np.zeros_like(data)
+        if span > 0:  # in place: no whole-volume temporaries
+            data -= window.lo
+            data /= span
+            np.clip(data, 0, 1, out=data)
+            data *= 255
+        else:
+            data[...] = 0
     return metric_layout(data, image.is_2d)
 
 

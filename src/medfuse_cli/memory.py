@@ -8,7 +8,8 @@ estimate beside the measured peak):
 
 * registration, resampling, normalising, the fused and the written arrays: ``BASE`` (fixed bytes,
   bytes per voxel);
-* the report's metrics (SSIM, VIF, FMI... in float64): ``METRICS`` (fixed bytes, bytes per voxel);
+* the report's metrics (SSIM, VIF, FMI... in float64): ``METRICS`` (fixed bytes, bytes per voxel,
+  bytes per voxel of the largest slab they filter at once, see ``metrics.largest_slab``);
 * a network: its weights and activations for one window of ``patch**3`` voxels (DCFB-3D) or one
   batch of slices (AdaFuse, DRAN; on the CPU the batch they will really run, which for large slices
   is smaller than ``BATCHES[0]``, see ``models.infer.slice_batch``), plus the sliding window's accumulators (counted in full even
@@ -18,7 +19,6 @@ estimate beside the measured peak):
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -29,7 +29,7 @@ from .errors import InvalidInputError, OutOfMemoryError
 log = logging.getLogger(__name__)
 
 BASE = (100e6, 45)  # (fixed bytes, bytes per FIXED voxel)
-METRICS = (260e6, 90)
+METRICS = (260e6, 35, 90)
 # network: (fixed bytes, bytes per pixel of a slice batch or per voxel of a window, bytes per volume voxel)
 NETWORK_COST = {"adafuse": (80e6, 850, 0), "dran": (270e6, 700, 0), "dcfb3d": (40e6, 600, 8)}
 PATCHES = (96, 64, 48, 32)
@@ -146,9 +146,18 @@ def _estimate(shape: tuple[int, ...], method: str, metrics: bool, patch: int, ba
         fixed, per_unit, per_voxel = NETWORK_COST[method]
         unit = min(patch, max(shape)) ** 3 if method == "dcfb3d" else batch * int(shape[0]) * int(shape[1])
         network = fixed + per_unit * unit + per_voxel * voxels
-    scoring = METRICS[0] + METRICS[1] * voxels if metrics else 0.0
+    scoring = scoring_bytes(shape) if metrics else 0.0
     # the network's memory is not all returned to the system before the metrics run: count both
     return int(resident() + BASE[0] + BASE[1] * voxels + network + scoring)
+
+
+def scoring_bytes(shape: tuple[int, ...]) -> float:
+    """Memory the metrics need for FIXED's grid ``(x, y, z)``."""
+    from .metrics import largest_slab
+
+    x, y, z = (int(s) for s in shape[:3])
+    slab = largest_slab((y, x) if z == 1 else (z, y, x))
+    return METRICS[0] + METRICS[1] * x * y * z + METRICS[2] * slab
 
 
 def check_scoring(shape: tuple[int, ...], max_memory: str = "auto") -> None:
@@ -156,7 +165,9 @@ def check_scoring(shape: tuple[int, ...], max_memory: str = "auto") -> None:
     ``max_memory`` (``auto``: what is available): ``medfuse eval``'s check before each pair."""
     limit = parse_size(max_memory)
     limit = available() if limit is None else limit
-    need = resident() + METRICS[0] + METRICS[1] * math.prod(int(s) for s in shape[:3])
+    need = resident() + scoring_bytes(shape)
+    log.debug("scoring %s voxels: estimate %.0f MiB, limit %.0f MiB", "x".join(map(str, shape[:3])), need / 2**20,
+              limit / 2**20)
     if need > limit:
         raise OutOfMemoryError(f"scoring {'x'.join(map(str, shape[:3]))} voxels needs about {need / 2**30:.1f} GiB "
                                f"but may use {limit / 2**30:.1f} GiB; raise --max-memory or free memory")

@@ -26,10 +26,16 @@ greyscale float arrays on a 0..255 scale of one shape: ``(rows, cols)`` for a sl
 Qabf, VIF and FMI are 2D by definition; for volumes they are pooled over the axial slices
 (sums of numerators and denominators, or of window values, over all slices). FMI of a volume
 with more than 2^20 windows uses the windows on a regular in-plane grid (every k-th row and
-column) so that a 1 mm brain takes seconds.
+column) so that a 1 mm brain takes seconds. A volume is scored slab by slab (about
+:data:`SLAB_VOXELS` voxels each; SSIM's slabs with the window's radius of neighbouring slices), with
+the same values as in one piece, so that memory beyond the three float64 arrays stays bounded.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -42,6 +48,40 @@ PSNR_PERFECT = 100.0
 FMI_MAX_WINDOWS = 2**20
 SSIM_SIGMA, SSIM_TRUNCATE = 1.5, 3.5
 SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)  # 5 -> an 11-tap window
+SLAB_VOXELS = 2**22  # a volume's metrics work on slabs of slices of about this many voxels
+
+
+def _slab_step(shape: tuple[int, ...], halo: int) -> int:
+    return max(1, 2 * halo, SLAB_VOXELS // max(1, math.prod(shape[1:])) - 2 * halo)
+
+
+def largest_slab(shape: tuple[int, ...]) -> int:
+    """Voxels of the largest block the filter-based metrics hold at once for an array of this
+    (metric layout) shape: SSIM's slab with its halo; a 2D image whole."""
+    if len(shape) == 2:
+        return math.prod(shape)
+    return min(shape[0], _slab_step(shape, SSIM_RADIUS) + 2 * SSIM_RADIUS) * math.prod(shape[1:])
+
+
+def _slabs(shape: tuple[int, ...], start: int = 0, stop: int | None = None,
+           halo: int = 0) -> Iterator[tuple[int, int]]:
+    """Runs ``(lo, hi)`` of slices covering ``start:stop`` of axis 0 that, with ``halo`` slices on both
+    sides, hold about :data:`SLAB_VOXELS` voxels (at least ``max(1, 2 * halo)`` slices a run, so that
+    the halo at most doubles the work): the filter-based metrics work on one slab at a time, so their
+    memory does not grow with the volume."""
+    stop = shape[0] if stop is None else stop
+    step = _slab_step(shape, halo)
+    for lo in range(start, stop, step):
+        yield lo, min(lo + step, stop)
+
+
+def _slab_sum(fn: Callable[..., Any], *arrays: np.ndarray, overlap: int = 0) -> Any:
+    """Sum of ``fn`` over slabs of ``arrays``' first axis, each with ``overlap`` more rows (for
+    differences across slabs): a sum over voxels without whole-volume temporaries."""
+    total = 0
+    for lo, hi in _slabs(arrays[0].shape, stop=arrays[0].shape[0] - overlap):
+        total = total + fn(*(x[lo : hi + overlap] for x in arrays))
+    return total
 
 
 def _hist_entropy(counts: np.ndarray) -> float:
@@ -54,31 +94,46 @@ def _levels(x: np.ndarray) -> np.ndarray:
 
 
 def entropy(f: np.ndarray) -> float:
-    return _hist_entropy(np.bincount(_levels(f), minlength=256))
+    return _hist_entropy(_slab_sum(lambda z: np.bincount(_levels(z), minlength=256), f))
 
 
 def mutual_information(x: np.ndarray, y: np.ndarray) -> float:
     """MI in bits from the 256x256 joint histogram of rounded values."""
-    joint = np.bincount(_levels(x) * 256 + _levels(y), minlength=256 * 256).reshape(256, 256)
+    joint = _slab_sum(lambda u, v: np.bincount(_levels(u) * 256 + _levels(v), minlength=256 * 256), x, y)
+    joint = joint.reshape(256, 256)
     return _hist_entropy(joint.sum(1)) + _hist_entropy(joint.sum(0)) - _hist_entropy(joint)
 
 
 def spatial_frequency(f: np.ndarray) -> float:
-    return float(np.sqrt(sum(np.mean(np.diff(f, axis=ax) ** 2) for ax in range(f.ndim))))
+    total = 0.0
+    for ax in range(f.ndim):
+        def squares(z, ax=ax):
+            return float((np.diff(z, axis=ax) ** 2).sum())
+
+        total += _slab_sum(squares, f, overlap=int(ax == 0)) / (f.size // f.shape[ax] * (f.shape[ax] - 1))
+    return float(np.sqrt(total))
 
 
 def average_gradient(f: np.ndarray) -> float:
-    core = tuple(slice(0, n - 1) for n in f.shape)
-    sq = sum(np.diff(f, axis=ax)[core] ** 2 for ax in range(f.ndim))
-    return float(np.mean(np.sqrt(sq / f.ndim)))
+    def part(z):  # rows lo..hi of the cropped grid from rows lo..hi+1 of f
+        core = (slice(0, z.shape[0] - 1), *(slice(0, n - 1) for n in z.shape[1:]))
+        sq = sum(np.diff(z, axis=ax)[core] ** 2 for ax in range(z.ndim))
+        return float(np.sqrt(sq / z.ndim).sum())
+
+    return _slab_sum(part, f, overlap=1) / math.prod(n - 1 for n in f.shape)
 
 
 def correlation(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson correlation; 0 when either image is constant."""
-    x = x.ravel() - x.mean()
-    y = y.ravel() - y.mean()
-    den = np.sqrt((x * x).sum() * (y * y).sum())
-    return float((x * y).sum() / den) if den > 0 else 0.0
+    mx, my = x.mean(), y.mean()
+
+    def sums(u, v):
+        u, v = u - mx, v - my
+        return np.array([(u * v).sum(), (u * u).sum(), (v * v).sum()])
+
+    sxy, sxx, syy = _slab_sum(sums, x, y)
+    den = np.sqrt(sxx * syy)
+    return float(sxy / den) if den > 0 else 0.0
 
 
 def too_small(shape: tuple[int, ...]) -> bool:
@@ -90,14 +145,7 @@ def too_small(shape: tuple[int, ...]) -> bool:
     return min(shape) < side
 
 
-def ssim(x: np.ndarray, y: np.ndarray) -> float:
-    """Mean SSIM, Gaussian window (see module docstring), data range 255; a slab of fewer slices
-    than the window is scored with 2D windows on each slice."""
-    side = 2 * SSIM_RADIUS + 1
-    if x.ndim == 3 and x.shape[0] < side <= min(x.shape[1:]):
-        return float(np.mean([ssim(a, b) for a, b in zip(x, y, strict=True)]))
-    if too_small(x.shape):
-        raise GeometryError(f"SSIM needs at least {side} voxels along every axis, got {x.shape}")
+def _ssim_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
     def blur(z):
@@ -107,13 +155,29 @@ def ssim(x: np.ndarray, y: np.ndarray) -> float:
     vx = blur(x * x) - mx * mx
     vy = blur(y * y) - my * my
     cxy = blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    r = SSIM_RADIUS
-    return float(s[tuple(slice(r, n - r) for n in s.shape)].mean())
+    return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+
+
+def ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean SSIM, Gaussian window (see module docstring), data range 255; a slab of fewer slices
+    than the window is scored with 2D windows on each slice. A volume is filtered slab by slab, each
+    with the window's radius of neighbouring slices (the same values as the whole volume at once)."""
+    side, r = 2 * SSIM_RADIUS + 1, SSIM_RADIUS
+    if x.ndim == 3 and x.shape[0] < side <= min(x.shape[1:]):
+        return float(np.mean([ssim(a, b) for a, b in zip(x, y, strict=True)]))
+    if too_small(x.shape):
+        raise GeometryError(f"SSIM needs at least {side} voxels along every axis, got {x.shape}")
+    if x.ndim == 2:
+        return float(_ssim_map(x, y)[r:-r, r:-r].mean())
+    total, count = 0.0, 0
+    for lo, hi in _slabs(x.shape, r, x.shape[0] - r, halo=r):
+        s = _ssim_map(x[lo - r : hi + r], y[lo - r : hi + r])[r:-r, r:-r, r:-r]
+        total, count = total + float(s.sum()), count + s.size
+    return total / count
 
 
 def psnr(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> float:
-    mse = (np.mean((a - f) ** 2) + np.mean((b - f) ** 2)) / 2
+    mse = _slab_sum(lambda u, v, w: float(((u - w) ** 2).sum() + ((v - w) ** 2).sum()), a, b, f) / (2 * f.size)
     return PSNR_PERFECT if mse == 0 else float(min(PSNR_PERFECT, 10 * np.log10(255.0**2 / mse)))
 
 
@@ -145,14 +209,26 @@ def _edge_preservation(g_s, a_s, g_f, a_f) -> np.ndarray:
     return q_g * q_a
 
 
+def _pooled(terms: Callable[..., tuple[float, float]], *arrays: np.ndarray) -> float:
+    """Numerator / denominator of a slice-wise metric, each summed over slabs of slices."""
+    num = den = 0.0
+    for lo, hi in _slabs(arrays[0].shape):
+        n, d = terms(*(x[lo:hi] for x in arrays))
+        num, den = num + n, den + d
+    return num / den if den > 0 else 0.0
+
+
 def qabf(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> float:
+    return _pooled(_qabf_terms, a, b, f)
+
+
+def _qabf_terms(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> tuple[float, float]:
     (ga, aa), (gb, ab), (gf, af) = _edges(a), _edges(b), _edges(f)
     num = 0.0
     for g, angle in ((ga, aa), (gb, ab)):  # weighted by the source's edge strength: only its edges count
         edge = g > 0
         num += float((_edge_preservation(g[edge], angle[edge], gf[edge], af[edge]) * g[edge]).sum())
-    den = (ga + gb).sum()
-    return float(num / den) if den > 0 else 0.0
+    return num, float((ga + gb).sum())
 
 
 def _gaussian_taps(n: int) -> np.ndarray:
@@ -203,8 +279,7 @@ def _vif_terms(ref: np.ndarray, dist: np.ndarray) -> tuple[float, float]:
 
 
 def vif(ref: np.ndarray, dist: np.ndarray) -> float:
-    num, den = _vif_terms(ref, dist)
-    return num / den if den > 0 else 0.0
+    return _pooled(_vif_terms, ref, dist)
 
 
 def _window_fmi(s: np.ndarray, f: np.ndarray) -> np.ndarray:

@@ -88,6 +88,20 @@ def test_bad_inputs_give_one_line_and_no_output(tmp_path, cli, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "fake.png", "notes.txt", "textdir"]
 
 
+def test_result_folders_named_dash_are_refused(tmp_path, monkeypatch, cli):
+    """`batch -o -` and `train --out -` made a folder named "-" (standard output for reports and
+    tables): refused, exit 6, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    pet = EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+    (tmp_path / "m.csv").write_text(f"id,fixed,moving\nspm,{T1},{pet}\n")
+    for args in (("batch", "m.csv", "-o", "-", "--engine", "sequential"),
+                 ("train", "--model", "adafuse", "--data", tmp_path, "--out", "-", "--steps", "1")):
+        res = cli(*args)
+        assert_one_line_error(res, 6)
+        assert "cannot go to standard output" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv"]
+
+
 def test_two_outputs_of_one_command_may_not_be_one_file(tmp_path, cli):
     """Even with --overwrite, the second output written would replace the first (the fused image
     by its report): refused before any work, nothing written, the earlier file kept."""

@@ -55,6 +55,7 @@ from .io import (
     RASTER_READ_SUFFIXES,
     named_pattern,
 )
+from .io.atomic import check_folder_output
 from .io.itk import ITK_SUFFIXES
 from .io.raster import is_stack
 from .metrics import METRICS
@@ -302,6 +303,7 @@ def discover(source: Path, out: Path, dicom: bool = False, series_given: bool = 
     ``dicom``: volumes are written as DICOM series folders (``OUT_DIR/CASE``) instead of NIfTI;
     ``series_given``: --fixed-series / --moving-series choose the series in case folders of DICOM files;
     ``figures``: each case writes its figure too (no case may write another's)."""
+    check_folder_output(out, "--output")
     if not source.exists():
         raise InputNotFoundError(f"{source}: no such folder or manifest")
     out = _abs(out)

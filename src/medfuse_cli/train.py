@@ -29,6 +29,7 @@ import torch
 
 from . import __version__
 from .errors import InputNotFoundError, InvalidInputError, OutputError
+from .io.atomic import check_folder_output
 from .models.adafuse import TASKS, AdaFuse
 from .models.dcfb3d import DCFB3D
 from .models.dran import DRAN
@@ -309,6 +310,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[int, dict]
                                 f"{', '.join(sorted(terms)) or 'no weights to change'}")
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
+    check_folder_output(cfg.out, "--out")
     data, out = Path(cfg.data), Path(cfg.out)
     ckpt = out / f"{cfg.name}.checkpoint.safetensors"
     existing = [p for p in (out / f"{cfg.name}.safetensors", out / f"{cfg.name}.json") if p.exists()]

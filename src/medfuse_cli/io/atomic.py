@@ -19,6 +19,12 @@ def is_stdout(path: str | os.PathLike[str] | None) -> bool:
     return path is not None and os.fspath(path) == STDOUT
 
 
+def check_folder_output(path: str | os.PathLike[str], option: str) -> None:
+    """Refuse a folder of results named ``-`` (standard output, for a text output) instead of creating it."""
+    if is_stdout(path):
+        raise OutputError(f"{option} -: a folder of results cannot go to standard output; give a folder")
+
+
 def check_name_and_place(path: Path, inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
     """Refuse an output name the file system cannot hold (with its temporary name), an output that
     is one of the input files (even with --overwrite), an output inside an input folder (a DICOM

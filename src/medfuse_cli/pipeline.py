@@ -461,11 +461,7 @@ def fuse_pair(
             write_image(fused, out_path, overwrite=overwrite, dicom=_dicom_context(fixed, moving, fixed_img, moving_img, options, details))
         details["timings"] = {"read_s": read_s, **details["timings"]}
         rep: dict[str, Any] = {
-            "tool": "medfuse",
-            "version": __version__,
-            "libraries": _library_versions(),
-            "output": out_path.name if out_path else None,
-            "inputs": {"fixed": _describe(fixed_img, fixed_src), "moving": _describe(moving_img, moving_src)},
+            **_report_head(out_path, fixed_img, fixed_src, moving_img, moving_src),
             "parameters": asdict(options),  # the fields only (not the start read from their files)
             "registration": reg.summary(),
             **details,
@@ -595,16 +591,23 @@ REGISTRATION_PARAMETERS = ("transform", "initial_transform", "landmarks", "seed"
                            "max_memory")
 
 
-def _registration_report(out_path: Path, fixed: Image, moving: Image, options: FuseOptions, reg: Registration,
-                         timings: dict[str, float], budget: Plan, warnings: list[str]) -> dict[str, Any]:
-    """The JSON report of ``register``: as ``fuse``'s, without the fusion."""
+def _report_head(output: Path | None, fixed: Image, fixed_source: str, moving: Image,
+                 moving_source: str) -> dict[str, Any]:
+    """The keys the reports of ``fuse`` and ``register`` start with: tool, versions, output, inputs."""
     return {
         "tool": "medfuse",
         "version": __version__,
         "libraries": _library_versions(),
-        "output": out_path.name,
-        "inputs": {"fixed": _describe(fixed, _modality_source(fixed)),
-                   "moving": _describe(moving, _modality_source(moving))},
+        "output": output.name if output else None,
+        "inputs": {"fixed": _describe(fixed, fixed_source), "moving": _describe(moving, moving_source)},
+    }
+
+
+def _registration_report(out_path: Path, fixed: Image, moving: Image, options: FuseOptions, reg: Registration,
+                         timings: dict[str, float], budget: Plan, warnings: list[str]) -> dict[str, Any]:
+    """The JSON report of ``register``: as ``fuse``'s, without the fusion."""
+    return {
+        **_report_head(out_path, fixed, _modality_source(fixed), moving, _modality_source(moving)),
         "parameters": {k: v for k, v in asdict(options).items() if k in REGISTRATION_PARAMETERS},
         "registration": reg.summary(),
         "timings": timings,

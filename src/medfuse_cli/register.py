@@ -72,7 +72,7 @@ class Registration:
             "mattes_mi_before": self.mi_before,
             "mattes_mi_after": self.mi_after,
             "start": self.start,
-            "starts_mattes_mi": dict(self.starts_mi),
+            "starts_mattes_mi_coarse": dict(self.starts_mi),  # smoothed, shrunk images: not on the scale of the two above
             "rotation_deg": None if self.skipped else rotation_degrees(self.transform),
             "parameters": [float(p) for p in params],
             "landmarks": self.landmarks,

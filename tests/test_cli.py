@@ -28,6 +28,12 @@ def test_version_and_help(cli):
         assert res.exit_code == 0 and "--debug" in res.stdout and "--series" in res.stdout
     top = cli("--help")
     assert "Exit codes" in top.stdout and "convert" in top.stdout and "info" in top.stdout
+    # arguments are named as the help texts and README name them (FIXED, MOVING...), not fixed, moving
+    for command, names in (("fuse", ("FIXED", "MOVING")), ("register", ("FIXED", "MOVING")), ("convert", ("INPUT",)),
+                           ("info", ("INPUT",)), ("eval", ("FUSED",)), ("batch", ("IN",))):
+        panel = cli(command, "--help").stdout.split("Arguments")[1].split("Options")[0].split()
+        assert all(name in panel and name.lower() not in panel for name in names), command
+    assert "Missing argument 'FIXED'" in cli("fuse").stderr
 
 
 def test_module_entry_point_runs():

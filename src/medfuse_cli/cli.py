@@ -157,7 +157,7 @@ def _main(
 @app.command()
 def convert(
     input: Annotated[
-        Path, typer.Argument(readable=False, help="NIfTI (.nii, .nii.gz, .hdr/.img), NRRD or MetaImage file, DICOM folder / zip / file, or PNG / TIFF / JPEG / BMP slice.", show_default=False)
+        Path, typer.Argument(readable=False, metavar="INPUT", help="NIfTI (.nii, .nii.gz, .hdr/.img), NRRD or MetaImage file, DICOM folder / zip / file, or PNG / TIFF / JPEG / BMP slice.", show_default=False)
     ],
     output: Annotated[
         Path,
@@ -195,7 +195,7 @@ def convert(
 @app.command()
 def info(
     input: Annotated[
-        Path, typer.Argument(readable=False, help="NIfTI (.nii, .nii.gz, .hdr/.img), NRRD or MetaImage file, DICOM folder / zip / file, or PNG / TIFF / JPEG / BMP slice.", show_default=False)
+        Path, typer.Argument(readable=False, metavar="INPUT", help="NIfTI (.nii, .nii.gz, .hdr/.img), NRRD or MetaImage file, DICOM folder / zip / file, or PNG / TIFF / JPEG / BMP slice.", show_default=False)
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     series: Series = None,
@@ -269,8 +269,8 @@ MovingSeries = Annotated[str | None, typer.Option("--moving-series", help="MOVIN
 InitialTransform = Annotated[Path | None, typer.Option("--initial-transform", readable=False, help="Start the registration from this rigid transform (ITK .tfm / .txt / .h5 / .hdf5 / .mat, LPS, FIXED point -> MOVING point, as register --save-transform and SimpleITK write it) instead of the headers and the centres of mass; with --transform none, apply it as it is (rigid or affine). For scans in different frames of reference.")]
 Landmarks = Annotated[tuple[Path, Path] | None, typer.Option("--landmarks", readable=False, metavar="FIXED_POINTS MOVING_POINTS", help="Start the registration from the rigid fit of paired landmarks: the same anatomical points, in the same order, picked on FIXED and on MOVING (3D Slicer .fcsv / .mrk.json, or a CSV with columns r,a,s (RAS+) or l,p,s (LPS+), world mm). One point gives a shift, three or more a rotation too. With --transform none the fit is applied as it is. The summary line and the report give the points' RMS distance after the fit and after registration; a warning says when registration moved them 10 mm further. For scans in different frames of reference.", show_default=False)]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the registration's metric sampling (same inputs + seed = same output bit for bit).")]
-FixedArg = Annotated[Path, typer.Argument(readable=False, help="Anatomical reference (normally the MRI): NIfTI (.nii, .nii.gz, .hdr/.img), NRRD/MetaImage, DICOM folder/zip/file, PNG/TIFF (or JPEG/BMP). The output lives on its grid.", show_default=False)]
-MovingArg = Annotated[Path, typer.Argument(readable=False, help="The other modality (CT, PET, SPECT): NIfTI (.nii, .nii.gz, .hdr/.img), NRRD/MetaImage, DICOM folder/zip/file, PNG/TIFF or JPEG/BMP (RGB pseudo-colour allowed).", show_default=False)]
+FixedArg = Annotated[Path, typer.Argument(readable=False, metavar="FIXED", help="Anatomical reference (normally the MRI): NIfTI (.nii, .nii.gz, .hdr/.img), NRRD/MetaImage, DICOM folder/zip/file, PNG/TIFF (or JPEG/BMP). The output lives on its grid.", show_default=False)]
+MovingArg = Annotated[Path, typer.Argument(readable=False, metavar="MOVING", help="The other modality (CT, PET, SPECT): NIfTI (.nii, .nii.gz, .hdr/.img), NRRD/MetaImage, DICOM folder/zip/file, PNG/TIFF or JPEG/BMP (RGB pseudo-colour allowed).", show_default=False)]
 
 
 def _registration_line(summary: dict) -> str:
@@ -433,7 +433,7 @@ def _eval_tables(means: dict, quiet: bool) -> None:
 
 @app.command("eval")
 def eval_(
-    fused: Annotated[list[Path] | None, typer.Argument(readable=False, help="Fused images of the pair given by --fixed/--moving (one row each).", show_default=False)] = None,
+    fused: Annotated[list[Path] | None, typer.Argument(readable=False, metavar="FUSED", help="Fused images of the pair given by --fixed/--moving (one row each).", show_default=False)] = None,
     fixed: Annotated[Path | None, typer.Option("--fixed", readable=False, help="Source A (the MRI) of one pair.", show_default=False)] = None,
     moving: Annotated[Path | None, typer.Option("--moving", readable=False, help="Source B (CT/PET/SPECT) of one pair, on FIXED's grid.", show_default=False)] = None,
     pairs: Annotated[Path | None, typer.Option("--pairs", readable=False, help="Folder of pairs named ID_mri.png + ID_ct/pet/spect.png (searched recursively, as ../shared/data/harvard).", show_default=False)] = None,
@@ -554,7 +554,7 @@ def _with_progress(total: int, quiet: bool, label: str, work: Callable[[Callable
 
 @app.command()
 def batch(
-    source: Annotated[Path, typer.Argument(readable=False, help="Folder of pairs (ID_mri + ID_ct/pet/spect, CASE_0000 + CASE_0001, or one sub-folder per case) or a CSV manifest id,fixed,moving[,output].", show_default=False)],
+    source: Annotated[Path, typer.Argument(readable=False, metavar="IN", help="Folder of pairs (ID_mri + ID_ct/pet/spect, CASE_0000 + CASE_0001, or one sub-folder per case) or a CSV manifest id,fixed,moving[,output].", show_default=False)],
     out_dir: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Output folder: fused images, one JSON report each, summary.csv.", show_default=False)],
     method: Method = "auto",
     transform: Transform = "auto",

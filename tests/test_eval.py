@@ -173,6 +173,42 @@ def test_folders_keep_scoring_past_an_image_that_cannot_be_scored(harvard_subset
     assert res.exit_code == 4 and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
+def test_workers_score_pairs_at_once_with_the_same_rows(harvard_subset, tmp_path, cli, monkeypatch):
+    """--workers 2 scores pairs in parallel threads: the same rows in the same order as one pair at a
+    time, a pair that cannot be scored still its row; each pair's memory check counts every worker."""
+    import shutil
+    import threading
+
+    from medfuse_cli.errors import OutOfMemoryError
+    from medfuse_cli.memory import check_scoring, resident, scoring_bytes
+
+    root = harvard_subset
+    fused = tmp_path / "max"
+    shutil.copytree(root / "max", fused)
+    (fused / "mri-pet" / "25016.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    cases = {}
+    for workers in (1, 2):
+        res = cli("eval", "--pairs", root / "pairs", "--fused", fused, "--fused", root / "mean",
+                  "--workers", workers, "--json", tmp_path / f"{workers}.json")
+        assert res.exit_code == 7, res.stderr
+        cases[workers] = json.loads((tmp_path / f"{workers}.json").read_text())["cases"]
+    assert len(cases[1]) == 6 and cases[2] == cases[1]
+    assert [c["id"] for c in cases[2] if c.get("error")] == ["25016"]
+    from medfuse_cli import evaluate, read_image
+
+    threads, real = set(), evaluate.score
+    monkeypatch.setattr(evaluate, "score", lambda *a, **k: threads.add(threading.current_thread().name) or real(*a, **k))
+    found, methods = evaluate.find_cases(root / "pairs", [root / "mean"])
+    rows = evaluate.evaluate_cases(found, methods, read_image, keep_going=True, workers=2)
+    assert len(rows) == 3 and all("error" not in r for r in rows)
+    assert threads and all(name.startswith("medfuse-eval") for name in threads)  # scored off the main thread
+    shape = (256, 256, 1)
+    limit = str(int(resident() + 1.5 * scoring_bytes(shape)))
+    check_scoring(shape, limit, workers=1)
+    with pytest.raises(OutOfMemoryError, match="2 pairs at once"):
+        check_scoring(shape, limit, workers=2)
+
+
 def test_json_and_csv_on_standard_output(harvard_subset, tmp_path, cli, monkeypatch):
     """`--json -` / `--csv -` print on standard output instead of the tables (before: a file named "-")."""
     monkeypatch.chdir(tmp_path)

@@ -112,16 +112,18 @@ def on_fixed_grid(fixed: Image, other: Image, role: str) -> Image:
     return other
 
 
-def score(fixed: Image, moving: Image, fused: Image, max_memory: str | None = None) -> dict[str, float]:
+def score(fixed: Image, moving: Image, fused: Image, max_memory: str | None = None,
+          workers: int = 1) -> dict[str, float]:
     """All metrics of ``fused`` against FIXED (A) and MOVING (B), which must share its grid; NaN in a
     source is background, as ``fuse`` takes it. ``max_memory`` (``--max-memory``): refuse first
-    when the metrics would need more (``fuse`` plans its memory itself)."""
+    when the metrics would need more, for each of ``workers`` pairs scored at once (``fuse`` plans
+    its memory itself)."""
     moving = on_fixed_grid(fixed, moving, "MOVING")
     fused = on_fixed_grid(fixed, fused, "fused image")
     if max_memory is not None:
         from .memory import check_scoring
 
-        check_scoring(fixed.shape, max_memory)
+        check_scoring(fixed.shape, max_memory, workers)
     fixed, moving = nan_as_background(fixed, "FIXED"), nan_as_background(moving, "MOVING")
     return compute(metric_array(fixed), metric_array(moving), metric_array(fused))
 
@@ -229,10 +231,12 @@ def find_cases(pairs: Path, fused_dirs: list[Path], split: str | None = None,
 
 def evaluate_cases(
     cases: list[Case], methods: list[str], read: Callable[[Path], Image], progress: Callable[[], None] | None = None,
-    keep_going: bool = False, max_memory: str = "auto",
+    keep_going: bool = False, max_memory: str = "auto", workers: int = 1,
 ) -> list[dict[str, Any]]:
-    """Score every (case, method); rows with ``id``, ``group``, ``method``, ``fused`` and metrics.
-    A pair whose metrics would need more than ``max_memory`` is refused (exit 10).
+    """Score every (case, method); rows with ``id``, ``group``, ``method``, ``fused`` and metrics, in
+    the order of ``cases``. A pair whose metrics would need more than ``max_memory`` is refused (exit
+    10); with ``workers`` cases scored at once (threads: the filters release the GIL), each pair is
+    checked as if every worker scored one of its size.
 
     ``keep_going`` (folders of pairs): a case whose sources or fused image cannot be read or scored
     becomes a row whose ``error`` holds the one-line message, and the others are still scored;
@@ -247,8 +251,8 @@ def evaluate_cases(
             row["error"] = str(exc)
             return None
 
-    rows = []
-    for case in cases:
+    def score_case(case: Case) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
         sources = None
         for method in methods:
             path = case.fused.get(method)
@@ -264,16 +268,42 @@ def evaluate_cases(
             if isinstance(sources, str):
                 row["error"] = sources
                 continue
-            values = attempt(row, lambda pair, f: score(*pair, read(f), max_memory), sources, path)
+            values = attempt(row, lambda pair, f: score(*pair, read(f), max_memory, workers), sources, path)
             if values is not None:
                 row.update(values)
-        if progress:
-            progress()
+        return rows
+
+    rows = [row for case_rows in _map_cases(score_case, cases, workers, progress) for row in case_rows]
     missing = [r for r in rows if r.get("error") == "missing"]
     if missing:
         log.warning("%d fused images missing (e.g. %s for %s); their means leave them out",
                     len(missing), missing[0]["method"], missing[0]["id"])
     return rows
+
+
+def _map_cases(work: Callable[[Case], list[dict[str, Any]]], cases: list[Case], workers: int,
+               progress: Callable[[], None] | None) -> list[list[dict[str, Any]]]:
+    """``work`` on every case, ``workers`` at a time, results in the order of ``cases``; Ctrl-C or an
+    error cancels the cases not started (those being scored finish first)."""
+    if workers <= 1 or len(cases) < 2:
+        done = []
+        for case in cases:
+            done.append(work(case))
+            if progress:
+                progress()
+        return done
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    pool = ThreadPoolExecutor(min(workers, len(cases)), thread_name_prefix="medfuse-eval")
+    try:
+        futures = [pool.submit(work, case) for case in cases]
+        for future in as_completed(futures):
+            future.result()  # the first error stops the run
+            if progress:
+                progress()
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def failures(rows: list[dict[str, Any]]) -> str | None:

@@ -160,17 +160,20 @@ def scoring_bytes(shape: tuple[int, ...]) -> float:
     return METRICS[0] + METRICS[1] * x * y * z + METRICS[2] * slab
 
 
-def check_scoring(shape: tuple[int, ...], max_memory: str = "auto") -> None:
+def check_scoring(shape: tuple[int, ...], max_memory: str = "auto", workers: int = 1) -> None:
     """Refuse (:class:`OutOfMemoryError`) to score a grid whose metrics would need more than
-    ``max_memory`` (``auto``: what is available): ``medfuse eval``'s check before each pair."""
+    ``max_memory`` (``auto``: what is available): ``medfuse eval``'s check before each pair, as if
+    each of its ``workers`` scored a pair of this size."""
     limit = parse_size(max_memory)
     limit = available() if limit is None else limit
-    need = resident() + scoring_bytes(shape)
+    need = resident() + workers * scoring_bytes(shape)
     log.debug("scoring %s voxels: estimate %.0f MiB, limit %.0f MiB", "x".join(map(str, shape[:3])), need / 2**20,
               limit / 2**20)
     if need > limit:
-        raise OutOfMemoryError(f"scoring {'x'.join(map(str, shape[:3]))} voxels needs about {need / 2**30:.1f} GiB "
-                               f"but may use {limit / 2**30:.1f} GiB; raise --max-memory or free memory")
+        at_once = f" ({workers} pairs at once)" if workers > 1 else ""
+        raise OutOfMemoryError(f"scoring {'x'.join(map(str, shape[:3]))} voxels{at_once} needs about {need / 2**30:.1f} "
+                               f"GiB but may use {limit / 2**30:.1f} GiB; raise --max-memory, free memory"
+                               + (" or use fewer --workers" if workers > 1 else ""))
 
 
 def plan(shape: tuple[int, ...], method: str, metrics: bool, patch: int, max_memory: str,

@@ -209,6 +209,32 @@ def test_workers_score_pairs_at_once_with_the_same_rows(harvard_subset, tmp_path
         check_scoring(shape, limit, workers=2)
 
 
+def test_workers_stop_at_the_first_error_without_waiting_for_running_pairs():
+    """With --workers, an error (or Ctrl-C, raised in the waiting main thread) ends the run at once:
+    a pair still being scored does not hold the exit (before: until it finished, a minute on a CT)."""
+    import threading
+
+    from medfuse_cli.errors import InvalidInputError
+    from medfuse_cli.evaluate import Case, _map_cases
+
+    release, started = threading.Event(), threading.Event()
+
+    def work(case):
+        if case.id == "slow":
+            started.set()
+            release.wait(60)
+            return []
+        started.wait(60)
+        raise InvalidInputError("broken")
+
+    cases = [Case(id, "g", T1, PET) for id in ("slow", "bad", "more")]
+    with pytest.raises(InvalidInputError, match="broken"):
+        _map_cases(work, cases, workers=2, progress=None)
+    slow = [t for t in threading.enumerate() if t.name.startswith("medfuse-eval")]
+    assert slow and not release.is_set()  # returned while the slow pair was still being scored
+    release.set()
+
+
 def test_json_and_csv_on_standard_output(harvard_subset, tmp_path, cli, monkeypatch):
     """`--json -` / `--csv -` print on standard output instead of the tables (before: a file named "-")."""
     monkeypatch.chdir(tmp_path)

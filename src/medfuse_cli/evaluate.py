@@ -283,8 +283,9 @@ def evaluate_cases(
 
 def _map_cases(work: Callable[[Case], list[dict[str, Any]]], cases: list[Case], workers: int,
                progress: Callable[[], None] | None) -> list[list[dict[str, Any]]]:
-    """``work`` on every case, ``workers`` at a time, results in the order of ``cases``; Ctrl-C or an
-    error cancels the cases not started (those being scored finish first)."""
+    """``work`` on every case, ``workers`` at a time, results in the order of ``cases``. The workers
+    are daemon threads: on Ctrl-C or a first error the run stops at once, without waiting for the
+    pairs being scored (they only read and compute; the outputs are written afterwards)."""
     if workers <= 1 or len(cases) < 2:
         done = []
         for case in cases:
@@ -292,18 +293,40 @@ def _map_cases(work: Callable[[Case], list[dict[str, Any]]], cases: list[Case], 
             if progress:
                 progress()
         return done
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    import queue
+    import threading
 
-    pool = ThreadPoolExecutor(min(workers, len(cases)), thread_name_prefix="medfuse-eval")
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(len(cases)):
+        todo.put(i)
+    finished: queue.SimpleQueue[tuple[int, Any, BaseException | None]] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                finished.put((i, work(cases[i]), None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+                finished.put((i, None, exc))
+
+    for k in range(min(workers, len(cases))):
+        threading.Thread(target=worker, name=f"medfuse-eval-{k}", daemon=True).start()
+    results: list[Any] = [None] * len(cases)
     try:
-        futures = [pool.submit(work, case) for case in cases]
-        for future in as_completed(futures):
-            future.result()  # the first error stops the run
+        for _ in cases:
+            i, rows, exc = finished.get()
+            if exc is not None:
+                raise exc
+            results[i] = rows
             if progress:
                 progress()
-        return [f.result() for f in futures]
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        stop.set()
+    return results
 
 
 def failures(rows: list[dict[str, Any]]) -> str | None:

@@ -202,6 +202,16 @@ def test_workers_score_pairs_at_once_with_the_same_rows(harvard_subset, tmp_path
     rows = evaluate.evaluate_cases(found, methods, read_image, keep_going=True, workers=2)
     assert len(rows) == 3 and all("error" not in r for r in rows)
     assert threads and all(name.startswith("medfuse-eval") for name in threads)  # scored off the main thread
+    # one pair with several fused images: the images are scored at once too, its sources read once
+    one, methods = evaluate.single_pair_cases(root / "pairs" / "mri-pet" / "25015_mri.png",
+                                              root / "pairs" / "mri-pet" / "25015_pet.png",
+                                              [root / "mean" / "mri-pet" / "25015.png", root / "max" / "mri-pet" / "25015.png"])
+    threads.clear()
+    reads = []
+    counted = lambda p: reads.append(p) or read_image(p)
+    rows = evaluate.evaluate_cases(one, methods, counted, workers=2)
+    assert threads and all(n.startswith("medfuse-eval") for n in threads) and len(reads) == 2 + 2
+    assert rows == evaluate.evaluate_cases(one, methods, read_image) and rows[0]["SSIM"] != rows[1]["SSIM"]
     shape = (256, 256, 1)
     limit = str(int(resident() + 1.5 * scoring_bytes(shape)))
     check_scoring(shape, limit, workers=1)
@@ -215,7 +225,7 @@ def test_workers_stop_at_the_first_error_without_waiting_for_running_pairs():
     import threading
 
     from medfuse_cli.errors import InvalidInputError
-    from medfuse_cli.evaluate import Case, _map_cases
+    from medfuse_cli.evaluate import Case, _map
 
     release, started = threading.Event(), threading.Event()
 
@@ -229,7 +239,7 @@ def test_workers_stop_at_the_first_error_without_waiting_for_running_pairs():
 
     cases = [Case(id, "g", T1, PET) for id in ("slow", "bad", "more")]
     with pytest.raises(InvalidInputError, match="broken"):
-        _map_cases(work, cases, workers=2, progress=None)
+        _map(work, cases, workers=2, progress=None)
     slow = [t for t in threading.enumerate() if t.name.startswith("medfuse-eval")]
     assert slow and not release.is_set()  # returned while the slow pair was still being scored
     release.set()

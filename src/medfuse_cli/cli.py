@@ -442,7 +442,7 @@ def eval_(
     json_out: Annotated[Path | None, typer.Option("--json", readable=False, help="Write per-image and mean values, with the conventions, as JSON (- : on standard output, instead of the tables).")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", readable=False, help="Write per-image rows and mean rows as CSV (- : on standard output, instead of the tables).")] = None,
     max_memory: Annotated[str, typer.Option("--max-memory", help="Memory scoring may use: a size (4G, 800M) or auto (what is available now, within any cgroup limit). A pair whose metrics would need more (about 35 bytes per voxel and 0.7 GiB; -v prints the estimate) is refused before scoring, exit 10 (with --pairs: its row).")] = "auto",
-    workers: Annotated[int, typer.Option("--workers", min=1, help="With --pairs: pairs scored at once (threads; the filters run in parallel). Each pair's --max-memory check counts every worker.")] = 1,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Fused images scored at once (threads; the filters run in parallel; a pair's sources are read once). Each image's --max-memory check counts every worker.")] = 1,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -499,7 +499,7 @@ def eval_(
         for out in (json_out, csv_out):
             if out is not None:
                 check_writable(out, overwrite, inputs)
-        rows = _with_progress(len(cases), quiet, "scoring",
+        rows = _with_progress(len(cases) * len(methods), quiet, "scoring",
                               lambda tick: evaluate_cases(cases, methods, read_image, tick, keep_going=pairs is not None,
                                                            max_memory=max_memory, workers=workers))
         means = summarise(rows)

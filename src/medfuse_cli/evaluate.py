@@ -234,14 +234,17 @@ def evaluate_cases(
     keep_going: bool = False, max_memory: str = "auto", workers: int = 1,
 ) -> list[dict[str, Any]]:
     """Score every (case, method); rows with ``id``, ``group``, ``method``, ``fused`` and metrics, in
-    the order of ``cases``. A pair whose metrics would need more than ``max_memory`` is refused (exit
-    10); with ``workers`` cases scored at once (threads: the filters release the GIL), each pair is
+    the order of ``cases`` then ``methods`` (``progress`` ticks once a row). A pair whose metrics would
+    need more than ``max_memory`` is refused (exit 10); with ``workers`` fused images scored at once
+    (threads: the filters release the GIL; a case's sources are read once and shared), each is
     checked as if every worker scored one of its size.
 
     ``keep_going`` (folders of pairs): a case whose sources or fused image cannot be read or scored
     becomes a row whose ``error`` holds the one-line message, and the others are still scored;
     otherwise the first such error stops the run.
     """
+    import threading
+
     def attempt(row: dict[str, Any], work: Callable[..., Any], *args: Any) -> Any:
         try:
             return work(*args)
@@ -251,29 +254,42 @@ def evaluate_cases(
             row["error"] = str(exc)
             return None
 
-    def score_case(case: Case) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        sources = None
-        for method in methods:
-            path = case.fused.get(method)
-            row: dict[str, Any] = {"id": case.id, "group": case.group, "method": method, "fused": str(path) if path else None}
-            rows.append(row)
+    tasks = [(i, method) for i, case in enumerate(cases) for method in methods]
+    sources: dict[int, Any] = {}  # a case's (FIXED, MOVING), or the error reading them; until its last row
+    rows_left = Counter(i for i, _ in tasks)
+    case_locks = [threading.Lock() for _ in cases]
+    lock = threading.Lock()
+
+    def sources_of(i: int, row: dict[str, Any]) -> Any:
+        with case_locks[i]:
+            if i not in sources:
+                pair = attempt(row, lambda c: (read(c.fixed), read(c.moving)), cases[i])
+                sources[i] = row["error"] if pair is None else pair
+            return sources[i]
+
+    def score_row(task: tuple[int, str]) -> dict[str, Any]:
+        i, method = task
+        case, path = cases[i], cases[i].fused.get(method)
+        row: dict[str, Any] = {"id": case.id, "group": case.group, "method": method, "fused": str(path) if path else None}
+        try:
             if path is None:
                 row["error"] = "missing"
-                continue
-            if sources is None:
-                sources = attempt(row, lambda c: (read(c.fixed), read(c.moving)), case)
-                if sources is None:
-                    sources = row["error"]
-            if isinstance(sources, str):
-                row["error"] = sources
-                continue
-            values = attempt(row, lambda pair, f: score(*pair, read(f), max_memory, workers), sources, path)
+                return row
+            pair = sources_of(i, row)
+            if isinstance(pair, str):
+                row["error"] = pair
+                return row
+            values = attempt(row, lambda f: score(*pair, read(f), max_memory, workers), path)
             if values is not None:
                 row.update(values)
-        return rows
+            return row
+        finally:
+            with lock:
+                rows_left[i] -= 1
+                if not rows_left[i]:
+                    sources.pop(i, None)
 
-    rows = [row for case_rows in _map_cases(score_case, cases, workers, progress) for row in case_rows]
+    rows = _map(score_row, tasks, workers, progress)
     missing = [r for r in rows if r.get("error") == "missing"]
     if missing:
         log.warning("%d fused images missing (e.g. %s for %s); their means leave them out",
@@ -281,15 +297,14 @@ def evaluate_cases(
     return rows
 
 
-def _map_cases(work: Callable[[Case], list[dict[str, Any]]], cases: list[Case], workers: int,
-               progress: Callable[[], None] | None) -> list[list[dict[str, Any]]]:
-    """``work`` on every case, ``workers`` at a time, results in the order of ``cases``. The workers
+def _map(work: Callable[[Any], Any], items: list[Any], workers: int, progress: Callable[[], None] | None) -> list[Any]:
+    """``work`` on every item, ``workers`` at a time, results in the order of ``items``. The workers
     are daemon threads: on Ctrl-C or a first error the run stops at once, without waiting for the
-    pairs being scored (they only read and compute; the outputs are written afterwards)."""
-    if workers <= 1 or len(cases) < 2:
+    images being scored (they only read and compute; the outputs are written afterwards)."""
+    if workers <= 1 or len(items) < 2:
         done = []
-        for case in cases:
-            done.append(work(case))
+        for item in items:
+            done.append(work(item))
             if progress:
                 progress()
         return done
@@ -297,7 +312,7 @@ def _map_cases(work: Callable[[Case], list[dict[str, Any]]], cases: list[Case], 
     import threading
 
     todo: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for i in range(len(cases)):
+    for i in range(len(items)):
         todo.put(i)
     finished: queue.SimpleQueue[tuple[int, Any, BaseException | None]] = queue.SimpleQueue()
     stop = threading.Event()
@@ -309,19 +324,19 @@ def _map_cases(work: Callable[[Case], list[dict[str, Any]]], cases: list[Case], 
             except queue.Empty:
                 return
             try:
-                finished.put((i, work(cases[i]), None))
+                finished.put((i, work(items[i]), None))
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                 finished.put((i, None, exc))
 
-    for k in range(min(workers, len(cases))):
+    for k in range(min(workers, len(items))):
         threading.Thread(target=worker, name=f"medfuse-eval-{k}", daemon=True).start()
-    results: list[Any] = [None] * len(cases)
+    results: list[Any] = [None] * len(items)
     try:
-        for _ in cases:
-            i, rows, exc = finished.get()
+        for _ in items:
+            i, result, exc = finished.get()
             if exc is not None:
                 raise exc
-            results[i] = rows
+            results[i] = result
             if progress:
                 progress()
     finally:

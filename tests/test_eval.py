@@ -212,6 +212,11 @@ def test_workers_score_pairs_at_once_with_the_same_rows(harvard_subset, tmp_path
     rows = evaluate.evaluate_cases(one, methods, counted, workers=2)
     assert threads and all(n.startswith("medfuse-eval") for n in threads) and len(reads) == 2 + 2
     assert rows == evaluate.evaluate_cases(one, methods, read_image) and rows[0]["SSIM"] != rows[1]["SSIM"]
+    counts = []  # the memory check counts the workers that can run: one image, one at a time
+    monkeypatch.setattr(evaluate, "score", lambda *a, **k: counts.append(a[4]) or real(*a, **k))
+    one[0].fused = {methods[0]: one[0].fused[methods[0]]}
+    evaluate.evaluate_cases(one, methods[:1], read_image, workers=2)
+    assert counts == [1]
     shape = (256, 256, 1)
     limit = str(int(resident() + 1.5 * scoring_bytes(shape)))
     check_scoring(shape, limit, workers=1)

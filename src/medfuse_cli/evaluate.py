@@ -255,6 +255,7 @@ def evaluate_cases(
             return None
 
     tasks = [(i, method) for i, case in enumerate(cases) for method in methods]
+    workers = max(1, min(workers, len(tasks)))  # no more at once than there are images
     sources: dict[int, Any] = {}  # a case's (FIXED, MOVING), or the error reading them; until its last row
     rows_left = Counter(i for i, _ in tasks)
     case_locks = [threading.Lock() for _ in cases]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 from conftest import EXAMPLES, shared_path
@@ -273,6 +274,10 @@ def test_scoring_that_would_not_fit_in_memory_is_refused(harvard_subset, tmp_pat
     assert cli("fuse", T1, PET, "-o", out, "--method", "mean", "-q", "--no-metrics").exit_code == 0
     res = cli("eval", "--fixed", T1, "--moving", PET, out, "--max-memory", "256M")
     assert res.exit_code == 10 and "scoring 91x109x91 voxels needs about" in res.stderr, res.stderr
+    # -v prints the estimate beside the limit (benchmarks/memory_guard.py reads it), also when it fits
+    res = cli("eval", "--fixed", T1, "--moving", PET, out, "--max-memory", "64G", "-v")
+    assert res.exit_code == 0 and re.search(r"scoring91x109x91voxels:estimate\d+MiB,limit65536MiB",
+                                            "".join(res.stderr.split())), res.stderr
     root = harvard_subset
     assert cli("eval", "--pairs", root / "pairs", "--fused", root / "max", "--max-memory", "64G", "-q").exit_code == 0
     res = cli("eval", "--pairs", root / "pairs", "--fused", root / "max", "--max-memory", "256M",

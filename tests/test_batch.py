@@ -244,8 +244,10 @@ def test_existing_dask_scheduler_and_worker(tmp_path, cli):
         assert (tmp_path / "dask" / f"{pid}.png").read_bytes() == (tmp_path / "seq" / f"{pid}.png").read_bytes()
         assert _summary(tmp_path / "dask")[pid]["status"] == "done"
         # --max-memory auto inside a worker: at most 90% of the worker's own limit, not the machine's
-        limit = json.loads((tmp_path / "dask" / f"{pid}.json").read_text())["memory"]["limit_bytes"]
+        memory = json.loads((tmp_path / "dask" / f"{pid}.json").read_text())["memory"]
+        limit = memory["limit_bytes"]
         assert limit <= 0.9 * 900 * 2**20
+        assert memory["metric_threads"] == 1  # one worker, one core: the metrics one at a time too
         seq_limit = json.loads((tmp_path / "seq" / f"{pid}.json").read_text())["memory"]["limit_bytes"]
         assert seq_limit > limit  # the sequential engine's auto: what the machine has free
 

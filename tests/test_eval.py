@@ -213,11 +213,11 @@ def test_workers_score_pairs_at_once_with_the_same_rows(harvard_subset, tmp_path
     rows = evaluate.evaluate_cases(one, methods, counted, workers=2)
     assert threads and all(n.startswith("medfuse-eval") for n in threads) and len(reads) == 2 + 2
     assert rows == evaluate.evaluate_cases(one, methods, read_image) and rows[0]["SSIM"] != rows[1]["SSIM"]
-    counts = []  # the memory check counts the workers that can run: one image, one at a time
-    monkeypatch.setattr(evaluate, "score", lambda *a, **k: counts.append(a[4]) or real(*a, **k))
+    counts = []  # the memory check counts the workers that can run: one image, one at a time, 2 metrics at once
+    monkeypatch.setattr(evaluate, "score", lambda *a, **k: counts.append(a[4:]) or real(*a, **k))
     one[0].fused = {methods[0]: one[0].fused[methods[0]]}
     evaluate.evaluate_cases(one, methods[:1], read_image, workers=2)
-    assert counts == [1]
+    assert counts == [(1, 2)]
     shape = (256, 256, 1)
     limit = str(int(resident() + 1.5 * scoring_bytes(shape)))
     check_scoring(shape, limit, workers=1)
@@ -231,7 +231,8 @@ def test_workers_stop_at_the_first_error_without_waiting_for_running_pairs():
     import threading
 
     from medfuse_cli.errors import InvalidInputError
-    from medfuse_cli.evaluate import Case, _map
+    from medfuse_cli.evaluate import Case
+    from medfuse_cli.parallel import thread_map
 
     release, started = threading.Event(), threading.Event()
 
@@ -245,8 +246,8 @@ def test_workers_stop_at_the_first_error_without_waiting_for_running_pairs():
 
     cases = [Case(id, "g", T1, PET) for id in ("slow", "bad", "more")]
     with pytest.raises(InvalidInputError, match="broken"):
-        _map(work, cases, workers=2, progress=None)
-    slow = [t for t in threading.enumerate() if t.name.startswith("medfuse-eval")]
+        thread_map(work, cases, workers=2, name="medfuse-test")
+    slow = [t for t in threading.enumerate() if t.name.startswith("medfuse-test")]
     assert slow and not release.is_set()  # returned while the slow pair was still being scored
     release.set()
 
@@ -276,7 +277,7 @@ def test_scoring_that_would_not_fit_in_memory_is_refused(harvard_subset, tmp_pat
     assert res.exit_code == 10 and "scoring 91x109x91 voxels needs about" in res.stderr, res.stderr
     # -v prints the estimate beside the limit (benchmarks/memory_guard.py reads it), also when it fits
     res = cli("eval", "--fixed", T1, "--moving", PET, out, "--max-memory", "64G", "-v")
-    assert res.exit_code == 0 and re.search(r"scoring91x109x91voxels:estimate\d+MiB,limit65536MiB",
+    assert res.exit_code == 0 and re.search(r"scoring91x109x91voxelson1thread\(s\):estimate\d+MiB,limit65536MiB",
                                             "".join(res.stderr.split())), res.stderr
     root = harvard_subset
     assert cli("eval", "--pairs", root / "pairs", "--fused", root / "max", "--max-memory", "64G", "-q").exit_code == 0

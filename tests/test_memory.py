@@ -84,6 +84,36 @@ def test_cpu_plans_count_the_slices_a_network_really_runs():
         assert chosen.estimate_bytes < _estimate(shape, method, True, 96, 8) or runs == 8
 
 
+def test_metric_threads_are_planned_within_the_limit(tmp_path, cli, monkeypatch):
+    """The report's metrics run --threads at once (at most 6): each thread prices one more slab, and
+    under a limit that fits one but not two the plan keeps the metrics on one thread instead of
+    giving anything else up; eval's check likewise."""
+    from medfuse_cli.memory import _estimate, check_scoring, resident, scoring_bytes
+    from medfuse_cli.parallel import cpu_threads
+
+    shape = (182, 218, 182)
+    assert scoring_bytes(shape, 2) > scoring_bytes(shape, 1) and scoring_bytes(shape, 6) == scoring_bytes(shape, 9)
+    assert plan(shape, "laplacian", True, 96, "64G", threads=4).metric_threads == 4
+    one, two = _estimate(shape, "laplacian", True, 96, 8, 1), _estimate(shape, "laplacian", True, 96, 8, 2)
+    tight = plan(shape, "laplacian", True, 96, str((one + two) // 2), threads=2)
+    assert (tight.metrics, tight.metric_threads, tight.notes) == (True, 1, [])
+    limit = str(int(resident() + (scoring_bytes(shape, 1) + scoring_bytes(shape, 2)) / 2))
+    assert check_scoring(shape, limit, threads=2) == 1
+    assert check_scoring(shape, "64G", threads=3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert (cpu_threads(0), cpu_threads(3)) == (1, 3)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_threads(0) >= 1
+    # fuse --threads: the report says how many ran, and the values do not depend on it
+    reports = {}
+    for threads in (1, 2):
+        res = cli("fuse", T1, PET, "-o", tmp_path / f"{threads}.nii.gz", "--method", "laplacian", "--threads", threads)
+        assert res.exit_code == 0, res.stderr
+        reports[threads] = json.loads((tmp_path / f"{threads}.json").read_text())
+    assert [reports[t]["memory"]["metric_threads"] for t in (1, 2)] == [1, 2]
+    assert reports[1]["metrics"]["values"] == reports[2]["metrics"]["values"]
+
+
 def test_bad_max_memory_is_one_line(cli, tmp_path):
     assert_one_line_error(cli("fuse", T1, PET, "-o", tmp_path / "o.nii.gz", "--max-memory", "plenty"), 4)
     assert not list(tmp_path.iterdir())

@@ -212,6 +212,22 @@ def test_volume_metrics_slab_by_slab_equal_the_whole_volume_at_once(volumes, mon
         assert slabbed[k] == pytest.approx(whole[k], rel=1e-12, abs=1e-12), k
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_metrics_computed_at_once_in_threads_equal_one_at_a_time(volumes, monkeypatch, threads):
+    """``compute(threads=N)`` runs the metrics (and FMI's windows in N runs) in N threads: every value
+    is the same bit for bit as one at a time, on a volume and on one of its slices."""
+    import threading
+
+    a, b = volumes
+    f = np.where(a > b, 0.7 * a + 0.3 * b, b)
+    ones = [M.compute(x, y, z) for x, y, z in ((a, b, f), (a[10], b[10], f[10]))]
+    names, real = set(), M.ssim
+    monkeypatch.setattr(M, "ssim", lambda *p: names.add(threading.current_thread().name) or real(*p))
+    assert [M.compute(x, y, z, threads=threads) for x, y, z in ((a, b, f), (a[10], b[10], f[10]))] == ones
+    assert names and all(n.startswith("medfuse-metrics") for n in names)  # computed off the main thread
+    assert M.fmi(a, b, f, threads=threads) == M.fmi(a, b, f)
+
+
 @pytest.mark.parametrize(
     "other, expected",
     [

@@ -27,6 +27,7 @@ from .image import Image
 from .intensity import luminance, nan_as_background, window_for
 from .io import PAIR_SUFFIXES, named_pattern
 from .metrics import METRICS, compute
+from .parallel import thread_map
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +114,19 @@ def on_fixed_grid(fixed: Image, other: Image, role: str) -> Image:
 
 
 def score(fixed: Image, moving: Image, fused: Image, max_memory: str | None = None,
-          workers: int = 1) -> dict[str, float]:
+          workers: int = 1, threads: int = 1) -> dict[str, float]:
     """All metrics of ``fused`` against FIXED (A) and MOVING (B), which must share its grid; NaN in a
-    source is background, as ``fuse`` takes it. ``max_memory`` (``--max-memory``): refuse first
-    when the metrics would need more, for each of ``workers`` pairs scored at once (``fuse`` plans
-    its memory itself)."""
+    source is background, as ``fuse`` takes it. ``threads`` metrics are computed at once.
+    ``max_memory`` (``--max-memory``): fewer threads, or a refusal, when the metrics would need more,
+    for each of ``workers`` pairs scored at once (``fuse`` plans its memory itself)."""
     moving = on_fixed_grid(fixed, moving, "MOVING")
     fused = on_fixed_grid(fixed, fused, "fused image")
     if max_memory is not None:
         from .memory import check_scoring
 
-        check_scoring(fixed.shape, max_memory, workers)
+        threads = check_scoring(fixed.shape, max_memory, workers, threads)
     fixed, moving = nan_as_background(fixed, "FIXED"), nan_as_background(moving, "MOVING")
-    return compute(metric_array(fixed), metric_array(moving), metric_array(fused))
+    return compute(metric_array(fixed), metric_array(moving), metric_array(fused), threads)
 
 
 @dataclass
@@ -235,9 +236,10 @@ def evaluate_cases(
 ) -> list[dict[str, Any]]:
     """Score every (case, method); rows with ``id``, ``group``, ``method``, ``fused`` and metrics, in
     the order of ``cases`` then ``methods`` (``progress`` ticks once a row). A pair whose metrics would
-    need more than ``max_memory`` is refused (exit 10); with ``workers`` fused images scored at once
-    (threads: the filters release the GIL; a case's sources are read once and shared), each is
-    checked as if every worker scored one of its size.
+    need more than ``max_memory`` is refused (exit 10). ``workers`` threads (the filters release the
+    GIL): fused images scored at once (a case's sources read once and shared), each checked as if
+    every worker scored one of its size; with fewer images than workers, the spare workers compute
+    an image's metrics at once.
 
     ``keep_going`` (folders of pairs): a case whose sources or fused image cannot be read or scored
     becomes a row whose ``error`` holds the one-line message, and the others are still scored;
@@ -255,7 +257,8 @@ def evaluate_cases(
             return None
 
     tasks = [(i, method) for i, case in enumerate(cases) for method in methods]
-    workers = max(1, min(workers, len(tasks)))  # no more at once than there are images
+    at_once = max(1, min(workers, len(tasks)))  # no more images at once than there are images
+    threads = max(1, workers // at_once)  # the spare workers: metrics of one image at once
     sources: dict[int, Any] = {}  # a case's (FIXED, MOVING), or the error reading them; until its last row
     rows_left = Counter(i for i, _ in tasks)
     case_locks = [threading.Lock() for _ in cases]
@@ -280,7 +283,7 @@ def evaluate_cases(
             if isinstance(pair, str):
                 row["error"] = pair
                 return row
-            values = attempt(row, lambda f: score(*pair, read(f), max_memory, workers), path)
+            values = attempt(row, lambda f: score(*pair, read(f), max_memory, at_once, threads), path)
             if values is not None:
                 row.update(values)
             return row
@@ -290,59 +293,12 @@ def evaluate_cases(
                 if not rows_left[i]:
                     sources.pop(i, None)
 
-    rows = _map(score_row, tasks, workers, progress)
+    rows = thread_map(score_row, tasks, at_once, progress, name="medfuse-eval")
     missing = [r for r in rows if r.get("error") == "missing"]
     if missing:
         log.warning("%d fused images missing (e.g. %s for %s); their means leave them out",
                     len(missing), missing[0]["method"], missing[0]["id"])
     return rows
-
-
-def _map(work: Callable[[Any], Any], items: list[Any], workers: int, progress: Callable[[], None] | None) -> list[Any]:
-    """``work`` on every item, ``workers`` at a time, results in the order of ``items``. The workers
-    are daemon threads: on Ctrl-C or a first error the run stops at once, without waiting for the
-    images being scored (they only read and compute; the outputs are written afterwards)."""
-    if workers <= 1 or len(items) < 2:
-        done = []
-        for item in items:
-            done.append(work(item))
-            if progress:
-                progress()
-        return done
-    import queue
-    import threading
-
-    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for i in range(len(items)):
-        todo.put(i)
-    finished: queue.SimpleQueue[tuple[int, Any, BaseException | None]] = queue.SimpleQueue()
-    stop = threading.Event()
-
-    def worker() -> None:
-        while not stop.is_set():
-            try:
-                i = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                finished.put((i, work(items[i]), None))
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
-                finished.put((i, None, exc))
-
-    for k in range(min(workers, len(items))):
-        threading.Thread(target=worker, name=f"medfuse-eval-{k}", daemon=True).start()
-    results: list[Any] = [None] * len(items)
-    try:
-        for _ in items:
-            i, result, exc = finished.get()
-            if exc is not None:
-                raise exc
-            results[i] = result
-            if progress:
-                progress()
-    finally:
-        stop.set()
-    return results
 
 
 def failures(rows: list[dict[str, Any]]) -> str | None:

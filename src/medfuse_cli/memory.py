@@ -9,7 +9,8 @@ estimate beside the measured peak):
 * registration, resampling, normalising, the fused and the written arrays: ``BASE`` (fixed bytes,
   bytes per voxel);
 * the report's metrics (SSIM, VIF, FMI... in float64): ``METRICS`` (fixed bytes, bytes per voxel,
-  bytes per voxel of the largest slab they filter at once, see ``metrics.largest_slab``);
+  bytes per voxel of the largest slab they filter at once, see ``metrics.largest_slab``, for each
+  metric computed at once by its threads);
 * a network: its weights and activations for one window of ``patch**3`` voxels (DCFB-3D) or one
   batch of slices (AdaFuse, DRAN; on the CPU the batch they will really run, which for large slices
   is smaller than ``BATCHES[0]``, see ``models.infer.slice_batch``), plus the sliding window's accumulators (counted in full even
@@ -131,13 +132,14 @@ class Plan:
     metrics: bool
     patch: int
     batch: int
+    metric_threads: int = 1  # metrics computed at once (threads)
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {**asdict(self), "peak_bytes": peak()}
 
 
-def _estimate(shape: tuple[int, ...], method: str, metrics: bool, patch: int, batch: int) -> int:
+def _estimate(shape: tuple[int, ...], method: str, metrics: bool, patch: int, batch: int, threads: int = 1) -> int:
     voxels = 1
     for s in shape:
         voxels *= int(s)
@@ -146,41 +148,48 @@ def _estimate(shape: tuple[int, ...], method: str, metrics: bool, patch: int, ba
         fixed, per_unit, per_voxel = NETWORK_COST[method]
         unit = min(patch, max(shape)) ** 3 if method == "dcfb3d" else batch * int(shape[0]) * int(shape[1])
         network = fixed + per_unit * unit + per_voxel * voxels
-    scoring = scoring_bytes(shape) if metrics else 0.0
+    scoring = scoring_bytes(shape, threads) if metrics else 0.0
     # the network's memory is not all returned to the system before the metrics run: count both
     return int(resident() + BASE[0] + BASE[1] * voxels + network + scoring)
 
 
-def scoring_bytes(shape: tuple[int, ...]) -> float:
-    """Memory the metrics need for FIXED's grid ``(x, y, z)``."""
-    from .metrics import largest_slab
+def scoring_bytes(shape: tuple[int, ...], threads: int = 1) -> float:
+    """Memory the metrics need for FIXED's grid ``(x, y, z)``, ``threads`` of them computed at once."""
+    from .metrics import HEAVY_METRICS, largest_slab
 
     x, y, z = (int(s) for s in shape[:3])
     slab = largest_slab((y, x) if z == 1 else (z, y, x))
-    return METRICS[0] + METRICS[1] * x * y * z + METRICS[2] * slab
+    return METRICS[0] + METRICS[1] * x * y * z + METRICS[2] * slab * max(1, min(threads, HEAVY_METRICS))
 
 
-def check_scoring(shape: tuple[int, ...], max_memory: str = "auto", workers: int = 1) -> None:
-    """Refuse (:class:`OutOfMemoryError`) to score a grid whose metrics would need more than
-    ``max_memory`` (``auto``: what is available): ``medfuse eval``'s check before each pair, as if
-    each of its ``workers`` scored a pair of this size."""
+def check_scoring(shape: tuple[int, ...], max_memory: str = "auto", workers: int = 1, threads: int = 1) -> int:
+    """The metric threads (at most ``threads``) for scoring a grid within ``max_memory`` (``auto``:
+    what is available), as if each of ``workers`` scored a pair of this size: ``medfuse eval``'s check
+    before each pair. Refuses (:class:`OutOfMemoryError`) when one thread would need more."""
     limit = parse_size(max_memory)
     limit = available() if limit is None else limit
-    need = resident() + workers * scoring_bytes(shape)
-    log.debug("scoring %s voxels: estimate %.0f MiB, limit %.0f MiB", "x".join(map(str, shape[:3])), need / 2**20,
-              limit / 2**20)
+    for t in range(max(1, threads), 0, -1):
+        need = resident() + workers * scoring_bytes(shape, t)
+        if need <= limit:
+            break
+    log.debug("scoring %s voxels on %d thread(s): estimate %.0f MiB, limit %.0f MiB", "x".join(map(str, shape[:3])),
+              t, need / 2**20, limit / 2**20)
     if need > limit:
         at_once = f" ({workers} pairs at once)" if workers > 1 else ""
         raise OutOfMemoryError(f"scoring {'x'.join(map(str, shape[:3]))} voxels{at_once} needs about {need / 2**30:.1f} "
                                f"GiB but may use {limit / 2**30:.1f} GiB; raise --max-memory, free memory"
                                + (" or use fewer --workers" if workers > 1 else ""))
+    return t
 
 
 def plan(shape: tuple[int, ...], method: str, metrics: bool, patch: int, max_memory: str,
-         device: str = "cpu") -> Plan:
-    """The richest plan under the limit: first drop to smaller windows / batches, then skip the
-    metrics; :class:`OutOfMemoryError` when nothing fits. ``device`` is ``--device``: on the CPU a 2D
-    network's batch is what it will really run (at most its pixels per forward)."""
+         device: str = "cpu", threads: int = 1) -> Plan:
+    """The richest plan under the limit: first compute fewer of the ``threads`` metrics at once, then
+    drop to smaller windows / batches, then skip the metrics; :class:`OutOfMemoryError` when nothing
+    fits. ``device`` is ``--device``: on the CPU a 2D network's batch is what it will really run (at
+    most its pixels per forward)."""
+    from .metrics import HEAVY_METRICS
+
     limit = parse_size(max_memory)
     limit = available() if limit is None else limit
     if method in NETWORK_COST:
@@ -194,9 +203,11 @@ def plan(shape: tuple[int, ...], method: str, metrics: bool, patch: int, max_mem
         batches = sorted(set(runs), reverse=True)
     else:
         batches = [BATCHES[0]]
-    tries = [(m, p, b) for m in ([True, False] if metrics else [False]) for p in windows for b in batches]
-    for m, p, b in tries:
-        est = _estimate(shape, method, m, p, b)
+    at_once = range(max(1, min(threads, HEAVY_METRICS)), 0, -1)
+    tries = [(True, p, b, t) for p in windows for b in batches for t in at_once] if metrics else []
+    tries += [(False, p, b, 1) for p in windows for b in batches]
+    for m, p, b, t in tries:
+        est = _estimate(shape, method, m, p, b, t)
         if est <= limit:
             notes = []
             if metrics and not m:
@@ -207,7 +218,7 @@ def plan(shape: tuple[int, ...], method: str, metrics: bool, patch: int, max_mem
                 notes.append(f"batches of {b} slices instead of {batches[0]} to stay under the memory limit")
             for note in notes:
                 log.warning("%s", note)
-            return Plan(limit, est, m, p, b, notes)
+            return Plan(limit, est, m, p, b, t, notes)
     need = _estimate(shape, method, False, windows[-1], batches[-1])
     what = "registration" if method == "register" else "fusion"
     raise OutOfMemoryError(f"this {what} needs about {need / 2**30:.1f} GiB ({'x'.join(map(str, shape))} voxels on "

@@ -29,6 +29,7 @@ with more than 2^20 windows uses the windows on a regular in-plane grid (every k
 column) so that a 1 mm brain takes seconds. A volume is scored slab by slab (about
 :data:`SLAB_VOXELS` voxels each; SSIM's slabs with the window's radius of neighbouring slices), with
 the same values as in one piece, so that memory beyond the three float64 arrays stays bounded.
+:func:`compute` may run the metrics in threads (each slab-wise as above): the same values.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 
 from .errors import GeometryError, InvalidInputError
+from .parallel import thread_map
 
 METRICS = ("EN", "SD", "SF", "AG", "MI", "FMI", "Qabf", "VIF", "SCD", "CC", "SSIM", "SSIM_A", "SSIM_B", "SSIM_worst", "PSNR")
 PSNR_PERFECT = 100.0
@@ -331,25 +333,46 @@ def _window_fmi(s: np.ndarray, f: np.ndarray) -> np.ndarray:
     return out
 
 
-def fmi(a: np.ndarray, b: np.ndarray, f: np.ndarray, window: int = 3, chunk: int = 2048) -> float:
-    """Mean over windows of (FMI(A,F) + FMI(B,F)) / 2, raw pixels.
+_Windows = tuple[np.ndarray, np.ndarray, np.ndarray]
 
-    Every window of a slice is used; a stack with more than :data:`FMI_MAX_WINDOWS` windows is
-    sampled on a regular in-plane grid (every k-th row and column) to stay within seconds.
-    """
+
+def _fmi_windows(a: np.ndarray, b: np.ndarray, f: np.ndarray, window: int = 3) -> _Windows:
+    """The ``(n, window**2)`` windows FMI scores in A, B and F (column-major inside a window): every
+    window of a slice, or for a stack with more than :data:`FMI_MAX_WINDOWS` windows those on a
+    regular in-plane grid (every k-th row and column), so that a 1 mm brain takes seconds."""
     n = a.shape[0] * (a.shape[1] - window + 1) * (a.shape[2] - window + 1)
     step = max(1, int(np.ceil(np.sqrt(n / FMI_MAX_WINDOWS))))
 
-    def windows(x):  # (slices, r, c, w, w) -> (n, w*w), column-major inside a window
+    def windows(x):  # (slices, r, c, w, w) -> (n, w*w)
         v = sliding_window_view(x, (window, window), axis=(1, 2))[:, ::step, ::step]
         return v.swapaxes(-1, -2).reshape(-1, window * window)
 
-    wa, wb, wf = windows(a), windows(b), windows(f)
-    total = 0.0
-    for i in range(0, len(wf), chunk):
+    return windows(a), windows(b), windows(f)
+
+
+def _fmi_sums(w: _Windows, part: int, parts: int, chunk: int = 2048) -> list[float]:
+    """(FMI(A,F) + FMI(B,F)) / 2 summed over each chunk of ``chunk`` windows, for the ``part``-th of
+    ``parts`` runs of consecutive chunks."""
+    wa, wb, wf = w
+    starts = range(0, len(wf), chunk)
+    per = -(-len(starts) // parts)
+    out = []
+    for i in starts[part * per : (part + 1) * per]:
         sl = slice(i, i + chunk)
-        total += float((_window_fmi(wa[sl], wf[sl]) + _window_fmi(wb[sl], wf[sl])).sum()) / 2
-    return total / len(wf) if len(wf) else 0.0
+        out.append(float((_window_fmi(wa[sl], wf[sl]) + _window_fmi(wb[sl], wf[sl])).sum()) / 2)
+    return out
+
+
+def fmi(a: np.ndarray, b: np.ndarray, f: np.ndarray, window: int = 3, threads: int = 1) -> float:
+    """Mean over windows of (FMI(A,F) + FMI(B,F)) / 2, raw pixels (windows: :func:`_fmi_windows`);
+    ``threads`` runs of windows at once, their sums added in the windows' order (the same value)."""
+    w = _fmi_windows(a, b, f, window)
+    parts = max(1, threads)
+    total = 0.0
+    for sums in thread_map(lambda k: _fmi_sums(w, k, parts), list(range(parts)), parts, name="medfuse-fmi"):
+        for s in sums:
+            total += s
+    return total / len(w[2]) if len(w[2]) else 0.0
 
 
 # --- all at once -----------------------------------------------------------------------------
@@ -363,28 +386,37 @@ def check_triplet(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> None:
             raise InvalidInputError(f"{name} has NaN/inf values; metrics are undefined")
 
 
-def compute(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> dict[str, float]:
-    """Every metric of :data:`METRICS` for sources A, B and fused F (0..255 greyscale)."""
+HEAVY_METRICS = 6  # SSIM and VIF for each source, Qabf, FMI: the jobs that take the time
+
+
+def compute(a: np.ndarray, b: np.ndarray, f: np.ndarray, threads: int = 1) -> dict[str, float]:
+    """Every metric of :data:`METRICS` for sources A, B and fused F (0..255 greyscale); ``threads``
+    metrics at once (the same values: each is computed as with one thread; more than
+    :data:`HEAVY_METRICS` gain nothing)."""
     a, b, f = (np.asarray(x, dtype=np.float64) for x in (a, b, f))
     check_triplet(a, b, f)
     s3 = (lambda x: x[None]) if f.ndim == 2 else (lambda x: x)
-    sa, sb = ssim(a, f), ssim(b, f)
-    vif_a, vif_b = vif(s3(a), s3(f)), vif(s3(b), s3(f))
-    out = {
-        "EN": entropy(f),
-        "SD": float(f.std()),
-        "SF": spatial_frequency(f),
-        "AG": average_gradient(f),
-        "MI": mutual_information(a, f) + mutual_information(b, f),
-        "FMI": fmi(s3(a), s3(b), s3(f)),
-        "Qabf": qabf(s3(a), s3(b), s3(f)),
-        "VIF": vif_a + vif_b,
-        "SCD": correlation(f - b, a) + correlation(f - a, b),
-        "CC": (correlation(a, f) + correlation(b, f)) / 2,
-        "SSIM": (sa + sb) / 2,
-        "SSIM_A": sa,
-        "SSIM_B": sb,
-        "SSIM_worst": min(sa, sb),
-        "PSNR": psnr(a, b, f),
+    fmi_value = fmi(s3(a), s3(b), s3(f), threads=min(threads, HEAVY_METRICS))  # the longest job on small images
+    jobs: dict[str, Callable[[], float]] = {  # the heavy ones first, so that the threads end together
+        "SSIM_A": lambda: ssim(a, f),
+        "SSIM_B": lambda: ssim(b, f),
+        "VIF_A": lambda: vif(s3(a), s3(f)),
+        "VIF_B": lambda: vif(s3(b), s3(f)),
+        "Qabf": lambda: qabf(s3(a), s3(b), s3(f)),
+        "EN": lambda: entropy(f),
+        "SD": lambda: float(f.std()),
+        "SF": lambda: spatial_frequency(f),
+        "AG": lambda: average_gradient(f),
+        "MI": lambda: mutual_information(a, f) + mutual_information(b, f),
+        "SCD": lambda: correlation(f - b, a) + correlation(f - a, b),
+        "CC": lambda: (correlation(a, f) + correlation(b, f)) / 2,
+        "PSNR": lambda: psnr(a, b, f),
     }
-    return out
+    v = dict(zip(jobs, thread_map(lambda job: job(), list(jobs.values()), threads, name="medfuse-metrics"), strict=True))
+    sa, sb = v["SSIM_A"], v["SSIM_B"]
+    return {
+        "EN": v["EN"], "SD": v["SD"], "SF": v["SF"], "AG": v["AG"], "MI": v["MI"],
+        "FMI": fmi_value,
+        "Qabf": v["Qabf"], "VIF": v["VIF_A"] + v["VIF_B"], "SCD": v["SCD"], "CC": v["CC"],
+        "SSIM": (sa + sb) / 2, "SSIM_A": sa, "SSIM_B": sb, "SSIM_worst": min(sa, sb), "PSNR": v["PSNR"],
+    }

@@ -37,6 +37,7 @@ from .io.atomic import (
 )
 from .io.raster import RASTER_FORMATS
 from .memory import Plan, peak, plan
+from .parallel import cpu_threads
 from .register import (
     TRANSFORM_SUFFIXES,
     Registration,
@@ -80,7 +81,7 @@ class FuseOptions:
     seed: int = 0
     metrics: bool = True
     device: str = "auto"
-    threads: int = 0  # torch CPU threads for the networks (0: torch's default)
+    threads: int = 0  # CPU threads for the networks and the metrics (0: OMP_NUM_THREADS or all cores)
     anonymize: bool = False  # DICOM output: no patient identity, new study UIDs
     patch: int = 96  # volume networks: sliding-window side, voxels
     overlap: float = 0.25  # volume networks: overlap of neighbouring windows (fraction)
@@ -251,7 +252,8 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions,
         log.warning("auto: no AdaFuse model card in %s (MEDFUSE_WEIGHTS names another folder): using the %s rule",
                     weights.WEIGHTS_DIR, method)
     metrics = options.metrics and _scorable(fixed)
-    budget = plan(fixed.shape[:3], method, metrics, options.patch, options.max_memory, options.device)
+    budget = plan(fixed.shape[:3], method, metrics, options.patch, options.max_memory, options.device,
+                  cpu_threads(options.threads))
     timings["check_s"] = time.perf_counter() - t0  # the inputs checked, the memory planned (torch loaded)
 
     t0 = time.perf_counter()
@@ -327,7 +329,7 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions,
     if budget.metrics:
         t0 = time.perf_counter()
         stage("scoring")
-        details["metrics"] = _metrics(fixed, moved, fused)
+        details["metrics"] = _metrics(fixed, moved, fused, budget.metric_threads)
         timings["metrics_s"] = time.perf_counter() - t0
     return fused, moved, reg, details
 
@@ -373,12 +375,13 @@ def _scorable(fixed: Image) -> bool:
     return False
 
 
-def _metrics(fixed: Image, moved: Image, fused: Image) -> dict[str, Any]:
-    """``medfuse eval``'s metrics of this fusion (A = FIXED, B = MOVING on FIXED's grid)."""
+def _metrics(fixed: Image, moved: Image, fused: Image, threads: int = 1) -> dict[str, Any]:
+    """``medfuse eval``'s metrics of this fusion (A = FIXED, B = MOVING on FIXED's grid), ``threads``
+    metrics at once."""
     from .evaluate import CONVENTIONS, metric_array
     from .metrics import compute
 
-    values = compute(metric_array(fixed), metric_array(moved), metric_array(fused))
+    values = compute(metric_array(fixed), metric_array(moved), metric_array(fused), threads)
     return {"values": values, "A": "FIXED", "B": "MOVING on FIXED's grid", "conventions": CONVENTIONS}
 
 

@@ -1,0 +1,70 @@
+"""Work on items in threads (numpy and scipy release the GIL in their loops), results in order."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+
+def cpu_threads(threads: int = 0) -> int:
+    """``threads`` if positive; else ``OMP_NUM_THREADS`` when set (as torch reads it), else the cores
+    this process may run on."""
+    if threads > 0:
+        return threads
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        pass
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def thread_map(work: Callable[[Any], Any], items: list[Any], workers: int,
+               progress: Callable[[], None] | None = None, name: str = "medfuse") -> list[Any]:
+    """``work`` on every item, ``workers`` at a time, results in the order of ``items``; ``progress``
+    ticks once an item. The workers are daemon threads named ``name-k``: on Ctrl-C (raised in the
+    waiting main thread) or a first error the call returns at once, without waiting for the items
+    being worked on, so ``work`` must only read and compute (write the results afterwards)."""
+    if workers <= 1 or len(items) < 2:
+        done = []
+        for item in items:
+            done.append(work(item))
+            if progress:
+                progress()
+        return done
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(len(items)):
+        todo.put(i)
+    finished: queue.SimpleQueue[tuple[int, Any, BaseException | None]] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                finished.put((i, work(items[i]), None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+                finished.put((i, None, exc))
+
+    for k in range(min(workers, len(items))):
+        threading.Thread(target=worker, name=f"{name}-{k}", daemon=True).start()
+    results: list[Any] = [None] * len(items)
+    try:
+        for _ in items:
+            i, result, exc = finished.get()
+            if exc is not None:
+                raise exc
+            results[i] = result
+            if progress:
+                progress()
+    finally:
+        stop.set()
+    return results

@@ -1,4 +1,5 @@
-"""Batch throughput on the Harvard pairs: sequential engine vs dask LocalCluster with 1 and 2 workers.
+"""Batch throughput on the Harvard pairs: sequential engine vs dask LocalCluster with 1 and 2 workers,
+and one ``dask worker`` started apart (``--scheduler``, as on a cluster).
 
 Each configuration fuses the same pairs into a fresh folder (the laplacian rule, the default when
 the table was measured, and the other default options, metrics on) and the wall time includes starting the cluster. Prints cases per second and the
@@ -12,13 +13,41 @@ from __future__ import annotations
 
 import argparse
 import csv
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from medfuse_cli.batch import run_batch
 
 HARVARD = Path(__file__).resolve().parents[2] / "shared" / "data" / "harvard"
+
+
+@contextmanager
+def _scheduler_and_worker() -> Iterator[str]:
+    """A ``dask scheduler`` and one ``dask worker --nthreads 1`` started as a user would (dask's
+    defaults, e.g. its MALLOC_TRIM_THRESHOLD_), for ``--scheduler``; the wall time starts after them."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address, dask = f"tcp://127.0.0.1:{port}", Path(sys.executable).with_name("dask")
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              **quiet)]
+    try:
+        time.sleep(3)
+        procs.append(subprocess.Popen([str(dask), "worker", address, "--nthreads", "1", "--no-dashboard", "--host",
+                                       "127.0.0.1"], **quiet))
+        time.sleep(5)
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(timeout=30)
 
 
 def main() -> None:
@@ -38,11 +67,12 @@ def main() -> None:
                     w.writerow([f"{mri.parent.name}-{mri.name[:5]}", mri, other, f"{mri.parent.name}/{mri.name[:5]}.png"])
         results = {}
         for name, engine, workers in (("sequential", "sequential", None), ("dask, 1 worker", "dask", 1),
-                                      ("dask, 2 workers", "dask", 2)):
-            t0 = time.perf_counter()
-            res = run_batch(source, Path(tmp) / name.replace(" ", "_").replace(",", ""), {"method": "laplacian"}, engine=engine,
-                            workers=workers)
-            wall = time.perf_counter() - t0
+                                      ("dask, 2 workers", "dask", 2), ("dask worker", "dask", 1)):
+            with _scheduler_and_worker() if name == "dask worker" else nullcontext() as scheduler:
+                t0 = time.perf_counter()
+                res = run_batch(source, Path(tmp) / name.replace(" ", "_").replace(",", ""), {"method": "laplacian"},
+                                engine=engine, workers=workers, scheduler=scheduler)
+                wall = time.perf_counter() - t0
             n = len(res.rows)
             assert not res.failed, res.failed[:3]
             results[name] = n / wall

@@ -67,10 +67,11 @@ BENCH_RE = named_pattern("mri")
 NNUNET_RE = named_pattern("(?P<ch>000[01])")
 SUMMARY_EVERY_S = 2.0
 BATCH_ONLY = ("figures", "dicom")  # batch options that are not FuseOptions
-# glibc settings for LocalCluster workers. dask sets MALLOC_TRIM_THRESHOLD_=65536, which also turns off
-# glibc's adaptive mmap threshold, so every temporary array above 128 KiB is mapped and faulted in
-# afresh: the metrics' many temporaries ran 2.4x slower in a worker than in the sequential engine.
-WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": 2**27, "MALLOC_MMAP_THRESHOLD_": 2**25}
+# glibc settings for every case (``mallopt``: M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3). dask starts its
+# workers with MALLOC_TRIM_THRESHOLD_=65536, which also turns off glibc's adaptive mmap threshold, so every
+# temporary array above 128 KiB is mapped and faulted in afresh: the metrics' many temporaries ran 2.4x
+# slower in a worker than in the sequential engine.
+WORKER_MALLOC = {-1: 2**27, -3: 2**25}
 SUMMARY_FIELDS = ["id", "status", "seconds", "fixed", "moving", "output", "registration", "warnings", *METRICS, "error"]
 
 
@@ -379,6 +380,19 @@ def is_complete(case: BatchCase, fp: str) -> bool:
     return bool(report and Path(case.output).exists() and report.get("batch", {}).get("fingerprint") == fp)
 
 
+def _tune_malloc() -> None:
+    """:data:`WORKER_MALLOC` in this process (glibc only; elsewhere nothing changes): set at run time,
+    so that workers started by anyone, such as ``dask worker`` on another machine, get them."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    for param, value in WORKER_MALLOC.items():
+        mallopt(param, value)
+
+
 def _limit_threads() -> None:
     """One worker = one core: cap the thread pools of numpy/torch/ITK inside a worker."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -414,6 +428,7 @@ def run_case(case: dict[str, str | None], options: dict[str, Any], fp: str, time
             return {**row, "status": "failed", "seconds": round(time.perf_counter() - t0, 3),
                     "error": f"worker process exited with {proc.returncode}: {proc.stderr.strip()[-300:]}"}
     _limit_threads()
+    _tune_malloc()
     from .pipeline import FuseOptions, fuse_pair
 
     try:
@@ -649,18 +664,14 @@ def _run_dask(todo, options, workers, scheduler, case_timeout, finish) -> None:
         except OSError as exc:
             raise InputNotFoundError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
     else:
-        import dask
-
         from .memory import available
 
         n = workers or min(os.cpu_count() or 1, len(todo))
         # each worker's share of the memory free now (dask's default shares the total); workers log only
         # critical messages (a worker's heartbeat racing the cluster's shutdown printed a traceback; a
         # case's failure is in its row, a lost worker fails its case)
-        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC.items()}), \
-                _environ({k: str(v) for k, v in WORKER_MALLOC.items()}):  # a value in os.environ beats dask's config
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   silence_logs=logging.CRITICAL, memory_limit=available() // n)
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.CRITICAL, memory_limit=available() // n)
         client = Client(cluster)
     try:
         futures = {client.submit(run_case, asdict(c), options, fp, case_timeout, key=f"medfuse-{c.id}-{fp[:16]}",
@@ -674,21 +685,6 @@ def _run_dask(todo, options, workers, scheduler, case_timeout, finish) -> None:
         client.close()
         if cluster is not None:
             cluster.close()
-
-
-@contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    """``os.environ`` with ``values`` while the block runs (as processes spawned in it inherit them)."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _child() -> None:

@@ -9,7 +9,8 @@ import re
 import pytest
 from conftest import EXAMPLES, shared_path
 
-from medfuse_cli.metrics import METRICS
+from medfuse_cli.metrics import HEAVY_METRICS, METRICS
+from medfuse_cli.parallel import cpu_threads
 
 T1 = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"
 PET = EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
@@ -217,7 +218,8 @@ def test_workers_score_pairs_at_once_with_the_same_rows(harvard_subset, tmp_path
     monkeypatch.setattr(evaluate, "score", lambda *a, **k: counts.append(a[4:]) or real(*a, **k))
     one[0].fused = {methods[0]: one[0].fused[methods[0]]}
     evaluate.evaluate_cases(one, methods[:1], read_image, workers=2)
-    assert counts == [(1, 2)]
+    evaluate.evaluate_cases(one, methods[:1], read_image)  # the default: one image, its metrics on every core
+    assert counts == [(1, 2), (1, cpu_threads())]
     shape = (256, 256, 1)
     limit = str(int(resident() + 1.5 * scoring_bytes(shape)))
     check_scoring(shape, limit, workers=1)
@@ -277,8 +279,9 @@ def test_scoring_that_would_not_fit_in_memory_is_refused(harvard_subset, tmp_pat
     assert res.exit_code == 10 and "scoring 91x109x91 voxels needs about" in res.stderr, res.stderr
     # -v prints the estimate beside the limit (benchmarks/memory_guard.py reads it), also when it fits
     res = cli("eval", "--fixed", T1, "--moving", PET, out, "--max-memory", "64G", "-v")
-    assert res.exit_code == 0 and re.search(r"scoring91x109x91voxelson1thread\(s\):estimate\d+MiB,limit65536MiB",
-                                            "".join(res.stderr.split())), res.stderr
+    found = re.search(r"scoring91x109x91voxelson(\d+)thread\(s\):estimate\d+MiB,limit65536MiB", "".join(res.stderr.split()))
+    assert res.exit_code == 0 and found, res.stderr
+    assert int(found[1]) == min(cpu_threads(), HEAVY_METRICS)  # by default one image, its metrics on every core
     root = harvard_subset
     assert cli("eval", "--pairs", root / "pairs", "--fused", root / "max", "--max-memory", "64G", "-q").exit_code == 0
     res = cli("eval", "--pairs", root / "pairs", "--fused", root / "max", "--max-memory", "256M",

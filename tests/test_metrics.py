@@ -212,6 +212,19 @@ def test_volume_metrics_slab_by_slab_equal_the_whole_volume_at_once(volumes, mon
         assert slabbed[k] == pytest.approx(whole[k], rel=1e-12, abs=1e-12), k
 
 
+def test_sd_and_scd_need_no_whole_volume_temporaries_and_keep_their_values(volumes, monkeypatch):
+    """SD and SCD's differences are formed slab by slab (before: whole-volume float64 temporaries,
+    which two threads could hold beside their slabs): numpy's whole-array values to 1e-12."""
+    a, b = volumes
+    f = np.where(a > b, 0.7 * a + 0.3 * b, b)
+    monkeypatch.setattr(M, "SLAB_VOXELS", 7 * a.shape[1] * a.shape[2])
+    assert len(list(M._slabs(a.shape))) > 2
+    assert M.standard_deviation(f) == pytest.approx(float(f.std()), rel=1e-12)
+    scd = M.correlation(f - b, a) + M.correlation(f - a, b)
+    assert M.correlation(f, a, minus=b) + M.correlation(f, b, minus=a) == pytest.approx(scd, rel=1e-12)
+    assert M.compute(a, b, f)["SCD"] == pytest.approx(scd, rel=1e-12)
+
+
 @pytest.mark.parametrize("threads", [2, 3, 8])
 def test_metrics_computed_at_once_in_threads_equal_one_at_a_time(volumes, monkeypatch, threads):
     """``compute(threads=N)`` runs the metrics (and FMI's windows in N runs) in N threads: every value

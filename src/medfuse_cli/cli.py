@@ -442,7 +442,7 @@ def eval_(
     json_out: Annotated[Path | None, typer.Option("--json", readable=False, help="Write per-image and mean values, with the conventions, as JSON (- : on standard output, instead of the tables).")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", readable=False, help="Write per-image rows and mean rows as CSV (- : on standard output, instead of the tables).")] = None,
     max_memory: Annotated[str, typer.Option("--max-memory", help="Memory scoring may use: a size (4G, 800M) or auto (what is available now, within any cgroup limit). A pair whose metrics would need more (about 35 bytes per voxel and 0.7 GiB; -v prints the estimate) is refused before scoring, exit 10 (with --pairs: its row).")] = "auto",
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Fused images scored at once (threads; the filters run in parallel; a pair's sources are read once); with fewer images than workers, the spare ones compute an image's metrics at once. Each image's --max-memory check counts every worker.")] = 1,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Fused images scored at once (threads; the filters run in parallel; a pair's sources are read once); with fewer images than workers, the spare ones compute an image's metrics at once. Each image's --max-memory check counts every worker. 0: one image at a time, its metrics on OMP_NUM_THREADS or all cores (at most 6; fewer if the memory is short).")] = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,

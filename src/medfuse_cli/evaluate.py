@@ -27,7 +27,7 @@ from .image import Image
 from .intensity import luminance, nan_as_background, window_for
 from .io import PAIR_SUFFIXES, named_pattern
 from .metrics import METRICS, compute
-from .parallel import thread_map
+from .parallel import cpu_threads, thread_map
 
 log = logging.getLogger(__name__)
 
@@ -232,14 +232,15 @@ def find_cases(pairs: Path, fused_dirs: list[Path], split: str | None = None,
 
 def evaluate_cases(
     cases: list[Case], methods: list[str], read: Callable[[Path], Image], progress: Callable[[], None] | None = None,
-    keep_going: bool = False, max_memory: str = "auto", workers: int = 1,
+    keep_going: bool = False, max_memory: str = "auto", workers: int = 0,
 ) -> list[dict[str, Any]]:
     """Score every (case, method); rows with ``id``, ``group``, ``method``, ``fused`` and metrics, in
     the order of ``cases`` then ``methods`` (``progress`` ticks once a row). A pair whose metrics would
     need more than ``max_memory`` is refused (exit 10). ``workers`` threads (the filters release the
     GIL): fused images scored at once (a case's sources read once and shared), each checked as if
     every worker scored one of its size; with fewer images than workers, the spare workers compute
-    an image's metrics at once.
+    an image's metrics at once. ``workers=0``: one image at a time, its metrics on
+    :func:`~medfuse_cli.parallel.cpu_threads` threads (fewer if the memory is short).
 
     ``keep_going`` (folders of pairs): a case whose sources or fused image cannot be read or scored
     becomes a row whose ``error`` holds the one-line message, and the others are still scored;
@@ -258,7 +259,7 @@ def evaluate_cases(
 
     tasks = [(i, method) for i, case in enumerate(cases) for method in methods]
     at_once = max(1, min(workers, len(tasks)))  # no more images at once than there are images
-    threads = max(1, workers // at_once)  # the spare workers: metrics of one image at once
+    threads = max(1, workers // at_once) if workers else cpu_threads()  # the spare workers: one image's metrics
     sources: dict[int, Any] = {}  # a case's (FIXED, MOVING), or the error reading them; until its last row
     rows_left = Counter(i for i, _ in tasks)
     case_locks = [threading.Lock() for _ in cases]

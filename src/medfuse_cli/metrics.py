@@ -125,15 +125,26 @@ def average_gradient(f: np.ndarray) -> float:
     return _slab_sum(part, f, overlap=1) / math.prod(n - 1 for n in f.shape)
 
 
-def correlation(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation; 0 when either image is constant."""
-    mx, my = x.mean(), y.mean()
+def standard_deviation(f: np.ndarray) -> float:
+    """Population standard deviation, from slab sums (no whole-volume temporaries)."""
+    mean = _slab_sum(lambda z: float(z.sum()), f) / f.size
+    return float(np.sqrt(_slab_sum(lambda z: float(((z - mean) ** 2).sum()), f) / f.size))
 
-    def sums(u, v):
-        u, v = u - mx, v - my
+
+def correlation(x: np.ndarray, y: np.ndarray, minus: np.ndarray | None = None) -> float:
+    """Pearson correlation of X (or X - ``minus``, formed slab by slab) with Y; 0 when either image
+    is constant."""
+    if minus is None:
+        mx = x.mean()
+    else:
+        mx = _slab_sum(lambda u, w: float((u - w).sum()), x, minus) / x.size
+    my = y.mean()
+
+    def sums(u, v, w=None):
+        u, v = (u if w is None else u - w) - mx, v - my
         return np.array([(u * v).sum(), (u * u).sum(), (v * v).sum()])
 
-    sxy, sxx, syy = _slab_sum(sums, x, y)
+    sxy, sxx, syy = _slab_sum(sums, *((x, y) if minus is None else (x, y, minus)))
     den = np.sqrt(sxx * syy)
     return float(sxy / den) if den > 0 else 0.0
 
@@ -391,12 +402,13 @@ HEAVY_METRICS = 6  # SSIM and VIF for each source, Qabf, FMI: the jobs that take
 
 def compute(a: np.ndarray, b: np.ndarray, f: np.ndarray, threads: int = 1) -> dict[str, float]:
     """Every metric of :data:`METRICS` for sources A, B and fused F (0..255 greyscale); ``threads``
-    metrics at once (the same values: each is computed as with one thread; more than
-    :data:`HEAVY_METRICS` gain nothing)."""
+    metrics at once, at most :data:`HEAVY_METRICS` (the same values: each is computed as with one
+    thread)."""
     a, b, f = (np.asarray(x, dtype=np.float64) for x in (a, b, f))
     check_triplet(a, b, f)
+    threads = max(1, min(threads, HEAVY_METRICS))
     s3 = (lambda x: x[None]) if f.ndim == 2 else (lambda x: x)
-    fmi_value = fmi(s3(a), s3(b), s3(f), threads=min(threads, HEAVY_METRICS))  # the longest job on small images
+    fmi_value = fmi(s3(a), s3(b), s3(f), threads=threads)  # the longest job on small images
     jobs: dict[str, Callable[[], float]] = {  # the heavy ones first, so that the threads end together
         "SSIM_A": lambda: ssim(a, f),
         "SSIM_B": lambda: ssim(b, f),
@@ -404,11 +416,11 @@ def compute(a: np.ndarray, b: np.ndarray, f: np.ndarray, threads: int = 1) -> di
         "VIF_B": lambda: vif(s3(b), s3(f)),
         "Qabf": lambda: qabf(s3(a), s3(b), s3(f)),
         "EN": lambda: entropy(f),
-        "SD": lambda: float(f.std()),
+        "SD": lambda: standard_deviation(f),
+        "SCD": lambda: correlation(f, a, minus=b) + correlation(f, b, minus=a),
         "SF": lambda: spatial_frequency(f),
         "AG": lambda: average_gradient(f),
         "MI": lambda: mutual_information(a, f) + mutual_information(b, f),
-        "SCD": lambda: correlation(f - b, a) + correlation(f - a, b),
         "CC": lambda: (correlation(a, f) + correlation(b, f)) / 2,
         "PSNR": lambda: psnr(a, b, f),
     }

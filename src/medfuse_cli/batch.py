@@ -47,7 +47,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import InputNotFoundError, InvalidInputError, MedfuseError, OutputError
+from .errors import (
+    InputNotFoundError,
+    InvalidInputError,
+    MedfuseError,
+    OutputError,
+    os_reason,
+)
 from .io import (
     ANALYZE_SUFFIXES,
     NIFTI_SUFFIXES,
@@ -582,7 +588,7 @@ def _flock(path: Path, fcntl: Any, shared: bool, holder: str, why: str = "") -> 
     try:
         fh = open(path, "a+")  # noqa: SIM115 - closed by the with below
     except OSError as exc:
-        raise OutputError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write to {path.parent}: {os_reason(exc)}") from None
     with fh:
         locked = True
         try:

@@ -45,6 +45,17 @@ class OutOfMemoryError(MedfuseError):
     exit_code = 10
 
 
+def os_reason(exc: BaseException) -> str:
+    """The operating system's reason for a failed read or write (``strerror``, e.g. "File too large"),
+    also when a library re-raised it wrapped in its own message (pydicom adds a traceback's text)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected internal error (please report it; rerun with --debug for a traceback)",

@@ -9,7 +9,7 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import InputNotFoundError, InvalidInputError
+from .errors import InputNotFoundError, InvalidInputError, os_reason
 
 
 def read_table(path: Path, required: Sequence[str], needs: str = "") -> list[dict[str, str]]:
@@ -22,7 +22,7 @@ def read_table(path: Path, required: Sequence[str], needs: str = "") -> list[dic
     except UnicodeDecodeError:
         raise InvalidInputError(f"{path}: not a UTF-8 or UTF-16 text table") from None
     except OSError as exc:
-        raise InputNotFoundError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        raise InputNotFoundError(f"{path}: cannot read it ({os_reason(exc)})") from None
     lines = text.splitlines()
     delimiter = max(",;\t", key=(lines[0] if lines else "").count)  # what the header is separated by
     reader = csv.DictReader(lines, delimiter=delimiter, skipinitialspace=True)

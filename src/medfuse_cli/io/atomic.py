@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..errors import OutputError
+from ..errors import OutputError, os_reason
 
 TEMP_NAME_EXTRA = len("..XXXXXXXX.partial")  # what the temporary ".NAME.XXXXXXXX.partial" adds to NAME
 STDOUT = "-"  # a text output (a JSON report, eval's --json / --csv) named "-" goes to standard output
@@ -112,7 +112,7 @@ def atomic_write_bytes(path: Path, payload: bytes, overwrite: bool) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise OutputError(f"cannot write {path}: {os_reason(exc)}") from exc
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -132,7 +132,7 @@ def atomic_write_bytes(path: Path, payload: bytes, overwrite: bool) -> None:
                     raise OutputError(f"output {path} exists; use --overwrite to replace it") from None
                 os.replace(tmp, path)
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise OutputError(f"cannot write {path}: {os_reason(exc)}") from exc
     finally:
         tmp.unlink(missing_ok=True)
 

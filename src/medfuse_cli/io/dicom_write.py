@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OutputError
+from ..errors import OutputError, os_reason
 from ..image import Image
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -190,7 +190,7 @@ def write_dicom_series(image: Image, folder: Path, ctx: DicomContext, overwrite:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
-        raise OutputError(f"cannot write {folder}: {exc.strerror or exc}") from exc
+        raise OutputError(f"cannot write {folder}: {os_reason(exc)}") from exc
     except ValueError as exc:  # highdicom refuses an attribute copied from FIXED
         raise OutputError(f"cannot write {folder} as DICOM: {str(exc).splitlines()[0]}") from exc
     finally:

@@ -3,14 +3,25 @@ ITK tools save volumes; and the one conversion between :class:`Image` (RAS+) and
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import GeometryError, InputNotFoundError, InvalidInputError, MedfuseError
+from ..errors import (
+    GeometryError,
+    InputNotFoundError,
+    InvalidInputError,
+    MedfuseError,
+    OutputError,
+    os_reason,
+)
 from ..image import Image, Modality, Provenance
 from .atomic import atomic_write_bytes
 from .frames import FrameChoice
@@ -152,14 +163,39 @@ def _is_file(path: Path) -> bool:
 
 
 def write_itk(image: Image, path: Path, overwrite: bool = False) -> None:
-    """Write ``image`` as one compressed ``.nrrd`` or ``.mha`` file, atomically."""
+    """Write ``image`` as one compressed ``.nrrd`` or ``.mha`` file, atomically. A write ITK cannot
+    finish (a full disk) is an :class:`OutputError` with ITK's reason, and what ITK prints about it
+    on the process's stderr is dropped (one line from medfuse instead)."""
     import SimpleITK as sitk
 
     itk = to_sitk(image, -1 if image.is_color else None)
-    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
-        tmp_file = Path(tmp) / ("image" + path.suffix.lower())
-        sitk.WriteImage(itk, str(tmp_file), useCompression=True)
-        atomic_write_bytes(path, tmp_file.read_bytes(), overwrite)
+    try:
+        with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
+            tmp_file = Path(tmp) / ("image" + path.suffix.lower())
+            try:
+                with _native_stderr_dropped():
+                    sitk.WriteImage(itk, str(tmp_file), useCompression=True)
+            except RuntimeError as exc:
+                message = " ".join(str(exc).split())
+                reason = re.search(r"Reason: (.+?)(?: \(|$)", message) or re.search(r".*: (.+)$", message)
+                raise OutputError(f"cannot write {path}: {(reason[1] if reason else message)[:200]}") from None
+            atomic_write_bytes(path, tmp_file.read_bytes(), overwrite)
+    except OSError as exc:  # the temporary folder
+        raise OutputError(f"cannot write {path}: {os_reason(exc)}") from exc
+
+
+@contextlib.contextmanager
+def _native_stderr_dropped() -> Iterator[None]:
+    """File descriptor 2 on the null device while the block runs (C++ libraries write there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _first_line(exc: Exception) -> str:

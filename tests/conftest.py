@@ -42,6 +42,23 @@ class Result:
     stderr: str
 
 
+def with_file_size_limit(limit: int, *args: object) -> Result:
+    """``medfuse ARGS`` in a process that may not write a file above ``limit`` bytes (RLIMIT_FSIZE;
+    SIGXFSZ ignored, so a larger write fails with EFBIG as on a full disk): real write failures."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    res = subprocess.run([sys.executable, "-m", "medfuse_cli", *map(str, args)], preexec_fn=limited,
+                         capture_output=True, text=True, timeout=300, check=False)
+    return Result(res.returncode, res.stdout, res.stderr)
+
+
 @pytest.fixture
 def cli():
     """Run ``medfuse ARGS`` in-process; returns exit code, stdout and stderr."""

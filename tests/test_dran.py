@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import assert_one_line_error, shared_path, with_file_size_limit
 
 from medfuse_cli.errors import InvalidInputError
 from medfuse_cli.models.dran import DRAN, RULES, fuse_features
@@ -92,6 +92,20 @@ def test_a_diverged_or_failed_training_leaves_no_weights_without_a_card(tmp_path
     with pytest.raises(OSError):
         train(TrainConfig(**common), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.checkpoint.safetensors"]
+
+
+def test_a_checkpoint_the_system_refuses_to_write_is_one_line_and_leaves_nothing(tmp_path):
+    """A full disk under `train` (here a file size limit, a real write failure): the checkpoint's
+    safetensors write was an "unexpected SafetensorError", exit 1; now one line, exit 6, no file."""
+    import os
+
+    if not hasattr(os, "fork"):
+        pytest.skip("needs POSIX resource limits")
+    res = with_file_size_limit(3000, "train", "--model", "dran", "--data", shared_path("harvard"), "--task", "mri-ct",
+                               "--steps", "1", "--batch", "2", "--crop", "64", "--channels", "8", "--out", tmp_path / "t")
+    assert_one_line_error(res, 6)
+    assert res.stderr == f"medfuse: error: cannot write {tmp_path / 't' / 'dran.checkpoint.safetensors'}: File too large\n"
+    assert not list((tmp_path / "t").iterdir())
 
 
 @pytest.mark.parametrize("args, message", [(("--model", "nope"), "unknown model"), (("--rule", "max"), "unknown DRAN rule"),

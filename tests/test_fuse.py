@@ -10,7 +10,13 @@ from dataclasses import fields
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import EXAMPLES, assert_one_line_error, shared_path, write_fcsv
+from conftest import (
+    EXAMPLES,
+    assert_one_line_error,
+    shared_path,
+    with_file_size_limit,
+    write_fcsv,
+)
 from scipy.spatial.transform import Rotation
 
 from medfuse_cli import read_image, write_image
@@ -820,25 +826,6 @@ def test_one_slice_in_world_space_takes_a_volume(tmp_path, cli):
     assert "with the slice as FIXED" in res.stderr and not (tmp_path / "r.nii.gz").exists()
 
 
-def _with_file_size_limit(limit: int, *args: object):
-    """``medfuse ARGS`` in a process that may not write a file above ``limit`` bytes (RLIMIT_FSIZE;
-    SIGXFSZ ignored, so a larger write fails with EFBIG as on a full disk): real write failures."""
-    import resource
-    import signal
-    import subprocess
-    import sys
-
-    from conftest import Result
-
-    def limited() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    res = subprocess.run([sys.executable, "-m", "medfuse_cli", *map(str, args)], preexec_fn=limited,
-                         capture_output=True, text=True, timeout=300, check=False)
-    return Result(res.returncode, res.stdout, res.stderr)
-
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs POSIX resource limits")
 def test_writes_that_really_fail_leave_nothing_and_say_why_in_one_line(tmp_path):
     """Outputs that the operating system refuses part way (a file size limit: the same EFBIG path as a
@@ -846,17 +833,17 @@ def test_writes_that_really_fail_leave_nothing_and_say_why_in_one_line(tmp_path)
     printed pydicom's traceback text inside its one line (pydicom re-raises the OSError with it), and
     NRRD / MetaImage failed as internal errors."""
     for limit, out in ((64 << 10, tmp_path / "f.nii"), (8000, tmp_path / "series")):
-        res = _with_file_size_limit(limit, "fuse", T1, PET, "-o", out, "--method", "mean", "--no-metrics")
+        res = with_file_size_limit(limit, "fuse", T1, PET, "-o", out, "--method", "mean", "--no-metrics")
         assert_one_line_error(res, 6)
         assert res.stderr == f"medfuse: error: cannot write {out}: File too large\n"
         assert not list(tmp_path.iterdir())
-    res = _with_file_size_limit(100, "eval", "--fixed", T1, "--moving", PET, T1, "--json", tmp_path / "e.json")
+    res = with_file_size_limit(100, "eval", "--fixed", T1, "--moving", PET, T1, "--json", tmp_path / "e.json")
     assert_one_line_error(res, 6)
     assert "File too large" in res.stderr and not list(tmp_path.iterdir())
     # NRRD and MetaImage go through ITK, whose failure was an "unexpected RuntimeError" (exit 1) with
     # ITK's own line on stderr before it
     for name, reason in (("c.mha", "File too large"), ("c.nrrd", "failed to write to file")):
-        res = _with_file_size_limit(20000, "convert", T1, "-o", tmp_path / name)
+        res = with_file_size_limit(20000, "convert", T1, "-o", tmp_path / name)
         assert_one_line_error(res, 6)
         assert res.stderr == f"medfuse: error: cannot write {tmp_path / name}: {reason}\n"
         assert not list(tmp_path.iterdir())

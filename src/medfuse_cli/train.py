@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import InputNotFoundError, InvalidInputError, OutputError
+from .errors import InputNotFoundError, InvalidInputError, OutputError, os_reason
 from .io.atomic import check_folder_output
 from .models.adafuse import TASKS, AdaFuse
 from .models.dcfb3d import DCFB3D
@@ -177,18 +178,30 @@ def _patch_batch(pairs: list[dict], cfg: TrainConfig, gen: torch.Generator,
     return torch.stack(a_out)[:, None], torch.stack(b_out)[:, None], torch.tensor(t_out)
 
 
-def _save_checkpoint(path: Path, model, opt, step: int, gen: torch.Generator, cfg: TrainConfig) -> None:
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file written beside ``path`` and renamed into place; a write that fails (a full
+    disk) leaves no file and is an :class:`OutputError` with the system's reason."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    tmp = path.with_suffix(".partial")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    except (SafetensorError, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        io_error = re.search(r"I/O error: (.+?)(?: \(os error \d+\))?$", str(exc).splitlines()[0] if str(exc) else "")
+        raise OutputError(f"cannot write {path}: {io_error[1] if io_error else os_reason(exc)}") from None
+
+
+def _save_checkpoint(path: Path, model, opt, step: int, gen: torch.Generator, cfg: TrainConfig) -> None:
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     for i, (p, st) in enumerate(opt.state.items()):
         del p
         for k, v in st.items():
             tensors[f"opt.{i}.{k}"] = v.detach().contiguous() if torch.is_tensor(v) else torch.tensor(v)
     tensors["rng"] = gen.get_state()
-    tmp = path.with_suffix(".partial")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "config": json.dumps(asdict(cfg))})
-    tmp.replace(path)
+    _save_tensors(tensors, path, {"step": str(step), "config": json.dumps(asdict(cfg))})
 
 
 RESUME_MAY_CHANGE = {"data", "out", "name", "steps", "threads", "checkpoint_every", "val_every", "val_limit", "baselines"}
@@ -471,8 +484,6 @@ def _start_from(model: AdaFuse | DRAN | DCFB3D, state: dict[str, torch.Tensor], 
 def finish(model: AdaFuse | DRAN | DCFB3D, cfg: TrainConfig, val_pairs, train_pairs, seconds: float, history,
            parent: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate, then write the weights and the model card (the weights go again if the card fails)."""
-    from safetensors.torch import save_file
-
     from .io.atomic import undone_on_failure
 
     out = Path(cfg.out)
@@ -481,11 +492,7 @@ def finish(model: AdaFuse | DRAN | DCFB3D, cfg: TrainConfig, val_pairs, train_pa
     validation = validate(model, val_pairs, by=by)  # before writing: a failure leaves no weights without a card
     baselines = classic_baselines(val_pairs, by=by) if cfg.baselines else None
     weights = out / f"{cfg.name}.safetensors"
-    tmp = weights.with_suffix(".partial")
-    with undone_on_failure([tmp]):  # a full disk
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={"config": json.dumps(model.config)})
-    tmp.replace(weights)
+    _save_tensors({k: v.contiguous() for k, v in model.state_dict().items()}, weights, {"config": json.dumps(model.config)})
     with undone_on_failure([weights]):
         return _write_card(model, cfg, weights, val_pairs, train_pairs, seconds, history, parent, validation, baselines)
 

@@ -99,7 +99,7 @@ def test_metric_threads_are_planned_within_the_limit(tmp_path, cli, monkeypatch)
     assert (tight.metrics, tight.metric_threads, tight.notes) == (True, 1, [])
     limit = str(int(resident() + (scoring_bytes(shape, 1) + scoring_bytes(shape, 2)) / 2))
     assert check_scoring(shape, limit, threads=2) == 1
-    assert check_scoring(shape, "64G", threads=3) == 3
+    assert check_scoring(shape, "64G", threads=3) == 3 and check_scoring(shape, "64G", threads=64) == 6
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert (cpu_threads(0), cpu_threads(3)) == (1, 3)
     monkeypatch.delenv("OMP_NUM_THREADS")

@@ -163,12 +163,15 @@ def scoring_bytes(shape: tuple[int, ...], threads: int = 1) -> float:
 
 
 def check_scoring(shape: tuple[int, ...], max_memory: str = "auto", workers: int = 1, threads: int = 1) -> int:
-    """The metric threads (at most ``threads``) for scoring a grid within ``max_memory`` (``auto``:
-    what is available), as if each of ``workers`` scored a pair of this size: ``medfuse eval``'s check
-    before each pair. Refuses (:class:`OutOfMemoryError`) when one thread would need more."""
+    """The metric threads (at most ``threads`` and ``HEAVY_METRICS``) for scoring a grid within
+    ``max_memory`` (``auto``: what is available), as if each of ``workers`` scored a pair of this size:
+    ``medfuse eval``'s check before each pair. Refuses (:class:`OutOfMemoryError`) when one thread
+    would need more."""
+    from .metrics import HEAVY_METRICS
+
     limit = parse_size(max_memory)
     limit = available() if limit is None else limit
-    for t in range(max(1, threads), 0, -1):
+    for t in range(max(1, min(threads, HEAVY_METRICS)), 0, -1):
         need = resident() + workers * scoring_bytes(shape, t)
         if need <= limit:
             break

@@ -826,6 +826,22 @@ def test_one_slice_in_world_space_takes_a_volume(tmp_path, cli):
     assert "with the slice as FIXED" in res.stderr and not (tmp_path / "r.nii.gz").exists()
 
 
+def test_threads_option_caps_itk_while_fusing(monkeypatch):
+    """--threads N: ITK's resampling ran on every core whatever N was; now on N (then restored)."""
+    import SimpleITK as sitk
+
+    from medfuse_cli import pipeline
+
+    seen, real = [], pipeline.resample_to
+    monkeypatch.setattr(pipeline, "resample_to", lambda *a, **k: seen.append(
+        sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()) or real(*a, **k))
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    t1, pet = read_image(T1), read_image(PET)
+    for threads in (1, 0):
+        pipeline.fuse_images(t1, pet, FuseOptions(method="mean", metrics=False, threads=threads))
+    assert seen == [1, before] and sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs POSIX resource limits")
 def test_writes_that_really_fail_leave_nothing_and_say_why_in_one_line(tmp_path):
     """Outputs that the operating system refuses part way (a file size limit: the same EFBIG path as a

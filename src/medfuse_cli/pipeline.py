@@ -81,7 +81,7 @@ class FuseOptions:
     seed: int = 0
     metrics: bool = True
     device: str = "auto"
-    threads: int = 0  # CPU threads for the networks and the metrics (0: OMP_NUM_THREADS or all cores)
+    threads: int = 0  # CPU threads for the networks, the metrics and ITK's resampling (0: the defaults)
     anonymize: bool = False  # DICOM output: no patient identity, new study UIDs
     patch: int = 96  # volume networks: sliding-window side, voxels
     overlap: float = 0.25  # volume networks: overlap of neighbouring windows (fraction)
@@ -225,8 +225,15 @@ def _describe(image: Image, modality_source: str) -> dict[str, Any]:
 def fuse_images(fixed: Image, moving: Image, options: FuseOptions,
                 stage: Stage | None = None) -> tuple[Image, Image, Registration, dict]:
     """The pure part of the pipeline on in-memory images (no files); ``stage`` hears of each step
-    and of a network's progress."""
-    stage = stage or (lambda *args: None)
+    and of a network's progress. ``options.threads`` > 0 also caps ITK's threads (resampling)."""
+    from .register import itk_threads
+
+    with itk_threads(options.threads):
+        return _fuse_images(fixed, moving, options, stage or (lambda *args: None))
+
+
+def _fuse_images(fixed: Image, moving: Image, options: FuseOptions,
+                 stage: Stage) -> tuple[Image, Image, Registration, dict]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     fixed = usable(fixed, "FIXED")

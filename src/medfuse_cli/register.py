@@ -168,24 +168,33 @@ def check_overlap(fixed: Image, moving: Image, transform=None) -> None:
 
 
 @contextlib.contextmanager
+def itk_threads(threads: int):
+    """ITK's default number of threads while the block runs (``threads`` > 0; 0: unchanged)."""
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    if threads > 0:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
+@contextlib.contextmanager
 def _one_thread(reg):
     """Run ``reg`` on one thread: ITK's multi-threaded Mattes MI adds its histograms in a
     varying order, so results differ in the last bits from run to run. ITK's "no overlap"
     errors become a :class:`GeometryError`."""
-    import SimpleITK as sitk
-
     reg.SetNumberOfThreads(1)
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
-        yield reg
+        with itk_threads(1):
+            yield reg
     except RuntimeError as exc:
         if "overlap" not in str(exc):
             raise
         raise GeometryError("registration found no overlap between FIXED and MOVING where it started or went; "
                             "give (or check) --landmarks or --initial-transform, or use --transform none") from None
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
 def _mattes_method():

@@ -376,7 +376,8 @@ def test_two_batches_into_one_folder_do_not_collide(tmp_path, cli):
 
 
 def test_local_cluster_workers_share_the_free_memory(monkeypatch):
-    """Each of N local workers gets 1/N of the memory free now (dask's default: 1/N of the total)."""
+    """Each of N local workers gets 1/N of the memory free now (dask's default: 1/N of the total); N
+    defaults to the cores the process may use."""
     import dask.distributed
 
     from medfuse_cli import batch, memory
@@ -395,6 +396,12 @@ def test_local_cluster_workers_share_the_free_memory(monkeypatch):
     with pytest.raises(Stop):
         batch._run_dask([object()] * 3, {}, 2, None, None, lambda row: None)
     assert seen["n_workers"] == 2 and seen["memory_limit"] == 4 << 30
+    # by default one worker per core this process may use (a Slurm job's 1 of the node's 64), not per core of the node
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    with pytest.raises(Stop):
+        batch._run_dask([object()] * 3, {}, None, None, None, lambda row: None)
+    assert seen["n_workers"] == 1 and seen["memory_limit"] == 8 << 30
 
 
 MAPPED_ARRAYS = """

@@ -671,8 +671,9 @@ def _run_dask(todo, options, workers, scheduler, case_timeout, finish) -> None:
             raise InputNotFoundError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
     else:
         from .memory import available
+        from .parallel import usable_cores
 
-        n = workers or min(os.cpu_count() or 1, len(todo))
+        n = workers or min(usable_cores(), len(todo))
         # each worker's share of the memory free now (dask's default shares the total); workers log only
         # critical messages (a worker's heartbeat racing the cluster's shutdown printed a traceback; a
         # case's failure is in its row, a lost worker fails its case)

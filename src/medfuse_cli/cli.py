@@ -575,7 +575,7 @@ def batch(
     anonymize: Annotated[bool, typer.Option("--anonymize", help="DICOM output: leave out the patient's identity (as fuse --anonymize).")] = False,
     figures: Annotated[bool, typer.Option("--figures", help="Also write ID_figure.png beside each output (as fuse --figure).")] = False,
     engine: Annotated[str, typer.Option("--engine", help="dask (a dask.distributed LocalCluster, or --scheduler) or sequential (one case after another in this process; for debugging).")] = "dask",
-    workers: Annotated[int | None, typer.Option("--workers", min=1, help="LocalCluster worker processes (one thread each). Default: one per core.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="LocalCluster worker processes (one thread each). Default: one per core this process may use (its CPU affinity, e.g. a Slurm job's cores).")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Submit to an existing dask scheduler, e.g. tcp://10.0.0.5:8786 (workers must see the same paths).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo cases that are already complete.")] = False,
     case_timeout: Annotated[float | None, typer.Option("--case-timeout", min=0.1, help="Stop a case after this many seconds (it then runs in its own process, ~1 s extra per case).")] = None,

@@ -9,19 +9,24 @@ from collections.abc import Callable
 from typing import Any
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a Slurm job or ``taskset`` sets it),
+    not every core of the machine."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def cpu_threads(threads: int = 0) -> int:
-    """``threads`` if positive; else ``OMP_NUM_THREADS`` when set (as torch reads it), else the cores
-    this process may run on."""
+    """``threads`` if positive; else ``OMP_NUM_THREADS`` when set (as torch reads it), else
+    :func:`usable_cores`."""
     if threads > 0:
         return threads
     try:
         return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
     except ValueError:
-        pass
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        return usable_cores()
 
 
 def thread_map(work: Callable[[Any], Any], items: list[Any], workers: int,

@@ -223,7 +223,7 @@ def test_workers_score_pairs_at_once_with_the_same_rows(harvard_subset, tmp_path
     shape = (256, 256, 1)
     limit = str(int(resident() + 1.5 * scoring_bytes(shape)))
     check_scoring(shape, limit, workers=1)
-    with pytest.raises(OutOfMemoryError, match="2 pairs at once"):
+    with pytest.raises(OutOfMemoryError, match="2 fused images at once"):
         check_scoring(shape, limit, workers=2)
 
 

@@ -178,7 +178,7 @@ def check_scoring(shape: tuple[int, ...], max_memory: str = "auto", workers: int
     log.debug("scoring %s voxels on %d thread(s): estimate %.0f MiB, limit %.0f MiB", "x".join(map(str, shape[:3])),
               t, need / 2**20, limit / 2**20)
     if need > limit:
-        at_once = f" ({workers} pairs at once)" if workers > 1 else ""
+        at_once = f" ({workers} fused images at once)" if workers > 1 else ""
         raise OutOfMemoryError(f"scoring {'x'.join(map(str, shape[:3]))} voxels{at_once} needs about {need / 2**30:.1f} "
                                f"GiB but may use {limit / 2**30:.1f} GiB; raise --max-memory, free memory"
                                + (" or use fewer --workers" if workers > 1 else ""))

@@ -404,6 +404,55 @@ def test_local_cluster_workers_share_the_free_memory(monkeypatch):
     assert seen["n_workers"] == 1 and seen["memory_limit"] == 8 << 30
 
 
+def test_cases_run_on_their_share_of_the_cores(tmp_path, cli, monkeypatch):
+    """Every case ran on one thread, even the sequential engine's (one case at a time) and a
+    LocalCluster with fewer workers than cores; the sequential engine also left OMP_NUM_THREADS=1 and
+    torch on one thread in its process. Now a case gets the cores shared among the cases that run
+    at once, and the process's settings come back; the threads are not part of the fingerprint."""
+    import torch
+
+    pairs = tmp_path / "in"
+    _harvard_pairs(pairs, "mri-pet", 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the cores this process may use, as a job scheduler says
+    torch_before = torch.get_num_threads()
+
+    def threads_of(out):
+        reports = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+        assert len(reports) == 2
+        return {(r["memory"]["metric_threads"], r["device"]) for r in reports}
+
+    seq = cli("batch", pairs, "-o", tmp_path / "seq", "--engine", "sequential", "--method", "dran")
+    assert seq.exit_code == 0, seq.stderr
+    assert threads_of(tmp_path / "seq") == {(2, "cpu, 2 threads")}
+    assert os.environ["OMP_NUM_THREADS"] == "2" and torch.get_num_threads() == torch_before
+    local = cli("batch", pairs, "-o", tmp_path / "local", "--workers", "1", "--method", "dran")
+    assert local.exit_code == 0, local.stderr
+    assert threads_of(tmp_path / "local") == {(2, "cpu, 2 threads")}  # one worker: both cores
+    again = cli("batch", pairs, "-o", tmp_path / "local", "--workers", "1", "--method", "dran", "--threads", "1")
+    assert again.exit_code == 0 and {r["status"] for r in _summary(tmp_path / "local").values()} == {"skipped"}
+    one = cli("batch", pairs, "-o", tmp_path / "one", "--engine", "sequential", "--method", "dran", "--threads", "1")
+    assert one.exit_code == 0 and threads_of(tmp_path / "one") == {(1, "cpu, 1 thread")}
+    for p in (tmp_path / "seq").glob("*.png"):  # the same fused image, whatever the threads
+        assert p.read_bytes() == (tmp_path / "one" / p.name).read_bytes()
+
+
+def test_a_dask_worker_shares_its_cores_among_its_threads(monkeypatch):
+    import distributed
+
+    from medfuse_cli.batch import case_threads
+
+    class Worker:
+        class state:  # as distributed.Worker.state
+            nthreads = 2
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert case_threads() == 8 and case_threads(3) == 3  # not in a worker: all of them; given: as given
+    monkeypatch.setattr(distributed, "get_worker", lambda: Worker())
+    assert case_threads() == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as dask's nanny starts a worker
+    assert case_threads() == 1
+
+
 MAPPED_ARRAYS = """
 import ctypes, sys
 import numpy as np

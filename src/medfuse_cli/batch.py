@@ -65,6 +65,7 @@ from .io.atomic import check_folder_output
 from .io.itk import ITK_SUFFIXES
 from .io.raster import is_stack
 from .metrics import METRICS
+from .parallel import cpu_threads, limited_threads, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ BENCH_RE = named_pattern("mri")
 NNUNET_RE = named_pattern("(?P<ch>000[01])")
 SUMMARY_EVERY_S = 2.0
 BATCH_ONLY = ("figures", "dicom")  # batch options that are not FuseOptions
+NOT_DECISIVE = ("threads",)  # options that do not change a case's output: a re-run with others skips it
 # glibc settings for every case (``mallopt``: M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3). dask starts its
 # workers with MALLOC_TRIM_THRESHOLD_=65536, which also turns off glibc's adaptive mmap threshold, so every
 # temporary array above 128 KiB is mapped and faulted in afresh: the metrics' many temporaries ran 2.4x
@@ -352,7 +354,7 @@ def discover(source: Path, out: Path, dicom: bool = False, series_given: bool = 
 
 def fingerprint(case: BatchCase, options: dict[str, Any]) -> str:
     """Hash of what determines a case's output: inputs (path, size, mtime; for a DICOM folder its
-    files' count, total size and latest mtime), options, version."""
+    files' count, total size and latest mtime), options (but not :data:`NOT_DECISIVE`), version."""
 
     def stat(p: str) -> list[Any]:
         path = Path(p)
@@ -364,7 +366,8 @@ def fingerprint(case: BatchCase, options: dict[str, Any]) -> str:
             return [p, len(files), sum(f.st_size for f in files), max((f.st_mtime_ns for f in files), default=0)]
         return [p]
 
-    blob = json.dumps({"fixed": stat(case.fixed), "moving": stat(case.moving), "options": options,
+    decisive = {k: v for k, v in options.items() if k not in NOT_DECISIVE}
+    blob = json.dumps({"fixed": stat(case.fixed), "moving": stat(case.moving), "options": decisive,
                        "version": __version__}, sort_keys=True)
     for given in [case.initial_transform, *(case.landmarks or [])]:
         if given:
@@ -399,15 +402,19 @@ def _tune_malloc() -> None:
         mallopt(param, value)
 
 
-def _limit_threads() -> None:
-    """One worker = one core: cap the thread pools of numpy/torch/ITK inside a worker."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = "1"
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-    import SimpleITK as sitk
+def case_threads(given: int = 0) -> int:
+    """Threads for one case: ``given`` when positive; else this process's (:func:`cpu_threads`),
+    shared among the tasks its dask worker runs at once, when it is one (a worker that dask's nanny
+    started has ``OMP_NUM_THREADS`` 1)."""
+    if given > 0:
+        return given
+    try:
+        from distributed import get_worker
 
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        share = int(get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):  # not in a dask worker (or one of another make)
+        share = 1
+    return max(1, cpu_threads() // max(1, share))
 
 
 def run_case(case: dict[str, str | None], options: dict[str, Any], fp: str, timeout: float | None = None) -> dict[str, Any]:
@@ -419,7 +426,8 @@ def run_case(case: dict[str, str | None], options: dict[str, Any], fp: str, time
 
     t0 = time.perf_counter()
     row: dict[str, Any] = {"id": case["id"], "fixed": case["fixed"], "moving": case["moving"], "output": case["output"]}
-    options = {**options, "max_memory": worker_budget(options.get("max_memory", "auto"))}
+    options = {**options, "max_memory": worker_budget(options.get("max_memory", "auto")),
+               "threads": case_threads(options.get("threads", 0))}
     if timeout:
         payload = json.dumps({"case": case, "options": options, "fp": fp})
         try:
@@ -433,27 +441,27 @@ def run_case(case: dict[str, str | None], options: dict[str, Any], fp: str, time
         except (ValueError, IndexError):
             return {**row, "status": "failed", "seconds": round(time.perf_counter() - t0, 3),
                     "error": f"worker process exited with {proc.returncode}: {proc.stderr.strip()[-300:]}"}
-    _limit_threads()
     _tune_malloc()
     from .pipeline import FuseOptions, fuse_pair
 
-    try:
-        Path(case["output"]).parent.mkdir(parents=True, exist_ok=True)
-        opts = {k: v for k, v in options.items() if k not in BATCH_ONLY}
-        for key in ("initial_transform", "landmarks", "fixed_series", "moving_series"):
-            if case.get(key):
-                opts[key] = case[key]
-        figure = BatchCase(**case).figure if options.get("figures") else None
-        result = fuse_pair(case["fixed"], case["moving"], case["output"], FuseOptions(**opts), figure=figure,
-                           overwrite=True,
-                           report_extra={"batch": {"id": case["id"], "fingerprint": fp}})
-        row.update(status="done", **_row_from_report(result.report))
-    except MedfuseError as exc:
-        row.update(status="failed", error=" ".join(str(exc).split()))
-    except MemoryError:
-        row.update(status="failed", error="out of memory")
-    except Exception as exc:  # noqa: BLE001 - one bad case must never stop the batch
-        row.update(status="failed", error=f"unexpected {type(exc).__name__}: {exc}")
+    with limited_threads(options["threads"]):
+        try:
+            Path(case["output"]).parent.mkdir(parents=True, exist_ok=True)
+            opts = {k: v for k, v in options.items() if k not in BATCH_ONLY}
+            for key in ("initial_transform", "landmarks", "fixed_series", "moving_series"):
+                if case.get(key):
+                    opts[key] = case[key]
+            figure = BatchCase(**case).figure if options.get("figures") else None
+            result = fuse_pair(case["fixed"], case["moving"], case["output"], FuseOptions(**opts), figure=figure,
+                               overwrite=True,
+                               report_extra={"batch": {"id": case["id"], "fingerprint": fp}})
+            row.update(status="done", **_row_from_report(result.report))
+        except MedfuseError as exc:
+            row.update(status="failed", error=" ".join(str(exc).split()))
+        except MemoryError:
+            row.update(status="failed", error="out of memory")
+        except Exception as exc:  # noqa: BLE001 - one bad case must never stop the batch
+            row.update(status="failed", error=f"unexpected {type(exc).__name__}: {exc}")
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
 
@@ -671,8 +679,6 @@ def _run_dask(todo, options, workers, scheduler, case_timeout, finish) -> None:
             raise InputNotFoundError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
     else:
         from .memory import available
-        from .parallel import usable_cores
-
         n = workers or min(usable_cores(), len(todo))
         # each worker's share of the memory free now (dask's default shares the total); workers log only
         # critical messages (a worker's heartbeat racing the cluster's shutdown printed a traceback; a
@@ -680,6 +686,8 @@ def _run_dask(todo, options, workers, scheduler, case_timeout, finish) -> None:
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                                silence_logs=logging.CRITICAL, memory_limit=available() // n)
         client = Client(cluster)
+        # each case a share of the cores (its workers' OMP_NUM_THREADS is 1: they cannot see it)
+        options = {**options, "threads": options.get("threads") or max(1, cpu_threads() // n)}
     try:
         futures = {client.submit(run_case, asdict(c), options, fp, case_timeout, key=f"medfuse-{c.id}-{fp[:16]}",
                                  pure=False): c for c, fp in todo}

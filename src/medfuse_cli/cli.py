@@ -574,9 +574,10 @@ def batch(
     dicom: Annotated[bool, typer.Option("--dicom", help="Write every fused volume as a new derived DICOM series folder OUT_DIR/CASE (as fuse -o FOLDER); 2D results stay PNG (PNG/TIFF slices) or NIfTI (FIXED one NIfTI slice or single-frame DICOM file).")] = False,
     anonymize: Annotated[bool, typer.Option("--anonymize", help="DICOM output: leave out the patient's identity (as fuse --anonymize).")] = False,
     figures: Annotated[bool, typer.Option("--figures", help="Also write ID_figure.png beside each output (as fuse --figure).")] = False,
-    engine: Annotated[str, typer.Option("--engine", help="dask (a dask.distributed LocalCluster, or --scheduler) or sequential (one case after another in this process; for debugging).")] = "dask",
-    workers: Annotated[int | None, typer.Option("--workers", min=1, help="LocalCluster worker processes (one thread each). Default: one per core this process may use (its CPU affinity, e.g. a Slurm job's cores).")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="dask (a dask.distributed LocalCluster, or --scheduler) or sequential (one case after another in this process, each on every core: see --threads).")] = "dask",
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="LocalCluster worker processes (one case at a time each, on its share of the cores: see --threads). Default: one per core this process may use (its CPU affinity, e.g. a Slurm job's cores).")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Submit to an existing dask scheduler, e.g. tcp://10.0.0.5:8786 (workers must see the same paths).")] = None,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads for each case: the networks, the metrics and ITK's resampling. 0: the cores this process may use (OMP_NUM_THREADS, else its CPU affinity) shared among the cases that run at once: all of them with --engine sequential, cores / workers for the LocalCluster; with --scheduler, the worker's OMP_NUM_THREADS (dask's nanny sets 1) shared among its threads. Not part of a case's fingerprint: a re-run with other threads skips complete cases.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Redo cases that are already complete.")] = False,
     case_timeout: Annotated[float | None, typer.Option("--case-timeout", min=0.1, help="Stop a case after this many seconds (it then runs in its own process, ~1 s extra per case).")] = None,
     part: Annotated[str | None, typer.Option("--part", help="Run only part K of N of the cases (K/N, counted from 1: every N-th case by id from the K-th), so the N tasks of a job array can share OUT_DIR; 'slurm' takes K and N from the Slurm array task. Each part writes summary.part-K-of-N.csv; a run without --part afterwards finds every case complete and writes summary.csv.", show_default=False)] = None,
@@ -602,7 +603,7 @@ def batch(
                        "fixed_series": fixed_series, "moving_series": moving_series, "seed": seed,
                        "metrics": metrics, "device": device,
                        "patch": patch, "overlap": overlap, "figures": figures, "dicom": dicom, "anonymize": anonymize,
-                       "max_memory": max_memory}
+                       "max_memory": max_memory, "threads": threads}
         result = _batch_with_progress(
             quiet, lambda on_start, on_done: run_batch(
                 source, out_dir, options, engine=engine, workers=workers, scheduler=scheduler, force=force,

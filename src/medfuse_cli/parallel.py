@@ -1,12 +1,17 @@
-"""Work on items in threads (numpy and scipy release the GIL in their loops), results in order."""
+"""CPU threads: how many this process may use, the thread settings of the libraries, and work on
+items in threads (numpy and scipy release the GIL in their loops), results in order."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def usable_cores() -> int:
@@ -27,6 +32,46 @@ def cpu_threads(threads: int = 0) -> int:
         return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
     except ValueError:
         return usable_cores()
+
+
+@contextlib.contextmanager
+def itk_threads(threads: int) -> Iterator[None]:
+    """ITK's default number of threads while the block runs (``threads`` > 0; 0: unchanged)."""
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    if threads > 0:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
+@contextlib.contextmanager
+def limited_threads(threads: int) -> Iterator[None]:
+    """``threads`` (> 0) CPU threads for everything while the block runs: torch's intra-op threads
+    (when torch is loaded), ITK's default, and ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
+    ``OPENBLAS_NUM_THREADS`` (which :func:`cpu_threads` and libraries loaded later read); all
+    restored after, so that a run inside a longer-lived process leaves its settings as they were."""
+    saved = {var: os.environ.get(var) for var in THREAD_VARIABLES}
+    torch = sys.modules.get("torch")
+    torch_before = torch.get_num_threads() if torch is not None else None
+    os.environ.update({var: str(threads) for var in THREAD_VARIABLES})
+    if torch is not None:
+        torch.set_num_threads(threads)
+    try:
+        with itk_threads(threads):
+            yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+        torch = sys.modules.get("torch")  # loaded in the block, it keeps its own default (the process's cores)
+        if torch is not None and torch_before is not None:
+            torch.set_num_threads(torch_before)
 
 
 def thread_map(work: Callable[[Any], Any], items: list[Any], workers: int,

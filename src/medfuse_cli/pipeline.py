@@ -37,7 +37,7 @@ from .io.atomic import (
 )
 from .io.raster import RASTER_FORMATS
 from .memory import Plan, peak, plan
-from .parallel import cpu_threads
+from .parallel import cpu_threads, itk_threads
 from .register import (
     TRANSFORM_SUFFIXES,
     Registration,
@@ -226,7 +226,6 @@ def fuse_images(fixed: Image, moving: Image, options: FuseOptions,
                 stage: Stage | None = None) -> tuple[Image, Image, Registration, dict]:
     """The pure part of the pipeline on in-memory images (no files); ``stage`` hears of each step
     and of a network's progress. ``options.threads`` > 0 also caps ITK's threads (resampling)."""
-    from .register import itk_threads
 
     with itk_threads(options.threads):
         return _fuse_images(fixed, moving, options, stage or (lambda *args: None))

@@ -28,6 +28,7 @@ from .errors import GeometryError, InputNotFoundError, InvalidInputError
 from .image import Image
 from .io.itk import LPS, to_sitk
 from .landmarks import LandmarkFit, fit_landmarks
+from .parallel import itk_threads
 
 log = logging.getLogger(__name__)
 
@@ -165,20 +166,6 @@ def check_overlap(fixed: Image, moving: Image, transform=None) -> None:
             f"{fixed.provenance.source} and {moving.provenance.source} do not overlap in space "
             "(different frames of reference?); check the inputs"
         )
-
-
-@contextlib.contextmanager
-def itk_threads(threads: int):
-    """ITK's default number of threads while the block runs (``threads`` > 0; 0: unchanged)."""
-    import SimpleITK as sitk
-
-    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    if threads > 0:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
 @contextlib.contextmanager

@@ -413,7 +413,8 @@ def test_cases_run_on_their_share_of_the_cores(tmp_path, cli, monkeypatch):
 
     pairs = tmp_path / "in"
     _harvard_pairs(pairs, "mri-pet", 2)
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the cores this process may use, as a job scheduler says
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # dask's LocalCluster sets it to 1 in this process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # 2 cores, as a job's
     torch_before = torch.get_num_threads()
 
     def threads_of(out):
@@ -424,10 +425,11 @@ def test_cases_run_on_their_share_of_the_cores(tmp_path, cli, monkeypatch):
     seq = cli("batch", pairs, "-o", tmp_path / "seq", "--engine", "sequential", "--method", "dran")
     assert seq.exit_code == 0, seq.stderr
     assert threads_of(tmp_path / "seq") == {(2, "cpu, 2 threads")}
-    assert os.environ["OMP_NUM_THREADS"] == "2" and torch.get_num_threads() == torch_before
+    assert "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() == torch_before
     local = cli("batch", pairs, "-o", tmp_path / "local", "--workers", "1", "--method", "dran")
     assert local.exit_code == 0, local.stderr
     assert threads_of(tmp_path / "local") == {(2, "cpu, 2 threads")}  # one worker: both cores
+    assert "OMP_NUM_THREADS" not in os.environ  # as before dask's LocalCluster set it to 1 here
     again = cli("batch", pairs, "-o", tmp_path / "local", "--workers", "1", "--method", "dran", "--threads", "1")
     assert again.exit_code == 0 and {r["status"] for r in _summary(tmp_path / "local").values()} == {"skipped"}
     one = cli("batch", pairs, "-o", tmp_path / "one", "--engine", "sequential", "--method", "dran", "--threads", "1")

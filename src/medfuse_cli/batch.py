@@ -65,7 +65,7 @@ from .io.atomic import check_folder_output
 from .io.itk import ITK_SUFFIXES
 from .io.raster import is_stack
 from .metrics import METRICS
-from .parallel import cpu_threads, limited_threads, usable_cores
+from .parallel import cpu_threads, kept_thread_variables, limited_threads, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -667,6 +667,11 @@ def _run_locked(
 
 
 def _run_dask(todo, options, workers, scheduler, case_timeout, finish) -> None:
+    with kept_thread_variables():
+        _run_on_dask(todo, options, workers, scheduler, case_timeout, finish)
+
+
+def _run_on_dask(todo, options, workers, scheduler, case_timeout, finish) -> None:
     try:
         from dask.distributed import Client, LocalCluster, as_completed
     except ImportError:
@@ -683,11 +688,11 @@ def _run_dask(todo, options, workers, scheduler, case_timeout, finish) -> None:
         # each worker's share of the memory free now (dask's default shares the total); workers log only
         # critical messages (a worker's heartbeat racing the cluster's shutdown printed a traceback; a
         # case's failure is in its row, a lost worker fails its case)
+        # each case a share of the cores, counted before dask sets OMP_NUM_THREADS=1 here for its workers
+        options = {**options, "threads": options.get("threads") or max(1, cpu_threads() // n)}
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                                silence_logs=logging.CRITICAL, memory_limit=available() // n)
         client = Client(cluster)
-        # each case a share of the cores (its workers' OMP_NUM_THREADS is 1: they cannot see it)
-        options = {**options, "threads": options.get("threads") or max(1, cpu_threads() // n)}
     try:
         futures = {client.submit(run_case, asdict(c), options, fp, case_timeout, key=f"medfuse-{c.id}-{fp[:16]}",
                                  pure=False): c for c, fp in todo}

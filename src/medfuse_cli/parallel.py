@@ -49,26 +49,35 @@ def itk_threads(threads: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def limited_threads(threads: int) -> Iterator[None]:
-    """``threads`` (> 0) CPU threads for everything while the block runs: torch's intra-op threads
-    (when torch is loaded), ITK's default, and ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
-    ``OPENBLAS_NUM_THREADS`` (which :func:`cpu_threads` and libraries loaded later read); all
-    restored after, so that a run inside a longer-lived process leaves its settings as they were."""
+def kept_thread_variables() -> Iterator[None]:
+    """:data:`THREAD_VARIABLES` as they were before the block, whatever it sets (dask's LocalCluster
+    sets them to 1 in the process that starts it)."""
     saved = {var: os.environ.get(var) for var in THREAD_VARIABLES}
-    torch = sys.modules.get("torch")
-    torch_before = torch.get_num_threads() if torch is not None else None
-    os.environ.update({var: str(threads) for var in THREAD_VARIABLES})
-    if torch is not None:
-        torch.set_num_threads(threads)
     try:
-        with itk_threads(threads):
-            yield
+        yield
     finally:
         for var, value in saved.items():
             if value is None:
                 os.environ.pop(var, None)
             else:
                 os.environ[var] = value
+
+
+@contextlib.contextmanager
+def limited_threads(threads: int) -> Iterator[None]:
+    """``threads`` (> 0) CPU threads for everything while the block runs: torch's intra-op threads
+    (when torch is loaded), ITK's default, and ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
+    ``OPENBLAS_NUM_THREADS`` (which :func:`cpu_threads` and libraries loaded later read); all
+    restored after, so that a run inside a longer-lived process leaves its settings as they were."""
+    torch = sys.modules.get("torch")
+    torch_before = torch.get_num_threads() if torch is not None else None
+    try:
+        with kept_thread_variables(), itk_threads(threads):
+            os.environ.update({var: str(threads) for var in THREAD_VARIABLES})
+            if torch is not None:
+                torch.set_num_threads(threads)
+            yield
+    finally:
         torch = sys.modules.get("torch")  # loaded in the block, it keeps its own default (the process's cores)
         if torch is not None and torch_before is not None:
             torch.set_num_threads(torch_before)

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import io
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -49,6 +50,7 @@ CONVENTIONS = {
 }
 PAIR_RE = named_pattern("mri")
 OTHERS = ("ct", "pet", "spect")
+SMALL_IMAGE_VOXELS = 2**20  # --workers 0 scores images up to this size (2D slices) one per core at once
 EXTENSIONS = PAIR_SUFFIXES
 
 
@@ -239,8 +241,9 @@ def evaluate_cases(
     need more than ``max_memory`` is refused (exit 10). ``workers`` threads (the filters release the
     GIL): fused images scored at once (a case's sources read once and shared), each checked as if
     every worker scored one of its size; with fewer images than workers, the spare workers compute
-    an image's metrics at once. ``workers=0``: one image at a time, its metrics on
-    :func:`~medfuse_cli.parallel.cpu_threads` threads (fewer if the memory is short).
+    an image's metrics at once. ``workers=0``: images of at most :data:`SMALL_IMAGE_VOXELS` voxels
+    (judged by the first case's FIXED; 2D slices) :func:`~medfuse_cli.parallel.cpu_threads` at once,
+    larger ones one at a time, its metrics on that many threads (fewer if the memory is short).
 
     ``keep_going`` (folders of pairs): a case whose sources or fused image cannot be read or scored
     becomes a row whose ``error`` holds the one-line message, and the others are still scored;
@@ -258,8 +261,6 @@ def evaluate_cases(
             return None
 
     tasks = [(i, method) for i, case in enumerate(cases) for method in methods]
-    at_once = max(1, min(workers, len(tasks)))  # no more images at once than there are images
-    threads = max(1, workers // at_once) if workers else cpu_threads()  # the spare workers: one image's metrics
     sources: dict[int, Any] = {}  # a case's (FIXED, MOVING), or the error reading them; until its last row
     rows_left = Counter(i for i, _ in tasks)
     case_locks = [threading.Lock() for _ in cases]
@@ -271,6 +272,13 @@ def evaluate_cases(
                 pair = attempt(row, lambda c: (read(c.fixed), read(c.moving)), cases[i])
                 sources[i] = row["error"] if pair is None else pair
             return sources[i]
+
+    if not workers and len(tasks) > 1:  # small images: one per core at once (threads on one cost more than they save)
+        first = sources_of(tasks[0][0], {})
+        if not isinstance(first, str) and math.prod(first[0].shape) <= SMALL_IMAGE_VOXELS:
+            workers = cpu_threads()
+    at_once = max(1, min(workers, len(tasks)))  # no more images at once than there are images
+    threads = max(1, workers // at_once) if workers else cpu_threads()  # the spare workers: one image's metrics
 
     def score_row(task: tuple[int, str]) -> dict[str, Any]:
         i, method = task

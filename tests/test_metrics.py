@@ -125,6 +125,24 @@ def test_fmi_matches_a_window_by_window_transcription():
         assert M.fmi(t1[None], pet[None], f[None]) == pytest.approx(ref, abs=1e-9)
 
 
+def test_a_window_scores_the_same_bits_whatever_windows_share_its_call():
+    """A window's FMI depends on that window alone. Before, the product of the window pdfs with the
+    pixel indices went through BLAS, whose matrix-vector sums change with the number of rows: 2 of the
+    92 val pairs' FMI moved in the last bit once the windows equal to the source were left out
+    before the work (which makes FMI 1.9x faster on a Harvard slice)."""
+    t1 = metric_array(read_image(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"))[:, :, 40:46].transpose(2, 0, 1)
+    pet = metric_array(read_image(EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"))[:, :, 40:46].transpose(2, 0, 1)
+    f = np.round((t1 + pet) / 2 + np.random.default_rng(0).normal(0, 3, t1.shape))
+    f[:, :, :50] = t1[:, :, :50]  # the fused image equal to the MRI in a part: windows left out
+    wa, _, wf = M._fmi_windows(t1, pet, f)
+    every = M._window_fmi(wa, wf)
+    assert 0.2 < np.mean(every == 1) < 0.8  # the background: windows equal to the source
+    rng = np.random.default_rng(1)
+    for size in rng.integers(1, len(wf), 30):
+        some = np.sort(rng.choice(len(wf), size, replace=False))
+        assert np.array_equal(M._window_fmi(wa[some], wf[some]), every[some])
+
+
 def test_first_order_metrics_on_closed_forms():
     rows, cols = np.mgrid[0:40, 0:50].astype(float)
     ramp = 3 * cols + 4 * rows  # horizontal step 3, vertical step 4

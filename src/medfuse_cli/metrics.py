@@ -304,7 +304,8 @@ def _window_fmi(s: np.ndarray, f: np.ndarray) -> np.ndarray:
     """
 
     def pdf(w):
-        lo, hi = w.min(1, keepdims=True), w.max(1, keepdims=True)
+        across = np.ascontiguousarray(w.T)  # min/max of short rows: 5x faster across the windows (exact)
+        lo, hi = across.min(0)[:, None], across.max(0)[:, None]
         span = hi - lo
         u = np.where(span > 0, (w - lo) / np.where(span > 0, span, 1), 1.0)
         return u / u.sum(1, keepdims=True)
@@ -313,34 +314,43 @@ def _window_fmi(s: np.ndarray, f: np.ndarray) -> np.ndarray:
         return -(p * np.log2(np.where(p > 0, p, 1.0))).sum(-1)
 
     out = np.where(np.all(s == f, axis=1), 1.0, 0.0)
+    todo = np.flatnonzero(out == 0)  # every step below works row by row: only on the windows left
+    if not len(todo):
+        return out
+    s, f = s[todo], f[todo]
     ps, pf = pdf(s), pdf(f)
     ds, df = ps - ps.mean(1, keepdims=True), pf - pf.mean(1, keepdims=True)
     cov = (ds * df).sum(1)
     idx = np.arange(1, s.shape[1] + 1, dtype=np.float64)
 
-    def sd(p):
-        return np.sqrt(np.maximum(p @ idx**2 - (p @ idx) ** 2, 0))
+    def sd(p):  # row sums, not BLAS (whose matrix-vector sums change with the number of rows)
+        return np.sqrt(np.maximum((p * idx**2).sum(1) - (p * idx).sum(1) ** 2, 0))
 
     sd_prod = sd(ps) * sd(pf)
-    live = (out == 0) & (cov != 0) & (sd_prod > 0)
+    live = (cov != 0) & (sd_prod > 0)
     if not live.any():
         return out
     ps, pf, ds, df, cov, sd_prod = ps[live], pf[live], ds[live], df[live], cov[live], sd_prod[live]
     c = cov / np.sqrt((ds * ds).sum(1) * (df * df).sum(1))
     fi, sj = np.cumsum(pf, 1)[:, :, None], np.cumsum(ps, 1)[:, None, :]  # fused index i, source j
-    positive = c >= 0
-    bound = (np.minimum(fi, sj) if positive.all()
-             else np.where(positive[:, None, None], np.minimum(fi, sj), np.maximum(fi + sj - 1, 0)))
+    bound = np.minimum(fi, sj)
+    negative = np.flatnonzero(c < 0)
+    if len(negative):  # Frechet's lower bound where the windows are anti-correlated
+        bound[negative] = np.maximum(fi[negative] + sj[negative] - 1, 0)
     weight = (c * sd_prod / (bound - fi * sj).sum((1, 2)))[:, None, None]
     cell = bound.copy()  # the joint CDF's cell masses: differences along i, then along j
     cell[:, 1:, :] -= bound[:, :-1, :]
     cell[:, :, 1:] -= cell[:, :, :-1].copy()
-    joint = weight * cell + (1 - weight) * (pf[:, :, None] * ps[:, None, :])
+    joint = cell  # weight * cell + (1 - weight) * pf ps^T, in place
+    joint *= weight
+    product = pf[:, :, None] * ps[:, None, :]
+    product *= 1 - weight
+    joint += product
     h_joint = -(joint * np.log2(np.where(joint != 0, np.abs(joint), 1.0))).sum((1, 2))
     hs, hf = ent(ps), ent(pf)
     mi = hs + hf - h_joint
     with np.errstate(invalid="ignore", divide="ignore"):
-        out[live] = np.nan_to_num(np.where(mi == 0, 0.0, 2 * mi / (hs + hf)))
+        out[todo[live]] = np.nan_to_num(np.where(mi == 0, 0.0, 2 * mi / (hs + hf)))
     return out
 
 

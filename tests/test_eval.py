@@ -240,6 +240,13 @@ def test_the_default_scores_small_images_one_per_core_and_large_ones_one_at_a_ti
     rows = evaluate.evaluate_cases(found, methods, read_image)
     assert len(rows) == 6 and set(counts) == {(2, 1)}  # (images at once, metric threads each)
     counts.clear()
+    counts.clear()  # memory for one image only: one at a time, as large images (before: refused, exit 10)
+    from medfuse_cli.memory import resident, scoring_bytes
+
+    tight = str(int(resident() + 1.5 * scoring_bytes((256, 256, 1), 2)))
+    assert evaluate.evaluate_cases(found, methods, read_image, max_memory=tight) == rows
+    assert {c[0] for c in counts} == {1}
+    counts.clear()
     monkeypatch.setattr(evaluate, "SMALL_IMAGE_VOXELS", 256 * 256 - 1)  # these slices as large images
     assert evaluate.evaluate_cases(found, methods, read_image) == rows
     assert set(counts) == {(1, 2)}

@@ -242,8 +242,8 @@ def evaluate_cases(
     GIL): fused images scored at once (a case's sources read once and shared), each checked as if
     every worker scored one of its size; with fewer images than workers, the spare workers compute
     an image's metrics at once. ``workers=0``: images of at most :data:`SMALL_IMAGE_VOXELS` voxels
-    (judged by the first case's FIXED; 2D slices) :func:`~medfuse_cli.parallel.cpu_threads` at once,
-    larger ones one at a time, its metrics on that many threads (fewer if the memory is short).
+    (judged by the first case's FIXED; 2D slices) :func:`~medfuse_cli.parallel.cpu_threads` at once
+    (as many as ``max_memory`` holds), larger ones one at a time, its metrics on that many threads (fewer if the memory is short).
 
     ``keep_going`` (folders of pairs): a case whose sources or fused image cannot be read or scored
     becomes a row whose ``error`` holds the one-line message, and the others are still scored;
@@ -276,7 +276,10 @@ def evaluate_cases(
     if not workers and len(tasks) > 1:  # small images: one per core at once (threads on one cost more than they save)
         first = sources_of(tasks[0][0], {})
         if not isinstance(first, str) and math.prod(first[0].shape) <= SMALL_IMAGE_VOXELS:
-            workers = cpu_threads()
+            from .memory import scoring_workers
+
+            fit = cpu_threads() if max_memory is None else scoring_workers(first[0].shape, max_memory, cpu_threads())
+            workers = fit if fit > 1 else 0  # as many as fit; else one at a time, as for large images
     at_once = max(1, min(workers, len(tasks)))  # no more images at once than there are images
     threads = max(1, workers // at_once) if workers else cpu_threads()  # the spare workers: one image's metrics
 

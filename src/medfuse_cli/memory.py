@@ -185,6 +185,14 @@ def check_scoring(shape: tuple[int, ...], max_memory: str = "auto", workers: int
     return t
 
 
+def scoring_workers(shape: tuple[int, ...], max_memory: str, workers: int) -> int:
+    """How many of ``workers`` can score grids of this size at once, one metric thread each, within
+    ``max_memory`` (at least 1; :func:`check_scoring` refuses one that does not fit)."""
+    limit = parse_size(max_memory)
+    limit = available() if limit is None else limit
+    return max(1, min(workers, int((limit - resident()) // scoring_bytes(shape, 1))))
+
+
 def plan(shape: tuple[int, ...], method: str, metrics: bool, patch: int, max_memory: str,
          device: str = "cpu", threads: int = 1) -> Plan:
     """The richest plan under the limit: first compute fewer of the ``threads`` metrics at once, then

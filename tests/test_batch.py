@@ -455,6 +455,43 @@ def test_a_dask_worker_shares_its_cores_among_its_threads(monkeypatch):
     assert case_threads() == 1
 
 
+def test_cases_at_once_in_one_worker_keep_their_thread_settings_until_the_last_ends(monkeypatch):
+    """A dask worker with several threads runs cases at once, each inside ``limited_threads``: the
+    first case to end put the process's settings back under the others (ITK's default and
+    OMP_NUM_THREADS went back to the process's mid-case). Now the last one to end restores them."""
+    import threading
+
+    import SimpleITK as sitk
+
+    from medfuse_cli.parallel import limited_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    itk_before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def first():
+        with limited_threads(3):
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second():
+        first_in.wait(10)
+        with limited_threads(3):
+            second_in.set()
+            first_out.wait(10)
+            seen.append((os.environ.get("OMP_NUM_THREADS"), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()))
+
+    runs = [threading.Thread(target=f) for f in (first, second)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(30)
+    assert seen == [("3", 3)]  # the second case still has its settings after the first ended
+    assert "OMP_NUM_THREADS" not in os.environ and sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == itk_before
+
+
 MAPPED_ARRAYS = """
 import ctypes, sys
 import numpy as np

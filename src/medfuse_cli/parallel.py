@@ -48,6 +48,14 @@ def itk_threads(threads: int) -> Iterator[None]:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
+def _restore_variables(saved: dict[str, str | None]) -> None:
+    for var, value in saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+
+
 @contextlib.contextmanager
 def kept_thread_variables() -> Iterator[None]:
     """:data:`THREAD_VARIABLES` as they were before the block, whatever it sets (dask's LocalCluster
@@ -56,31 +64,46 @@ def kept_thread_variables() -> Iterator[None]:
     try:
         yield
     finally:
-        for var, value in saved.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
+        _restore_variables(saved)
+
+
+_LIMITS = threading.Lock()
+_limits: dict[str, Any] = {"holders": 0}  # blocks of limited_threads now running, and what to restore
 
 
 @contextlib.contextmanager
 def limited_threads(threads: int) -> Iterator[None]:
     """``threads`` (> 0) CPU threads for everything while the block runs: torch's intra-op threads
     (when torch is loaded), ITK's default, and ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
-    ``OPENBLAS_NUM_THREADS`` (which :func:`cpu_threads` and libraries loaded later read); all
-    restored after, so that a run inside a longer-lived process leaves its settings as they were."""
-    torch = sys.modules.get("torch")
-    torch_before = torch.get_num_threads() if torch is not None else None
+    ``OPENBLAS_NUM_THREADS`` (which :func:`cpu_threads` and libraries loaded later read). These are
+    the process's settings: blocks that overlap in threads (a dask worker with several threads runs
+    cases at once) share them, and the last one to end restores them as they were before the first,
+    so that a longer-lived process keeps its own."""
+    import SimpleITK as sitk
+
+    with _LIMITS:
+        if not _limits["holders"]:
+            torch = sys.modules.get("torch")
+            _limits["restore"] = ({var: os.environ.get(var) for var in THREAD_VARIABLES},
+                                  torch.get_num_threads() if torch is not None else None,
+                                  sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+        _limits["holders"] += 1
+        os.environ.update({var: str(threads) for var in THREAD_VARIABLES})
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     try:
-        with kept_thread_variables(), itk_threads(threads):
-            os.environ.update({var: str(threads) for var in THREAD_VARIABLES})
-            if torch is not None:
-                torch.set_num_threads(threads)
-            yield
+        yield
     finally:
-        torch = sys.modules.get("torch")  # loaded in the block, it keeps its own default (the process's cores)
-        if torch is not None and torch_before is not None:
-            torch.set_num_threads(torch_before)
+        with _LIMITS:
+            _limits["holders"] -= 1
+            if not _limits["holders"]:
+                variables, torch_threads, itk = _limits.pop("restore")
+                _restore_variables(variables)
+                torch = sys.modules.get("torch")  # loaded in the block, it keeps its own default (all cores)
+                if torch is not None and torch_threads is not None:
+                    torch.set_num_threads(torch_threads)
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(itk)
 
 
 def thread_map(work: Callable[[Any], Any], items: list[Any], workers: int,

@@ -684,12 +684,13 @@ def _run_on_dask(todo, options, workers, scheduler, case_timeout, finish) -> Non
             raise InputNotFoundError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
     else:
         from .memory import available
+
         n = workers or min(usable_cores(), len(todo))
+        # each case a share of the cores, counted before dask sets OMP_NUM_THREADS=1 here for its workers
+        options = {**options, "threads": options.get("threads") or max(1, cpu_threads() // n)}
         # each worker's share of the memory free now (dask's default shares the total); workers log only
         # critical messages (a worker's heartbeat racing the cluster's shutdown printed a traceback; a
         # case's failure is in its row, a lost worker fails its case)
-        # each case a share of the cores, counted before dask sets OMP_NUM_THREADS=1 here for its workers
-        options = {**options, "threads": options.get("threads") or max(1, cpu_threads() // n)}
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                                silence_logs=logging.CRITICAL, memory_limit=available() // n)
         client = Client(cluster)

@@ -243,7 +243,8 @@ def evaluate_cases(
     every worker scored one of its size; with fewer images than workers, the spare workers compute
     an image's metrics at once. ``workers=0``: images of at most :data:`SMALL_IMAGE_VOXELS` voxels
     (judged by the first case's FIXED; 2D slices) :func:`~medfuse_cli.parallel.cpu_threads` at once
-    (as many as ``max_memory`` holds), larger ones one at a time, its metrics on that many threads (fewer if the memory is short).
+    (as many as ``max_memory`` holds), larger ones one at a time, its metrics on that many threads
+    (fewer if the memory is short).
 
     ``keep_going`` (folders of pairs): a case whose sources or fused image cannot be read or scored
     becomes a row whose ``error`` holds the one-line message, and the others are still scored;

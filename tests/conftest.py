@@ -42,6 +42,11 @@ class Result:
     stderr: str
 
 
+def padded_lines(text: str) -> list[str]:
+    """Lines of printed output that end in spaces (tables piped to a file or a pipe must not)."""
+    return [line for line in text.splitlines() if line.endswith(" ")]
+
+
 def with_file_size_limit(limit: int, *args: object) -> Result:
     """``medfuse ARGS`` in a process that may not write a file above ``limit`` bytes (RLIMIT_FSIZE;
     SIGXFSZ ignored, so a larger write fails with EFBIG as on a full disk): real write failures."""

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
-from conftest import EXAMPLES, assert_one_line_error, shared_path, write_localizer
+from conftest import (
+    EXAMPLES,
+    assert_one_line_error,
+    padded_lines,
+    shared_path,
+    write_localizer,
+)
 
 from medfuse_cli import read_image
 from medfuse_cli.batch import discover
@@ -58,7 +64,7 @@ def test_mixed_good_and_bad_cases(tmp_path, cli):
     res = cli("batch", pairs, "-o", out, "--engine", "sequential", "--method", "max")
     assert res.exit_code == 7, res.stderr
     assert "3 of 6 cases failed" in res.stderr
-    assert "90004_mri.png: no CT/PET/SPECT partner" in res.stdout
+    assert "90004_mri.png: no CT/PET/SPECT partner" in res.stdout and not padded_lines(res.stdout)
     rows = _summary(out)
     assert {i for i, r in rows.items() if r["status"] == "done"} == set(good)
     assert "not a readable" in rows["90001"]["error"] or "PNG" in rows["90001"]["error"]
@@ -70,7 +76,7 @@ def test_mixed_good_and_bad_cases(tmp_path, cli):
     assert not list(out.glob("9000*.png"))
     # the outputs are where `medfuse eval` looks for them
     ev = cli("eval", "--pairs", pairs, "--fused", out)
-    assert ev.exit_code == 0 and "mri-pet (3 pairs" in ev.stdout
+    assert ev.exit_code == 0 and "mri-pet (3 pairs" in ev.stdout and not padded_lines(ev.stdout)
 
 
 def test_manifest_initial_transforms_per_case(tmp_path, cli):

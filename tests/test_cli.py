@@ -13,7 +13,13 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import EXAMPLES, assert_one_line_error, shared_path, write_localizer
+from conftest import (
+    EXAMPLES,
+    assert_one_line_error,
+    padded_lines,
+    shared_path,
+    write_localizer,
+)
 
 from medfuse_cli import __version__, read_image
 
@@ -137,6 +143,7 @@ def test_info_reports_geometry(cli):
     assert item["spacing_mm"] == [2.0, 2.0, 2.0] and item["modality"] == "MR"
     table = cli("info", MR_ZIP)
     assert table.exit_code == 0 and "anat-T1w_acq-tfl" in table.stdout and "PIR" in table.stdout
+    assert not padded_lines(table.stdout)
 
 
 def test_info_lists_a_study_whose_localizer_is_no_volume(tmp_path, cli):
@@ -208,3 +215,23 @@ def test_a_terminal_sees_each_stage_and_the_slices_done(tmp_path, cli, monkeypat
     assert "reading" in shown and "fusing (adafuse)" in shown and re.search(r" [1-9][0-9]*/91 ", shown)
     res = cli("fuse", t1, pet, "-o", tmp_path / "b.nii.gz", "--method", "adafuse", "--no-metrics", "--quiet")
     assert res.exit_code == 0 and "fusing" not in res.stderr
+
+
+def test_missing_output_folders_are_created_only_for_a_result(tmp_path, cli):
+    """`fuse` creates the missing folders of -o, --report and --figure when it writes them; a run that
+    fails (a pair that does not overlap: exit 5, after reading; too little memory: exit 10) creates none."""
+    pet = EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
+    made = [tmp_path / "a" / "b" / "fused.nii.gz", tmp_path / "r" / "rep.json", tmp_path / "f" / "fig.png"]
+    res = cli("fuse", T1, pet, "-o", made[0], "--report", made[1], "--figure", made[2], "--method", "mean",
+              "--no-metrics", "-q")
+    assert res.exit_code == 0, res.stderr
+    assert all(p.is_file() for p in made)
+    img = nib.load(pet)
+    far = img.affine.copy()
+    far[:3, 3] += 5000.0  # 5 m away from the T1
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), far), tmp_path / "far_pet.nii.gz")
+    for moving, extra, code in ((tmp_path / "far_pet.nii.gz", (), 5), (pet, ("--max-memory", "260M"), 10)):
+        res = cli("fuse", T1, moving, "-o", tmp_path / "c" / "fused.nii.gz", "--report", tmp_path / "e" / "rep.json",
+                  "--figure", tmp_path / "g" / "fig.png", "--method", "mean", *extra)
+        assert_one_line_error(res, code)
+        assert not [p for p in ("c", "e", "g") if (tmp_path / p).exists()]

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, ROOT, assert_one_line_error
+from conftest import EXAMPLES, ROOT, assert_one_line_error, padded_lines
 
 from medfuse_cli.models import infer, weights
 
@@ -116,6 +116,7 @@ def test_models_lists_the_shipped_cards_and_where_networks_run(cli, monkeypatch)
     assert f"torch {torch.__version__}" in res.stdout
     expected = "CUDA device 0" if torch.cuda.is_available() else "--device auto: the CPU"
     assert expected in res.stdout
+    assert not padded_lines(res.stdout)
     listed = json.loads(cli("models", "--json").stdout)
     assert {c["name"]: c["sha256"] for c in listed} == {n: c["sha256"] for n, c in cards.items()}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

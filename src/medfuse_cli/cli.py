@@ -161,7 +161,7 @@ def convert(
     ],
     output: Annotated[
         Path,
-        typer.Option("--output", "-o", readable=False, help="Output file: .nii.gz, .nii, .nrrd, .mha, .png, .tif or .tiff.", show_default=False),
+        typer.Option("--output", "-o", readable=False, help="Output file: .nii.gz, .nii, .nrrd, .mha, .png, .tif or .tiff (missing parent folders are created).", show_default=False),
     ],
     series: Series = None,
     frame: Frame = None,
@@ -217,10 +217,8 @@ def info(
         if as_json:
             typer.echo(json.dumps(described, indent=2))
             return
-        from rich.console import Console
         from rich.table import Table
 
-        console = Console()
         for item in described:
             table = Table(title=f"{item['source']}" + (f" series {item['series_number']}" if item["series_uid"] else ""))
             table.add_column("field", style="bold")
@@ -236,7 +234,7 @@ def info(
                 table.add_row(key, str(value))
             for note in item["notes"]:
                 table.add_row("note", note)
-            console.print(table)
+            _print_table(table)
 
     _run(debug, quiet, verbose, body)
 
@@ -308,7 +306,7 @@ def _stages(quiet: bool) -> Iterator[Callable[..., None] | None]:
 def fuse(
     fixed: FixedArg,
     moving: MovingArg,
-    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Fused image: .nii.gz / .nii / .nrrd / .mha (3D or 2D), .png / .tif (2D), or a folder (a path without extension): a new derived DICOM series.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Fused image: .nii.gz / .nii / .nrrd / .mha (3D or 2D), .png / .tif (2D), or a folder (a path without extension): a new derived DICOM series. Missing parent folders are created.", show_default=False)],
     method: Method = "auto",
     transform: Transform = "auto",
     initial_transform: InitialTransform = None,
@@ -370,7 +368,7 @@ def fuse(
 def register(
     fixed: FixedArg,
     moving: MovingArg,
-    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="MOVING resampled onto FIXED's grid: .nii.gz / .nii / .nrrd / .mha, .png / .tif (2D), or a folder (a path without extension): a new derived DICOM series.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="MOVING resampled onto FIXED's grid: .nii.gz / .nii / .nrrd / .mha, .png / .tif (2D), or a folder (a path without extension): a new derived DICOM series. Missing parent folders are created.", show_default=False)],
     transform: Transform = "auto",
     initial_transform: InitialTransform = None,
     landmarks: Landmarks = None,
@@ -413,7 +411,6 @@ def _eval_tables(means: dict, quiet: bool) -> None:
 
     if quiet:
         return
-    console = _wide_console()
     for group, methods in means.items():
         n = max(v["n"] for v in methods.values())
         table = Table(title=f"{group} ({n} pair{'s' if n != 1 else ''}; * = best)", title_justify="left")
@@ -428,7 +425,7 @@ def _eval_tables(means: dict, quiet: bool) -> None:
                 text = f"{v[k]:.{_EVAL_FORMAT.get(k, 3)}f}"
                 cells.append(f"[bold green]{text}*[/]" if method in best[k] else text)
             table.add_row(method, str(v["n"]), *cells)
-        console.print(table)
+        _print_table(table)
 
 
 @app.command("eval")
@@ -556,7 +553,7 @@ def _with_progress(total: int, quiet: bool, label: str, work: Callable[[Callable
 @app.command()
 def batch(
     source: Annotated[Path, typer.Argument(readable=False, metavar="IN", help="Folder of pairs (ID_mri + ID_ct/pet/spect, CASE_0000 + CASE_0001, or one sub-folder per case) or a CSV manifest id,fixed,moving[,output].", show_default=False)],
-    out_dir: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Output folder: fused images, one JSON report each, summary.csv.", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Output folder (created if missing): fused images, one JSON report each, summary.csv.", show_default=False)],
     method: Method = "auto",
     transform: Transform = "auto",
     fixed_modality: FixedModality = None,
@@ -634,7 +631,6 @@ def _batch_table(result: Any) -> None:
 
     from rich.table import Table
 
-    console = _wide_console()
     counts = Counter(r["status"] for r in result.rows)
     share = "" if result.part is None else f"part {result.part.index} of {result.part.count}: "
     typer.echo(f"pairing rule: {result.rule}; {share}{len(result.rows)} cases"
@@ -649,7 +645,7 @@ def _batch_table(result: Any) -> None:
         for k in keys:
             summary.add_column(k, justify="right")
         summary.add_row(*(f"{sum(float(r.get(k) or 0) for r in scored) / len(scored):.3f}" for k in keys))
-        console.print(summary)
+        _print_table(summary)
     if result.failed:
         table = Table(title="failed cases", title_justify="left")
         table.add_column("id")
@@ -657,7 +653,7 @@ def _batch_table(result: Any) -> None:
         table.add_column("reason")
         for r in sorted(result.failed, key=lambda r: r["id"]):
             table.add_row(r["id"], r["status"], r.get("error", ""))
-        console.print(table)
+        _print_table(table)
 
 
 @app.command("train")
@@ -811,15 +807,22 @@ def _print_models(cards: list[dict], check: bool, folder: Path, rules: Sequence[
         table.caption = (f"no trained networks in {folder}: --method auto uses the laplacian rule "
                          "(MEDFUSE_WEIGHTS names the folder of the model cards)")
         table.caption_justify = "left"
-    _wide_console().print(table)
+    _print_table(table)
 
 
-def _wide_console():
-    """A Rich console; off a terminal (pipes, logs) wide enough that tables are not squeezed."""
+def _print_table(table: Any) -> None:
+    """Print a Rich table; off a terminal (pipes, logs) wide enough that it is not squeezed, and
+    without the spaces Rich pads its lines with."""
     from rich.console import Console
 
     console = Console()
-    return console if console.is_terminal else Console(width=240)
+    if console.is_terminal:
+        console.print(table)
+        return
+    console = Console(width=240)
+    with console.capture() as captured:
+        console.print(table)
+    typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 def main() -> None:

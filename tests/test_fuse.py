@@ -865,6 +865,34 @@ def test_writes_that_really_fail_leave_nothing_and_say_why_in_one_line(tmp_path)
         assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs POSIX resource limits")
+def test_a_report_that_really_fails_after_the_image_leaves_nothing(tmp_path):
+    """The report is written last; when the operating system refuses it (a file size limit between
+    the fused slice's size and the report's, no mocking), the image written before it is removed
+    too, and the folders made for them: one line, exit 6, only the inputs left (fuse; register with
+    its transform file; convert, whose only file fails)."""
+    from PIL import Image
+
+    pair = []
+    for src, name in ((T1, "crop_mri.png"), (PET, "crop_pet.png")):  # 32x32 crops of the bundled slices
+        x = np.asarray(nib.load(src).dataobj)[30:62, 40:72, 45].astype(float)
+        Image.fromarray((255 * (x - x.min()) / (x.max() - x.min())).astype(np.uint8)).save(tmp_path / name)
+        pair.append(tmp_path / name)
+    out = tmp_path / "out" / "new"
+    for args in (("fuse", *pair, "-o", out / "f.png", "--method", "mean", "--no-metrics"),
+                 ("register", *pair, "-o", out / "m.png", "--save-transform", out / "t.tfm", "--report", out / "r.json")):
+        res = with_file_size_limit(1500, *args)
+        assert_one_line_error(res, 6)
+        assert "File too large" in res.stderr and ".json" in res.stderr, res.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["crop_mri.png", "crop_pet.png"], args[0]
+    res = with_file_size_limit(20000, "convert", T1, "-o", out / "t1.nii")
+    assert_one_line_error(res, 6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop_mri.png", "crop_pet.png"]
+    res = with_file_size_limit(1 << 20, "fuse", *pair, "-o", out / "f.png", "--method", "mean", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    assert 0 < (out / "f.png").stat().st_size < 1500 < (out / "f.json").stat().st_size  # the limit sits between
+
+
 @pytest.mark.parametrize("failure", ["full disk", "ctrl-c", "sigterm"])
 def test_a_report_that_cannot_be_written_takes_the_image_with_it(failure, tmp_path, cli, monkeypatch):
     """The image (and figure) were left behind when the report after them failed (found with a full

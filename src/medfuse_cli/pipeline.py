@@ -33,6 +33,7 @@ from .io.atomic import (
     atomic_write_bytes,
     check_distinct,
     check_writable,
+    missing_folders,
     undone_on_failure,
 )
 from .io.raster import RASTER_FORMATS
@@ -465,23 +466,24 @@ def fuse_pair(
 
         fused, moved, reg, details = fuse_images(fixed_img, moving_img, options, stage)
 
-        if out_path is not None:
-            stage("writing")
-            write_image(fused, out_path, overwrite=overwrite, dicom=_dicom_context(fixed, moving, fixed_img, moving_img, options, details))
-        details["timings"] = {"read_s": read_s, **details["timings"]}
-        rep: dict[str, Any] = {
-            **_report_head(out_path, fixed_img, fixed_src, moving_img, moving_src),
-            "parameters": asdict(options),  # the fields only (not the start read from their files)
-            "registration": reg.summary(),
-            **details,
-            **(report_extra or {}),
-            "warnings": seen,  # filled as they come, until the report is written
-        }
-        rep["timings"]["total_s"] = time.perf_counter() - started
-        rep["memory"]["peak_bytes"] = peak()
-        result = FuseResult(fused, moved, reg, rep)
-        written = [out_path]
-        with undone_on_failure(written):
+        written: list[Path | None] = []  # removed again, with the folders made for them, if a later step fails
+        with undone_on_failure(written, missing_folders(out_path, figure, report_path)):
+            if out_path is not None:
+                stage("writing")
+                write_image(fused, out_path, overwrite=overwrite, dicom=_dicom_context(fixed, moving, fixed_img, moving_img, options, details))
+                written.append(out_path)
+            details["timings"] = {"read_s": read_s, **details["timings"]}
+            rep: dict[str, Any] = {
+                **_report_head(out_path, fixed_img, fixed_src, moving_img, moving_src),
+                "parameters": asdict(options),  # the fields only (not the start read from their files)
+                "registration": reg.summary(),
+                **details,
+                **(report_extra or {}),
+                "warnings": seen,  # filled as they come, until the report is written
+            }
+            rep["timings"]["total_s"] = time.perf_counter() - started
+            rep["memory"]["peak_bytes"] = peak()
+            result = FuseResult(fused, moved, reg, rep)
             if figure is not None:
                 stage("drawing figure")
                 from .report import write_figure
@@ -580,9 +582,10 @@ def register_pair(
         moved = resample_to(moving_img, fixed_img, None if reg.skipped else reg.transform)
         timings["resample_s"], t0 = time.perf_counter() - t0, time.perf_counter()
         stage("writing")
-        write_image(moved, out_path, overwrite=overwrite)
-        written: list[Path | None] = [out_path]
-        with undone_on_failure(written):
+        written: list[Path | None] = []
+        with undone_on_failure(written, missing_folders(out_path, save_transform, report_path)):
+            write_image(moved, out_path, overwrite=overwrite)
+            written.append(out_path)
             if save_transform is not None:
                 _write_transform(reg, Path(save_transform), overwrite)
                 written.append(Path(save_transform))

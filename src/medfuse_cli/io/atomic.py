@@ -90,6 +90,26 @@ def _existing_parent(path: Path) -> Path:
     return parent
 
 
+def missing_folders(*paths: str | os.PathLike[str] | None) -> list[Path]:
+    """The folders that writing ``paths`` will create (deepest first): removed again, when empty, by a
+    run that fails (:func:`undone_on_failure`, :func:`atomic_write_bytes`)."""
+    found: list[Path] = []
+    for path in paths:
+        if path is None or is_stdout(path):
+            continue
+        folder = Path(path).absolute().parent
+        while not folder.exists() and folder not in found:
+            found.append(folder)
+            folder = folder.parent
+    return sorted(found, key=lambda f: len(f.parts), reverse=True)
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty (another writer's files), or gone
+            folder.rmdir()
+
+
 def atomic_write_bytes(path: Path, payload: bytes, overwrite: bool) -> None:
     """Write ``payload`` to ``path`` so that readers only ever see the complete file.
 
@@ -108,12 +128,14 @@ def atomic_write_bytes(path: Path, payload: bytes, overwrite: bool) -> None:
         return
     path = Path(path)
     check_writable(path, overwrite)
+    made = missing_folders(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     except OSError as exc:
+        _remove_empty(made)
         raise OutputError(f"cannot write {path}: {os_reason(exc)}") from exc
-    tmp = Path(tmp_name)
+    tmp, done = Path(tmp_name), False
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
@@ -131,17 +153,20 @@ def atomic_write_bytes(path: Path, payload: bytes, overwrite: bool) -> None:
                 if path.exists():
                     raise OutputError(f"output {path} exists; use --overwrite to replace it") from None
                 os.replace(tmp, path)
+        done = True
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {os_reason(exc)}") from exc
     finally:
         tmp.unlink(missing_ok=True)
+        if not done:
+            _remove_empty(made)
 
 
 @contextlib.contextmanager
-def undone_on_failure(written: list[Path | None]) -> Iterator[None]:
+def undone_on_failure(written: list[Path | None], folders: Sequence[Path] = ()) -> Iterator[None]:
     """Remove the outputs in ``written`` (files or a DICOM series folder; the list may grow inside) when
     what follows them fails (a full disk for the report, Ctrl-C), so a failed run leaves no image
-    without its report."""
+    without its report; then the ``folders`` the run created (:func:`missing_folders`), when empty."""
     try:
         yield
     except BaseException:
@@ -152,4 +177,5 @@ def undone_on_failure(written: list[Path | None]) -> Iterator[None]:
                 shutil.rmtree(path, ignore_errors=True)
             elif path.exists() or path.is_symlink():
                 path.unlink(missing_ok=True)
+        _remove_empty(folders)
         raise

@@ -51,6 +51,28 @@ def _tre(fixed, transform, rigid) -> float:
     return float(np.linalg.norm(est - true, axis=1).mean())
 
 
+def test_ct_window_takes_an_unnamed_moving_as_ct_and_says_when_unused(tmp_path, cli):
+    """--ct-window makes a MOVING of unknown modality a CT (not the PET assumed without it), and warns
+    when neither input is a CT, where it would otherwise be silently ignored."""
+    res = cli("fuse", T1, PET, "-o", tmp_path / "pet.nii.gz", "--ct-window", "brain", "-m", "mean", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    report = json.loads((tmp_path / "pet.json").read_text())
+    assert [w for w in report["warnings"] if w.startswith("--ct-window windows a CT") and "not used" in w]
+    assert report["normalisation"]["moving"]["rule"].startswith("percentiles")
+    ct = tmp_path / "scan.nii.gz"  # a real CT whose name says nothing of its modality
+    ct.write_bytes(shared_path("volumes", "clinical_ct_mni_2mm", "scct.nii.gz").read_bytes())
+    for window, modality in ((None, "PT"), ("40,400", "CT")):
+        out = tmp_path / f"ct_{modality}.nii.gz"
+        res = cli("fuse", T1, ct, "-o", out, "-m", "mean", "--no-metrics", *(["--ct-window", window] if window else []))
+        assert res.exit_code == 0, res.stderr
+        report = json.loads((tmp_path / f"ct_{modality}.json").read_text())
+        assert report["inputs"]["moving"]["modality"] == modality
+        assert report["inputs"]["moving"]["modality_source"] == "assumed"
+        assert not [w for w in report["warnings"] if "not used" in w]
+    assert [w for w in report["warnings"] if "assumed CT (--ct-window given)" in w]
+    assert (report["normalisation"]["moving"]["lo"], report["normalisation"]["moving"]["hi"]) == (-160.0, 240.0)
+
+
 @pytest.mark.parametrize("method", list(CLASSIC_RULES))
 def test_example_fusion_keeps_fixed_geometry(method, tmp_path, cli):
     out = tmp_path / f"{method}.nii.gz"

@@ -256,10 +256,10 @@ FixedModality = Annotated[
     str | None, typer.Option("--fixed-modality", help="Modality of FIXED (MR, CT, PT/PET, NM/SPECT) when the header or file name does not say; default assumed MR.")
 ]
 MovingModality = Annotated[
-    str | None, typer.Option("--moving-modality", help="Modality of MOVING (MR, CT, PT/PET, NM/SPECT) when the header or file name does not say; default assumed PT.")
+    str | None, typer.Option("--moving-modality", help="Modality of MOVING (MR, CT, PT/PET, NM/SPECT) when the header or file name does not say; default assumed PT (CT with --ct-window).")
 ]
 CtWindow = Annotated[
-    str | None, typer.Option("--ct-window", help="CT intensity window: brain (L40 W80), bone (L600 W2800) or LEVEL,WIDTH in HU. Default: 0.5-99.5 percentile window.")
+    str | None, typer.Option("--ct-window", help="CT intensity window: brain (L40 W80), bone (L600 W2800) or LEVEL,WIDTH in HU. A greyscale MOVING of unknown modality is then taken as CT; unused (with a warning) when neither input is a CT. Default: 0.5-99.5 percentile window.")
 ]
 Colormap = Annotated[str | None, typer.Option("--colormap", help="Show a greyscale MOVING (PET, SPECT or CT) in this colour map over its window (hot, inferno, jet, ... any matplotlib name), as PET and SPECT are read: its luminance is fused with FIXED and its colour put back, so the output is RGB (NIfTI RGB24, PNG, DICOM RGB). Default: greyscale output.", show_default=False)]
 FixedSeries = Annotated[str | None, typer.Option("--fixed-series", help="FIXED is DICOM with several series: take this one (UID, number or description).")]

@@ -154,14 +154,14 @@ def _modality_source(image: Image) -> str:
     return "dicom header" if image.provenance.format == "dicom" else "file name"
 
 
-def _assign_modality(image: Image, given: str | None, default: Modality) -> str:
+def _assign_modality(image: Image, given: str | None, default: Modality, why: str = "") -> str:
     if given is not None:
         image.modality = Modality.parse(given)
         return "option"
     if image.modality is not Modality.OT:
         return _modality_source(image)
     image.modality = default
-    log.warning("%s: modality unknown, assumed %s", image.provenance.source, default.value)
+    log.warning("%s: modality unknown, assumed %s%s", image.provenance.source, default.value, why)
     return "assumed"
 
 
@@ -246,6 +246,8 @@ def _fuse_images(fixed: Image, moving: Image, options: FuseOptions,
     method = resolve_method(options.method, volume=not fixed.is_2d, learnt_pair=task is not None)
     check_fits(method, volume=not fixed.is_2d)  # before registering
     pair = f"FIXED is {fixed.modality.value} and MOVING is {moving.modality.value}"
+    if options.ct_window is not None and Modality.CT not in (fixed.modality, moving.modality):
+        log.warning("--ct-window windows a CT, but %s: not used (if MOVING is a CT, say so with --moving-modality CT)", pair)
     if task is None:
         if method in NETWORKS:
             task = TASK_OF_MODALITY.get(moving.modality, "mri-pet")
@@ -462,7 +464,9 @@ def fuse_pair(
         if out_path is not None:
             check_dicom_fits(out_path, fixed_img.is_2d)
         fixed_src = _assign_modality(fixed_img, options.fixed_modality, Modality.MR)
-        moving_src = _assign_modality(moving_img, options.moving_modality, Modality.PT)
+        ct = options.ct_window is not None and not moving_img.is_color  # a grey MOVING with a CT window is a CT
+        moving_src = _assign_modality(moving_img, options.moving_modality, Modality.CT if ct else Modality.PT,
+                                      " (--ct-window given)" if ct else "")
 
         fused, moved, reg, details = fuse_images(fixed_img, moving_img, options, stage)
 

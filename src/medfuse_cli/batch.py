@@ -245,7 +245,7 @@ def _dicom_series_pair(sub: Path, series_given: bool) -> tuple[str | None, str |
 
 def _subfolders(root: Path, out: Path, series_given: bool = False) -> tuple[list[BatchCase], list[str]]:
     from .image import Modality
-    from .io import guess_modality, read_image
+    from .io import FrameChoice, guess_modality, read_image
 
     cases, unpaired = [], []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -266,7 +266,7 @@ def _subfolders(root: Path, out: Path, series_given: bool = False) -> tuple[list
             mod = guess_modality(p.name)
             if mod is Modality.OT:
                 try:
-                    mod = read_image(p).modality
+                    mod = read_image(p, frames=FrameChoice(mean=True)).modality  # any frame has it
                 except MedfuseError as exc:
                     unpaired.append(f"{sub.name}: {p.name} unreadable ({exc})")
                     break

@@ -48,6 +48,12 @@ Frame = Annotated[
     typer.Option("--frame", min=0, help="4D input: take this frame (0-based)."),
 ]
 MeanFrames = Annotated[bool, typer.Option("--mean-frames", help="4D input: average all frames.")]
+PairFrame = Annotated[
+    int | None,
+    typer.Option("--frame", min=0, help="4D FIXED or MOVING (a dynamic PET, an fMRI): take this frame (0-based) of "
+                 "each 4D input; 3D inputs are taken as they are. Without it (or --mean-frames) a 4D input is refused."),
+]
+PairMeanFrames = Annotated[bool, typer.Option("--mean-frames", help="4D FIXED or MOVING: average the frames of each 4D input.")]
 Suv = Annotated[
     bool,
     typer.Option(
@@ -319,6 +325,8 @@ def fuse(
     figure: Annotated[Path | None, typer.Option("--figure", readable=False, help="Also write a figure: FIXED, MOVING, fused and an overlay, middle slice of each plane, in physical proportions; PNG, PDF, SVG or JPEG by the name's suffix (.png, .pdf, .svg, .jpg).")] = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
+    frame: PairFrame = None,
+    mean_frames: PairMeanFrames = False,
     seed: Seed = 0,
     metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Score the fusion with medfuse eval's metrics (in the report and the summary line).")] = True,
     device: Device = "auto",
@@ -347,8 +355,8 @@ def fuse(
                               landmarks=[str(p) for p in landmarks] if landmarks else None,
                               fixed_modality=fixed_modality,
                               moving_modality=moving_modality, ct_window=ct_window, colormap=colormap,
-                              fixed_series=fixed_series, moving_series=moving_series, seed=seed,
-                              metrics=metrics, device=device, patch=patch, overlap=overlap,
+                              fixed_series=fixed_series, moving_series=moving_series, frame=frame,
+                              mean_frames=mean_frames, seed=seed, metrics=metrics, device=device, patch=patch, overlap=overlap,
                               anonymize=anonymize, threads=threads, max_memory=max_memory)
         with _stages(quiet) as stage:
             result = fuse_pair(fixed, moving, output, options, report=report, figure=figure,
@@ -376,6 +384,8 @@ def register(
     report: Annotated[Path | None, typer.Option("--report", readable=False, help="Also write a JSON report: inputs, parameters, registration (Mattes MI before and after, rotation, the start chosen, landmark distances), timings, memory and every warning; - prints it on standard output instead of the summary line.", show_default=False)] = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
+    frame: PairFrame = None,
+    mean_frames: PairMeanFrames = False,
     seed: Seed = 0,
     max_memory: Annotated[str, typer.Option("--max-memory", help="Memory the registration may use: a size (4G, 800M) or auto (what is available now, within any cgroup limit). Estimated from FIXED's grid after reading; over it, exit 10 before registering.")] = "auto",
     overwrite: Overwrite = False,
@@ -393,7 +403,8 @@ def register(
             reg = register_pair(fixed, moving, output, transform=transform, save_transform=save_transform,
                                 fixed_series=fixed_series, moving_series=moving_series, seed=seed,
                                 overwrite=overwrite, initial_transform=initial_transform, landmarks=landmarks,
-                                stage=stage, report=report, max_memory=max_memory)
+                                stage=stage, report=report, max_memory=max_memory, frame=frame,
+                                mean_frames=mean_frames)
         if not quiet and not is_stdout(report):
             typer.echo(f"{output}  {_registration_line(reg.summary())}")
 
@@ -562,6 +573,8 @@ def batch(
     colormap: Colormap = None,
     fixed_series: FixedSeries = None,
     moving_series: MovingSeries = None,
+    frame: PairFrame = None,
+    mean_frames: PairMeanFrames = False,
     seed: Seed = 0,
     metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Score every case with medfuse eval's metrics (report and summary.csv).")] = True,
     device: Device = "auto",
@@ -597,7 +610,8 @@ def batch(
         share = None if part is None else parse_part(part)
         options = {"method": method, "transform": transform, "fixed_modality": fixed_modality,
                        "moving_modality": moving_modality, "ct_window": ct_window, "colormap": colormap,
-                       "fixed_series": fixed_series, "moving_series": moving_series, "seed": seed,
+                       "fixed_series": fixed_series, "moving_series": moving_series, "frame": frame,
+                       "mean_frames": mean_frames, "seed": seed,
                        "metrics": metrics, "device": device,
                        "patch": patch, "overlap": overlap, "figures": figures, "dicom": dicom, "anonymize": anonymize,
                        "max_memory": max_memory, "threads": threads}

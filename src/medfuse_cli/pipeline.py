@@ -79,6 +79,8 @@ class FuseOptions:
     ct_window: str | None = None
     fixed_series: str | None = None
     moving_series: str | None = None
+    frame: int | None = None  # of each 4D input (a dynamic PET, an fMRI)
+    mean_frames: bool = False  # each 4D input: the mean of its frames
     seed: int = 0
     metrics: bool = True
     device: str = "auto"
@@ -104,6 +106,7 @@ class FuseOptions:
             raise InvalidInputError(f"unknown transform {self.transform!r}; choose auto, rigid, affine or none")
         self._start = given_start(self.initial_transform, self.landmarks, rigid=self.transform != "none")
         parse_ct_window(self.ct_window)
+        self.frames()
         if self.colormap is not None:
             check_colormap(self.colormap)
         for m in (self.fixed_modality, self.moving_modality):
@@ -112,6 +115,10 @@ class FuseOptions:
                     Modality.parse(m)
                 except ValueError as exc:
                     raise InvalidInputError(str(exc)) from None
+
+    def frames(self) -> FrameChoice:
+        """What to take from a 4D FIXED or MOVING (both, when both are 4D)."""
+        return FrameChoice(frame=self.frame, mean=self.mean_frames)
 
     def start(self):
         """The registration's start given by --initial-transform or --landmarks, if any (read once, when
@@ -130,21 +137,22 @@ class FuseResult:
 Stage = Callable[..., None]  # stage(name) as a step starts; stage(name, done, total) as a long one goes on
 
 
-def _load(path: str | os.PathLike[str] | Image, series: str | None) -> Image:
-    return path if isinstance(path, Image) else read_image(path, series=series, frames=FrameChoice())
+def _load(path: str | os.PathLike[str] | Image, series: str | None, frames: FrameChoice) -> Image:
+    return path if isinstance(path, Image) else read_image(path, series=series, frames=frames)
 
 
 def _load_pair(fixed: str | os.PathLike[str] | Image, moving: str | os.PathLike[str] | Image,
-               fixed_series: str | None, moving_series: str | None) -> tuple[Image, Image]:
+               options: FuseOptions) -> tuple[Image, Image]:
     """FIXED and MOVING; one DICOM study given as both (with no series chosen) gives its MR series as
     FIXED and its CT, PET or SPECT series as MOVING."""
     same = not isinstance(fixed, Image) and not isinstance(moving, Image) and Path(fixed) == Path(moving)
     study = same and (Path(fixed).is_dir() or Path(fixed).suffix.lower() == ".zip" and Path(fixed).is_file())
+    fixed_series, moving_series = options.fixed_series, options.moving_series
     if study and fixed_series is None and moving_series is None:
         from .io.dicom import study_series_pair
 
         fixed_series, moving_series = study_series_pair(Path(fixed))
-    return _load(fixed, fixed_series), _load(moving, moving_series)
+    return _load(fixed, fixed_series, options.frames()), _load(moving, moving_series, options.frames())
 
 
 def _modality_source(image: Image) -> str:
@@ -459,7 +467,7 @@ def fuse_pair(
         started = time.perf_counter()
         stage("reading")
         t0 = time.perf_counter()
-        fixed_img, moving_img = _load_pair(fixed, moving, options.fixed_series, options.moving_series)
+        fixed_img, moving_img = _load_pair(fixed, moving, options)
         read_s = time.perf_counter() - t0
         if out_path is not None:
             check_dicom_fits(out_path, fixed_img.is_2d)
@@ -547,6 +555,8 @@ def register_pair(
     stage: Stage | None = None,
     report: str | os.PathLike[str] | None = None,
     max_memory: str = "auto",
+    frame: int | None = None,
+    mean_frames: bool = False,
 ) -> Registration:
     """Register MOVING onto FIXED, write MOVING on FIXED's grid (and the transform and a JSON report,
     if asked; the report last); ``stage`` hears of each step. Refused (exit 10) before registering
@@ -557,7 +567,7 @@ def register_pair(
         options = FuseOptions(transform=transform, initial_transform=None if initial_transform is None else str(initial_transform),
                               landmarks=[str(p) for p in landmarks] if landmarks else None, seed=seed,
                               fixed_series=fixed_series, moving_series=moving_series,
-                              max_memory=max_memory)  # checks the names, the files and the size
+                              frame=frame, mean_frames=mean_frames, max_memory=max_memory)  # checks the names, the files and the size
         out_path = Path(output)
         report_path = Path(report) if report is not None else None
         check_distinct({"--output": out_path, "--save-transform": save_transform, "--report": report_path})
@@ -571,7 +581,7 @@ def register_pair(
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         stage("reading")
-        fixed_img, moving_img = _load_pair(fixed, moving, fixed_series, moving_series)
+        fixed_img, moving_img = _load_pair(fixed, moving, options)
         fixed_img = usable(fixed_img, "FIXED")
         moving_img = usable(moving_img, "MOVING")
         moving_img = _check_pair(fixed_img, moving_img)
@@ -604,7 +614,7 @@ def register_pair(
 
 
 REGISTRATION_PARAMETERS = ("transform", "initial_transform", "landmarks", "seed", "fixed_series", "moving_series",
-                           "max_memory")
+                           "frame", "mean_frames", "max_memory")
 
 
 def _report_head(output: Path | None, fixed: Image, fixed_source: str, moving: Image,

@@ -117,7 +117,7 @@ def read_image(
 
         image = read_nifti(path, frames=frames)
     elif kind == "itk":
-        image = read_itk(path, frames=frames)
+        image = read_itk(path)
     else:
         from .raster import read_raster
 

@@ -336,7 +336,7 @@ def read_dicom(
     suv: bool = False,
 ) -> Image:
     """Read one DICOM series from a folder, zip or file into an :class:`Image` (RAS+)."""
-    frames = frames or FrameChoice()
+    frames = frames or FrameChoice(offered=False)
     groups = group_series(scan(path))
     uid = _choose_series(groups, series, path.name)
     group = groups[uid]

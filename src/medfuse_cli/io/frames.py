@@ -9,10 +9,12 @@ from ..errors import ChoiceRequiredError, GeometryError
 
 @dataclass(frozen=True)
 class FrameChoice:
-    """``frame``: 0-based index of the frame to take; ``mean``: average all frames."""
+    """``frame``: 0-based index of the frame to take; ``mean``: average all frames; ``offered``: whether
+    the command has ``--frame`` / ``--mean-frames`` (else a 4D input's error points to ``convert``)."""
 
     frame: int | None = None
     mean: bool = False
+    offered: bool = True
 
     def __post_init__(self) -> None:
         if self.frame is not None and self.mean:
@@ -23,10 +25,9 @@ class FrameChoice:
         if self.mean:
             return None
         if self.frame is None:
-            raise ChoiceRequiredError(
-                f"{name} is 4D with {n_frames} frames; choose one with --frame N (0..{n_frames - 1}) "
-                "or average them with --mean-frames"
-            )
+            how = (f"choose one with --frame N (0..{n_frames - 1}) or average them with --mean-frames" if self.offered
+                   else f"take one first: medfuse convert {name} -o OUT --frame N (0..{n_frames - 1}) or --mean-frames")
+            raise ChoiceRequiredError(f"{name} is 4D with {n_frames} frames; {how}")
         if not 0 <= self.frame < n_frames:
             raise GeometryError(f"{name}: --frame {self.frame} is out of range 0..{n_frames - 1}")
         return self.frame

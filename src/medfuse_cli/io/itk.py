@@ -24,7 +24,6 @@ from ..errors import (
 )
 from ..image import Image, Modality, Provenance
 from .atomic import atomic_write_bytes
-from .frames import FrameChoice
 from .limits import check_components, check_voxel_count, colour_8bit
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -52,14 +51,12 @@ def to_sitk(image: Image, channel: int | None = None):
     return out
 
 
-def read_itk(path: Path, frames: FrameChoice | None = None) -> Image:
+def read_itk(path: Path) -> Image:
     """A 2D or 3D NRRD / MetaImage file (greyscale, or RGB as colour) as an :class:`Image`.
 
     ITK's readers run in a child process: fuzzing found damaged headers that crash them (a
     segmentation fault, or an exit from inside MetaIO), which no exception handler catches; the
     child's death becomes a one-line error here. It costs about 0.4 s per file."""
-    if frames is not None and (frames.frame is not None or frames.mean):
-        raise InvalidInputError(f"{path.name}: --frame / --mean-frames apply to 4D inputs (NIfTI, DICOM)")
     _check_detached_data(path)
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), tmp], capture_output=True, text=True,

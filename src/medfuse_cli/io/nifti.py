@@ -106,7 +106,7 @@ def _warn_if_forms_differ(header, shape: tuple[int, ...], name: str) -> None:
 def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     """Read a ``.nii`` / ``.nii.gz`` file or a ``.hdr`` / ``.img`` pair (NIfTI-1 or Analyze 7.5); the
     affine follows the header's sform/qform codes."""
-    frames = frames or FrameChoice()
+    frames = frames or FrameChoice(offered=False)
     img = _load(path)
     header = img.header
     shape = tuple(int(s) for s in img.shape)

@@ -234,7 +234,9 @@ def test_repeated_positions_are_frames(tmp_path):
         read_image(dest)
     base = read_image(folder)
     np.testing.assert_array_equal(read_image(dest, frames=FrameChoice(frame=0)).data, base.data)
-    np.testing.assert_array_equal(read_image(dest, frames=FrameChoice(frame=1)).data, base.data + 1)
+    second = read_image(dest, frames=FrameChoice(frame=1))
+    np.testing.assert_array_equal(second.data, base.data + 1)
+    assert second.provenance.steps == ["4D, 2 frames: frame 1 (0-based)"]  # in fuse's report and info
     np.testing.assert_allclose(read_image(dest, frames=FrameChoice(mean=True)).data, base.data + 0.5)
 
 
@@ -399,3 +401,18 @@ def test_monochrome1_is_shown_as_a_viewer_shows_it(tmp_path, caplog):
         else:
             np.testing.assert_array_equal(image.data, 4000 - ref.data)
             assert "MONOCHROME1 ignored: a PT series' values are quantities" in caplog.text
+
+
+def test_contours_instead_of_an_image_are_named(tmp_path, cli):
+    """An RTSTRUCT (contours) given as an image says what it is, as a file, in a folder and in a zip."""
+    folder = shared_path(*PET, "rtstruct")
+    (rt,) = [f for f in folder.iterdir() if f.is_file()]
+    with pytest.raises(InvalidInputError, match=f"^{rt.name}: a DICOM RTSTRUCT object, not an image$"):
+        read_image(rt)
+    with pytest.raises(InvalidInputError, match="no DICOM image found in this folder; .*not images: RTSTRUCT \\(1\\)"):
+        read_image(folder)
+    with zipfile.ZipFile(tmp_path / "rt.zip", "w") as zf:
+        zf.write(rt, rt.name)
+        zf.writestr("README.txt", "contours of the tumour")
+    res = cli("fuse", tmp_path / "rt.zip", EXAMPLES / "spm12" / "OldNorm_PET.nii.gz", "-o", tmp_path / "f.nii.gz")
+    assert res.exit_code == 4 and "not images: RTSTRUCT (1)" in res.stderr and not (tmp_path / "f.nii.gz").exists()

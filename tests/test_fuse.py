@@ -72,7 +72,8 @@ def test_a_frame_of_a_4d_input_is_fused_registered_and_batched(tmp_path, cli):
             fused[out.name] = np.asarray(nib.load(out).dataobj)
         np.testing.assert_array_equal(fused[f"{name}_dyn_pet.nii.gz"], fused[f"{name}_{name}_pet.nii.gz"])
     assert not np.array_equal(fused["f1_dyn_pet.nii.gz"], fused["mean_dyn_pet.nii.gz"])
-    assert json.loads((tmp_path / "f1_dyn_pet.json").read_text())["parameters"]["frame"] == 1
+    report = json.loads((tmp_path / "f1_dyn_pet.json").read_text())
+    assert report["parameters"]["frame"] == 1 and report["inputs"]["moving"]["notes"] == ["4D, 3 frames: frame 1 (0-based)"]
     res = cli("fuse", T1, dynamic, "-o", tmp_path / "none.nii.gz")
     assert res.exit_code == 2 and "--frame N (0..2)" in res.stderr and not (tmp_path / "none.nii.gz").exists()
     assert cli("fuse", T1, dynamic, "-o", tmp_path / "x.nii.gz", "--frame", "3").exit_code == 5

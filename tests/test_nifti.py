@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 
 import nibabel as nib
 import numpy as np
@@ -90,6 +91,16 @@ def test_4d_needs_a_frame_choice(tmp_path, cli):
     assert res.exit_code == 2 and "--frame" in res.stderr and not out.exists()
     assert cli("convert", path, "-o", out, "--frame", "1").exit_code == 0
     assert cli("convert", path, "-o", tmp_path / "y.nii.gz", "--frame", "7").exit_code == 5
+    # info describes a 4D input (before: refused it) by the mean of its frames, or the frame asked for
+    res = cli("info", path, "--json")
+    assert res.exit_code == 0, res.stderr
+    (item,) = json.loads(res.stdout)
+    n = data.shape[3]
+    assert item["notes"] == [f"4D, {n} frames: the mean of all"] and item["shape"] == list(data.shape[:3])
+    assert item["mean"] == pytest.approx(float(data.mean()), rel=1e-5)
+    (item,) = json.loads(cli("info", path, "--json", "--frame", "1").stdout)
+    assert item["notes"] == [f"4D, {n} frames: frame 1 (0-based)"]
+    assert item["max"] == pytest.approx(float(data[..., 1].max()), rel=1e-6)
 
 
 def test_truncated_gzip_is_refused(tmp_path, cli):

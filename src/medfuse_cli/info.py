@@ -41,7 +41,10 @@ def describe_image(image: Image) -> dict[str, Any]:
 
 
 def describe_path(path: Path, series: str | None = None, frames: FrameChoice | None = None) -> list[dict[str, Any]]:
-    """One summary per image series at ``path`` (every series of a DICOM input unless ``series``)."""
+    """One summary per image series at ``path`` (every series of a DICOM input unless ``series``); a 4D
+    input is described by the mean of its frames unless ``frames`` chooses one (a note says which)."""
+    if frames is None or (frames.frame is None and not frames.mean):
+        frames = FrameChoice(mean=True)
     is_dicom = path.is_dir() or path.suffix.lower() in (".zip", ".dcm")
     if is_dicom and series is None and path.exists():
         from .io.dicom import list_series

@@ -13,6 +13,7 @@ import io
 import logging
 import reprlib
 import zipfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -95,7 +96,7 @@ def _parse_all(ds: Dataset) -> None:
 
 
 def _read_header(name: str, opener: object) -> Dataset | None:
-    """The header of an image DICOM file, or ``None`` when it is not one."""
+    """The header of a DICOM file, or ``None`` when it is not DICOM."""
     try:
         with opener() as fh:  # type: ignore[operator]
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
@@ -108,18 +109,22 @@ def _read_header(name: str, opener: object) -> Dataset | None:
     if "Rows" not in ds and "Image Storage" in pydicom.uid.UID(sop).name:
         # pydicom stops quietly at the end of a short file: never drop a slice from a series silently
         raise InvalidInputError(f"{name}: truncated DICOM image (the file ends before its pixel data)")
-    if sop in _NON_IMAGE_SOP or "Rows" not in ds or "SeriesInstanceUID" not in ds:
-        return None
     return ds
+
+
+def _is_image(ds: Dataset) -> bool:
+    return str(ds.get("SOPClassUID", "")) not in _NON_IMAGE_SOP and "Rows" in ds and "SeriesInstanceUID" in ds
 
 
 def scan(path: Path) -> list[_Entry]:
     """All image DICOM files under ``path`` (headers only); non-image files are skipped."""
-    entries, skipped = [], []
+    entries, skipped, objects = [], [], Counter()
     for name, opener in _iter_sources(path):
         ds = _read_header(name, opener)
-        if ds is None:
+        if ds is None or not _is_image(ds):
             skipped.append(name)
+            if ds is not None:  # DICOM, but no image: contours, a report, a DICOMDIR...
+                objects[str(ds.get("Modality", "") or "") or pydicom.uid.UID(str(ds.get("SOPClassUID", ""))).name] += 1
             continue
         entries.append(_Entry(name=name, header=ds, opener=opener))
     if skipped:
@@ -130,10 +135,15 @@ def scan(path: Path) -> list[_Entry]:
         what = "folder" if path.is_dir() else "file"
         images = [n for n in skipped if n.lower().endswith((*PAIR_SUFFIXES, *ITK_SUFFIXES))]
         hint = ""
+        if objects:
+            listed = ", ".join(f"{kind} ({n})" for kind, n in objects.most_common())
+            hint = f"; it holds DICOM objects that are not images: {listed}"
         if images and path.is_dir():
-            hint = f"; it holds {len(images)} other image file(s): give one itself, e.g. {path / images[0]}"
+            hint += f"; it holds {len(images)} other image file(s): give one itself, e.g. {path / images[0]}"
         elif images:
-            hint = f"; it holds {len(images)} other image file(s) (e.g. {images[0]}): unzip it and give one itself"
+            hint += f"; it holds {len(images)} other image file(s) (e.g. {images[0]}): unzip it and give one itself"
+        if objects and what == "file" and not zipfile.is_zipfile(path):
+            raise InvalidInputError(f"{path.name}: a DICOM {next(iter(objects))} object, not an image")
         raise InvalidInputError(f"{path.name}: no DICOM image found in this {what}{hint}")
     return entries
 
@@ -369,13 +379,14 @@ def read_dicom(
     suv_factor = _suv_factor(datasets[0], path.name) if suv else None
     thickness = _float(first, "SpacingBetweenSlices", _float(first, "SliceThickness", 1.0)) or 1.0
     if colour:  # RGB (pydicom gives YBR as RGB): each channel stacked as a greyscale series
-        stacked = [stack_slices(SliceStack.from_slices([dataclasses.replace(sl, pixels=sl.pixels[..., c], slope=1.0,
-                                                                            inter=0.0) for sl in slices],
-                                                       path.name, frames), path.name, thickness) for c in range(3)]
+        stacks = [SliceStack.from_slices([dataclasses.replace(sl, pixels=sl.pixels[..., c], slope=1.0, inter=0.0)
+                                          for sl in slices], path.name, frames) for c in range(3)]
+        stacked = [stack_slices(st, path.name, thickness) for st in stacks]
         vol = np.clip(np.rint(np.stack([v for v, _, _ in stacked], axis=-1)), 0, 255).astype(np.uint8)
         _, affine_lps, notes = stacked[0]
     else:
-        vol, affine_lps, notes = stack_slices(SliceStack.from_slices(slices, path.name, frames), path.name, thickness)
+        stacks = [SliceStack.from_slices(slices, path.name, frames)]
+        vol, affine_lps, notes = stack_slices(stacks[0], path.name, thickness)
     modality_code = str(first.get("Modality", "OT") or "OT")
     try:
         modality = Modality.parse(modality_code)
@@ -397,7 +408,7 @@ def read_dicom(
         series_uid=uid,
         series_number=int(number) if number not in (None, "") else None,
         series_description=str(first.get("SeriesDescription", "") or "") or None,
-        steps=list(notes),
+        steps=[*notes, *([stacks[0].frames_note] if stacks[0].frames_note else [])],  # the frame: no warning
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "") or "") or None,
     )
     return Image(data=vol, affine=LPS_TO_RAS @ affine_lps, modality=modality, units=units, provenance=prov)

@@ -31,3 +31,8 @@ class FrameChoice:
         if not 0 <= self.frame < n_frames:
             raise GeometryError(f"{name}: --frame {self.frame} is out of range 0..{n_frames - 1}")
         return self.frame
+
+    @staticmethod
+    def note(index: int | None, n_frames: int) -> str:
+        """What was taken from a 4D input, for its provenance (reports, ``info``)."""
+        return f"4D, {n_frames} frames: " + ("the mean of all" if index is None else f"frame {index} (0-based)")

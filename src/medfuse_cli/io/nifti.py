@@ -128,9 +128,11 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     scaled = not (slope in (None, 1.0) and inter in (None, 0.0)) and not (rgb or vector)  # colour is never scaled
     if rgb and len(shape) == 4 and shape[3] > 1:
         raise GeometryError(f"{path.name}: 4D RGB NIfTI images are not supported")
+    steps = []
     try:
         if len(shape) == 4 and shape[3] > 1:
             index = frames.select(shape[3], path.name)
+            steps.append(frames.note(index, shape[3]))
             if index is None:
                 voxels = real_valued(np.asanyarray(img.dataobj), path.name) if complex_ else img.get_fdata(dtype=np.float32)
                 raw = voxels.mean(axis=3, dtype=np.float32)
@@ -171,7 +173,7 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
         affine=affine.astype(np.float64),
         modality=Modality.OT,
         units=None,
-        provenance=Provenance(source=path.name, format="nifti"),
+        provenance=Provenance(source=path.name, format="nifti", steps=steps),
         nifti_geometry=_geometry(header, affine),
     )
 

@@ -43,6 +43,7 @@ class SliceStack:
     col_dir: np.ndarray
     normal: np.ndarray
     positions: np.ndarray  # position of each slice along ``normal``
+    frames_note: str | None = None  # what was taken from a 4D series (FrameChoice.note)
 
     @classmethod
     def from_slices(cls, slices: list[Slice], name: str, frames: FrameChoice) -> SliceStack:
@@ -73,6 +74,7 @@ class SliceStack:
                     "duplicate or missing files?"
                 )
             index = frames.select(int(counts[0]), name)
+            note = frames.note(index, int(counts[0]))
             chosen: list[Slice] = []
             for key in uniq:
                 at = sorted((s for s, k in zip(slices, keys, strict=True) if k == key), key=lambda s: s.order)
@@ -83,8 +85,10 @@ class SliceStack:
                     chosen.append(at[index])
             slices = chosen
             t = np.array([float(normal @ s.ipp) for s in slices])
+        else:
+            note = None
         order = np.argsort(t, kind="stable")
-        return cls([slices[i] for i in order], row_dir, col_dir, normal, t[order])
+        return cls([slices[i] for i in order], row_dir, col_dir, normal, t[order], note)
 
 
 def _rescaled(stack: SliceStack) -> np.ndarray:

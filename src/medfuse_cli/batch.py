@@ -39,6 +39,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -73,8 +74,8 @@ INPUT_EXT = (*PAIR_SUFFIXES, *ITK_SUFFIXES, ".dcm", ".zip")
 BENCH_RE = named_pattern("mri")
 NNUNET_RE = named_pattern("(?P<ch>000[01])")
 SUMMARY_EVERY_S = 2.0
-BATCH_ONLY = ("figures", "dicom")  # batch options that are not FuseOptions
-NOT_DECISIVE = ("threads",)  # options that do not change a case's output: a re-run with others skips it
+BATCH_ONLY = ("figures", "dicom", "log_level")  # batch options that are not FuseOptions
+NOT_DECISIVE = ("threads", "log_level")  # options that do not change a case's output: a re-run with others skips it
 # glibc settings for every case (``mallopt``: M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3). dask starts its
 # workers with MALLOC_TRIM_THRESHOLD_=65536, which also turns off glibc's adaptive mmap threshold, so every
 # temporary array above 128 KiB is mapped and faulted in afresh: the metrics' many temporaries ran 2.4x
@@ -444,7 +445,7 @@ def run_case(case: dict[str, str | None], options: dict[str, Any], fp: str, time
     _tune_malloc()
     from .pipeline import FuseOptions, fuse_pair
 
-    with limited_threads(options["threads"]):
+    with limited_threads(options["threads"]), _case_log(case["id"], options.get("log_level")):
         try:
             Path(case["output"]).parent.mkdir(parents=True, exist_ok=True)
             opts = {k: v for k, v in options.items() if k not in BATCH_ONLY}
@@ -464,6 +465,29 @@ def run_case(case: dict[str, str | None], options: dict[str, Any], fp: str, time
             row.update(status="failed", error=f"unexpected {type(exc).__name__}: {exc}")
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
+
+
+@contextmanager
+def _case_log(case_id: str, level: int | None) -> Iterator[None]:
+    """In a dask worker (``level`` given): this thread's medfuse messages on the worker's stderr, which
+    dask shows, at the batch's level (``--quiet``: errors only; before, every warning came through as a
+    bare line) and tagged with the case, since several workers' lines interleave."""
+    if level is None:  # in the batch's own process, its console handler shows them
+        yield
+        return
+    logger = logging.getLogger("medfuse_cli")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter(f"%(levelname)s  {case_id}: %(message)s"))
+    me = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == me)  # a worker may run several cases at once
+    if logger.getEffectiveLevel() > level:
+        logger.setLevel(level)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def _row_from_report(report: dict[str, Any]) -> dict[str, Any]:
@@ -530,9 +554,10 @@ def run_batch(
     on_start: Callable[[int, int], None] | None = None,
     on_done: Callable[[dict[str, Any]], None] | None = None,
     part: Part | None = None,
+    log_level: int = logging.WARNING,
 ) -> BatchResult:
     """Fuse every case (with ``part``, that part's); finished rows are reported through ``on_done``
-    as they complete.
+    as they complete. ``log_level``: what the dask workers print of each case's messages.
 
     ``summary.csv`` in ``out`` (``summary.part-K-of-N.csv`` for a part) is rewritten (atomically) at
     most every few seconds while cases finish and at the end; the reports beside the outputs are
@@ -555,7 +580,8 @@ def run_batch(
         if removed:
             log.warning("removed %d partial files left by an interrupted run", removed)
         summary = out / ("summary.csv" if part is None else f"summary.{part.tag}.csv")
-        rows = _run_locked(cases, summary, options, engine, workers, scheduler, force, case_timeout, on_start, on_done)
+        rows = _run_locked(cases, summary, {**options, "log_level": log_level}, engine, workers, scheduler, force,
+                           case_timeout, on_start, on_done)
     return BatchResult(rows, rule, unpaired, summary, part, total)
 
 
@@ -658,8 +684,9 @@ def _run_locked(
 
     write_summary(rows, summary)
     if engine == "sequential" or not todo:
+        here = {k: v for k, v in options.items() if k != "log_level"}  # this process shows its own messages
         for case, fp in todo:
-            finish(run_case(asdict(case), options, fp, case_timeout))
+            finish(run_case(asdict(case), here, fp, case_timeout))
     else:
         _run_dask(todo, options, workers, scheduler, case_timeout, finish)
     write_summary(rows, summary)

@@ -67,11 +67,15 @@ Suv = Annotated[
 THIRD_PARTY_LOGGERS = ("nibabel", "pydicom", "highdicom", "PIL", "tifffile", "py.warnings")
 
 
+def _log_level(quiet: bool, verbose: bool) -> int:
+    return logging.ERROR if quiet else (logging.DEBUG if verbose else logging.WARNING)
+
+
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose else logging.WARNING)
+    level = _log_level(quiet, verbose)
     handler = RichHandler(
         console=Console(stderr=True), show_time=False, show_path=False, markup=False, rich_tracebacks=False
     )
@@ -618,7 +622,8 @@ def batch(
         result = _batch_with_progress(
             quiet, lambda on_start, on_done: run_batch(
                 source, out_dir, options, engine=engine, workers=workers, scheduler=scheduler, force=force,
-                case_timeout=case_timeout, on_start=on_start, on_done=on_done, part=share))
+                case_timeout=case_timeout, on_start=on_start, on_done=on_done, part=share,
+                log_level=_log_level(quiet, verbose)))
         if not quiet:
             _batch_table(result)
         if result.failed:

@@ -678,25 +678,25 @@ def test_a_changed_dicom_folder_is_not_taken_as_complete(tmp_path):
 
 
 def test_dask_workers_print_case_messages_at_the_batch_level(tmp_path):
-    """A case's warnings, printed by its dask worker, carry the case id and follow --quiet / --verbose
-    (before: bare lines, even with --quiet); summary.csv keeps them whatever the level."""
+    """A case's warnings carry the case id, from a dask worker or the sequential engine, and a worker's
+    follow --quiet / --verbose (before: bare lines, even with --quiet); summary.csv keeps them."""
     pairs = tmp_path / "in"
     pairs.mkdir()
     for case in ("alpha", "beta"):  # nnU-Net names: modality unknown, a warning for each input
         (pairs / f"{case}_0000.nii.gz").symlink_to(T1)
         (pairs / f"{case}_0001.nii.gz").symlink_to(PET)
     runs = {}
-    for level in ("-q", None, "-v"):
+    for level in ("-q", None, "-v", "sequential"):
         out = tmp_path / f"out{level}"
-        proc = subprocess.run([*MEDFUSE, "batch", str(pairs), "-o", str(out), "--workers", "1", "-m", "mean",
-                               "--no-metrics", *([level] if level else [])], check=False, capture_output=True,
-                              text=True, timeout=300)
+        args = ["--engine", "sequential"] if level == "sequential" else ["--workers", "1", *([level] if level else [])]
+        proc = subprocess.run([*MEDFUSE, "batch", str(pairs), "-o", str(out), "-m", "mean", "--no-metrics", *args],
+                              check=False, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert "modality unknown" in _summary(out)["alpha"]["warnings"]
         runs[level] = proc.stderr
     assert "modality unknown" not in runs["-q"]
-    for level in (None, "-v"):
-        lines = [line for line in runs[level].splitlines() if "modality unknown" in line]
+    for level in (None, "-v", "sequential"):  # the same tagged lines from the batch's own process
+        lines = [line.rstrip() for line in runs[level].splitlines() if "modality unknown" in line]
         assert sorted(lines) == sorted(f"WARNING  {case}: {case}_000{i}.nii.gz: modality unknown, assumed {m}"
                                        for case in ("alpha", "beta") for i, m in ((0, "MR"), (1, "PT")))
     assert "INFO  alpha: registration skipped" in runs["-v"] and "INFO" not in runs[None]

@@ -91,6 +91,15 @@ def test_a_frame_of_a_4d_input_is_fused_registered_and_batched(tmp_path, cli):
     assert res.exit_code == 2 and "medfuse convert" in res.stderr
 
 
+def test_window_options_say_when_the_method_does_not_use_them(tmp_path, cli):
+    """--patch / --overlap only shape dcfb3d's sliding window: another method says it ignores them."""
+    for name, args in (("set", ["--patch", "16"]), ("overlap", ["--overlap", "0.5"]), ("default", [])):
+        res = cli("fuse", T1, PET, "-o", tmp_path / f"{name}.nii.gz", "-m", "mean", "--no-metrics", *args)
+        assert res.exit_code == 0, res.stderr
+        warnings = json.loads((tmp_path / f"{name}.json").read_text())["warnings"]
+        assert bool([w for w in warnings if w.startswith("--patch and --overlap")]) == (name != "default")
+
+
 def test_ct_window_takes_an_unnamed_moving_as_ct_and_says_when_unused(tmp_path, cli):
     """--ct-window makes a MOVING of unknown modality a CT (not the PET assumed without it), and warns
     when neither input is a CT, where it would otherwise be silently ignored."""

@@ -39,7 +39,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .caselog import case_log
 from .errors import (
     InputNotFoundError,
     InvalidInputError,
@@ -445,7 +445,7 @@ def run_case(case: dict[str, str | None], options: dict[str, Any], fp: str, time
     _tune_malloc()
     from .pipeline import FuseOptions, fuse_pair
 
-    with limited_threads(options["threads"]), _case_log(case["id"], options.get("log_level")):
+    with limited_threads(options["threads"]), case_log(case["id"], options.get("log_level")):
         try:
             Path(case["output"]).parent.mkdir(parents=True, exist_ok=True)
             opts = {k: v for k, v in options.items() if k not in BATCH_ONLY}
@@ -465,29 +465,6 @@ def run_case(case: dict[str, str | None], options: dict[str, Any], fp: str, time
             row.update(status="failed", error=f"unexpected {type(exc).__name__}: {exc}")
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
-
-
-@contextmanager
-def _case_log(case_id: str, level: int | None) -> Iterator[None]:
-    """In a dask worker (``level`` given): this thread's medfuse messages on the worker's stderr, which
-    dask shows, at the batch's level (``--quiet``: errors only; before, every warning came through as a
-    bare line) and tagged with the case, since several workers' lines interleave."""
-    if level is None:  # in the batch's own process, its console handler shows them
-        yield
-        return
-    logger = logging.getLogger("medfuse_cli")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(level)
-    handler.setFormatter(logging.Formatter(f"%(levelname)s  {case_id}: %(message)s"))
-    me = threading.get_ident()
-    handler.addFilter(lambda record: record.thread == me)  # a worker may run several cases at once
-    if logger.getEffectiveLevel() > level:
-        logger.setLevel(level)
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
 
 
 def _row_from_report(report: dict[str, Any]) -> dict[str, Any]:

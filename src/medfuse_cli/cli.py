@@ -79,7 +79,9 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     handler = RichHandler(
         console=Console(stderr=True), show_time=False, show_path=False, markup=False, rich_tracebacks=False
     )
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    from .caselog import CaseFormatter
+
+    handler.setFormatter(CaseFormatter("%(message)s"))  # a batch case's lines tagged with its id
     handler.setLevel(level)
     root = logging.getLogger("medfuse_cli")
     root.handlers[:] = [handler]

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from . import __version__
 from .errors import GeometryError, InvalidInputError, OutputError
-from .fusion import NETWORKS, check_fits, fuse, resolve_method
+from .fusion import NETWORKS, VOLUME_NETWORKS, check_fits, fuse, resolve_method
 from .image import Image, Modality
 from .intensity import (
     check_colormap,
@@ -253,6 +253,10 @@ def _fuse_images(fixed: Image, moving: Image, options: FuseOptions,
     mri_moving, task = network_roles(fixed.modality, moving.modality)
     method = resolve_method(options.method, volume=not fixed.is_2d, learnt_pair=task is not None)
     check_fits(method, volume=not fixed.is_2d)  # before registering
+    window = {f.name: f.default for f in fields(FuseOptions) if f.name in ("patch", "overlap")}
+    if method not in VOLUME_NETWORKS and any(getattr(options, name) != value for name, value in window.items()):
+        log.warning("--patch and --overlap set the sliding window of %s; %s does not use them",
+                    ", ".join(VOLUME_NETWORKS), method)
     pair = f"FIXED is {fixed.modality.value} and MOVING is {moving.modality.value}"
     if options.ct_window is not None and Modality.CT not in (fixed.modality, moving.modality):
         log.warning("--ct-window windows a CT, but %s: not used (if MOVING is a CT, say so with --moving-modality CT)", pair)

@@ -326,9 +326,9 @@ def test_dicom_series_outputs_with_anonymize_and_resume(tmp_path, cli):
         assert "skipped" in fh.read()  # the complete series is not redone
 
 
-def test_dicom_outputs_leave_a_one_slice_case_as_nifti(tmp_path, cli):
-    """With --dicom, a case whose FIXED is one NIfTI slice (placed in a PET volume) failed, as DICOM
-    output is for volumes; it is now written as NIfTI beside the other cases' series."""
+def test_dicom_outputs_of_one_slice_cases_are_series_of_one_image(tmp_path, cli):
+    """With --dicom, a case whose FIXED is one NIfTI slice or one DICOM file (placed in a PET volume)
+    is a DICOM series of one image on that slice's grid (before: left as NIfTI, and before that, failed)."""
     import zipfile
 
     import numpy as np
@@ -345,10 +345,13 @@ def test_dicom_outputs_leave_a_one_slice_case_as_nifti(tmp_path, cli):
               "--no-metrics")
     assert res.exit_code == 0, res.stderr
     assert {r["status"] for r in _summary(tmp_path / "out").values()} == {"done"}
-    assert nib.load(tmp_path / "out" / "slice.nii.gz").shape == (91, 109, 1)
-    assert nib.load(tmp_path / "out" / "dicom_slice.nii.gz").shape == (128, 128, 1)
-    np.testing.assert_array_equal(nib.load(tmp_path / "out" / "slice.nii.gz").affine,
-                                  nib.load(tmp_path / "in" / "slice" / "t1.nii.gz").affine)
+    for case, fixed, shape in (("slice", "t1.nii.gz", (91, 109, 1)), ("dicom_slice", "mr.dcm", (128, 128, 1))):
+        assert [f.name for f in (tmp_path / "out" / case).iterdir()] == ["IM00001.dcm"]
+        fused = read_image(tmp_path / "out" / case)
+        assert fused.shape == shape
+        grid = read_image(tmp_path / "in" / case / fixed).affine  # its pixels where FIXED's are; one slice has no
+        np.testing.assert_allclose(fused.affine[:, [0, 1, 3]], grid[:, [0, 1, 3]], atol=1e-4)  # slice direction:
+        np.testing.assert_allclose(np.abs(fused.affine[:, 2]), np.abs(grid[:, 2]), atol=1e-4)  # DICOM's row x column
     assert len(list((tmp_path / "out" / "volume").glob("*.dcm"))) == 91
 
 

@@ -166,7 +166,7 @@ def test_dciodvfy_finds_no_errors(fused_series):
 def test_dicom_output_of_2d_slices_is_refused_before_work(tmp_path, cli):
     folder = shared_path("harvard", "mri-ct")
     res = cli("fuse", folder / "02004_mri.png", folder / "02004_ct.png", "-o", tmp_path / "out", "--method", "mean")
-    assert res.exit_code == 6 and "DICOM output is for volumes" in res.stderr
+    assert res.exit_code == 6 and "needs a place in space, which a PNG slice has not" in res.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.json").exists()
 
 

@@ -91,6 +91,26 @@ def test_a_frame_of_a_4d_input_is_fused_registered_and_batched(tmp_path, cli):
     assert res.exit_code == 2 and "medfuse convert" in res.stderr
 
 
+def test_a_volume_for_a_slice_format_is_refused_before_the_work(tmp_path, cli, monkeypatch):
+    """A volume pair written as PNG / TIFF is refused once FIXED is read, before registration and fusion
+    (before: after them, 30 s into a DICOM pair), and so is a DICOM series on a PNG slice's grid."""
+    from medfuse_cli import pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("registered before the output's format was checked")
+
+    monkeypatch.setattr(pipeline, "register", never)
+    for name in ("fused.png", "fused.tif"):
+        res = cli("fuse", T1, PET, "-o", tmp_path / "out" / name, "-t", "rigid")
+        assert res.exit_code == 5 and "a 91x109x91 volume cannot be written as" in res.stderr, res.stderr
+        res = cli("register", T1, PET, "-o", tmp_path / "out" / name, "-t", "rigid")
+        assert res.exit_code == 5 and "a 91x109x91 volume cannot be written as" in res.stderr, res.stderr
+    folder = shared_path("harvard", "mri-ct")
+    res = cli("fuse", folder / "02004_mri.png", folder / "02004_ct.png", "-o", tmp_path / "out" / "series", "-t", "rigid")
+    assert res.exit_code == 6 and "needs a place in space" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_window_options_say_when_the_method_does_not_use_them(tmp_path, cli):
     """--patch / --overlap only shape dcfb3d's sliding window: another method says it ignores them."""
     for name, args in (("set", ["--patch", "16"]), ("overlap", ["--overlap", "0.5"]), ("default", [])):

@@ -56,8 +56,6 @@ from .errors import (
     os_reason,
 )
 from .io import (
-    ANALYZE_SUFFIXES,
-    NIFTI_SUFFIXES,
     PAIR_SUFFIXES,
     RASTER_READ_SUFFIXES,
     named_pattern,
@@ -164,26 +162,6 @@ def _as_folder(output: str) -> str:
         if output.lower().endswith(suffix):
             return output[: -len(suffix)]
     return output
-
-
-def _one_slice(fixed: str) -> bool:
-    """Whether FIXED is one NIfTI slice or one single-frame DICOM file, from its header: its result is
-    2D, which a DICOM series output cannot hold, so ``--dicom`` leaves it as NIfTI."""
-    path = Path(fixed)
-    name = path.name.lower()
-    try:
-        if name.endswith(NIFTI_SUFFIXES + ANALYZE_SUFFIXES):
-            import nibabel as nib
-
-            shape = nib.load(path).shape
-            return len(shape) < 3 or shape[2] == 1
-        if path.is_file() and _maybe_dicom(path):
-            import pydicom
-
-            return int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames") or 1) == 1
-    except Exception:  # noqa: BLE001 - unreadable or damaged (any reader error): the case itself will say why
-        return False
-    return False
 
 
 def _output_ext(fixed: Path) -> str:
@@ -337,7 +315,7 @@ def discover(source: Path, out: Path, dicom: bool = False, series_given: bool = 
                 f"{source}: no pairs found (ID_mri + ID_ct/pet/spect, CASE_0000 + CASE_0001, or one sub-folder per case)"
             )
     if dicom:
-        cases = [c if _one_slice(c.fixed) else replace(c, output=_as_folder(c.output)) for c in cases]
+        cases = [replace(c, output=_as_folder(c.output)) for c in cases]
     written: dict[str, int] = {}  # every file a case writes (output, report, figure) -> its case's index
     for i, c in enumerate(cases):
         for path in (c.output, c.report, *([c.figure] if figures else [])):

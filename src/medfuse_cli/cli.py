@@ -587,7 +587,7 @@ def batch(
     patch: Patch = 96,
     overlap: Overlap = 0.25,
     max_memory: MaxMemory = "auto",
-    dicom: Annotated[bool, typer.Option("--dicom", help="Write every fused volume as a new derived DICOM series folder OUT_DIR/CASE (as fuse -o FOLDER); 2D results stay PNG (PNG/TIFF slices) or NIfTI (FIXED one NIfTI slice or single-frame DICOM file).")] = False,
+    dicom: Annotated[bool, typer.Option("--dicom", help="Write every fused volume as a new derived DICOM series folder OUT_DIR/CASE (as fuse -o FOLDER); results of PNG/TIFF slices stay PNG; one NIfTI slice or single-frame DICOM file as FIXED gives a series of one image.")] = False,
     anonymize: Annotated[bool, typer.Option("--anonymize", help="DICOM output: leave out the patient's identity (as fuse --anonymize).")] = False,
     figures: Annotated[bool, typer.Option("--figures", help="Also write ID_figure.png beside each output (as fuse --figure).")] = False,
     engine: Annotated[str, typer.Option("--engine", help="dask (a dask.distributed LocalCluster, or --scheduler) or sequential (one case after another in this process, each on every core: see --threads).")] = "dask",

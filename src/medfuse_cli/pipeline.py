@@ -28,7 +28,7 @@ from .intensity import (
     window_for,
     ycbcr_to_rgb,
 )
-from .io import FrameChoice, check_dicom_fits, check_output, read_image, write_image
+from .io import FrameChoice, check_format_fits, check_output, read_image, write_image
 from .io.atomic import (
     atomic_write_bytes,
     check_distinct,
@@ -474,7 +474,7 @@ def fuse_pair(
         fixed_img, moving_img = _load_pair(fixed, moving, options)
         read_s = time.perf_counter() - t0
         if out_path is not None:
-            check_dicom_fits(out_path, fixed_img.is_2d)
+            check_format_fits(out_path, fixed_img)
         fixed_src = _assign_modality(fixed_img, options.fixed_modality, Modality.MR)
         ct = options.ct_window is not None and not moving_img.is_color  # a grey MOVING with a CT window is a CT
         moving_src = _assign_modality(moving_img, options.moving_modality, Modality.CT if ct else Modality.PT,
@@ -586,6 +586,7 @@ def register_pair(
         t0 = time.perf_counter()
         stage("reading")
         fixed_img, moving_img = _load_pair(fixed, moving, options)
+        check_format_fits(out_path, fixed_img)
         fixed_img = usable(fixed_img, "FIXED")
         moving_img = usable(moving_img, "MOVING")
         moving_img = _check_pair(fixed_img, moving_img)

@@ -7,14 +7,14 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import InputNotFoundError, InvalidInputError, OutputError
+from ..errors import GeometryError, InputNotFoundError, InvalidInputError, OutputError
 from ..image import Image, Modality
 from .atomic import check_name_and_place, check_writable
 from .frames import FrameChoice
 from .itk import ITK_OUTPUT_SUFFIXES, ITK_SUFFIXES, read_itk, write_itk
 from .raster import READ_ONLY_SUFFIXES
 
-__all__ = ["FrameChoice", "check_dicom_fits", "check_output", "guess_modality", "output_format", "read_image",
+__all__ = ["FrameChoice", "check_format_fits", "check_output", "guess_modality", "output_format", "read_image",
            "write_image"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -170,10 +170,21 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False,
     check_writable(path, overwrite, inputs)
 
 
-def check_dicom_fits(path: str | os.PathLike[str], is_2d: bool) -> None:
-    """A DICOM series output needs a volume: a 2D result is a one-line error (exit 6)."""
-    if is_2d and output_format(path) == "dicom":
-        raise OutputError(f"{Path(path).name}: DICOM output is for volumes; write a 2D result as .png, .tif or .nii.gz")
+def check_format_fits(path: str | os.PathLike[str], grid: Image) -> None:
+    """Whether the output's format can hold an image on ``grid`` (checked before the work, and by
+    :func:`write_image`): a volume as PNG / TIFF is a one-line error (exit 5); so is a DICOM series on a
+    PNG / TIFF / JPEG / BMP slice's grid, which has no place in space (exit 6); a NIfTI or DICOM slice's
+    result is a series of one image."""
+    from .raster import RASTER_FORMATS
+
+    fmt = output_format(path)
+    if fmt == "raster" and not grid.is_2d:
+        x, y, z = grid.shape[:3]
+        kind = "PNG" if Path(path).name.lower().endswith(".png") else "TIFF"
+        raise GeometryError(f"a {x}x{y}x{z} volume cannot be written as {kind}; write NIfTI (.nii.gz) instead")
+    if fmt == "dicom" and grid.provenance.format in RASTER_FORMATS:
+        raise OutputError(f"{Path(path).name}: a DICOM series needs a place in space, which a "
+                          f"{grid.provenance.format.upper()} slice has not; write the result as .png, .tif or .nii.gz")
 
 
 def write_image(image: Image, path: str | os.PathLike[str], overwrite: bool = False, dicom=None) -> None:
@@ -181,10 +192,10 @@ def write_image(image: Image, path: str | os.PathLike[str], overwrite: bool = Fa
     ``dicom`` is the :class:`~medfuse_cli.io.dicom_write.DicomContext` of a DICOM series."""
     path = Path(path)
     fmt = output_format(path)
+    check_format_fits(path, image)
     if fmt == "dicom":
         from .dicom_write import DicomContext, write_dicom_series
 
-        check_dicom_fits(path, image.is_2d)
         write_dicom_series(image, path, dicom or DicomContext(), overwrite)
     elif fmt == "nifti":
         from .nifti import write_nifti

@@ -200,12 +200,7 @@ def _to_storable(data: np.ndarray, name: str, allow_float: bool) -> np.ndarray:
 
 
 def raster_bytes(image: Image, fmt: str) -> bytes:
-    """Encode a single-slice image as PNG or TIFF bytes."""
-    if not image.is_2d:
-        raise GeometryError(
-            f"a {image.shape[0]}x{image.shape[1]}x{image.shape[2]} volume cannot be written as {fmt.upper()}; "
-            "write NIfTI (.nii.gz) instead"
-        )
+    """Encode a single-slice image as PNG or TIFF bytes (:func:`..io.check_format_fits` refuses volumes)."""
     data = image.data[:, :, 0]
     pixels = np.ascontiguousarray(np.swapaxes(data, 0, 1))  # back to (rows, cols[, 3])
     if image.is_color:

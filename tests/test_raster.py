@@ -216,3 +216,19 @@ def test_16_bit_rgb_float_rgb_and_complex_tiffs(tmp_path, cli):
     grey = spect[..., 0].astype(np.float32)
     tifffile.imwrite(tmp_path / "complex.tif", (grey * (0.6 + 0.8j)).astype(np.complex64))
     np.testing.assert_allclose(read_image(tmp_path / "complex.tif").data[:, :, 0], grey.T, rtol=1e-5)
+
+
+def test_a_slice_is_read_by_its_content_whatever_its_name(tmp_path):
+    """A PNG named .tif and a TIFF named .png (exports renamed by hand) read as the files they are
+    (before: the .tif one was refused as "not a readable TIFF")."""
+    import tifffile
+
+    pet = shared_path("harvard", "mri-pet") / "25015_pet.png"
+    mri = shared_path("harvard", "mri-pet") / "25015_mri.png"
+    (tmp_path / "pet.tif").write_bytes(pet.read_bytes())
+    tifffile.imwrite(tmp_path / "mri.png", np.asarray(PILImage.open(mri)))
+    for named, original in ((tmp_path / "pet.tif", pet), (tmp_path / "mri.png", mri)):
+        image, expected = read_image(named), read_image(original)
+        np.testing.assert_array_equal(image.data, expected.data)
+        np.testing.assert_array_equal(image.affine, expected.affine)
+    assert read_image(tmp_path / "pet.tif").is_color and read_image(tmp_path / "mri.png").provenance.format == "tiff"

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 RASTER_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
 TIFF_SUFFIXES = (".tif", ".tiff")
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, either byte order
 READ_ONLY_SUFFIXES = (".jpg", ".jpeg", ".bmp")
 RASTER_FORMATS = ("png", "tiff", "jpeg", "bmp")  # Provenance.format of a raster slice
 
@@ -116,9 +117,18 @@ def _check_complete(tif, size: int, name: str) -> None:
                                     f"{announced} images, the file holds {max(held, count)}")
 
 
+def _is_tiff(path: Path) -> bool:
+    """Whether the file is a TIFF by its first bytes, whatever its name (a PNG named .tif is read as PNG)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) in TIFF_MAGIC
+    except OSError:
+        return path.suffix.lower() in TIFF_SUFFIXES  # the reader will say why it cannot be read
+
+
 def is_stack(path: Path) -> bool:
     """True for a TIFF file of several slices (read as a volume); reads the header only."""
-    if path.suffix.lower() not in TIFF_SUFFIXES:
+    if not _is_tiff(path):
         return False
     import tifffile
 
@@ -135,9 +145,9 @@ def _several_slices(tif) -> bool:
 
 
 def read_raster(path: Path) -> Image:
-    """Read a PNG, TIFF, JPEG or BMP slice."""
+    """Read a PNG, TIFF, JPEG or BMP slice, by its content (Pillow's formats, or TIFF by its first bytes)."""
     suffix = path.suffix.lower()
-    if suffix in TIFF_SUFFIXES:
+    if _is_tiff(path):
         import tifffile
 
         try:
@@ -170,7 +180,7 @@ def read_raster(path: Path) -> Image:
             pixels = np.asarray(im)
             fmt = {"JPEG": "jpeg", "BMP": "bmp"}.get(im.format or "", "png")
     except (UnidentifiedImageError, PILImage.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
-        kind = suffix.lstrip(".").upper().replace("JPG", "JPEG")
+        kind = {"TIF": "TIFF", "JPG": "JPEG"}.get(suffix.lstrip(".").upper(), suffix.lstrip(".").upper())
         raise InvalidInputError(f"{path.name}: not a readable {kind} ({exc})") from exc
     if pixels.dtype == bool:
         pixels = pixels.astype(np.uint8) * 255

@@ -108,7 +108,15 @@ def test_a_volume_for_a_slice_format_is_refused_before_the_work(tmp_path, cli, m
     folder = shared_path("harvard", "mri-ct")
     res = cli("fuse", folder / "02004_mri.png", folder / "02004_ct.png", "-o", tmp_path / "out" / "series", "-t", "rigid")
     assert res.exit_code == 6 and "needs a place in space" in res.stderr
+    res = cli("convert", folder / "02004_mri.png", "-o", tmp_path / "out" / "series")
+    assert res.exit_code == 6 and "needs a place in space" in res.stderr
     assert not (tmp_path / "out").exists()
+    # the grid decides, not the written image's source: a PNG registered onto a NIfTI slice is a series
+    monkeypatch.undo()
+    assert cli("convert", folder / "02004_mri.png", "-o", tmp_path / "mri.nii.gz").exit_code == 0
+    res = cli("register", tmp_path / "mri.nii.gz", folder / "02004_ct.png", "-o", tmp_path / "reg", "-t", "none")
+    assert res.exit_code == 0, res.stderr
+    assert read_image(tmp_path / "reg").shape == (256, 256, 1) and len(list((tmp_path / "reg").glob("*.dcm"))) == 1
 
 
 def test_window_options_say_when_the_method_does_not_use_them(tmp_path, cli):

@@ -75,12 +75,12 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
+    from .caselog import CaseFormatter
+
     level = _log_level(quiet, verbose)
     handler = RichHandler(
         console=Console(stderr=True), show_time=False, show_path=False, markup=False, rich_tracebacks=False
     )
-    from .caselog import CaseFormatter
-
     handler.setFormatter(CaseFormatter("%(message)s"))  # a batch case's lines tagged with its id
     handler.setLevel(level)
     root = logging.getLogger("medfuse_cli")
@@ -192,10 +192,11 @@ def convert(
     """
 
     def body() -> None:
-        from .io import check_output, read_image, write_image
+        from .io import check_format_fits, check_output, read_image, write_image
 
         check_output(output, overwrite, inputs=[input])
         image = read_image(input, series=series, frames=_frames(frame, mean_frames), suv=suv)
+        check_format_fits(output, image)
         write_image(image, output, overwrite=overwrite)
         logging.getLogger("medfuse_cli").info("wrote %s: %r", output, image)
         if not quiet:

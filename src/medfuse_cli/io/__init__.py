@@ -171,10 +171,11 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False,
 
 
 def check_format_fits(path: str | os.PathLike[str], grid: Image) -> None:
-    """Whether the output's format can hold an image on ``grid`` (checked before the work, and by
-    :func:`write_image`): a volume as PNG / TIFF is a one-line error (exit 5); so is a DICOM series on a
-    PNG / TIFF / JPEG / BMP slice's grid, which has no place in space (exit 6); a NIfTI or DICOM slice's
-    result is a series of one image."""
+    """Whether the output's format can hold a result on FIXED's (the input's) ``grid``, checked before
+    the work: a volume as PNG / TIFF is a one-line error (exit 5); so is a DICOM series on a PNG / TIFF /
+    JPEG / BMP slice's grid, which has no place in space (exit 6); a NIfTI or DICOM slice's result is a
+    series of one image. (By the grid's source, not the written image's: ``register`` writes MOVING, a
+    PNG, say, on a NIfTI slice's grid.)"""
     from .raster import RASTER_FORMATS
 
     fmt = output_format(path)
@@ -192,7 +193,8 @@ def write_image(image: Image, path: str | os.PathLike[str], overwrite: bool = Fa
     ``dicom`` is the :class:`~medfuse_cli.io.dicom_write.DicomContext` of a DICOM series."""
     path = Path(path)
     fmt = output_format(path)
-    check_format_fits(path, image)
+    if fmt == "raster":
+        check_format_fits(path, image)  # a volume cannot be a PNG / TIFF
     if fmt == "dicom":
         from .dicom_write import DicomContext, write_dicom_series
 

@@ -211,6 +211,24 @@ def test_unusable_pairs_and_values(tmp_path, cli):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("crop, scale", [(4, 1.0), (5, 1.0), (91, 0.01)])
+def test_a_fixed_a_few_moving_voxels_wide_registers(crop, scale, tmp_path, cli):
+    """A FIXED cropped to a few voxels, or whose voxels are tiny beside MOVING's, registers: the
+    registration pyramid used to shrink it to one constant voxel (ITK failed, "unexpected error")."""
+    import nibabel as nib
+
+    ref = nib.load(str(T1))
+    affine = ref.affine @ np.diag([scale, scale, scale, 1.0])
+    affine[:3, 3] = ref.affine[:3, :3] @ [40, 50, 40] + ref.affine[:3, 3]
+    data = np.asarray(ref.dataobj)[40:40 + crop, 50:50 + crop, 40:40 + crop]
+    nib.Nifti1Image(data, affine).to_filename(tmp_path / "small_t1.nii.gz")
+    out = tmp_path / "fused.nii.gz"
+    res = cli("fuse", tmp_path / "small_t1.nii.gz", PET, "-o", out, "-m", "mean", "-t", "rigid", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    fused = nib.load(str(out))
+    assert fused.shape == data.shape and np.allclose(fused.affine, affine)
+
+
 def test_unreadable_input_and_read_only_output_without_root(tmp_path, cli, monkeypatch):
     """The permission checks, simulated so that they also run as root (root reads everything)."""
     real_access = os.access

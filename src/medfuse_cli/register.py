@@ -436,8 +436,13 @@ def _no_finer_than(image, spacing: float):
 
     old = np.array(image.GetSpacing(), float)
     new = np.maximum(old, spacing)
-    size = np.maximum(1, np.round(np.array(image.GetSize()) * old / new)).astype(int)
-    if np.prod(size) > np.prod(image.GetSize()) / 2:
+    was = np.array(image.GetSize())
+    size = np.maximum(1, np.round(was * old / new)).astype(int)
+    # never below MIN_VOXELS along an axis (a FIXED a few MOVING voxels wide): there, coarsened less
+    few = size < np.minimum(was, MIN_VOXELS)
+    size[few] = np.minimum(was, MIN_VOXELS)[few]
+    new[few] = (old * was / size)[few]
+    if np.prod(size) > np.prod(was) / 2:
         return image
     variance = [float(v) for v in ((new - old) / 2) ** 2]  # mm^2, only where the grid coarsens
     smooth = sitk.DiscreteGaussian(image, variance, 32, 0.01, True)
@@ -478,8 +483,11 @@ def _optimise(fixed, moving, initial, seed: int, rigid: bool, levels: tuple[int,
     dim = fixed.GetDimension()
     scales = [radius2] * (dim * (dim - 1) // 2) + [1.0] * dim if rigid else [radius2] * dim * dim + [1.0] * dim
     reg.SetOptimizerScales(scales)
-    reg.SetShrinkFactorsPerLevel([SHRINK[i] for i in levels])
-    reg.SetSmoothingSigmasPerLevel([SHRINK[i] / 2 if SHRINK[i] > 1 else 0.0 for i in levels])
+    # a FIXED a few voxels wide keeps two along its longest axis (shrunk to one voxel it is constant,
+    # and ITK's metric fails)
+    factors = [min(SHRINK[i], max(1, max(fixed.GetSize()) // 2)) for i in levels]
+    reg.SetShrinkFactorsPerLevel(factors)
+    reg.SetSmoothingSigmasPerLevel([f / 2 if f > 1 else 0.0 for f in factors])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     reg.SetInitialTransform(initial, inPlace=False)
     with _one_thread(reg):

@@ -138,19 +138,37 @@ def _bad_dicom(kind: str, folder: Path) -> Path:
         def edit(ds, i):
             ds["Rows"] = pydicom.DataElement("Rows", "US", [ds.Rows, ds.Rows] if kind == "two_row_counts" else None)
         return _dicom_series(folder, edit, files[:4])
+    if kind in ("zero_spacing", "zero_orientation"):  # found by a sweep: exit 5 "affine is singular", exit 2 "4D"
+        def edit(ds, i):
+            if kind == "zero_spacing":
+                ds.PixelSpacing = [0, 0]
+            else:
+                ds.ImageOrientationPatient = [0] * 6
+        return _dicom_series(folder, edit, files[:4])
+    if kind == "many_series":  # found by a sweep: all of them listed in the one-line error
+        def edit(ds, i):
+            ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+        return _dicom_series(folder, edit, files[:13])
     raise AssertionError(kind)
 
 
 DICOM_CASES = {"truncated_file": 4, "wrong_magic": 4, "bit_flipped_pixels": 4, "absurd_size": 4, "zero_rows": 4,
                "mixed_series": 2, "no_geometry": 4, "not_a_transfer_syntax": 4,
-               "two_row_counts": 4, "empty_rows": 4}
+               "two_row_counts": 4, "empty_rows": 4, "zero_spacing": 4, "zero_orientation": 4, "many_series": 2}
+DICOM_SAYS = {"zero_spacing": "PixelSpacing [0.0, 0.0] is not positive",
+              "zero_orientation": "ImageOrientationPatient [0.0, 0.0, 0.0, 0.0, 0.0, 0.0] is not two unit vectors",
+              "many_series": "holds 13 series; choose one with --series: "}
 
 
 @pytest.mark.parametrize("kind", list(DICOM_CASES))
 def test_damaged_dicom_series(kind, tmp_path, cli):
     src = _bad_dicom(kind, tmp_path / "series")
     out = tmp_path / "out" / "o.nii.gz"
-    assert_one_line_error(cli("convert", src, "-o", out), DICOM_CASES[kind])
+    res = cli("convert", src, "-o", out)
+    assert_one_line_error(res, DICOM_CASES[kind])
+    assert DICOM_SAYS.get(kind, "") in res.stderr
+    if kind == "many_series":  # ten listed, and how many more
+        assert res.stderr.count("(1 files)") == 10 and "; and 3 more (`medfuse info` on the input" in res.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -205,6 +205,31 @@ def test_mixed_series_need_series_choice(tmp_path, cli):
     assert listing.exit_code == 0 and listing.stdout.count('"series_uid"') == 2
 
 
+def test_each_header_is_read_once_per_command_until_the_files_change(tmp_path, cli, monkeypatch):
+    """A study folder's headers are read once by `info` and by `fuse` to a DICOM series (they were
+    read once per series listed, and again for the series read and for the output's references)."""
+    from medfuse_cli.io import dicom
+
+    both = tmp_path / "both"
+    shutil.copytree(shared_path(*MR, "dicom"), both / "mr")
+    shutil.copytree(shared_path(*PET, "dicom"), both / "pet")
+    n_files = sum(1 for f in both.rglob("*") if f.is_file())
+    reads = []
+    real = dicom._read_header
+    monkeypatch.setattr(dicom, "_read_header", lambda name, opener: reads.append(name) or real(name, opener))
+    listing = cli("info", both, "--json")
+    assert listing.exit_code == 0 and listing.stdout.count('"series_uid"') == 2
+    assert len(reads) == n_files
+    reads.clear()
+    res = cli("fuse", both / "mr", both / "pet", "-o", tmp_path / "fused", "-t", "none", "-m", "mean", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    assert len(reads) == n_files  # each file of the two series once, though the output refers to both
+    assert read_image(both / "mr").shape == (128, 128, 96) and len(reads) == n_files
+    (both / "mr" / min(p.name for p in (both / "mr").iterdir())).unlink()  # a file removed: scanned again
+    assert read_image(both / "mr").shape == (128, 128, 95)
+    assert len(reads) == n_files + 95
+
+
 def test_corrupt_dicom_is_refused(tmp_path, cli):
     bad = tmp_path / "bad"
     shutil.copytree(shared_path(*MR, "dicom"), bad)

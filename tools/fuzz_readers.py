@@ -40,6 +40,7 @@ with atheris.instrument_imports(include=["medfuse_cli", "nibabel", "pydicom", "P
     import medfuse_cli.io.stack  # noqa: F401 - instrumented before use
     from medfuse_cli.errors import MedfuseError
     from medfuse_cli.io import read_image
+    from medfuse_cli.io.dicom import _SCANS
 
 ROOT = Path(__file__).resolve().parents[1]
 SUFFIX = {"nifti": ".nii", "nifti-gz": ".nii.gz", "analyze": ".hdr", "dicom": ".dcm", "png": ".png", "tiff": ".tif", "nrrd": ".nrrd",
@@ -132,6 +133,7 @@ def target(kind: str):
             pair.write_bytes(data[348:])
         else:
             path.write_bytes(data)
+        _SCANS.clear()  # DICOM headers are kept by file name, size and time: each input is new
         try:
             read_image(path)
         except MedfuseError:

@@ -13,7 +13,7 @@ import io
 import logging
 import reprlib
 import zipfile
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -116,8 +116,36 @@ def _is_image(ds: Dataset) -> bool:
     return str(ds.get("SOPClassUID", "")) not in _NON_IMAGE_SOP and "Rows" in ds and "SeriesInstanceUID" in ds
 
 
+_SCANS: OrderedDict[tuple, list[_Entry]] = OrderedDict()  # the latest scans (FIXED's and MOVING's)
+SCANS_KEPT = 2
+
+
+def _scan_key(path: Path) -> tuple:
+    """What a scan of ``path`` depends on: its files' names, sizes and modification times."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return (str(path.resolve()), *((str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]))
+
+
 def scan(path: Path) -> list[_Entry]:
-    """All image DICOM files under ``path`` (headers only); non-image files are skipped."""
+    """All image DICOM files under ``path`` (headers only); non-image files are skipped. A command
+    reads an input's headers more than once (its series, then one series, then the DICOM output's
+    references): the latest scans are kept while the files are unchanged."""
+    try:
+        key = _scan_key(path)
+    except OSError:
+        key = None
+    if key in _SCANS:
+        _SCANS.move_to_end(key)
+        return list(_SCANS[key])
+    entries = _scan(path)
+    if key is not None:
+        _SCANS[key] = entries
+        while len(_SCANS) > SCANS_KEPT:
+            _SCANS.popitem(last=False)
+    return list(entries)
+
+
+def _scan(path: Path) -> list[_Entry]:
     entries, skipped, objects = [], [], Counter()
     for name, opener in _iter_sources(path):
         ds = _read_header(name, opener)
@@ -175,6 +203,16 @@ def list_series(path: Path) -> list[SeriesInfo]:
     return sorted(infos, key=lambda s: (s.number is None, s.number or 0, s.uid))
 
 
+SERIES_LISTED = 10  # in a message; `medfuse info` lists them all
+
+
+def _labels(infos: list[SeriesInfo]) -> str:
+    """The series for a message: the first ``SERIES_LISTED``, and how many more."""
+    shown = "; ".join(i.label() for i in infos[:SERIES_LISTED])
+    more = len(infos) - SERIES_LISTED
+    return shown + (f"; and {more} more (`medfuse info` on the input lists them all)" if more > 0 else "")
+
+
 def study_series_pair(path: Path) -> tuple[str, str]:
     """The series to fuse in one study (a PACS export: the DICOM files of several series side by
     side): its one MR series (FIXED) and its one CT, PET or SPECT series (MOVING), localizers left
@@ -185,7 +223,7 @@ def study_series_pair(path: Path) -> tuple[str, str]:
     if len(mr) == 1 and len(other) == 1:
         return mr[0].uid, other[0].uid
     raise ChoiceRequiredError(f"DICOM files of {len(mr)} MR and {len(other)} CT/PET/SPECT series, needs one of each "
-                              "(or give --fixed-series and --moving-series): " + "; ".join(i.label() for i in found))
+                              "(or give --fixed-series and --moving-series): " + _labels(found))
 
 
 def _choose_series(groups: dict[str, list[_Entry]], series: str | None, name: str) -> str:
@@ -197,7 +235,7 @@ def _choose_series(groups: dict[str, list[_Entry]], series: str | None, name: st
         if len(kept) == 1:  # a localizer (scout) is never the series to fuse
             log.info("%s: left out %d localizer series", name, len(groups) - 1)
             return kept[0]
-        listing = "; ".join(i.label() for i in sorted(infos.values(), key=lambda i: (i.number or 0)))
+        listing = _labels(sorted(infos.values(), key=lambda i: (i.number or 0)))
         raise ChoiceRequiredError(f"{name} holds {len(groups)} series; choose one with --series: {listing}")
     wanted = series.strip()
     matches = [u for u, i in infos.items() if wanted in (u, str(i.number), i.description)]
@@ -206,17 +244,18 @@ def _choose_series(groups: dict[str, list[_Entry]], series: str | None, name: st
     if not matches:
         raise ChoiceRequiredError(
             f"{name}: no series matches --series {wanted!r}; found: "
-            + "; ".join(i.label() for i in infos.values())
+            + _labels(list(infos.values()))
         )
     raise ChoiceRequiredError(f"{name}: --series {wanted!r} matches {len(matches)} series; give the UID")
 
 
 def _pixels(entry: _Entry) -> tuple[Dataset, np.ndarray]:
+    """``entry``'s header (parsed by :func:`scan`) and its pixels; the file is read again for them,
+    the elements before the pixels are not parsed again."""
     ds: Dataset | None = None
     try:
         with entry.opener() as fh:  # type: ignore[operator]
             ds = pydicom.dcmread(fh)
-        _parse_all(ds)
         arr = ds.pixel_array
         palette = _is_palette(ds)
         if palette:  # indices into a colour table (colour-mapped PET/NM): the colours are the image
@@ -229,7 +268,7 @@ def _pixels(entry: _Entry) -> tuple[Dataset, np.ndarray]:
             raise InvalidInputError(f"{entry.name}: pixel data compressed as '{syntax.name}', which no installed "
                                     "decoder reads (decompress it, e.g. with gdcmconv --raw)") from exc
         raise InvalidInputError(f"{entry.name}: corrupt or undecodable DICOM pixel data ({exc})") from exc
-    return ds, colour_8bit(arr, entry.name, bits) if colour else arr
+    return entry.header, colour_8bit(arr, entry.name, bits) if colour else arr
 
 
 def _samples(ds: Dataset) -> int:
@@ -257,6 +296,10 @@ def _vector(ds: Dataset, key: str, n: int, name: str) -> np.ndarray:
         vec = np.zeros(0)
     if vec.shape != (n,) or not np.all(np.isfinite(vec)):
         raise InvalidInputError(f"{name}: missing or invalid {key}")
+    if key == "PixelSpacing" and not np.all(vec > 0):
+        raise InvalidInputError(f"{name}: PixelSpacing {vec.tolist()} is not positive")
+    if key == "ImageOrientationPatient" and min(np.linalg.norm(vec[:3]), np.linalg.norm(vec[3:])) < 0.5:
+        raise InvalidInputError(f"{name}: ImageOrientationPatient {vec.tolist()} is not two unit vectors")
     return vec
 
 

@@ -662,6 +662,28 @@ def test_case_folders_of_dicom_files_pair_their_mr_and_pet_series(tmp_path, cli)
     assert cli("fuse", missing, missing, "-o", tmp_path / "three.nii.gz").exit_code == 3
 
 
+def test_case_folders_of_series_named_by_number_pair_by_their_headers_alone(tmp_path, monkeypatch):
+    """A case folder of two DICOM series whose names say nothing (as PACS exports name them) pairs by
+    the series' headers; finding the cases reads no pixels (before, both series were read whole)."""
+    import zipfile
+
+    from medfuse_cli.io import dicom
+
+    case = tmp_path / "in" / "case1"
+    zipfile.ZipFile(EXAMPLES / "dicom" / "mr_t1_xa30.zip").extractall(case / "2")
+    (case / "1").mkdir()
+    for f in sorted(shared_path("dicom", "pt_ge_discoveryst_fdg_sts001", "dicom").glob("*.dcm")):
+        (case / "1" / f.name).symlink_to(f)
+
+    def no_pixels(entry):
+        raise AssertionError(f"pixels of {entry.name} read while finding the cases")
+
+    monkeypatch.setattr(dicom, "_pixels", no_pixels)
+    cases, rule, unpaired = discover(tmp_path / "in", tmp_path / "out")
+    assert rule == "subfolders" and not unpaired
+    assert [(c.id, Path(c.fixed).name, Path(c.moving).name) for c in cases] == [("case1", "2", "1")]
+
+
 def test_a_changed_dicom_folder_is_not_taken_as_complete(tmp_path):
     """A case whose input is a folder (a DICOM series or study) gets a new fingerprint when a file is
     added to it or changed, so a re-run redoes it; an untouched folder keeps its fingerprint."""

@@ -224,7 +224,7 @@ def _dicom_series_pair(sub: Path, series_given: bool) -> tuple[str | None, str |
 
 def _subfolders(root: Path, out: Path, series_given: bool = False) -> tuple[list[BatchCase], list[str]]:
     from .image import Modality
-    from .io import FrameChoice, guess_modality, read_image
+    from .io import read_modality
 
     cases, unpaired = [], []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -242,14 +242,11 @@ def _subfolders(root: Path, out: Path, series_given: bool = False) -> tuple[list
             continue
         mods = []
         for p in inputs:
-            mod = guess_modality(p.name)
-            if mod is Modality.OT:
-                try:
-                    mod = read_image(p, frames=FrameChoice(mean=True)).modality  # any frame has it
-                except MedfuseError as exc:
-                    unpaired.append(f"{sub.name}: {p.name} unreadable ({exc})")
-                    break
-            mods.append(mod)
+            try:
+                mods.append(read_modality(p))  # a DICOM input's headers, never its pixels
+            except (MedfuseError, OSError) as exc:
+                unpaired.append(f"{sub.name}: {p.name} unreadable ({exc})")
+                break
         else:
             mr = [i for i, m in enumerate(mods) if m is Modality.MR]
             if len(mr) != 1:

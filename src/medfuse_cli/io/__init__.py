@@ -14,7 +14,7 @@ from .frames import FrameChoice
 from .itk import ITK_OUTPUT_SUFFIXES, ITK_SUFFIXES, read_itk, write_itk
 from .raster import READ_ONLY_SUFFIXES
 
-__all__ = ["FrameChoice", "check_format_fits", "check_output", "guess_modality", "output_format", "read_image",
+__all__ = ["FrameChoice", "check_format_fits", "check_output", "guess_modality", "output_format", "read_image", "read_modality",
            "write_image"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -48,6 +48,22 @@ def guess_modality(name: str) -> Modality:
     tokens = set(re.split(r"[^a-z0-9]+", name.lower()))
     found = {m for m, words in _MODALITY_WORDS.items() if tokens & set(words)}
     return found.pop() if len(found) == 1 else Modality.OT
+
+
+def read_modality(path: str | os.PathLike[str]) -> Modality:
+    """An input's modality as :func:`read_image` gives it, without reading its pixels: a DICOM
+    input's from its headers, else (or when they say nothing known) the one its name says."""
+    path = Path(path)
+    if _kind(path) == "dicom":
+        from .dicom import chosen_series
+
+        try:
+            modality = Modality.parse(chosen_series(path).modality)
+        except ValueError:
+            modality = Modality.OT
+        if modality is not Modality.OT:
+            return modality
+    return guess_modality(path.name)
 
 
 def _kind(path: Path) -> str:

@@ -203,6 +203,13 @@ def list_series(path: Path) -> list[SeriesInfo]:
     return sorted(infos, key=lambda s: (s.number is None, s.number or 0, s.uid))
 
 
+def chosen_series(path: Path, series: str | None = None) -> SeriesInfo:
+    """The series of a DICOM input that :func:`read_dicom` reads (headers only)."""
+    groups = group_series(scan(path))
+    uid = _choose_series(groups, series, path.name)
+    return _series_info(uid, groups[uid])
+
+
 SERIES_LISTED = 10  # in a message; `medfuse info` lists them all
 
 

@@ -122,6 +122,9 @@ def test_bad_input_gives_one_line_and_an_exit_code(tmp_path, cli):
         (("eval", "--fixed", mri, "--moving", pet, tmp_path / "nope.png"), 3, "nope.png"),
         (("eval", "--pairs", tmp_path), 4, "--fused"),
         (("eval", "--pairs", tmp_path, "--fused", tmp_path), 3, "no ID_mri"),
+        # two folders after one --fused (found by a sweep: "not both", of options never given)
+        (("eval", "--pairs", tmp_path, "--fused", tmp_path / "a", tmp_path / "b"), 4,
+         f"give each fused folder its own --fused (--fused {tmp_path / 'a'} --fused {tmp_path / 'b'})"),
     ]
     for args, code, text in cases:
         res = cli(*args)

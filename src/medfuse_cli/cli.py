@@ -497,6 +497,9 @@ def eval_(
         from .memory import parse_size
 
         if pairs is not None:
+            if fused and not (fixed or moving) and fused_dirs:  # `--fused A B`: B is no fused folder
+                raise InvalidInputError(f"with --pairs, give each fused folder its own --fused (--fused "
+                                        f"{fused_dirs[-1]} --fused {fused[0]}); FUSED images go with --fixed/--moving")
             if fixed or moving or fused:
                 raise InvalidInputError("give either --pairs/--fused or --fixed/--moving FUSED..., not both")
             if not fused_dirs:

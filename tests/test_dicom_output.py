@@ -231,3 +231,24 @@ def test_overwrite_replaces_only_a_series_medfuse_wrote(tmp_path, cli):
         res = cli("fuse", t1, pet, "-o", series, "--overwrite", "--method", "mean", "--no-metrics")
         assert res.exit_code == 0, res.stderr
     assert len(list(series.glob("IM*.dcm"))) == read_image(t1).shape[2]
+
+
+def test_nan_and_inf_voxels_do_not_blank_the_series(tmp_path, cli):
+    """A volume with NaN voxels (or one inf) written as DICOM keeps its other voxels: the series used
+    to be all zeros (the 12-bit scaling took its range from NaN / inf); NaN becomes the lowest value."""
+    t1 = nib.load(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz")
+    values = np.asarray(t1.dataobj).astype(np.float32)
+    damaged = values.copy()
+    damaged[::7] = np.nan
+    damaged[40, 50, 40] = np.inf
+    nib.Nifti1Image(damaged, t1.affine).to_filename(tmp_path / "t1.nii.gz")
+    res = cli("convert", tmp_path / "t1.nii.gz", "-o", tmp_path / "series")
+    assert res.exit_code == 0, res.stderr
+    series = read_image(tmp_path / "series")
+    to_series = np.linalg.inv(series.affine) @ t1.affine  # the series' slices run the other way along z
+    assert np.allclose(np.abs(to_series[:3, :3]), np.eye(3))
+    back = np.flip(series.data, [ax for ax in range(3) if to_series[ax, ax] < 0]).astype(np.float64)
+    finite = np.isfinite(damaged)
+    assert np.corrcoef(back[finite], values[finite])[0, 1] > 0.999
+    assert np.all(back[::7] == back.min()) and back[40, 50, 40] == back.max()
+    assert "NaN/inf voxels written as the lowest value" in res.stderr

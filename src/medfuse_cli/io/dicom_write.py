@@ -15,6 +15,7 @@ referring physician; new Study and Frame of Reference UIDs; PatientIdentityRemov
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import tempfile
@@ -26,6 +27,8 @@ import numpy as np
 
 from ..errors import OutputError, os_reason
 from ..image import Image
+
+log = logging.getLogger(__name__)
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 _LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, -x; +y, -y; +z, -z in LPS
@@ -77,10 +80,17 @@ def _orientation_letters(v: np.ndarray) -> str:
     return _LETTERS[axis][0 if v[axis] > 0 else 1]
 
 
-def _grey_to_12bit(data: np.ndarray) -> tuple[np.ndarray, float, float]:
-    lo, hi = float(np.min(data)), float(np.max(data))
+def _grey_to_12bit(data: np.ndarray, name: str) -> tuple[np.ndarray, float, float]:
+    """``data`` scaled linearly from its finite range to 0..4095, and a window for it; NaN is
+    written as the lowest value and +-inf as the ends (they used to blank the whole series)."""
+    finite = np.isfinite(data)
+    lo, hi = (float(data[finite].min()), float(data[finite].max())) if finite.any() else (0.0, 0.0)
+    if not finite.all():
+        log.warning("%s: %d NaN/inf voxels written as the lowest value (NaN) or the range's ends (inf)",
+                    name, int(data.size - np.count_nonzero(finite)))
+    clean = np.nan_to_num(data.astype(np.float64), nan=lo, posinf=hi, neginf=lo)
     scale = 4095.0 / (hi - lo) if hi > lo else 0.0
-    out = np.clip(np.rint((data.astype(np.float64) - lo) * scale), 0, 4095).astype(np.uint16)
+    out = np.clip(np.rint((clean - lo) * scale), 0, 4095).astype(np.uint16)
     p_lo, p_hi = np.percentile(out, (0.5, 99.5))
     width = max(float(p_hi - p_lo), 1.0)
     return out, float(p_lo) + width / 2, width
@@ -136,7 +146,7 @@ def write_dicom_series(image: Image, folder: Path, ctx: DicomContext, overwrite:
         pixels = np.clip(np.rint(image.data), 0, 255).astype(np.uint8)
         centre, width = 127.5, 256.0
     else:
-        pixels, centre, width = _grey_to_12bit(image.data)
+        pixels, centre, width = _grey_to_12bit(image.data, folder.name)
     sources = [h for h in (fixed_headers, _series_headers(ctx.moving, ctx.moving_series)) if h]
 
     parent = folder.absolute().parent

@@ -199,14 +199,14 @@ def _to_storable(data: np.ndarray, name: str, allow_float: bool) -> np.ndarray:
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     integral = data.dtype.kind in "iu" or bool(np.all(np.equal(np.mod(finite, 1), 0)))
     if integral and lo >= 0 and hi <= 255:
-        return np.rint(np.nan_to_num(data)).astype(np.uint8)
+        return np.rint(np.nan_to_num(data, nan=0.0, posinf=hi, neginf=lo)).astype(np.uint8)
     if integral and lo >= 0 and hi <= 65535:
-        return np.rint(np.nan_to_num(data)).astype(np.uint16)
+        return np.rint(np.nan_to_num(data, nan=0.0, posinf=hi, neginf=lo)).astype(np.uint16)
     if data.dtype.kind == "f" and lo >= 0 and hi <= 255:
-        return np.rint(np.nan_to_num(data)).astype(np.uint8)
+        return np.rint(np.nan_to_num(data, nan=0.0, posinf=hi, neginf=lo)).astype(np.uint8)
     log.warning("%s: values %.4g..%.4g do not fit 8-bit PNG; scaled linearly to 0..255", name, lo, hi)
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    return np.rint((np.nan_to_num(data, nan=lo) - lo) * scale).clip(0, 255).astype(np.uint8)
+    return np.rint((np.nan_to_num(data, nan=lo, posinf=hi, neginf=lo) - lo) * scale).clip(0, 255).astype(np.uint8)
 
 
 def raster_bytes(image: Image, fmt: str) -> bytes:

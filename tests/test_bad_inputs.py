@@ -145,6 +145,11 @@ def _bad_dicom(kind: str, folder: Path) -> Path:
             else:
                 ds.ImageOrientationPatient = [0] * 6
         return _dicom_series(folder, edit, files[:4])
+    if kind == "no_pixels":  # found by a sweep: called "corrupt or undecodable pixel data"
+        def edit(ds, i):
+            if i == 2:
+                del ds.PixelData
+        return _dicom_series(folder, edit, files[:4])
     if kind == "many_series":  # found by a sweep: all of them listed in the one-line error
         def edit(ds, i):
             ds.SeriesInstanceUID = pydicom.uid.generate_uid()
@@ -154,10 +159,12 @@ def _bad_dicom(kind: str, folder: Path) -> Path:
 
 DICOM_CASES = {"truncated_file": 4, "wrong_magic": 4, "bit_flipped_pixels": 4, "absurd_size": 4, "zero_rows": 4,
                "mixed_series": 2, "no_geometry": 4, "not_a_transfer_syntax": 4,
-               "two_row_counts": 4, "empty_rows": 4, "zero_spacing": 4, "zero_orientation": 4, "many_series": 2}
+               "two_row_counts": 4, "empty_rows": 4, "zero_spacing": 4, "zero_orientation": 4, "many_series": 2,
+               "no_pixels": 4}
 DICOM_SAYS = {"zero_spacing": "PixelSpacing [0.0, 0.0] is not positive",
               "zero_orientation": "ImageOrientationPatient [0.0, 0.0, 0.0, 0.0, 0.0, 0.0] is not two unit vectors",
-              "many_series": "holds 13 series; choose one with --series: "}
+              "many_series": "holds 13 series; choose one with --series: ",
+              "no_pixels": ": an image header without pixel data"}
 
 
 @pytest.mark.parametrize("kind", list(DICOM_CASES))

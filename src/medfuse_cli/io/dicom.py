@@ -270,6 +270,8 @@ def _pixels(entry: _Entry) -> tuple[Dataset, np.ndarray]:
         colour = _samples(ds) == 3
         bits = 16 if palette else int(ds.get("BitsStored") or 16)  # of a colour channel; palette entries span 0..65535
     except Exception as exc:
+        if ds is not None and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise InvalidInputError(f"{entry.name}: an image header without pixel data") from exc
         syntax = ds.file_meta.get("TransferSyntaxUID") if ds is not None and hasattr(ds, "file_meta") else None
         if syntax is not None and syntax.is_transfer_syntax and syntax.is_compressed and "Unable to decode" in str(exc):
             raise InvalidInputError(f"{entry.name}: pixel data compressed as '{syntax.name}', which no installed "

@@ -232,3 +232,20 @@ def test_a_slice_is_read_by_its_content_whatever_its_name(tmp_path):
         np.testing.assert_array_equal(image.data, expected.data)
         np.testing.assert_array_equal(image.affine, expected.affine)
     assert read_image(tmp_path / "pet.tif").is_color and read_image(tmp_path / "mri.png").provenance.format == "tiff"
+
+
+def test_an_inf_pixel_is_written_as_the_brightest(tmp_path, cli):
+    """A float slice with an inf pixel written as PNG: the pixel is the range's top, as the DICOM
+    writer does (it was cast to an undefined value, 0 here)."""
+    import nibabel as nib
+
+    t1 = nib.load(EXAMPLES / "spm12" / "OldNorm_T1.nii.gz")
+    values = np.asarray(t1.dataobj)[:, :, 45:46].astype(np.float32) * 200  # 0..156, fits 8 bits
+    values[40, 50, 0] = np.inf
+    nib.Nifti1Image(values, t1.affine).to_filename(tmp_path / "slice.nii.gz")
+    res = cli("convert", tmp_path / "slice.nii.gz", "-o", tmp_path / "slice.png")
+    assert res.exit_code == 0, res.stderr
+    png = np.asarray(PILImage.open(tmp_path / "slice.png"))
+    top = np.rint(values[np.isfinite(values)]).max()
+    assert png.max() == top
+    assert np.count_nonzero(png == top) == np.count_nonzero(np.rint(values) == top) + 1

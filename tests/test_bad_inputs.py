@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import EXAMPLES, assert_one_line_error
+from conftest import EXAMPLES, assert_one_line_error, shared_path
 
 from medfuse_cli.errors import EXIT_CODES
 
@@ -424,3 +424,25 @@ def test_a_folder_or_zip_of_other_images_names_them(tmp_path, cli):
     res = cli("info", tmp_path / "empty")
     assert_one_line_error(res, 4)
     assert "other image" not in res.stderr
+
+
+@pytest.mark.parametrize("size, code", [(3, 5), (1, 4), (4, 0)])
+def test_a_moving_slice_a_few_pixels_wide(size, code, tmp_path, cli):
+    """A MOVING slice 2 or 3 pixels wide beside a 256-pixel FIXED (same aspect, so taken to show the
+    same field of view) ended in ITK's internal error or, at 2 pixels, a registration that never
+    returned; a one-pixel colour slice (constant, yet its channels differ) reached ITK too. Now: a
+    slice under 4 pixels is not registered (one line, exit 5), a constant colour slice is refused
+    as constant (exit 4), and 4 pixels register."""
+    from PIL import Image as PILImage
+
+    folder = shared_path("harvard", "mri-pet")
+    PILImage.open(folder / "25015_pet.png").resize((size, size)).save(tmp_path / "small_pet.png")
+    out = tmp_path / "out" / "fused.png"
+    res = cli("fuse", folder / "25015_mri.png", tmp_path / "small_pet.png", "-o", out, "-m", "mean", "-t", "rigid", "-q")
+    if code:
+        assert_one_line_error(res, code)
+        assert not (tmp_path / "out").exists()
+        assert ("voxels thin; registering a slice needs at least 4" if size > 1 else "is constant (every voxel is colour") in res.stderr
+    else:
+        assert res.exit_code == 0, res.stderr
+        assert PILImage.open(out).size == (256, 256)

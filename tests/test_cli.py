@@ -235,3 +235,28 @@ def test_missing_output_folders_are_created_only_for_a_result(tmp_path, cli):
                   "--figure", tmp_path / "g" / "fig.png", "--method", "mean", *extra)
         assert_one_line_error(res, code)
         assert not [p for p in ("c", "e", "g") if (tmp_path / p).exists()]
+
+
+def test_ctrl_c_stops_a_long_itk_call_at_once():
+    """Python takes Ctrl-C / SIGTERM between its own bytecodes only: during a long ITK call (a
+    registration that looped, found with a MOVING slice 2 pixels wide) the command could not be
+    stopped short of SIGKILL. ITK's calls now run in a helper thread while the main one waits."""
+    script = """
+import os, signal, threading
+import SimpleITK as sitk
+from medfuse_cli.parallel import interruptible, itk_threads
+t1 = sitk.ReadImage(r"%s", sitk.sitkFloat32)
+done = []
+def slow():
+    with itk_threads(1):
+        sitk.CurvatureAnisotropicDiffusion(t1, 0.0625, 3.0, 1, 15)  # several seconds
+    done.append(1)
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    interruptible(slow)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted, ITK done:", bool(done))
+""" % (EXAMPLES / "spm12" / "OldNorm_T1.nii.gz")
+    res = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
+    assert res.stdout.strip() == "interrupted, ITK done: False", res.stdout + res.stderr

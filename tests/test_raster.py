@@ -249,3 +249,21 @@ def test_an_inf_pixel_is_written_as_the_brightest(tmp_path, cli):
     top = np.rint(values[np.isfinite(values)]).max()
     assert png.max() == top
     assert np.count_nonzero(png == top) == np.count_nonzero(np.rint(values) == top) + 1
+
+
+def test_planar_rgb_and_grey_alpha_tiffs(tmp_path):
+    """An RGB TIFF stored as three planes (PlanarConfiguration 2) and a grey TIFF with an alpha
+    channel were refused as "unsupported raster layout (3, 256, 256)" / "(256, 256, 2)"."""
+    import tifffile
+
+    folder = shared_path("harvard", "mri-pet")
+    pet, mri = read_image(folder / "25015_pet.png"), read_image(folder / "25015_mri.png")
+    rgb = pet.data[:, :, 0].swapaxes(0, 1)  # rows, columns, channels
+    tifffile.imwrite(tmp_path / "planes.tif", np.moveaxis(rgb, 2, 0), photometric="rgb", planarconfig="separate")
+    grey = mri.data[:, :, 0].T
+    alpha = np.where(grey > 0, 255, 0).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "grey_alpha.tif", np.dstack([grey, alpha]), photometric="minisblack", extrasamples=[2])
+    planes = read_image(tmp_path / "planes.tif")
+    assert planes.is_color
+    np.testing.assert_array_equal(planes.data, pet.data)
+    np.testing.assert_array_equal(read_image(tmp_path / "grey_alpha.tif").data, mri.data)

@@ -127,11 +127,12 @@ def usable(image: Image, role: str) -> Image:
     """``image`` ready to fuse (:func:`nan_as_background`); a constant image is refused: nothing
     sensible can be fused."""
     image = nan_as_background(image, role)
-    data = image.data
-    if float(np.min(data)) == float(np.max(data)):
-        raise InvalidInputError(
-            f"{role} {image.provenance.source} is constant (every voxel is {float(np.min(data)):g}); nothing to fuse"
-        )
+    axes = (0, 1, 2) if image.is_color else None  # a colour image: each channel constant
+    low, high = np.atleast_1d(np.min(image.data, axis=axes)), np.atleast_1d(np.max(image.data, axis=axes))
+    if np.array_equal(low, high):
+        value = ", ".join(f"{float(v):g}" for v in low)
+        what = f"colour ({value})" if image.is_color else value
+        raise InvalidInputError(f"{role} {image.provenance.source} is constant (every voxel is {what}); nothing to fuse")
     return image
 
 

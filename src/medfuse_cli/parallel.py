@@ -48,6 +48,28 @@ def itk_threads(threads: int) -> Iterator[None]:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
+def interruptible(call: Callable[[], Any]) -> Any:
+    """``call()`` run in a helper thread while this one waits: Ctrl-C and SIGTERM then stop the
+    command at once. Python runs signal handlers between its own bytecodes only, so a long C call
+    (an ITK registration) made here would hold them until it returned; interrupted, the helper is
+    left to the process's exit (a daemon thread)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = exc
+
+    helper = threading.Thread(target=run, name="medfuse-itk", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.1)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def _restore_variables(saved: dict[str, str | None]) -> None:
     for var, value in saved.items():
         if value is None:

@@ -28,7 +28,7 @@ from .errors import GeometryError, InputNotFoundError, InvalidInputError
 from .image import Image
 from .io.itk import LPS, to_sitk
 from .landmarks import LandmarkFit, fit_landmarks
-from .parallel import itk_threads
+from .parallel import interruptible, itk_threads
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def _mattes(fixed, moving, transform) -> float:
     reg.SetMetricSamplingStrategy(reg.NONE)
     reg.SetInitialTransform(transform, inPlace=False)
     with _one_thread(reg):
-        return -float(reg.MetricEvaluate(fixed, moving))
+        return -float(interruptible(lambda: reg.MetricEvaluate(fixed, moving)))
 
 
 TRANSFORM_SUFFIXES = (".tfm", ".txt", ".h5", ".hdf5", ".mat")  # what ITK writes and reads back (by the suffix)
@@ -315,9 +315,11 @@ def register(fixed: Image, moving: Image, kind: str | TransformKind = "auto", se
             return Registration(sitk.Transform(3, sitk.sitkIdentity), kind.value, skipped="inputs share one grid")
         kind = TransformKind.RIGID
     flat = fixed.is_2d or moving.is_2d
-    for image in () if flat else (fixed, moving):
-        if min(image.shape[:3]) < MIN_VOXELS:
-            raise GeometryError(f"{image.provenance.source} is {min(image.shape[:3])} voxels thin; registering a volume "
+    axes, what = (2, "slice") if flat else (3, "volume")
+    for image in (fixed, moving):
+        if min(image.shape[:axes]) < MIN_VOXELS:
+            thin = min(image.shape[:axes])
+            raise GeometryError(f"{image.provenance.source} is {thin} voxel{'s' if thin > 1 else ''} thin; registering a {what} "
                                 f"needs at least {MIN_VOXELS} along every axis (use --transform none for an aligned pair)")
     m = _in_plane(to_sitk(_winsorised(_grey(moving))), flat)
     f = _in_plane(_no_finer_than(to_sitk(_winsorised(_grey(fixed))), min(m.GetSpacing()) / 2), flat)
@@ -491,7 +493,7 @@ def _optimise(fixed, moving, initial, seed: int, rigid: bool, levels: tuple[int,
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     reg.SetInitialTransform(initial, inPlace=False)
     with _one_thread(reg):
-        out = reg.Execute(fixed, moving)
+        out = interruptible(lambda: reg.Execute(fixed, moving))
     if isinstance(out, sitk.CompositeTransform) and out.GetNumberOfTransforms() == 1:
         out = out.GetNthTransform(0)
     log.debug("registration stopped: %s", reg.GetOptimizerStopConditionDescription())

@@ -35,8 +35,8 @@ RASTER_FORMATS = ("png", "tiff", "jpeg", "bmp")  # Provenance.format of a raster
 
 
 def _from_pixels(pixels: np.ndarray, name: str, fmt: str) -> Image:
-    if pixels.ndim == 3 and pixels.shape[2] == 4:
-        pixels = pixels[:, :, :3]  # drop alpha
+    if pixels.ndim == 3 and pixels.shape[2] in (2, 4):
+        pixels = pixels[:, :, : pixels.shape[2] - 1]  # drop alpha (grey + alpha, RGB + alpha)
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
     if pixels.ndim == 3 and pixels.shape[2] == 3:
@@ -158,6 +158,8 @@ def read_raster(path: Path) -> Image:
                 if _several_slices(tif):
                     return _tiff_stack(tif, path.name)
                 pixels = page.asarray()
+                if "S" in page.axes:  # samples (colour channels) last, also when stored as planes
+                    pixels = np.moveaxis(pixels, page.axes.index("S"), -1)
         except (GeometryError, InvalidInputError):
             raise
         except Exception as exc:

@@ -1,4 +1,5 @@
-"""The memory guard's estimate beside the measured peak, for every kind of method and three sizes.
+"""The memory guard's estimate beside the measured peak, for every kind of method and three sizes,
+and for the 2D networks on single large slices (a real Harvard pair resized; skipped without ../shared).
 
 Each fusion runs in a fresh process (``medfuse fuse``, metrics on, ``--max-memory auto``) on the
 bundled SPM12 T1 + PET templates tiled to larger volumes; the report records the guard's estimate
@@ -26,6 +27,8 @@ import numpy as np
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "spm12"
 TILES = [(1, 1, 1), (2, 2, 1), (2, 2, 2)]
 METHODS = ["laplacian", "adafuse", "dran", "dcfb3d"]
+SLICE_SIZES = [1024, 2048]  # single large 2D slices (scanned films, microscopy-sized exports); needs ../shared
+HARVARD_PET = Path(__file__).resolve().parents[2] / "shared" / "data" / "harvard" / "mri-pet"
 EVAL_TILES = [(1, 1, 1), (2, 2, 2), (3, 3, 3), (4, 4, 3)]
 # medfuse eval in this process, then its own peak resident memory on stderr
 EVAL_WITH_PEAK = """import sys
@@ -52,6 +55,17 @@ def _tiled(tmp: Path, tiles: tuple[int, int, int]) -> list[Path]:
     return paths
 
 
+def _slices(tmp: Path, size: int) -> list[Path]:
+    """A real Harvard MRI-PET pair (colour PET) resized to ``size`` x ``size`` (bicubic), as PNG files."""
+    from PIL import Image as PILImage
+
+    paths = []
+    for name in ("mri", "pet"):
+        paths.append(tmp / f"{size}_{name}.png")
+        PILImage.open(HARVARD_PET / f"25015_{name}.png").resize((size, size), PILImage.BICUBIC).save(paths[-1])
+    return paths
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -73,6 +87,25 @@ def main() -> None:
                 print(f"| {'x'.join(map(str, shape))} | {np.prod(shape) / 1e6:.1f} M | {method} | "
                       f"{mem['estimate_bytes'] / 2**20:.0f} | {mem['peak_bytes'] / 2**20:.0f} | "
                       f"{mem['estimate_bytes'] / mem['peak_bytes']:.2f} | {rep['timings']['total_s']:.1f} |")
+
+        print()
+        print("| slice | pixels | method | estimate MiB | peak MiB | estimate / peak | seconds |")
+        print("|---|--:|---|--:|--:|--:|--:|")
+        for size in SLICE_SIZES if HARVARD_PET.is_dir() else ():
+            paths = _slices(tmp, size)
+            for method in ("laplacian", "adafuse", "dran"):
+                out = tmp / f"fused_{method}.png"
+                res = subprocess.run([sys.executable, "-m", "medfuse_cli", "fuse", *map(str, paths), "-o", str(out),
+                                      "--method", method, "--overwrite", "-q"], capture_output=True, text=True,
+                                     check=False)
+                if res.returncode:
+                    print(f"| {size} | | {method} | failed: {res.stderr.strip()} |")
+                    continue
+                rep = json.loads(out.with_suffix(".json").read_text())
+                mem = rep["memory"]
+                print(f"| {size}x{size} | {size * size / 1e6:.1f} M | {method} | {mem['estimate_bytes'] / 2**20:.0f} | "
+                      f"{mem['peak_bytes'] / 2**20:.0f} | {mem['estimate_bytes'] / mem['peak_bytes']:.2f} | "
+                      f"{rep['timings']['total_s']:.1f} |")
 
         print()
         print("| eval: size | voxels | estimate MiB | peak MiB | estimate / peak | seconds |")

@@ -725,3 +725,31 @@ def test_dask_workers_print_case_messages_at_the_batch_level(tmp_path):
         assert sorted(lines) == sorted(f"WARNING  {case}: {case}_000{i}.nii.gz: modality unknown, assumed {m}"
                                        for case in ("alpha", "beta") for i, m in ((0, "MR"), (1, "PT")))
     assert "INFO  alpha: registration skipped" in runs["-v"] and "INFO" not in runs[None]
+
+
+def test_a_pair_whose_two_files_differ_in_format_is_found(tmp_path, cli):
+    """``ID_mri.png`` with ``ID_pet.tif``, ``ID_mri.nii.gz`` with ``ID_pet.nii``: the partner was looked
+    for with the MRI's own suffix only, so such pairs were listed as having no partner and left out
+    (of `batch` and of `eval --pairs` alike)."""
+    from PIL import Image
+
+    pairs = tmp_path / "in"
+    pid = _harvard_pairs(pairs, "mri-pet", 1)[0]
+    Image.open(pairs / f"{pid}_pet.png").save(pairs / f"{pid}_pet.tif")
+    (pairs / f"{pid}_pet.png").unlink()
+    shutil.copy(T1, pairs / "spm_mri.nii.gz")
+    nib.save(nib.load(str(PET)), str(pairs / "spm_pet.nii"))
+    shutil.copy(T1, pairs / "two_mri.nii.gz")  # two partners: which one is meant cannot be told
+    shutil.copy(PET, pairs / "two_pet.nii.gz")
+    nib.save(nib.load(str(PET)), str(pairs / "two_ct.nii"))
+    out = tmp_path / "out"
+    res = cli("batch", pairs, "-o", out, "--engine", "sequential", "--method", "mean")
+    assert res.exit_code == 0, res.stderr
+    assert "two_mri.nii.gz: several CT/PET/SPECT partner" in res.stdout
+    rows = _summary(out)
+    assert {i: r["status"] for i, r in rows.items()} == {pid: "done", "spm": "done"}
+    assert rows[pid]["moving"].endswith("_pet.tif") and rows["spm"]["moving"].endswith("spm_pet.nii")
+    ev = cli("eval", "--pairs", pairs, "--fused", out, "--json", tmp_path / "scores.json")
+    assert ev.exit_code == 0, ev.stderr
+    scored = json.loads((tmp_path / "scores.json").read_text())
+    assert sorted(c["id"] for c in scored["cases"]) == sorted([pid, "spm"])

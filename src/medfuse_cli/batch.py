@@ -59,6 +59,7 @@ from .io import (
     PAIR_SUFFIXES,
     RASTER_READ_SUFFIXES,
     named_pattern,
+    partners,
 )
 from .io.atomic import check_folder_output
 from .io.itk import ITK_SUFFIXES
@@ -174,13 +175,12 @@ def _benchmark(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
         m = BENCH_RE.match(mri.name)
         if not m:
             continue
-        partners = [mri.with_name(f"{m['id']}_{o}{m['ext']}") for o in ("ct", "pet", "spect")]
-        partners = [p for p in partners if p.is_file()]
-        if len(partners) != 1:
-            unpaired.append(f"{mri}: {'no' if not partners else 'several'} CT/PET/SPECT partner")
+        found = partners(mri, m["id"], m["ext"])
+        if len(found) != 1:
+            unpaired.append(f"{mri}: {'no' if not found else 'several'} CT/PET/SPECT partner")
             continue
         rel = mri.parent.relative_to(root)
-        cases.append(BatchCase(m["id"], str(mri), str(partners[0]), str(out / rel / f"{m['id']}{_output_ext(mri)}")))
+        cases.append(BatchCase(m["id"], str(mri), str(found[0][1]), str(out / rel / f"{m['id']}{_output_ext(mri)}")))
     return cases, unpaired
 
 

@@ -26,7 +26,7 @@ from . import __version__
 from .errors import GeometryError, InputNotFoundError, InvalidInputError, MedfuseError
 from .image import Image
 from .intensity import luminance, nan_as_background, window_for
-from .io import PAIR_SUFFIXES, named_pattern
+from .io import PAIR_SUFFIXES, named_pattern, partners
 from .metrics import METRICS, compute
 from .parallel import cpu_threads, thread_map
 
@@ -212,12 +212,11 @@ def find_cases(pairs: Path, fused_dirs: list[Path], split: str | None = None,
         m = PAIR_RE.match(mri.name)
         if not m:
             continue
-        partners = [(o, mri.with_name(f"{m['id']}_{o}{m['ext']}")) for o in OTHERS]
-        partners = [(o, p) for o, p in partners if p.is_file()]
-        if len(partners) != 1:
+        found = partners(mri, m["id"], m["ext"], OTHERS)
+        if len(found) != 1:
             unpaired.append(mri.name)
             continue
-        group, other = partners[0]
+        group, other = found[0]
         if keep is not None and not ({(m["id"], f"mri-{group}"), (m["id"], None)} & keep):
             continue
         cases.append(Case(m["id"], f"mri-{group}", mri, other))

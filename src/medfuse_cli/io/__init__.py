@@ -31,6 +31,24 @@ def named_pattern(tag: str) -> re.Pattern[str]:
     exts = "|".join(re.escape(e) for e in sorted(PAIR_SUFFIXES, key=len, reverse=True))
     return re.compile(rf"^(?P<id>.+)_{tag}(?P<ext>{exts})$", re.IGNORECASE)
 
+def partners(mri: Path, ident: str, ext: str, tags: Sequence[str] = ("ct", "pet", "spect")) -> list[tuple[str, Path]]:
+    """The files ``ID_TAG`` beside ``mri`` (``ID_mri.EXT``) for each of ``tags``, with any one-file image
+    suffix, ``ext`` first: ``001_mri.png`` pairs with ``001_pet.tif``, ``001_mri.nii.gz`` with ``001_ct.nii``."""
+    found: list[tuple[str, Path]] = []
+    seen: set[tuple[int, int]] = set()  # one file found under two spellings of its suffix (a case-blind disk)
+    for tag in tags:
+        for suffix in dict.fromkeys((ext, *PAIR_SUFFIXES)):
+            path = mri.with_name(f"{ident}_{tag}{suffix}")
+            try:
+                if not path.is_file() or (key := (path.stat().st_dev, path.stat().st_ino)) in seen:
+                    continue
+            except OSError:
+                continue
+            seen.add(key)
+            found.append((tag, path))
+    return found
+
+
 _MODALITY_WORDS = {
     Modality.MR: ("mri", "mr", "t1", "t1w", "t2", "t2w", "pd", "flair", "epi"),
     Modality.CT: ("ct", "transm"),

@@ -55,6 +55,20 @@ def _tiled(tmp: Path, tiles: tuple[int, int, int]) -> list[Path]:
     return paths
 
 
+def _fuse_row(paths: list[Path], out: Path, method: str, size: str, voxels: int) -> None:
+    """``medfuse fuse`` in a fresh process; prints a table row of its report's estimate and peak."""
+    res = subprocess.run([sys.executable, "-m", "medfuse_cli", "fuse", *map(str, paths), "-o", str(out),
+                          "--method", method, "--overwrite", "-q"], capture_output=True, text=True, check=False)
+    if res.returncode:
+        print(f"| {size} | | {method} | failed: {res.stderr.strip()} |")
+        return
+    rep = json.loads(out.with_name(out.name.split(".")[0] + ".json").read_text())
+    mem = rep["memory"]
+    print(f"| {size} | {voxels / 1e6:.1f} M | {method} | {mem['estimate_bytes'] / 2**20:.0f} | "
+          f"{mem['peak_bytes'] / 2**20:.0f} | {mem['estimate_bytes'] / mem['peak_bytes']:.2f} | "
+          f"{rep['timings']['total_s']:.1f} |")
+
+
 def _slices(tmp: Path, size: int) -> list[Path]:
     """A real Harvard MRI-PET pair (colour PET) resized to ``size`` x ``size`` (bicubic), as PNG files."""
     from PIL import Image as PILImage
@@ -75,18 +89,7 @@ def main() -> None:
             paths = _tiled(tmp, tiles)[:2]
             shape = nib.load(str(paths[0])).shape
             for method in METHODS:
-                out = tmp / f"fused_{method}.nii.gz"
-                res = subprocess.run([sys.executable, "-m", "medfuse_cli", "fuse", *map(str, paths), "-o", str(out),
-                                      "--method", method, "--overwrite", "-q"], capture_output=True, text=True,
-                                     check=False)
-                if res.returncode:
-                    print(f"| {tiles} | | {method} | failed: {res.stderr.strip()} |")
-                    continue
-                rep = json.loads(out.with_name(f"fused_{method}.json").read_text())
-                mem = rep["memory"]
-                print(f"| {'x'.join(map(str, shape))} | {np.prod(shape) / 1e6:.1f} M | {method} | "
-                      f"{mem['estimate_bytes'] / 2**20:.0f} | {mem['peak_bytes'] / 2**20:.0f} | "
-                      f"{mem['estimate_bytes'] / mem['peak_bytes']:.2f} | {rep['timings']['total_s']:.1f} |")
+                _fuse_row(paths, tmp / f"fused_{method}.nii.gz", method, "x".join(map(str, shape)), int(np.prod(shape)))
 
         print()
         print("| slice | pixels | method | estimate MiB | peak MiB | estimate / peak | seconds |")
@@ -94,18 +97,7 @@ def main() -> None:
         for size in SLICE_SIZES if HARVARD_PET.is_dir() else ():
             paths = _slices(tmp, size)
             for method in ("laplacian", "adafuse", "dran"):
-                out = tmp / f"fused_{method}.png"
-                res = subprocess.run([sys.executable, "-m", "medfuse_cli", "fuse", *map(str, paths), "-o", str(out),
-                                      "--method", method, "--overwrite", "-q"], capture_output=True, text=True,
-                                     check=False)
-                if res.returncode:
-                    print(f"| {size} | | {method} | failed: {res.stderr.strip()} |")
-                    continue
-                rep = json.loads(out.with_suffix(".json").read_text())
-                mem = rep["memory"]
-                print(f"| {size}x{size} | {size * size / 1e6:.1f} M | {method} | {mem['estimate_bytes'] / 2**20:.0f} | "
-                      f"{mem['peak_bytes'] / 2**20:.0f} | {mem['estimate_bytes'] / mem['peak_bytes']:.2f} | "
-                      f"{rep['timings']['total_s']:.1f} |")
+                _fuse_row(paths, tmp / f"fused_{method}.png", method, f"{size}x{size}", size * size)
 
         print()
         print("| eval: size | voxels | estimate MiB | peak MiB | estimate / peak | seconds |")

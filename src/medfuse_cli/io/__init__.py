@@ -31,6 +31,7 @@ def named_pattern(tag: str) -> re.Pattern[str]:
     exts = "|".join(re.escape(e) for e in sorted(PAIR_SUFFIXES, key=len, reverse=True))
     return re.compile(rf"^(?P<id>.+)_{tag}(?P<ext>{exts})$", re.IGNORECASE)
 
+
 def partners(mri: Path, ident: str, ext: str, tags: Sequence[str] = ("ct", "pet", "spect")) -> list[tuple[str, Path]]:
     """The files ``ID_TAG`` beside ``mri`` (``ID_mri.EXT``) for each of ``tags``, with any one-file image
     suffix, ``ext`` first: ``001_mri.png`` pairs with ``001_pet.tif``, ``001_mri.nii.gz`` with ``001_ct.nii``."""
@@ -40,11 +41,12 @@ def partners(mri: Path, ident: str, ext: str, tags: Sequence[str] = ("ct", "pet"
         for suffix in dict.fromkeys((ext, *PAIR_SUFFIXES)):
             path = mri.with_name(f"{ident}_{tag}{suffix}")
             try:
-                if not path.is_file() or (key := (path.stat().st_dev, path.stat().st_ino)) in seen:
-                    continue
+                stat = path.stat() if path.is_file() else None
             except OSError:
+                stat = None
+            if stat is None or (stat.st_dev, stat.st_ino) in seen:
                 continue
-            seen.add(key)
+            seen.add((stat.st_dev, stat.st_ino))
             found.append((tag, path))
     return found
 

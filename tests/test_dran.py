@@ -192,3 +192,25 @@ def test_the_l1_rule_exports_to_onnx_without_nan_in_the_background(tmp_path):
                       dynamo=True)
     out = ort.InferenceSession(str(tmp_path / "dran.onnx")).run(None, {"a": a.numpy(), "b": b.numpy()})[0]
     np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_a_large_slice_in_strips_gives_the_same_fusion(monkeypatch):
+    """At inference DRAN encodes and decodes a slice larger than ``STRIP_PIXELS`` in strips of rows with
+    ``HALO`` rows of context (a 4096x4096 slice peaked at 18.9 GiB whole, 11.3 GiB in strips): the
+    fused slice is the same as the whole slice's, here a real Harvard pair cut into 32-row strips."""
+    from PIL import Image as PILImage
+
+    from medfuse_cli.models import dran
+    from medfuse_cli.models.infer import load_model
+
+    folder = shared_path("harvard", "mri-pet")
+    a, b = (torch.from_numpy(np.asarray(PILImage.open(folder / f"25015_{k}.png").convert("L"), np.float32)[None, None] / 255)
+            for k in ("mri", "pet"))
+    model = load_model("dran")
+    with torch.inference_mode():
+        whole = model(a, b)
+        monkeypatch.setattr(dran, "STRIP_PIXELS", 32 * 256)
+        strips = model(a, b)
+        assert dran.in_strips(model.encoder, a).shape == model.encoder(a).shape
+    np.testing.assert_allclose(strips.numpy(), whole.numpy(), atol=1e-6)
+    assert float(whole.std()) > 0.05

@@ -32,10 +32,11 @@ log = logging.getLogger(__name__)
 BASE = (100e6, 45)  # (fixed bytes, bytes per FIXED voxel)
 METRICS = (260e6, 35, 90)
 # network: (fixed bytes, bytes per pixel of a slice batch or per voxel of a window, bytes per volume voxel)
-# (DRAN's 1200 bytes per pixel were measured on single 2048x2048 and 4096x4096 slices, where its full-resolution
-# features, about a kilobyte per pixel, dominate; 700, fitted on 256x256 slices, let a 4096x4096 slice
-# estimated at 12.4 GiB peak at 18.9 GiB)
-NETWORK_COST = {"adafuse": (80e6, 850, 0), "dran": (270e6, 1200, 0), "dcfb3d": (40e6, 600, 8)}
+# (DRAN's 800 bytes per pixel were measured on single 2048x2048 and 4096x4096 slices, which it encodes and
+# decodes in strips (``models.dran.in_strips``): its two encodings and their blend, 128 bytes per pixel each, and
+# the nuclear norms' copies remain whole; a slice under ``STRIP_PIXELS`` runs whole, about a kilobyte per pixel,
+# within the fixed part)
+NETWORK_COST = {"adafuse": (80e6, 850, 0), "dran": (270e6, 800, 0), "dcfb3d": (40e6, 600, 8)}
 PATCHES = (96, 64, 48, 32)
 BATCHES = (8, 2, 1)
 MIN_LIMIT = 256 << 20

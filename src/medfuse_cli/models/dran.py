@@ -62,6 +62,26 @@ class Encoder(nn.Module):
         return x1 + pool_attention(x1) * y
 
 
+STRIP_PIXELS = 1 << 19  # at inference, a larger slice is encoded and decoded in strips of rows
+HALO = 16  # rows of context each side of a strip: beyond the encoder's reach (10 rows) and the decoder's (3), even
+
+
+def in_strips(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a layer that only looks ``HALO`` rows around each pixel (and pools 2x2 blocks
+    from even rows), computed on strips of about ``STRIP_PIXELS`` pixels with ``HALO`` rows of
+    context each side: the same values, and the layer's working memory bounded by the strip."""
+    height, width = x.shape[-2:]
+    rows = max(2 * HALO, STRIP_PIXELS // max(1, width) // 2 * 2)
+    if height <= rows + 2 * HALO:
+        return layer(x)
+    parts = []
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        start, stop = max(0, top - HALO), min(height, bottom + HALO)
+        parts.append(layer(x[..., start:stop, :])[..., top - start : bottom - start, :])
+    return torch.cat(parts, -2)
+
+
 def fuse_features(fa: torch.Tensor, fb: torch.Tensor, rule: str = "sfnn") -> torch.Tensor:
     """Merge two encodings (N, C, H, W) with one of :data:`RULES`."""
     if rule == "mean":
@@ -109,5 +129,7 @@ class DRAN(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
         del task  # one model for every pair: the rule, not the task, decides
-        fused = fuse_features(self.encoder(a), self.encoder(b), self.rule)
-        return self.decoder(fused).clamp(0, 1)
+        if self.training:  # batch statistics: the whole batch at once
+            return self.decoder(fuse_features(self.encoder(a), self.encoder(b), self.rule)).clamp(0, 1)
+        fused = fuse_features(in_strips(self.encoder, a), in_strips(self.encoder, b), self.rule)
+        return in_strips(self.decoder, fused).clamp(0, 1)

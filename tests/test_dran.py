@@ -210,7 +210,11 @@ def test_a_large_slice_in_strips_gives_the_same_fusion(monkeypatch):
     with torch.inference_mode():
         whole = model(a, b)
         monkeypatch.setattr(dran, "STRIP_PIXELS", 32 * 256)
+        heights = []
+        hook = model.encoder.register_forward_hook(lambda module, args, out: heights.append(args[0].shape[-2]))
         strips = model(a, b)
+        hook.remove()
+        assert len(heights) == 16 and max(heights) == 32 + 2 * dran.HALO  # 8 strips of each input, with context
         assert dran.in_strips(model.encoder, a).shape == model.encoder(a).shape
     np.testing.assert_allclose(strips.numpy(), whole.numpy(), atol=1e-6)
     assert float(whole.std()) > 0.05

@@ -129,7 +129,7 @@ class DRAN(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
         del task  # one model for every pair: the rule, not the task, decides
-        if self.training:  # batch statistics: the whole batch at once
-            return self.decoder(fuse_features(self.encoder(a), self.encoder(b), self.rule)).clamp(0, 1)
-        fused = fuse_features(in_strips(self.encoder, a), in_strips(self.encoder, b), self.rule)
-        return in_strips(self.decoder, fused).clamp(0, 1)
+        # training: the whole batch at once (BatchNorm's batch statistics); inference: large slices in strips
+        run = (lambda layer, x: layer(x)) if self.training else in_strips
+        fused = fuse_features(run(self.encoder, a), run(self.encoder, b), self.rule)
+        return run(self.decoder, fused).clamp(0, 1)

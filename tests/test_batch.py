@@ -753,3 +753,50 @@ def test_a_pair_whose_two_files_differ_in_format_is_found(tmp_path, cli):
     assert ev.exit_code == 0, ev.stderr
     scored = json.loads((tmp_path / "scores.json").read_text())
     assert sorted(c["id"] for c in scored["cases"]) == sorted([pid, "spm"])
+
+
+def test_nnunet_channels_take_their_modalities_from_dataset_json(tmp_path, cli):
+    """nnU-Net's ``dataset.json`` names its channels (``channel_names``; ``modality`` in v1). Without
+    reading it, a CT in channel 0000 and an MRI in 0001 were fused as FIXED "MR" and MOVING "PT" (both
+    assumed, with a warning): the MRI's roles swapped and the PET weights used for a CT."""
+    src = shared_path("harvard", "mri-ct")
+    pid = min(p.name.split("_")[0] for p in src.glob("*_mri.png"))
+    images = tmp_path / "Dataset001_Brain" / "imagesTs"
+    images.mkdir(parents=True)
+    (images / "c_0000.png").symlink_to(src / f"{pid}_ct.png")
+    (images / "c_0001.png").symlink_to(src / f"{pid}_mri.png")
+    (images.parent / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT", "1": "T2"},
+                                                            "labels": {"background": 0}, "file_ending": ".png"}))
+    out = tmp_path / "out"
+    res = cli("batch", images, "-o", out, "--engine", "sequential", "--method", "mean", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    report = json.loads((out / "c.json").read_text())
+    assert report["inputs"]["fixed"]["file"] == "c_0001.png"  # the MRI is FIXED
+    assert (report["inputs"]["fixed"]["modality"], report["inputs"]["moving"]["modality"]) == ("MR", "CT")
+    assert report["warnings"] == []
+    # nnU-Net v1 names them under "modality"; a name that says nothing (here "noNorm") stays unknown
+    (images.parent / "dataset.json").write_text(json.dumps({"modality": {"0": "noNorm", "1": "MRI"}}))
+    case = discover(images, tmp_path / "o")[0][0]
+    assert case.fixed.endswith("c_0001.png") and (case.fixed_modality, case.moving_modality) == ("MR", None)
+    (images.parent / "dataset.json").write_text("{not json")
+    case = discover(images, tmp_path / "o")[0][0]
+    assert case.fixed.endswith("c_0000.png") and case.fixed_modality is None
+
+
+def test_manifest_modality_columns(tmp_path, cli):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"id,fixed,moving,fixed_modality,moving_modality\nspm,{T1},{PET},,SPECT\n")
+    out = tmp_path / "out"
+    res = cli("batch", manifest, "-o", out, "--engine", "sequential", "--method", "mean", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    moving = json.loads((out / "spm.json").read_text())["inputs"]["moving"]
+    assert moving["modality"] == "NM"
+    # the command's option wins over the column
+    res = cli("batch", manifest, "-o", out, "--engine", "sequential", "--method", "mean", "--no-metrics",
+              "--moving-modality", "PET")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads((out / "spm.json").read_text())["inputs"]["moving"]["modality"] == "PT"
+    manifest.write_text(f"id,fixed,moving,moving_modality\nspm,{T1},{PET},XRAY\n")
+    res = cli("batch", manifest, "-o", tmp_path / "bad", "--engine", "sequential")
+    assert_one_line_error(res, 4)
+    assert "case 'spm': moving_modality: unknown modality 'XRAY'" in res.stderr

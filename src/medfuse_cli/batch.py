@@ -6,14 +6,16 @@ Pairing rules, tried in this order (the first that finds a pair wins):
 1. ``benchmark``: ``ID_mri.EXT`` + ``ID_{ct,pet,spect}.EXT`` anywhere below the folder (as in
    the Harvard set); output ``OUT_DIR/SUBFOLDER/ID.png`` (``OUT_DIR/ID.png`` at the top level),
    so ``medfuse eval --pairs IN --fused OUT_DIR`` reads it directly.
-2. ``nnunet``: ``CASE_0000.EXT`` (FIXED) + ``CASE_0001.EXT`` (MOVING); output ``OUT_DIR/CASE.EXT``.
+2. ``nnunet``: ``CASE_0000.EXT`` (FIXED) + ``CASE_0001.EXT`` (MOVING); output ``OUT_DIR/CASE.EXT``. The
+   channels' modalities come from the nnU-Net ``dataset.json`` in the folder or its parent, when there
+   is one (channel 0001 is FIXED when it alone is an MR).
 3. ``subfolders``: one sub-folder per case holding two inputs (NIfTI / PNG / TIFF files or DICOM
    series); the MR one (from DICOM or the file name) is FIXED; or holding the DICOM files of a
    study, whose one MR series is FIXED and one CT / PET / SPECT series MOVING; output
    ``OUT_DIR/CASE.nii.gz``.
 
 A CSV manifest has columns ``id,fixed,moving[,output][,initial_transform][,fixed_landmarks,moving_landmarks]``
-(paths relative to the CSV's folder; ``initial_transform``: a transform file that starts that case's
+``[,fixed_modality,moving_modality]`` (paths relative to the CSV's folder; modalities as ``fuse --fixed-modality``; ``initial_transform``: a transform file that starts that case's
 registration, as ``fuse --initial-transform``; the landmark files start it as ``fuse --landmarks``).
 Each case writes its fused image and then its JSON report (both atomically); a case is complete
 when both exist and the report's fingerprint (inputs, options, version) matches, so a re-run skips
@@ -93,6 +95,8 @@ class BatchCase:
     landmarks: list[str] | None = None  # optional columns fixed_landmarks, moving_landmarks: as fuse --landmarks
     fixed_series: str | None = None  # a case folder of DICOM files: FIXED's and MOVING's series in it
     moving_series: str | None = None
+    fixed_modality: str | None = None  # nnU-Net's dataset.json or a manifest's columns: as fuse --fixed-modality
+    moving_modality: str | None = None
 
     @property
     def report(self) -> Path:
@@ -184,18 +188,45 @@ def _benchmark(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
     return cases, unpaired
 
 
+def nnunet_channels(root: Path) -> tuple[str | None, str | None]:
+    """Modalities of channels 0000 and 0001 from the ``dataset.json`` in ``root`` or its parent (an
+    nnU-Net dataset's ``imagesTr`` / ``imagesTs``): its ``channel_names`` (``modality`` in nnU-Net v1)
+    named as :func:`io.guess_modality` reads a name (``T2``, ``CT``, ``FDG-PET``); None where unsaid."""
+    from .image import Modality
+    from .io import guess_modality
+
+    for path in (root / "dataset.json", root.parent / "dataset.json"):
+        if not path.is_file():
+            continue
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            names = meta.get("channel_names") or meta.get("modality") or {}
+            named = [guess_modality(str(names.get(ch, ""))) for ch in ("0", "1")]
+        except (OSError, ValueError, AttributeError) as exc:
+            log.warning("%s: not read (%s); the channels' modalities are unknown", path, exc)
+            return None, None
+        return tuple(None if m is Modality.OT else m.value for m in named)  # type: ignore[return-value]
+    return None, None
+
+
 def _nnunet(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
     found: dict[str, dict[str, Path]] = {}
     for p in sorted(root.iterdir()):
         m = NNUNET_RE.match(p.name)
         if m:
             found.setdefault(m["id"], {})[m["ch"]] = p
+    mods = nnunet_channels(root) if found else (None, None)
+    order = ("0000", "0001")
+    if mods[1] == "MR" and mods[0] != "MR":  # the MR is FIXED
+        order, mods = order[::-1], mods[::-1]
     cases, unpaired = [], []
     for cid, chans in found.items():
         if set(chans) != {"0000", "0001"}:
             unpaired.append(f"{cid}: needs {cid}_0000 and {cid}_0001")
             continue
-        cases.append(BatchCase(cid, str(chans["0000"]), str(chans["0001"]), str(out / f"{cid}{_output_ext(chans['0000'])}")))
+        fixed, moving = (chans[ch] for ch in order)
+        cases.append(BatchCase(cid, str(fixed), str(moving), str(out / f"{cid}{_output_ext(fixed)}"),
+                               fixed_modality=mods[0], moving_modality=mods[1]))
     return cases, unpaired
 
 
@@ -261,7 +292,7 @@ def _manifest(path: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
     from .tables import read_table
 
     rows = read_table(path, ("id", "fixed", "moving"), "a manifest has the columns id,fixed,moving[,output]"
-                      "[,initial_transform][,fixed_landmarks,moving_landmarks]")
+                      "[,initial_transform][,fixed_landmarks,moving_landmarks][,fixed_modality,moving_modality]")
     if not rows:
         raise InvalidInputError(f"{path}: no cases in the manifest")
     cases, problems = [], []
@@ -278,8 +309,20 @@ def _manifest(path: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
             raise InvalidInputError(f"{path.name}: case {r['id']!r}: give both fixed_landmarks and moving_landmarks")
         cases.append(BatchCase(r["id"], str(fixed), str(moving), str(target),
                                str(_abs(path.parent / initial)) if initial else None,
-                               [str(_abs(path.parent / p)) for p in points] if all(points) else None))
+                               [str(_abs(path.parent / p)) for p in points] if all(points) else None,
+                               fixed_modality=_manifest_modality(path, r, "fixed_modality"),
+                               moving_modality=_manifest_modality(path, r, "moving_modality")))
     return cases, problems
+
+
+def _manifest_modality(path: Path, row: dict[str, str], column: str) -> str | None:
+    from .image import Modality
+
+    given = row.get(column) or None
+    try:
+        return None if given is None else Modality.parse(given).value
+    except ValueError as exc:
+        raise InvalidInputError(f"{path.name}: case {row['id']!r}: {column}: {exc}") from None
 
 
 def discover(source: Path, out: Path, dicom: bool = False, series_given: bool = False,
@@ -348,8 +391,9 @@ def fingerprint(case: BatchCase, options: dict[str, Any]) -> str:
     for given in [case.initial_transform, *(case.landmarks or [])]:
         if given:
             blob += json.dumps(stat(given))
-    if case.fixed_series or case.moving_series:
-        blob += json.dumps([case.fixed_series, case.moving_series])
+    for per_case in ([case.fixed_series, case.moving_series], [case.fixed_modality, case.moving_modality]):
+        if any(per_case):
+            blob += json.dumps(per_case)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -427,6 +471,8 @@ def run_case(case: dict[str, str | None], options: dict[str, Any], fp: str, time
             for key in ("initial_transform", "landmarks", "fixed_series", "moving_series"):
                 if case.get(key):
                     opts[key] = case[key]
+            for key in ("fixed_modality", "moving_modality"):  # --fixed-modality / --moving-modality win
+                opts[key] = opts.get(key) or case.get(key)
             figure = BatchCase(**case).figure if options.get("figures") else None
             result = fuse_pair(case["fixed"], case["moving"], case["output"], FuseOptions(**opts), figure=figure,
                                overwrite=True,

@@ -52,7 +52,7 @@ def partners(mri: Path, ident: str, ext: str, tags: Sequence[str] = ("ct", "pet"
 
 
 _MODALITY_WORDS = {
-    Modality.MR: ("mri", "mr", "t1", "t1w", "t2", "t2w", "pd", "flair", "epi"),
+    Modality.MR: ("mri", "mr", "t1", "t1w", "t1c", "t1ce", "t1gd", "t2", "t2w", "pd", "flair", "epi", "adc", "dwi"),
     Modality.CT: ("ct", "transm"),
     Modality.PT: ("pet", "pt", "fdg"),
     Modality.NM: ("spect", "nm"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -136,3 +137,47 @@ def test_a_reader_that_exits_with_status_3_is_not_taken_for_a_refusal(tmp_path, 
     res = cli("info", path)
     assert_one_line_error(res, 4)
     assert "damaged NRRD/MetaImage" in res.stderr
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".mhd"])
+def test_damaged_compressed_metaimage_data_is_refused(tmp_path, cli, suffix):
+    """ITK's MetaImage reader inflates a damaged compressed payload without a word: 64 bytes changed in
+    the middle of a real T1 read as values up to 3e38 and NaN (``info`` exit 0, ``convert`` wrote them);
+    a header claiming compression over raw voxels read as zeros. Both are refused now; the intact file
+    reads as before."""
+    path = tmp_path / f"t1{suffix}"
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(path), useCompression=True)
+    np.testing.assert_allclose(read_image(path).data, read_image(T1).data, rtol=1e-6)
+    data = path if suffix == ".mha" else path.with_suffix(".zraw")
+    payload = bytearray(data.read_bytes())
+    middle = len(payload) // 2
+    payload[middle:middle + 64] = bytes(b ^ 0x5A for b in payload[middle:middle + 64])
+    data.write_bytes(payload)
+    out = tmp_path / "out.nii.gz"
+    assert_one_line_error(cli("convert", path, "-o", out), 4)
+    assert not out.exists()
+    raw = tmp_path / "raw.mhd"  # raw voxels under a header that says they are compressed
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(raw), useCompression=False)
+    raw.write_text(raw.read_text().replace("CompressedData = False", "CompressedData = True"))
+    res = cli("info", raw)
+    assert_one_line_error(res, 4)
+    assert "corrupt compressed image data" in res.stderr
+
+
+def test_vanishing_voxels_are_refused_with_the_file_named(tmp_path, cli):
+    """1e-9 mm voxels (a header in the wrong unit, or damaged) were refused by the Image check, whose
+    message ("affine is singular") did not say which input."""
+    path = tmp_path / "t1.nhdr"
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(path), useCompression=False)
+    header = path.read_text()
+    assert "space directions: (2,0,0) (0,-2,0) (0,0,2)" in header
+    path.write_text(header.replace("(2,0,0) (0,-2,0) (0,0,2)", "(2e-9,0,0) (0,-2e-9,0) (0,0,2e-9)"))
+    res = cli("info", path)
+    assert_one_line_error(res, 5)
+    assert "t1.nhdr: invalid spacing" in res.stderr
+    tiny = tmp_path / "t1.nii.gz"  # the same in a NIfTI header
+    t1 = nib.load(T1)
+    nib.save(nib.Nifti1Image(np.asanyarray(t1.dataobj), t1.affine @ np.diag([1e-9, 1e-9, 1e-9, 1])), tiny)
+    res = cli("info", tiny)
+    assert_one_line_error(res, 5)
+    assert "t1.nii.gz: invalid spacing" in res.stderr

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from ..errors import (
 )
 from ..image import Image, Modality, Provenance
 from .atomic import atomic_write_bytes
-from .limits import check_components, check_voxel_count, colour_8bit
+from .limits import check_affine, check_components, check_voxel_count, colour_8bit
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 ITK_OUTPUT_SUFFIXES = (".nrrd", ".mha")  # one file each (.nhdr / .mhd keep their voxels in a second file)
@@ -112,8 +113,12 @@ def _read_here(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         itk = reader.Execute()
     except RuntimeError as exc:
-        raise InvalidInputError(f"{path.name}: corrupt or truncated image data ({_first_line(exc)})") from None
+        reason = _first_line(exc)  # MetaIO's ends in a stale errno ("Reason: Success") and says the rest on stderr
+        reason = "its voxels do not match the header" if reason.startswith("Reason:") else reason
+        raise InvalidInputError(f"{path.name}: corrupt or truncated image data ({reason})") from None
     data = sitk.GetArrayFromImage(itk)  # (z, y, x[, c]) or (y, x[, c])
+    if reader.GetImageIO() == "MetaImageIO":
+        _check_compressed_metaimage(path, data.nbytes)
     check_components(comps, data.dtype, path.name)
     data = colour_8bit(data[..., :3], path.name) if comps > 1 else data  # RGBA: alpha dropped
     data = data[None] if dim == 2 else data
@@ -128,28 +133,60 @@ def _read_here(path: Path) -> tuple[np.ndarray, np.ndarray]:
     affine[:3, 3] = LPS @ origin
     if comps == 1:  # colour is 8-bit (colour_8bit)
         data = data.astype(np.float32)
-    if not np.all(np.isfinite(affine)):
-        raise GeometryError(f"{path.name}: invalid spacing, origin or direction")
+    check_affine(affine, path.name)
     return data, affine
+
+
+def _header(path: Path) -> tuple[list[tuple[str, str]], int | None]:
+    """The ``key: value`` (NRRD) or ``Key = Value`` (MetaImage) fields of a header, keys in lower case
+    without spaces, and where a MetaImage file's own voxels start (``ElementDataFile = LOCAL``)."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    nrrd = head.startswith(b"NRRD")
+    local = None if nrrd else re.search(rb"ElementDataFile[ \t]*=[ \t]*LOCAL[ \t]*\r?\n", head, re.IGNORECASE)
+    end = head.find(b"\n\n") if nrrd else local.end() if local else -1
+    fields = []
+    for line in head[: end if end >= 0 else len(head)].decode("latin-1").splitlines():
+        key, sep, value = line.partition(":" if nrrd else "=")
+        if sep:
+            fields.append((key.strip().lower().replace(" ", ""), value.strip()))
+    return fields, local.end() if local else None
 
 
 def _check_detached_data(path: Path) -> None:
     """A header (``.nhdr``, ``.mhd``, or an ``.nrrd`` / ``.mha`` that points elsewhere) may name the
     file that holds its voxels; it must be one file beside the header, so that an untrusted header
     cannot make medfuse read (and write into its output) any other file on the machine."""
-    with open(path, "rb") as fh:
-        head = fh.read(1 << 16)
-    end = head.find(b"\n\n") if head.startswith(b"NRRD") else -1
-    text = head[: end if end >= 0 else len(head)].decode("latin-1")
-    for line in text.splitlines():
-        key, sep, value = line.partition(":" if head.startswith(b"NRRD") else "=")
-        key, value = key.strip().lower().replace(" ", ""), value.strip()
-        if not sep or key not in ("datafile", "elementdatafile") or value.upper() == "LOCAL":
+    for key, value in _header(path)[0]:
+        if key not in ("datafile", "elementdatafile") or value.upper() == "LOCAL":
             continue
         name = Path(value.split()[0]) if value else Path()
         if value.upper().startswith("LIST") or len(value.split()) > 1 or name.is_absolute() or name.name != value \
                 or not _is_file(path.parent / name):
             raise InvalidInputError(f"{path.name}: its voxels must be in one file beside the header, not {value[:80]!r}")
+
+
+def _check_compressed_metaimage(path: Path, nbytes: int) -> None:
+    """ITK's MetaImage reader takes a damaged compressed payload without a word (garbage or zeros from
+    where the stream breaks on): inflate it here and refuse it unless it is one whole zlib stream of
+    ``nbytes`` bytes, as the header promises."""
+    fields, start = _header(path)
+    values = dict(fields)
+    if values.get("compresseddata", "").lower() != "true" or "headersize" in values:
+        return
+    data = path if start is not None else path.parent / values.get("elementdatafile", "")
+    inflate, total = zlib.decompressobj(), 0
+    try:
+        with open(data, "rb") as fh:
+            fh.seek(start or 0)
+            while (chunk := fh.read(1 << 20)) and not inflate.eof:
+                while chunk and not inflate.eof:
+                    total += len(inflate.decompress(chunk, 1 << 24))
+                    chunk = inflate.unconsumed_tail
+    except zlib.error as exc:
+        raise InvalidInputError(f"{path.name}: corrupt compressed image data ({exc})") from None
+    if not inflate.eof or total != nbytes:
+        raise InvalidInputError(f"{path.name}: truncated compressed image data ({total} of {nbytes} bytes)")
 
 
 def _is_file(path: Path) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import InvalidInputError, OutOfMemoryError
+from ..errors import GeometryError, InvalidInputError, OutOfMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +16,14 @@ MAX_VOXELS = 2**31  # 8 GiB of float32: far beyond any clinical volume
 MAX_PIXELS_2D = 2**26  # a 8192 x 8192 slice: far beyond any radiological 2D image
 MAX_PAGES = 2**16  # pages of a TIFF stack: far beyond any scan's slices
 READ_BYTES_PER_VOXEL = 8  # the stored array and its float32 copy
+
+
+def check_affine(affine: np.ndarray, name: str) -> None:
+    """Refuse a header's voxel-to-world matrix that is not finite or has (next to) no volume: a voxel
+    size of 0 or 1e-9 mm, or collinear axes."""
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise GeometryError(f"{name}: invalid spacing, origin or direction (a voxel size of zero or not finite, "
+                            "or collinear axes)")
 
 
 def check_voxel_count(shape: Sequence[int], name: str, limit: int = MAX_VOXELS) -> None:

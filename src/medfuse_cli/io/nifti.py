@@ -15,7 +15,13 @@ from ..errors import GeometryError, InvalidInputError
 from ..image import Image, Modality, NiftiGeometry, Provenance
 from .atomic import atomic_write_bytes
 from .frames import FrameChoice
-from .limits import check_components, check_voxel_count, colour_8bit, real_valued
+from .limits import (
+    check_affine,
+    check_components,
+    check_voxel_count,
+    colour_8bit,
+    real_valued,
+)
 
 RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
 RGBA32 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")])  # read as colour, alpha dropped
@@ -163,6 +169,7 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     if to_mm != 1.0:  # nibabel gives the affine in the header's unit
         affine = np.diag([to_mm, to_mm, to_mm, 1.0]) @ affine
         log.info("%s: the header's unit is the %s: read in mm, written back in %ss", path.name, unit, unit)
+    check_affine(affine, path.name)
     if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0 and data.shape[2] > 1:
         log.warning("%s: the header gives no position or orientation (sform and qform codes 0); voxels taken as "
                     "%s at %s mm around the centre, so only registration can place it", path.name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import shutil
+import struct
 import zipfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import EXAMPLES, shared_path
+from conftest import EXAMPLES, assert_one_line_error, shared_path
 from scipy import ndimage
 
 from medfuse_cli import read_image
@@ -187,6 +188,27 @@ def test_zip_equals_folder_and_non_image_files_are_ignored(tmp_path):
         other = read_image(path)
         np.testing.assert_array_equal(other.data, ref.data)
         np.testing.assert_array_equal(other.affine, ref.affine)
+
+
+def test_a_damaged_file_in_a_zip_refuses_the_series(tmp_path, cli):
+    """A zip member whose CRC-32 fails (64 bytes damaged) was taken for "not DICOM" and left out: the
+    bundled XA30 series read with one slice fewer, its gap resampled with only an "uneven slice
+    spacing" warning."""
+    archive = tmp_path / "mr.zip"
+    shutil.copy(EXAMPLES_MR, archive)
+    with zipfile.ZipFile(archive) as zf:
+        members = sorted((m for m in zf.infolist() if not m.is_dir()), key=lambda m: m.filename)
+    victim = members[len(members) // 2]
+    raw = bytearray(archive.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[victim.header_offset + 26:victim.header_offset + 30])
+    start = victim.header_offset + 30 + name_len + extra_len  # its data, after its local header
+    middle = start + victim.compress_size // 2
+    raw[middle:middle + 64] = bytes(b ^ 0x5A for b in raw[middle:middle + 64])
+    archive.write_bytes(raw)
+    out = tmp_path / "mr.nii.gz"
+    res = cli("convert", archive, "-o", out)
+    assert_one_line_error(res, 4)
+    assert f"{victim.filename}: damaged file in the zip (Bad CRC-32)" in res.stderr and not out.exists()
 
 
 def test_mixed_series_need_series_choice(tmp_path, cli):

@@ -161,7 +161,7 @@ def test_damaged_compressed_metaimage_data_is_refused(tmp_path, cli, suffix):
     raw.write_text(raw.read_text().replace("CompressedData = False", "CompressedData = True"))
     res = cli("info", raw)
     assert_one_line_error(res, 4)
-    assert "corrupt compressed image data" in res.stderr
+    assert "corrupt compressed data" in res.stderr
 
 
 def test_vanishing_voxels_are_refused_with_the_file_named(tmp_path, cli):

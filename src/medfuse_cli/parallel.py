@@ -48,11 +48,10 @@ def itk_threads(threads: int) -> Iterator[None]:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
-def interruptible(call: Callable[[], Any]) -> Any:
-    """``call()`` run in a helper thread while this one waits: Ctrl-C and SIGTERM then stop the
-    command at once. Python runs signal handlers between its own bytecodes only, so a long C call
-    (an ITK registration) made here would hold them until it returned; interrupted, the helper is
-    left to the process's exit (a daemon thread)."""
+def in_background(call: Callable[[], Any], name: str = "medfuse-helper") -> Callable[[], Any]:
+    """Start ``call()`` in a daemon thread; returns a function that waits for it (in 0.1 s steps, so
+    Ctrl-C and SIGTERM still act at once) and returns its result or raises its error. A helper whose
+    result is never waited for is left to the process's exit."""
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -61,13 +60,24 @@ def interruptible(call: Callable[[], Any]) -> Any:
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             box["error"] = exc
 
-    helper = threading.Thread(target=run, name="medfuse-itk", daemon=True)
+    helper = threading.Thread(target=run, name=name, daemon=True)
     helper.start()
-    while helper.is_alive():
-        helper.join(0.1)
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+
+    def wait() -> Any:
+        while helper.is_alive():
+            helper.join(0.1)
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    return wait
+
+
+def interruptible(call: Callable[[], Any]) -> Any:
+    """``call()`` run in a helper thread while this one waits: Ctrl-C and SIGTERM then stop the
+    command at once. Python runs signal handlers between its own bytecodes only, so a long C call
+    (an ITK registration) made here would hold them until it returned."""
+    return in_background(call, "medfuse-itk")()
 
 
 def _restore_variables(saved: dict[str, str | None]) -> None:

@@ -101,8 +101,10 @@ def _read_header(name: str, opener: object) -> Dataset | None:
         with opener() as fh:  # type: ignore[operator]
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
         _parse_all(ds)
-    except (InvalidDicomError, zipfile.BadZipFile):
+    except InvalidDicomError:
         return None  # not DICOM (no DICM preamble): a README, a thumbnail... ignored
+    except zipfile.BadZipFile as exc:  # a member whose CRC fails was taken for "not DICOM", and its slice lost
+        raise InvalidInputError(f"{name}: damaged file in the zip ({str(exc).split(' for file ')[0]})") from exc
     except Exception as exc:  # pydicom raises many types on damaged headers
         raise InvalidInputError(f"{name}: damaged DICOM file ({exc})") from exc
     sop = str(ds.get("SOPClassUID", ""))

@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,13 @@ from ..errors import (
 )
 from ..image import Image, Modality, Provenance
 from .atomic import atomic_write_bytes
-from .limits import check_affine, check_components, check_voxel_count, colour_8bit
+from .limits import (
+    check_affine,
+    check_components,
+    check_voxel_count,
+    colour_8bit,
+    inflated_size,
+)
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 ITK_OUTPUT_SUFFIXES = (".nrrd", ".mha")  # one file each (.nhdr / .mhd keep their voxels in a second file)
@@ -175,18 +180,9 @@ def _check_compressed_metaimage(path: Path, nbytes: int) -> None:
     if values.get("compresseddata", "").lower() != "true" or "headersize" in values:
         return
     data = path if start is not None else path.parent / values.get("elementdatafile", "")
-    inflate, total = zlib.decompressobj(), 0
-    try:
-        with open(data, "rb") as fh:
-            fh.seek(start or 0)
-            while (chunk := fh.read(1 << 20)) and not inflate.eof:
-                while chunk and not inflate.eof:
-                    total += len(inflate.decompress(chunk, 1 << 24))
-                    chunk = inflate.unconsumed_tail
-    except zlib.error as exc:
-        raise InvalidInputError(f"{path.name}: corrupt compressed image data ({exc})") from None
-    if not inflate.eof or total != nbytes:
-        raise InvalidInputError(f"{path.name}: truncated compressed image data ({total} of {nbytes} bytes)")
+    total = inflated_size(data, path.name, start or 0, gzip=False)
+    if total != nbytes:
+        raise InvalidInputError(f"{path.name}: compressed image data of {total:,} bytes, not the {nbytes:,} of its header")
 
 
 def _is_file(path: Path) -> bool:

@@ -4,7 +4,9 @@ allocated; components and types (colour, complex) as they are read."""
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -24,6 +26,29 @@ def check_affine(affine: np.ndarray, name: str) -> None:
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise GeometryError(f"{name}: invalid spacing, origin or direction (a voxel size of zero or not finite, "
                             "or collinear axes)")
+
+
+def inflated_size(path: Path, name: str, start: int = 0, gzip: bool = True) -> int:
+    """Inflate a gzip file (every member) or, with ``gzip`` False, a zlib stream from byte ``start``,
+    discarding what comes out, and return its size: the streams' checksums, at their ends, are what
+    tell damaged data from good, and a reader that stops once it has its voxels never reaches them."""
+    inflate, total, pending = zlib.decompressobj(31 if gzip else 15), 0, b""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            while chunk := pending or fh.read(1 << 20):
+                if inflate.eof:  # the next gzip member, or trailing bytes (ignored, as gzip does)
+                    chunk += fh.read(1 << 20) if len(chunk) < 2 else b""
+                    if not (gzip and chunk.startswith(b"\x1f\x8b")):
+                        return total
+                    inflate = zlib.decompressobj(31)
+                total += len(inflate.decompress(chunk, 1 << 24))
+                pending = inflate.unused_data if inflate.eof else inflate.unconsumed_tail
+    except zlib.error as exc:
+        raise InvalidInputError(f"{name}: corrupt compressed data ({exc})") from None
+    if not inflate.eof:
+        raise InvalidInputError(f"{name}: truncated compressed data (it ends after {total:,} bytes, mid-stream)")
+    return total
 
 
 def check_voxel_count(shape: Sequence[int], name: str, limit: int = MAX_VOXELS) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import zlib
@@ -13,6 +14,7 @@ import numpy as np
 from .. import __version__
 from ..errors import GeometryError, InvalidInputError
 from ..image import Image, Modality, NiftiGeometry, Provenance
+from ..parallel import in_background
 from .atomic import atomic_write_bytes
 from .frames import FrameChoice
 from .limits import (
@@ -20,6 +22,7 @@ from .limits import (
     check_components,
     check_voxel_count,
     colour_8bit,
+    inflated_size,
     real_valued,
 )
 
@@ -118,6 +121,7 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     shape = tuple(int(s) for s in img.shape)
     check_voxel_count(shape, path.name)
     _check_size(path.with_suffix(".img") if path.suffix.lower() == ".hdr" else path, header, shape)  # a pair's voxels
+    gzipped = {Path(f.filename) for f in img.file_map.values() if str(f.filename or "").lower().endswith(".gz")}
     rgb = header.get_data_dtype() in (RGB24, RGBA32)  # RGB24: as medfuse writes colour results
     complex_ = header.get_data_dtype().kind == "c"
     vector = len(shape) == 5 and shape[3] == 1 and shape[4] > 1 and int(header["intent_code"]) in VECTOR_INTENTS
@@ -135,6 +139,9 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     if rgb and len(shape) == 4 and shape[3] > 1:
         raise GeometryError(f"{path.name}: 4D RGB NIfTI images are not supported")
     steps = []
+    # nibabel stops reading at the voxels' end, before gzip's checksum: the files are inflated to their
+    # ends meanwhile, in helper threads (zlib frees the GIL), and damaged data refused
+    checks = [in_background(functools.partial(inflated_size, held, held.name)) for held in gzipped]
     try:
         if len(shape) == 4 and shape[3] > 1:
             index = frames.select(shape[3], path.name)
@@ -149,6 +156,8 @@ def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
         data = np.asarray(raw)
     except (EOFError, OSError, ValueError, OverflowError, zlib.error, gzip.BadGzipFile) as exc:
         raise InvalidInputError(f"{path.name}: truncated or corrupt NIfTI data ({exc})") from exc
+    for check in checks:
+        check()
     if vector:  # (x, y, z, 1, RGB[A]): colour, alpha dropped as for PNG
         data = colour_8bit(np.ascontiguousarray(data[:, :, :, 0, :3]), path.name)
     else:

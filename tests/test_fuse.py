@@ -120,12 +120,15 @@ def test_a_volume_for_a_slice_format_is_refused_before_the_work(tmp_path, cli, m
 
 
 def test_window_options_say_when_the_method_does_not_use_them(tmp_path, cli):
-    """--patch / --overlap only shape dcfb3d's sliding window: another method says it ignores them."""
-    for name, args in (("set", ["--patch", "16"]), ("overlap", ["--overlap", "0.5"]), ("default", [])):
+    """--patch / --overlap only shape dcfb3d's sliding window: another method says it ignores them.
+    --device likewise chooses where the networks run: a classic rule asked for cuda said nothing."""
+    for name, args in (("set", ["--patch", "16"]), ("overlap", ["--overlap", "0.5"]), ("default", []),
+                       ("cuda", ["--device", "cuda"])):
         res = cli("fuse", T1, PET, "-o", tmp_path / f"{name}.nii.gz", "-m", "mean", "--no-metrics", *args)
         assert res.exit_code == 0, res.stderr
         warnings = json.loads((tmp_path / f"{name}.json").read_text())["warnings"]
-        assert bool([w for w in warnings if w.startswith("--patch and --overlap")]) == (name != "default")
+        assert bool([w for w in warnings if w.startswith("--patch and --overlap")]) == (name in ("set", "overlap"))
+        assert bool([w for w in warnings if w.startswith("--device cuda runs the networks")]) == (name == "cuda")
 
 
 def test_ct_window_takes_an_unnamed_moving_as_ct_and_says_when_unused(tmp_path, cli):

@@ -181,3 +181,22 @@ def test_vanishing_voxels_are_refused_with_the_file_named(tmp_path, cli):
     res = cli("info", tiny)
     assert_one_line_error(res, 5)
     assert "t1.nii.gz: invalid spacing" in res.stderr
+
+
+def test_nrrd_space_units_are_read_in_mm(tmp_path, caplog):
+    """ITK ignores an NRRD header's ``space units``: the SPM T1 described in centimetres read with
+    0.2 mm voxels, 10 times too small. Now in mm, as NIfTI's units are; an unknown unit is mm, warned."""
+    mm = tmp_path / "t1_mm.nhdr"
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(mm), useCompression=False)
+    header = mm.read_text()
+    cm = header.replace("space directions: (2,0,0) (0,-2,0) (0,0,2)", "space directions: (0.2,0,0) (0,-0.2,0) (0,0,0.2)")
+    cm = cm.replace("space origin: (-90,126,-72)", 'space origin: (-9,12.6,-7.2)\nspace units: "cm" "cm" "cm"')
+    assert cm.count("0.2,") == 2 and "space units" in cm
+    (tmp_path / "t1_cm.nhdr").write_text(cm)
+    a, b = read_image(mm), read_image(tmp_path / "t1_cm.nhdr")
+    np.testing.assert_allclose(b.affine, a.affine, atol=1e-9)
+    np.testing.assert_array_equal(b.data, a.data)
+    (tmp_path / "t1_odd.nhdr").write_text(header.replace("space origin:", 'space units: "furlong" "mm" "mm"\nspace origin:'))
+    with caplog.at_level("WARNING"):
+        np.testing.assert_array_equal(read_image(tmp_path / "t1_odd.nhdr").affine, a.affine)
+    assert "space unit 'furlong' unknown; taken as mm" in caplog.text

@@ -257,6 +257,8 @@ def _fuse_images(fixed: Image, moving: Image, options: FuseOptions,
     if method not in VOLUME_NETWORKS and any(getattr(options, name) != value for name, value in window.items()):
         log.warning("--patch and --overlap set the sliding window of %s; %s does not use them",
                     ", ".join(VOLUME_NETWORKS), method)
+    if method not in NETWORKS and options.device not in ("auto", "cpu"):
+        log.warning("--device %s runs the networks; the %s rule runs on the CPU", options.device, method)
     pair = f"FIXED is {fixed.modality.value} and MOVING is {moving.modality.value}"
     if options.ct_window is not None and Modality.CT not in (fixed.modality, moving.modality):
         log.warning("--ct-window windows a CT, but %s: not used (if MOVING is a CT, say so with --moving-modality CT)", pair)

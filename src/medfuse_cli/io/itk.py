@@ -4,6 +4,7 @@ ITK tools save volumes; and the one conversion between :class:`Image` (RAS+) and
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import subprocess
@@ -31,6 +32,8 @@ from .limits import (
     colour_8bit,
     inflated_size,
 )
+
+log = logging.getLogger(__name__)
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 ITK_OUTPUT_SUFFIXES = (".nrrd", ".mha")  # one file each (.nhdr / .mhd keep their voxels in a second file)
@@ -76,6 +79,7 @@ def read_itk(path: Path) -> Image:
                                     f"{proc.returncode})")
         data = np.load(Path(tmp) / "data.npy")
         affine = np.load(Path(tmp) / "affine.npy")
+    affine[:3] = np.diag(_space_units_in_mm(path)) @ affine[:3]
     fmt = "nrrd" if path.name.lower().endswith((".nrrd", ".nhdr")) else "metaimage"
     return Image(data=data, affine=affine, modality=Modality.OT, provenance=Provenance(source=path.name, format=fmt))
 
@@ -156,6 +160,24 @@ def _header(path: Path) -> tuple[list[tuple[str, str]], int | None]:
         if sep:
             fields.append((key.strip().lower().replace(" ", ""), value.strip()))
     return fields, local.end() if local else None
+
+
+MM_PER_UNIT = {"mm": 1.0, "millimeter": 1.0, "millimeters": 1.0, "cm": 10.0, "m": 1000.0, "meter": 1000.0,
+               "meters": 1000.0, "um": 1e-3, "\u00b5m": 1e-3, "micron": 1e-3, "microns": 1e-3}
+
+
+def _space_units_in_mm(path: Path) -> list[float]:
+    """Millimetres per unit of each world axis from an NRRD header's ``space units``, which ITK
+    ignores (a header in cm was read as mm, 10 times too small); 1 where unsaid, or unknown (warned)."""
+    units = next((re.findall(r'"([^"]*)"', value) for key, value in _header(path)[0] if key == "spaceunits"), [])
+    scale = [1.0, 1.0, 1.0]
+    for axis, unit in enumerate(units[:3]):
+        if unit.strip().lower() not in MM_PER_UNIT and unit.strip():
+            log.warning("%s: space unit %r unknown; taken as mm", path.name, unit)
+        scale[axis] = MM_PER_UNIT.get(unit.strip().lower(), 1.0)
+    if scale != [1.0, 1.0, 1.0]:
+        log.info("%s: space units %s: read in mm", path.name, " ".join(units))
+    return scale
 
 
 def _check_detached_data(path: Path) -> None:

@@ -147,6 +147,28 @@ def scan(path: Path) -> list[_Entry]:
     return list(entries)
 
 
+def _one_per_instance(entries: list[_Entry], where: str) -> list[_Entry]:
+    """The entries without second copies of one instance (the same SOPInstanceUID, which the standard
+    gives to one image only: a file copied twice, ``IM1.dcm`` and ``IM1 (1).dcm``), with a warning;
+    before, the copies made a position of two slices, and the series was refused."""
+    seen: dict[tuple[str, str], str] = {}
+    kept, copies = [], []
+    for entry in entries:
+        uid = str(entry.header.get("SOPInstanceUID", "") or "")
+        # and one position: a faulty anonymiser that gives every slice one UID must not lose slices
+        key = (uid, str(entry.header.get("ImagePositionPatient", "")))
+        if uid and key in seen:
+            copies.append(f"{entry.name} (= {seen[key]})")
+            continue
+        if uid:
+            seen[key] = entry.name
+        kept.append(entry)
+    if copies:
+        log.warning("%s: %d file(s) repeat an image already read (the same SOPInstanceUID) and are left out: %s",
+                    where, len(copies), ", ".join(copies[:3]) + (f" and {len(copies) - 3} more" if len(copies) > 3 else ""))
+    return kept
+
+
 def _scan(path: Path) -> list[_Entry]:
     entries, skipped, objects = [], [], Counter()
     for name, opener in _iter_sources(path):
@@ -159,6 +181,7 @@ def _scan(path: Path) -> list[_Entry]:
         entries.append(_Entry(name=name, header=ds, opener=opener))
     if skipped:
         log.info("ignored %d non-image or non-DICOM file(s) in %s", len(skipped), path.name)
+    entries = _one_per_instance(entries, path.name)
     if not entries:
         from . import ITK_SUFFIXES, PAIR_SUFFIXES
 

@@ -150,6 +150,16 @@ def stack_slices(stack: SliceStack, name: str, thickness: float = 1.0) -> tuple[
     return _resample_regular(vol, stack, offsets, d_col, d_row, tilted, uneven)
 
 
+def _missing_slices(gaps: np.ndarray) -> str:
+    """``; N slice(s) missing ...?`` when every gap is the usual one or a whole multiple of it: files
+    lost from a regular series look so, rather than a scan with uneven slices."""
+    usual = float(np.median(gaps))
+    multiples = np.rint(gaps / usual)
+    if usual <= 0 or multiples.max() < 2 or np.abs(gaps - multiples * usual).max() > 0.02 * usual:
+        return ""
+    return f"; the others are even: {int((multiples - 1).sum())} slice(s) missing from the series?"
+
+
 def _resample_regular(
     vol: np.ndarray,
     stack: SliceStack,
@@ -163,7 +173,10 @@ def _resample_regular(
     gaps = np.diff(t)
     typical = [g for g in gaps if g >= 0.5 * float(np.median(gaps))]
     extent = float(t[-1] - t[0])
-    n_out = math.ceil(extent / min(typical) - 1e-6) + 1
+    if _missing_slices(gaps):  # a regular series with files lost: its own grid, its slices kept as they are
+        n_out = round(extent / float(np.median(gaps))) + 1
+    else:
+        n_out = math.ceil(extent / min(typical) - 1e-6) + 1
     step = extent / (n_out - 1)
     # output lattice aligned with the first slice's pixels
     a_min = math.floor(offsets[:, 0].min() / d_col + 1e-6) * d_col
@@ -200,9 +213,8 @@ def _resample_regular(
     affine[:3, 1] = stack.col_dir * d_row
     affine[:3, 2] = stack.normal * step
     affine[:3, 3] = first.ipp + a_min * stack.row_dir + b_min * stack.col_dir
-    what = " and ".join(
-        w for w, on in (("gantry tilt", tilted), (f"uneven slice spacing ({gaps.min():.2f}-{gaps.max():.2f} mm)", uneven)) if on
-    )
+    spacing = f"uneven slice spacing ({gaps.min():.2f}-{gaps.max():.2f} mm{_missing_slices(gaps)})"
+    what = " and ".join(w for w, on in (("gantry tilt", tilted), (spacing, uneven)) if on)
     note = (
         f"{what}: resampled {len(t)} slices onto a regular orthogonal grid of {n_out} slices, "
         f"{step:.3f} mm apart along the slice normal (as dcm2niix's tilt-corrected/equalised output)"

@@ -15,8 +15,10 @@ Pairing rules, tried in this order (the first that finds a pair wins):
    ``OUT_DIR/CASE.nii.gz``.
 
 A CSV manifest has columns ``id,fixed,moving[,output][,initial_transform][,fixed_landmarks,moving_landmarks]``
-``[,fixed_modality,moving_modality]`` (paths relative to the CSV's folder; modalities as ``fuse --fixed-modality``; ``initial_transform``: a transform file that starts that case's
-registration, as ``fuse --initial-transform``; the landmark files start it as ``fuse --landmarks``).
+``[,fixed_modality,moving_modality]`` (paths relative to the CSV's folder; ``initial_transform``: a
+transform file that starts that case's registration, as ``fuse --initial-transform``; the landmark
+files start it as ``fuse --landmarks``; the modalities act as ``fuse --fixed-modality`` /
+``--moving-modality``, which, given to ``batch``, win).
 Each case writes its fused image and then its JSON report (both atomically); a case is complete
 when both exist and the report's fingerprint (inputs, options, version) matches, so a re-run skips
 it. Stale ``.*.partial`` files left by a killed run are removed at the start.
@@ -188,7 +190,7 @@ def _benchmark(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
     return cases, unpaired
 
 
-def nnunet_channels(root: Path) -> tuple[str | None, str | None]:
+def _nnunet_channels(root: Path) -> tuple[str | None, str | None]:
     """Modalities of channels 0000 and 0001 from the ``dataset.json`` in ``root`` or its parent (an
     nnU-Net dataset's ``imagesTr`` / ``imagesTs``): its ``channel_names`` (``modality`` in nnU-Net v1)
     named as :func:`io.guess_modality` reads a name (``T2``, ``CT``, ``FDG-PET``); None where unsaid."""
@@ -215,7 +217,7 @@ def _nnunet(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
         m = NNUNET_RE.match(p.name)
         if m:
             found.setdefault(m["id"], {})[m["ch"]] = p
-    mods = nnunet_channels(root) if found else (None, None)
+    mods = _nnunet_channels(root) if found else (None, None)
     order = ("0000", "0001")
     if mods[1] == "MR" and mods[0] != "MR":  # the MR is FIXED
         order, mods = order[::-1], mods[::-1]

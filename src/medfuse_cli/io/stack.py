@@ -154,8 +154,10 @@ def _missing_slices(gaps: np.ndarray) -> str:
     """``; N slice(s) missing ...?`` when every gap is the usual one or a whole multiple of it: files
     lost from a regular series look so, rather than a scan with uneven slices."""
     usual = float(np.median(gaps))
+    if usual <= 0:
+        return ""
     multiples = np.rint(gaps / usual)
-    if usual <= 0 or multiples.max() < 2 or np.abs(gaps - multiples * usual).max() > 0.02 * usual:
+    if multiples.max() < 2 or np.abs(gaps - multiples * usual).max() > 0.02 * usual:
         return ""
     return f"; the others are even: {int((multiples - 1).sum())} slice(s) missing from the series?"
 
@@ -173,7 +175,8 @@ def _resample_regular(
     gaps = np.diff(t)
     typical = [g for g in gaps if g >= 0.5 * float(np.median(gaps))]
     extent = float(t[-1] - t[0])
-    if _missing_slices(gaps):  # a regular series with files lost: its own grid, its slices kept as they are
+    missing = _missing_slices(gaps)
+    if missing:  # a regular series with files lost: its own grid, its slices kept as they are
         n_out = round(extent / float(np.median(gaps))) + 1
     else:
         n_out = math.ceil(extent / min(typical) - 1e-6) + 1
@@ -213,7 +216,7 @@ def _resample_regular(
     affine[:3, 1] = stack.col_dir * d_row
     affine[:3, 2] = stack.normal * step
     affine[:3, 3] = first.ipp + a_min * stack.row_dir + b_min * stack.col_dir
-    spacing = f"uneven slice spacing ({gaps.min():.2f}-{gaps.max():.2f} mm{_missing_slices(gaps)})"
+    spacing = f"uneven slice spacing ({gaps.min():.2f}-{gaps.max():.2f} mm{missing})"
     what = " and ".join(w for w, on in (("gantry tilt", tilted), (spacing, uneven)) if on)
     note = (
         f"{what}: resampled {len(t)} slices onto a regular orthogonal grid of {n_out} slices, "

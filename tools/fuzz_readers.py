@@ -3,7 +3,8 @@
 Each input is written to a file of the reader's kind and read with ``read_image``, as
 ``medfuse`` would read it. A reader may refuse the input with a :class:`MedfuseError` (one line,
 a documented exit code); anything else (another exception, a hang, a crash, memory use beyond
-libFuzzer's ``-rss_limit_mb``) is a finding, saved by libFuzzer as ``crash-*`` / ``timeout-*``.
+libFuzzer's ``-rss_limit_mb``) is a finding, saved by libFuzzer as ``crash-*`` / ``timeout-*`` (with ``slow-unit-*``
+inputs) in ``CORPUS_DIR-artifacts/`` unless ``-artifact_prefix`` says where.
 
     python tools/fuzz_readers.py nifti CORPUS_DIR -max_total_time=600    # a long run
     python tools/fuzz_readers.py all CORPUS_DIR -max_total_time=20       # what the tests run
@@ -159,6 +160,10 @@ def main() -> None:
         for name, blob in (all_seeds() if kind == "all" else seeds(kind)).items():
             (corpus / name).write_bytes(blob)
         return
+    if args and not args[0].startswith("-") and not any(a.startswith("-artifact_prefix=") for a in args):
+        found = Path(f"{Path(args[0]).resolve()}-artifacts")
+        found.mkdir(exist_ok=True)
+        args.append(f"-artifact_prefix={found}/")  # not the working directory, which may be a clone
     atheris.Setup([sys.argv[0], *args], target(kind))
     atheris.Fuzz()
 

@@ -25,6 +25,7 @@ from conftest import (
 
 from medfuse_cli import read_image
 from medfuse_cli.batch import discover
+from medfuse_cli.errors import InputNotFoundError
 
 T1 = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"
 PET = EXAMPLES / "spm12" / "OldNorm_PET.nii.gz"
@@ -774,6 +775,7 @@ def test_nnunet_channels_take_their_modalities_from_dataset_json(tmp_path, cli):
     assert report["inputs"]["fixed"]["file"] == "c_0001.png"  # the MRI is FIXED
     assert (report["inputs"]["fixed"]["modality"], report["inputs"]["moving"]["modality"]) == ("MR", "CT")
     assert report["warnings"] == []
+    assert report["batch"]["modalities_from"] == str(images.parent / "dataset.json")
     # nnU-Net v1 names them under "modality"; a name that says nothing (here "noNorm") stays unknown
     (images.parent / "dataset.json").write_text(json.dumps({"modality": {"0": "noNorm", "1": "MRI"}}))
     case = discover(images, tmp_path / "o")[0][0]
@@ -783,19 +785,58 @@ def test_nnunet_channels_take_their_modalities_from_dataset_json(tmp_path, cli):
     assert case.fixed.endswith("c_0000.png") and case.fixed_modality is None
 
 
+def test_nnunet_cases_of_more_channels_pair_the_mr_with_the_one_other_modality(tmp_path, cli):
+    """With more than two channels, dataset.json says which are MR and which the CT / PET / SPECT; before,
+    channels from 0002 on were ignored without a word (a BraTS case was fused as FLAIR with T1)."""
+    src = shared_path("harvard", "mri-pet")
+    pid = min(p.name.split("_")[0] for p in src.glob("*_mri.png"))
+    images = tmp_path / "imagesTs"
+    images.mkdir()
+    for ch, name in (("0000", "mri"), ("0001", "mri"), ("0002", "pet")):
+        (images / f"c_{ch}.png").symlink_to(src / f"{pid}_{name}.png")
+    (images / "d_0000.png").symlink_to(src / f"{pid}_mri.png")  # a case with one channel
+    dataset = tmp_path / "dataset.json"
+
+    def left_out(names: dict[str, str] | None) -> str:
+        dataset.unlink(missing_ok=True)
+        if names is not None:
+            dataset.write_text(json.dumps({"channel_names": names}))
+        with pytest.raises(InputNotFoundError) as err:
+            discover(images, tmp_path / "o")
+        return str(err.value)
+
+    assert "not paired: c: 3 channels (0000, 0001, 0002) and no dataset.json naming them" in left_out(None)
+    assert "(and 1 more)" in left_out(None)
+    brats = left_out({"0": "FLAIR", "1": "T1w", "2": "T2w"})
+    assert "0000 MR, 0001 MR, 0002 MR in dataset.json; no CT/PET/SPECT to pair" in brats
+    assert "several CT/PET/SPECT" in left_out({"0": "MR", "1": "CT", "2": "PET"})
+    assert "no MR" in left_out({"0": "CT", "1": "noNorm", "2": "PET"})
+
+    dataset.write_text(json.dumps({"channel_names": {"0": "FLAIR", "1": "T1", "2": "FDG-PET"}}))
+    out = tmp_path / "out"
+    res = cli("batch", images, "-o", out, "--engine", "sequential", "--method", "mean", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    assert "not paired: d: only channel 0000; needs two" in res.stdout
+    report = json.loads((out / "c.json").read_text())
+    assert (report["inputs"]["fixed"]["file"], report["inputs"]["moving"]["file"]) == ("c_0000.png", "c_0002.png")
+    assert (report["inputs"]["fixed"]["modality"], report["inputs"]["moving"]["modality"]) == ("MR", "PT")
+
+
 def test_manifest_modality_columns(tmp_path, cli):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"id,fixed,moving,fixed_modality,moving_modality\nspm,{T1},{PET},,SPECT\n")
     out = tmp_path / "out"
     res = cli("batch", manifest, "-o", out, "--engine", "sequential", "--method", "mean", "--no-metrics")
     assert res.exit_code == 0, res.stderr
-    moving = json.loads((out / "spm.json").read_text())["inputs"]["moving"]
-    assert moving["modality"] == "NM"
+    report = json.loads((out / "spm.json").read_text())
+    assert report["inputs"]["moving"]["modality"] == "NM"
+    assert report["batch"]["modalities_from"] == str(manifest)
     # the command's option wins over the column
     res = cli("batch", manifest, "-o", out, "--engine", "sequential", "--method", "mean", "--no-metrics",
               "--moving-modality", "PET")
     assert res.exit_code == 0, res.stderr
-    assert json.loads((out / "spm.json").read_text())["inputs"]["moving"]["modality"] == "PT"
+    report = json.loads((out / "spm.json").read_text())
+    assert report["inputs"]["moving"]["modality"] == "PT" and "modalities_from" not in report["batch"]
     manifest.write_text(f"id,fixed,moving,moving_modality\nspm,{T1},{PET},XRAY\n")
     res = cli("batch", manifest, "-o", tmp_path / "bad", "--engine", "sequential")
     assert_one_line_error(res, 4)

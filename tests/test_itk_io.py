@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -200,3 +202,34 @@ def test_nrrd_space_units_are_read_in_mm(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         np.testing.assert_array_equal(read_image(tmp_path / "t1_odd.nhdr").affine, a.affine)
     assert "space unit 'furlong' unknown; taken as mm" in caplog.text
+
+
+def test_unknown_spacing_and_origin_are_warned_of(tmp_path, caplog):
+    """NRRD allows ``nan`` for a spacing or origin not known; ITK reads it as 1 mm or 0 without a word
+    (a MetaImage ``Offset = nan`` too). The values stay ITK's; the warning says they were made up."""
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(tmp_path / "t1.nhdr"), useCompression=False)
+    header = (tmp_path / "t1.nhdr").read_text()
+    spacings = header.replace("space: left-posterior-superior\n", "").replace(
+        "space directions: (2,0,0) (0,-2,0) (0,0,2)", "spacings: 2 2 nan")
+    cases = {"spacings.nhdr": (spacings.replace("space origin: (-90,126,-72)\n", ""), "spacings '2 2 nan'; read as 1 mm"),
+             "origin.nhdr": (header.replace("(-90,126,-72)", "(nan,nan,nan)"), "space origin '(nan,nan,nan)'; read as 0")}
+    for name, (text, said) in cases.items():
+        assert text != header
+        (tmp_path / name).write_text(text)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            read_image(tmp_path / name)
+        assert f"{name}: unknown value in {said}" in caplog.text
+    mha = tmp_path / "t1.mha"
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(mha), useCompression=False)
+    blob = mha.read_bytes()
+    offset = re.search(rb"Offset = [^\n]+", blob)[0]
+    mha.write_bytes(blob.replace(offset, b"Offset = nan 0 0".ljust(len(offset))))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        read_image(mha)
+    assert "t1.mha: unknown value in Offset 'nan 0 0'; read as 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        read_image(tmp_path / "t1.nhdr")
+    assert "unknown value" not in caplog.text

@@ -8,7 +8,8 @@ Pairing rules, tried in this order (the first that finds a pair wins):
    so ``medfuse eval --pairs IN --fused OUT_DIR`` reads it directly.
 2. ``nnunet``: ``CASE_0000.EXT`` (FIXED) + ``CASE_0001.EXT`` (MOVING); output ``OUT_DIR/CASE.EXT``. The
    channels' modalities come from the nnU-Net ``dataset.json`` in the folder or its parent, when there
-   is one (channel 0001 is FIXED when it alone is an MR).
+   is one (channel 0001 is FIXED when it alone is an MR; of more channels, the MR and the one CT / PET /
+   SPECT it names).
 3. ``subfolders``: one sub-folder per case holding two inputs (NIfTI / PNG / TIFF files or DICOM
    series); the MR one (from DICOM or the file name) is FIXED; or holding the DICOM files of a
    study, whose one MR series is FIXED and one CT / PET / SPECT series MOVING; output
@@ -75,7 +76,7 @@ log = logging.getLogger(__name__)
 
 INPUT_EXT = (*PAIR_SUFFIXES, *ITK_SUFFIXES, ".dcm", ".zip")
 BENCH_RE = named_pattern("mri")
-NNUNET_RE = named_pattern("(?P<ch>000[01])")
+NNUNET_RE = named_pattern(r"(?P<ch>\d{4})")
 SUMMARY_EVERY_S = 2.0
 BATCH_ONLY = ("figures", "dicom", "log_level")  # batch options that are not FuseOptions
 NOT_DECISIVE = ("threads", "log_level")  # options that do not change a case's output: a re-run with others skips it
@@ -99,6 +100,7 @@ class BatchCase:
     moving_series: str | None = None
     fixed_modality: str | None = None  # nnU-Net's dataset.json or a manifest's columns: as fuse --fixed-modality
     moving_modality: str | None = None
+    modalities_from: str | None = None  # the file that gave them (recorded in the case's report)
 
     @property
     def report(self) -> Path:
@@ -190,10 +192,11 @@ def _benchmark(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
     return cases, unpaired
 
 
-def _nnunet_channels(root: Path) -> tuple[str | None, str | None]:
-    """Modalities of channels 0000 and 0001 from the ``dataset.json`` in ``root`` or its parent (an
-    nnU-Net dataset's ``imagesTr`` / ``imagesTs``): its ``channel_names`` (``modality`` in nnU-Net v1)
-    named as :func:`io.guess_modality` reads a name (``T2``, ``CT``, ``FDG-PET``); None where unsaid."""
+def _nnunet_channels(root: Path) -> tuple[Path | None, dict[str, str | None]]:
+    """The ``dataset.json`` in ``root`` or its parent (an nnU-Net dataset's ``imagesTr`` / ``imagesTs``)
+    and the modality of each channel it names (``"0000"`` -> ``"MR"``): its ``channel_names``
+    (``modality`` in nnU-Net v1) read as :func:`io.guess_modality` reads a name (``T2``, ``CT``,
+    ``FDG-PET``); None where a name says no modality. No file, or one not read: ``(None, {})``."""
     from .image import Modality
     from .io import guess_modality
 
@@ -203,12 +206,33 @@ def _nnunet_channels(root: Path) -> tuple[str | None, str | None]:
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
             names = meta.get("channel_names") or meta.get("modality") or {}
-            named = [guess_modality(str(names.get(ch, ""))) for ch in ("0", "1")]
+            named = {f"{int(ch):04d}": guess_modality(str(name)) for ch, name in names.items()}
         except (OSError, ValueError, AttributeError) as exc:
             log.warning("%s: not read (%s); the channels' modalities are unknown", path, exc)
-            return None, None
-        return tuple(None if m is Modality.OT else m.value for m in named)  # type: ignore[return-value]
-    return None, None
+            return None, {}
+        return path, {ch: None if m is Modality.OT else m.value for ch, m in named.items()}
+    return None, {}
+
+
+def _nnunet_pick(chans: list[str], mods: dict[str, str | None]) -> tuple[str, str] | str:
+    """FIXED's and MOVING's channels among a case's (sorted), or why none can be chosen. Two channels:
+    the first is FIXED unless only the second is an MR. More: the one MR (the first of several) with
+    the one CT / PET / SPECT, as ``dataset.json`` names them."""
+    if len(chans) == 2:
+        first, second = chans
+        return (second, first) if mods.get(second) == "MR" and mods.get(first) != "MR" else (first, second)
+    if len(chans) < 2:
+        return f"only channel {chans[0]}; needs two"
+    listed = f"{len(chans)} channels ({', '.join(chans)})"
+    if not mods:
+        return f"{listed} and no dataset.json naming them; list the pairs to fuse in a manifest"
+    mr = [c for c in chans if mods.get(c) == "MR"]
+    other = [c for c in chans if mods.get(c) in ("CT", "PT", "NM")]
+    if mr and len(other) == 1:
+        return mr[0], other[0]
+    said = ", ".join(f"{c} {mods.get(c) or 'unknown'}" for c in chans)
+    why = "no MR" if not mr else "no CT/PET/SPECT" if not other else "several CT/PET/SPECT"
+    return f"{listed}: {said} in dataset.json; {why} to pair; list the pairs to fuse in a manifest"
 
 
 def _nnunet(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
@@ -217,18 +241,17 @@ def _nnunet(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
         m = NNUNET_RE.match(p.name)
         if m:
             found.setdefault(m["id"], {})[m["ch"]] = p
-    mods = _nnunet_channels(root) if found else (None, None)
-    order = ("0000", "0001")
-    if mods[1] == "MR" and mods[0] != "MR":  # the MR is FIXED
-        order, mods = order[::-1], mods[::-1]
+    source, mods = _nnunet_channels(root) if found else (None, {})
     cases, unpaired = [], []
     for cid, chans in found.items():
-        if set(chans) != {"0000", "0001"}:
-            unpaired.append(f"{cid}: needs {cid}_0000 and {cid}_0001")
+        picked = _nnunet_pick(sorted(chans), mods)
+        if isinstance(picked, str):
+            unpaired.append(f"{cid}: {picked}")
             continue
-        fixed, moving = (chans[ch] for ch in order)
+        (fixed, fixed_mod), (moving, moving_mod) = ((chans[ch], mods.get(ch)) for ch in picked)
         cases.append(BatchCase(cid, str(fixed), str(moving), str(out / f"{cid}{_output_ext(fixed)}"),
-                               fixed_modality=mods[0], moving_modality=mods[1]))
+                               fixed_modality=fixed_mod, moving_modality=moving_mod,
+                               modalities_from=str(source) if source and (fixed_mod or moving_mod) else None))
     return cases, unpaired
 
 
@@ -313,7 +336,9 @@ def _manifest(path: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
                                str(_abs(path.parent / initial)) if initial else None,
                                [str(_abs(path.parent / p)) for p in points] if all(points) else None,
                                fixed_modality=_manifest_modality(path, r, "fixed_modality"),
-                               moving_modality=_manifest_modality(path, r, "moving_modality")))
+                               moving_modality=_manifest_modality(path, r, "moving_modality"),
+                               modalities_from=str(path) if r.get("fixed_modality") or r.get("moving_modality")
+                               else None))
     return cases, problems
 
 
@@ -347,14 +372,18 @@ def discover(source: Path, out: Path, dicom: bool = False, series_given: bool = 
         if out == source or source in out.parents:
             raise OutputError(f"output folder {out} is inside the input folder {source}; a re-run would read "
                               "the results as inputs: write them elsewhere")
+        left: list[str] = []
         for rule, finder in (("benchmark", _benchmark), ("nnunet", _nnunet),
                              ("subfolders", functools.partial(_subfolders, series_given=series_given))):
             cases, problems = finder(source, out)
             if cases:
                 break
+            left += problems
         else:
+            why = f"; not paired: {left[0]}" + (f" (and {len(left) - 1} more)" if len(left) > 1 else "") if left else ""
             raise InputNotFoundError(
                 f"{source}: no pairs found (ID_mri + ID_ct/pet/spect, CASE_0000 + CASE_0001, or one sub-folder per case)"
+                + why
             )
     if dicom:
         cases = [replace(c, output=_as_folder(c.output)) for c in cases]
@@ -473,12 +502,15 @@ def run_case(case: dict[str, str | None], options: dict[str, Any], fp: str, time
             for key in ("initial_transform", "landmarks", "fixed_series", "moving_series"):
                 if case.get(key):
                     opts[key] = case[key]
+            extra: dict[str, Any] = {"id": case["id"], "fingerprint": fp}
             for key in ("fixed_modality", "moving_modality"):  # --fixed-modality / --moving-modality win
-                opts[key] = opts.get(key) or case.get(key)
+                if not opts.get(key) and case.get(key):
+                    opts[key] = case[key]
+                    extra["modalities_from"] = case.get("modalities_from")
             figure = BatchCase(**case).figure if options.get("figures") else None
             result = fuse_pair(case["fixed"], case["moving"], case["output"], FuseOptions(**opts), figure=figure,
                                overwrite=True,
-                               report_extra={"batch": {"id": case["id"], "fingerprint": fp}})
+                               report_extra={"batch": extra})
             row.update(status="done", **_row_from_report(result.report))
         except MedfuseError as exc:
             row.update(status="failed", error=" ".join(str(exc).split()))

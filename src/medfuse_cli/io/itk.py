@@ -79,7 +79,7 @@ def read_itk(path: Path) -> Image:
                                     f"{proc.returncode})")
         data = np.load(Path(tmp) / "data.npy")
         affine = np.load(Path(tmp) / "affine.npy")
-    affine[:3] = np.diag(_space_units_in_mm(path)) @ affine[:3]
+    affine[:3] = np.diag(_header_geometry(path)) @ affine[:3]
     fmt = "nrrd" if path.name.lower().endswith((".nrrd", ".nhdr")) else "metaimage"
     return Image(data=data, affine=affine, modality=Modality.OT, provenance=Provenance(source=path.name, format=fmt))
 
@@ -166,10 +166,18 @@ MM_PER_UNIT = {"mm": 1.0, "millimeter": 1.0, "millimeters": 1.0, "cm": 10.0, "m"
                "meters": 1000.0, "um": 1e-3, "\u00b5m": 1e-3, "micron": 1e-3, "microns": 1e-3}
 
 
-def _space_units_in_mm(path: Path) -> list[float]:
-    """Millimetres per unit of each world axis from an NRRD header's ``space units``, which ITK
-    ignores (a header in cm was read as mm, 10 times too small); 1 where unsaid, or unknown (warned)."""
-    units = next((re.findall(r'"([^"]*)"', value) for key, value in _header(path)[0] if key == "spaceunits"), [])
+_UNKNOWN_READ_AS = {"spacings": ("spacings", "1 mm"), "spaceorigin": ("space origin", "0"),
+                    "elementspacing": ("ElementSpacing", "1 mm"), "offset": ("Offset", "0"), "origin": ("Origin", "0"),
+                    "position": ("Position", "0")}
+
+
+def _header_geometry(path: Path) -> list[float]:
+    """What ITK leaves out of a header's geometry: millimetres per unit of each world axis from an NRRD
+    ``space units`` (ITK ignores them: a header in cm was read as mm, 10 times too small); 1 where
+    unsaid, or unknown (warned). Spacings or an origin said to be unknown (``nan``, which the NRRD
+    format allows), which ITK reads as 1 mm and 0 without a word, are warned of too."""
+    fields = _header(path)[0]
+    units = next((re.findall(r'"([^"]*)"', value) for key, value in fields if key == "spaceunits"), [])
     scale = [1.0, 1.0, 1.0]
     for axis, unit in enumerate(units[:3]):
         if unit.strip().lower() not in MM_PER_UNIT and unit.strip():
@@ -177,7 +185,19 @@ def _space_units_in_mm(path: Path) -> list[float]:
         scale[axis] = MM_PER_UNIT.get(unit.strip().lower(), 1.0)
     if scale != [1.0, 1.0, 1.0]:
         log.info("%s: space units %s: read in mm", path.name, " ".join(units))
+    for key, value in fields:
+        name, taken = _UNKNOWN_READ_AS.get(key, ("", ""))
+        if taken and any(not np.isfinite(v) for v in _numbers(value.replace(",", " ").strip("()"))):
+            log.warning("%s: unknown value in %s %r; read as %s", path.name, name, value[:60], taken)
     return scale
+
+
+def _numbers(text: str) -> list[float]:
+    out = []
+    for token in text.split():
+        with contextlib.suppress(ValueError):
+            out.append(float(token))
+    return out
 
 
 def _check_detached_data(path: Path) -> None:

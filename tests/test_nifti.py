@@ -156,6 +156,38 @@ def test_plain_nii_and_gz_extension_decide_compression(tmp_path):
     assert nib.load(tmp_path / "B.NII.GZ").shape == image.shape
 
 
+def test_a_nifti_is_read_by_its_content_whatever_its_name_says_of_gzip(tmp_path, cli):
+    """A plain NIfTI named .nii.gz (a browser that inflates downloads may keep the name) and a gzip one
+    named .nii, NIfTI-1 and NIfTI-2, read as FSL and ITK read them; nibabel goes by the name ("is not
+    a gzip file", "cannot work out file type") and both were refused. The damaged-gzip check follows
+    the content too."""
+    source = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"
+    expected = read_image(source)
+    t1 = nib.load(source)
+    nifti2 = nib.Nifti2Image(np.asanyarray(t1.dataobj), t1.affine)
+    nifti2.header.set_qform(t1.affine, code=1)
+    nifti2.header.set_sform(t1.affine, code=2)
+    blobs = {"plain.nii.gz": gzip.decompress(source.read_bytes()), "packed.nii": source.read_bytes(),
+             "two.nii.gz": nifti2.to_bytes(), "two.nii": gzip.compress(nifti2.to_bytes())}
+    for name, blob in blobs.items():
+        (tmp_path / name).write_bytes(blob)
+        image = read_image(tmp_path / name)
+        np.testing.assert_array_equal(image.data, expected.data, err_msg=name)
+        np.testing.assert_array_equal(image.affine, expected.affine, err_msg=name)
+    res = cli("fuse", tmp_path / "plain.nii.gz", EXAMPLES / "spm12" / "OldNorm_PET.nii.gz", "-o", tmp_path / "f.nii",
+              "--method", "mean", "--no-metrics")
+    assert res.exit_code == 0, res.stderr
+    assert np.array_equal(nib.load(tmp_path / "f.nii").affine, t1.affine)
+    damaged = bytearray(source.read_bytes())
+    damaged[len(damaged) // 2:len(damaged) // 2 + 64] = bytes(64)
+    (tmp_path / "damaged.nii").write_bytes(damaged)
+    with pytest.raises(InvalidInputError, match="damaged.nii: corrupt compressed data"):
+        read_image(tmp_path / "damaged.nii")
+    (tmp_path / "neither.nii.gz").write_bytes(b"\x00" * 400)
+    with pytest.raises(InvalidInputError, match="neither.nii.gz: not a readable NIfTI"):
+        read_image(tmp_path / "neither.nii.gz")
+
+
 def test_a_header_without_position_is_read_with_a_warning(tmp_path, caplog):
     """sform and qform codes 0 (ANALYZE-style): the voxels get nibabel's default grid and the user is
     told that only registration can place the volume; a normal header says nothing."""

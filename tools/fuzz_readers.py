@@ -73,7 +73,9 @@ def seeds(kind: str) -> dict[str, bytes]:
         frames = np.stack([crop * (0.6 + 0.8j), crop * 1j], -1).astype(np.complex64)  # 4D complex
         return {"t1_crop": pack(nib.Nifti1Image(crop, t1.affine).to_bytes()), "t1_crop_rgb_vector": pack(vector.to_bytes()),
                 "t1_crop_rgba32": pack(nib.Nifti1Image(rgba, t1.affine).to_bytes()),
-                "t1_crop_complex_4d": pack(nib.Nifti1Image(frames, t1.affine).to_bytes())}
+                "t1_crop_complex_4d": pack(nib.Nifti1Image(frames, t1.affine).to_bytes()),
+                "t1_crop_nifti2_misnamed": (__import__("gzip").compress if kind == "nifti" else (lambda raw: raw))(
+                    nib.Nifti2Image(crop, t1.affine).to_bytes())}  # read by its content, not its name
     if kind in ("nrrd", "mha"):
         import SimpleITK as sitk
 
@@ -160,7 +162,7 @@ def main() -> None:
         for name, blob in (all_seeds() if kind == "all" else seeds(kind)).items():
             (corpus / name).write_bytes(blob)
         return
-    if args and not args[0].startswith("-") and not any(a.startswith("-artifact_prefix=") for a in args):
+    if args and Path(args[0]).is_dir() and not any(a.startswith("-artifact_prefix=") for a in args):
         found = Path(f"{Path(args[0]).resolve()}-artifacts")
         found.mkdir(exist_ok=True)
         args.append(f"-artifact_prefix={found}/")  # not the working directory, which may be a clone

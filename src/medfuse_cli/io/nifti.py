@@ -56,12 +56,41 @@ def _spatial_unit(header: nib.Nifti1Header) -> tuple[str, float]:
     return SPATIAL_UNITS.get(int(header["xyzt_units"]) & 0x07, ("mm", 1.0))
 
 
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def _load_misnamed(path: Path) -> nib.Nifti1Image | nib.Nifti2Image | None:
+    """A ``.nii`` that is gzip-compressed, or a ``.nii.gz`` that is not (a browser that inflates what it
+    downloads may keep the name), read by its content as FSL and ITK (zlib's ``gzopen``) read it: nibabel
+    goes by the name and refuses both. None for any other file. The image reads through the open file,
+    which :func:`read_nifti` closes."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")) or _is_gzip(path) == name.endswith(".gz"):
+        return None
+    opened = gzip.open(path) if not name.endswith(".gz") else open(path, "rb")  # noqa: SIM115 - closed by read_nifti
+    try:
+        block = opened.read(540)
+        opened.seek(0)
+        kind = next((k for k in (nib.Nifti1Image, nib.Nifti2Image) if k.header_class.may_contain_header(block)), None)
+        if kind is None:  # no NIfTI header: nibabel's refusal says why
+            opened.close()
+            return None
+        log.info("%s: %s, read by its content", path.name,
+                 "not gzip-compressed" if name.endswith(".gz") else "gzip-compressed")
+        return kind.from_stream(opened)
+    except BaseException:
+        opened.close()
+        raise
+
+
 def _load(path: Path) -> nib.Nifti1Pair | nib.Nifti2Pair:
     """A NIfTI image or pair; an Analyze 7.5 one converted to NIfTI-1 with its affine as sform."""
     try:
-        img = nib.load(str(path))
+        img = _load_misnamed(path) or nib.load(str(path))
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, EOFError, OSError, ValueError,
-            zlib.error) as exc:
+            OverflowError, zlib.error) as exc:
         raise InvalidInputError(f"{path.name}: not a readable NIfTI file ({exc})") from exc
     if isinstance(img, (nib.Nifti1Pair, nib.Nifti2Pair)):  # a .nii, or a NIfTI-1/2 .hdr/.img pair
         return img
@@ -84,7 +113,7 @@ def _load(path: Path) -> nib.Nifti1Pair | nib.Nifti2Pair:
 def _check_size(path: Path, header: nib.Nifti1Header, shape: tuple[int, ...]) -> None:
     """Refuse an uncompressed file (the ``.img`` of a pair) shorter than its header claims, before
     reading any voxel."""
-    if path.name.lower().endswith(".gz"):
+    if _is_gzip(path):
         return  # the decompressed size is only known by reading; a short stream fails while reading
     need = int(header.get_data_offset()) + int(np.prod(shape, dtype=object)) * header.get_data_dtype().itemsize
     have = path.stat().st_size
@@ -115,13 +144,22 @@ def _warn_if_forms_differ(header, shape: tuple[int, ...], name: str) -> None:
 def read_nifti(path: Path, frames: FrameChoice | None = None) -> Image:
     """Read a ``.nii`` / ``.nii.gz`` file or a ``.hdr`` / ``.img`` pair (NIfTI-1 or Analyze 7.5); the
     affine follows the header's sform/qform codes."""
-    frames = frames or FrameChoice(offered=False)
     img = _load(path)
+    try:
+        return _image_of(img, path, frames or FrameChoice(offered=False))
+    finally:
+        for held in img.file_map.values():
+            if held.fileobj is not None:  # a file read by its content
+                held.fileobj.close()
+
+
+def _image_of(img: nib.Nifti1Pair | nib.Nifti2Pair, path: Path, frames: FrameChoice) -> Image:
     header = img.header
     shape = tuple(int(s) for s in img.shape)
     check_voxel_count(shape, path.name)
     _check_size(path.with_suffix(".img") if path.suffix.lower() == ".hdr" else path, header, shape)  # a pair's voxels
-    gzipped = {Path(f.filename) for f in img.file_map.values() if str(f.filename or "").lower().endswith(".gz")}
+    gzipped = {held for held in {Path(f.filename) for f in img.file_map.values() if f.filename} or {path}
+               if _is_gzip(held)}
     rgb = header.get_data_dtype() in (RGB24, RGBA32)  # RGB24: as medfuse writes colour results
     complex_ = header.get_data_dtype().kind == "c"
     vector = len(shape) == 5 and shape[3] == 1 and shape[4] > 1 and int(header["intent_code"]) in VECTOR_INTENTS

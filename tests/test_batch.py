@@ -785,8 +785,8 @@ def test_nnunet_channels_take_their_modalities_from_dataset_json(tmp_path, cli):
     assert case.fixed.endswith("c_0000.png") and case.fixed_modality is None
 
 
-def test_nnunet_cases_of_more_channels_pair_the_mr_with_the_one_other_modality(tmp_path, cli):
-    """With more than two channels, dataset.json says which are MR and which the CT / PET / SPECT; before,
+def test_nnunet_cases_of_more_channels_pair_the_mr_with_each_other_modality(tmp_path, cli):
+    """With more than two channels, dataset.json says which are MR and which CT / PET / SPECT; before,
     channels from 0002 on were ignored without a word (a BraTS case was fused as FLAIR with T1)."""
     src = shared_path("harvard", "mri-pet")
     pid = min(p.name.split("_")[0] for p in src.glob("*_mri.png"))
@@ -809,8 +809,13 @@ def test_nnunet_cases_of_more_channels_pair_the_mr_with_the_one_other_modality(t
     assert "(and 1 more)" in left_out(None)
     brats = left_out({"0": "FLAIR", "1": "T1w", "2": "T2w"})
     assert "0000 MR, 0001 MR, 0002 MR in dataset.json; no CT/PET/SPECT to pair" in brats
-    assert "several CT/PET/SPECT" in left_out({"0": "MR", "1": "CT", "2": "PET"})
+    assert "two of one modality" in left_out({"0": "MR", "1": "PET", "2": "FDG-PET"})
     assert "no MR" in left_out({"0": "CT", "1": "noNorm", "2": "PET"})
+    dataset.write_text(json.dumps({"channel_names": {"0": "T1", "1": "CT", "2": "PET"}}))
+    several = {c.id: (Path(c.fixed).name, Path(c.moving).name, Path(c.output).name, c.moving_modality)
+               for c in discover(images, tmp_path / "o")[0]}
+    assert several == {"c_ct": ("c_0000.png", "c_0001.png", "c_ct.png", "CT"),
+                       "c_pet": ("c_0000.png", "c_0002.png", "c_pet.png", "PT")}
 
     dataset.write_text(json.dumps({"channel_names": {"0": "FLAIR", "1": "T1", "2": "FDG-PET"}}))
     out = tmp_path / "out"

@@ -8,8 +8,8 @@ Pairing rules, tried in this order (the first that finds a pair wins):
    so ``medfuse eval --pairs IN --fused OUT_DIR`` reads it directly.
 2. ``nnunet``: ``CASE_0000.EXT`` (FIXED) + ``CASE_0001.EXT`` (MOVING); output ``OUT_DIR/CASE.EXT``. The
    channels' modalities come from the nnU-Net ``dataset.json`` in the folder or its parent, when there
-   is one (channel 0001 is FIXED when it alone is an MR; of more channels, the MR and the one CT / PET /
-   SPECT it names).
+   is one (channel 0001 is FIXED when it alone is an MR; of more channels, the MR with each CT / PET /
+   SPECT it names: cases ``CASE_ct``, ``CASE_pet``, ``CASE_spect`` when there are several).
 3. ``subfolders``: one sub-folder per case holding two inputs (NIfTI / PNG / TIFF files or DICOM
    series); the MR one (from DICOM or the file name) is FIXED; or holding the DICOM files of a
    study, whose one MR series is FIXED and one CT / PET / SPECT series MOVING; output
@@ -214,24 +214,29 @@ def _nnunet_channels(root: Path) -> tuple[Path | None, dict[str, str | None]]:
     return None, {}
 
 
-def _nnunet_pick(chans: list[str], mods: dict[str, str | None]) -> tuple[str, str] | str:
-    """FIXED's and MOVING's channels among a case's (sorted), or why none can be chosen. Two channels:
-    the first is FIXED unless only the second is an MR. More: the one MR (the first of several) with
-    the one CT / PET / SPECT, as ``dataset.json`` names them."""
+NNUNET_TAGS = {"CT": "ct", "PT": "pet", "NM": "spect"}  # a case's id suffix when its MRI pairs with several
+
+
+def _nnunet_pick(chans: list[str], mods: dict[str, str | None]) -> list[tuple[str, str, str]] | str:
+    """FIXED's and MOVING's channels among a case's (sorted), with the case id's suffix, or why none can
+    be chosen. Two channels: the first is FIXED unless only the second is an MR. More: the MR (the
+    first of several) with each CT / PET / SPECT that ``dataset.json`` names, one case each
+    (``CASE_ct``, ``CASE_pet``, ``CASE_spect`` when there are several)."""
     if len(chans) == 2:
         first, second = chans
-        return (second, first) if mods.get(second) == "MR" and mods.get(first) != "MR" else (first, second)
+        return [(second, first, "") if mods.get(second) == "MR" and mods.get(first) != "MR" else (first, second, "")]
     if len(chans) < 2:
         return f"only channel {chans[0]}; needs two"
     listed = f"{len(chans)} channels ({', '.join(chans)})"
     if not mods:
         return f"{listed} and no dataset.json naming them; list the pairs to fuse in a manifest"
     mr = [c for c in chans if mods.get(c) == "MR"]
-    other = [c for c in chans if mods.get(c) in ("CT", "PT", "NM")]
-    if mr and len(other) == 1:
-        return mr[0], other[0]
+    other = [c for c in chans if mods.get(c) in NNUNET_TAGS]
+    kinds = [mods[c] for c in other]
+    if mr and other and len(set(kinds)) == len(kinds):
+        return [(mr[0], c, f"_{NNUNET_TAGS[mods[c]]}" if len(other) > 1 else "") for c in other]  # type: ignore[index]
     said = ", ".join(f"{c} {mods.get(c) or 'unknown'}" for c in chans)
-    why = "no MR" if not mr else "no CT/PET/SPECT" if not other else "several CT/PET/SPECT"
+    why = "no MR" if not mr else "no CT/PET/SPECT" if not other else "two of one modality"
     return f"{listed}: {said} in dataset.json; {why} to pair; list the pairs to fuse in a manifest"
 
 
@@ -248,10 +253,12 @@ def _nnunet(root: Path, out: Path) -> tuple[list[BatchCase], list[str]]:
         if isinstance(picked, str):
             unpaired.append(f"{cid}: {picked}")
             continue
-        (fixed, fixed_mod), (moving, moving_mod) = ((chans[ch], mods.get(ch)) for ch in picked)
-        cases.append(BatchCase(cid, str(fixed), str(moving), str(out / f"{cid}{_output_ext(fixed)}"),
-                               fixed_modality=fixed_mod, moving_modality=moving_mod,
-                               modalities_from=str(source) if source and (fixed_mod or moving_mod) else None))
+        for fixed_ch, moving_ch, tag in picked:
+            fixed, moving = chans[fixed_ch], chans[moving_ch]
+            fixed_mod, moving_mod = mods.get(fixed_ch), mods.get(moving_ch)
+            cases.append(BatchCase(f"{cid}{tag}", str(fixed), str(moving), str(out / f"{cid}{tag}{_output_ext(fixed)}"),
+                                   fixed_modality=fixed_mod, moving_modality=moving_mod,
+                                   modalities_from=str(source) if source and (fixed_mod or moving_mod) else None))
     return cases, unpaired
 
 

@@ -573,7 +573,7 @@ def _with_progress(total: int, quiet: bool, label: str, work: Callable[[Callable
 
 @app.command()
 def batch(
-    source: Annotated[Path, typer.Argument(readable=False, metavar="IN", help="Folder of pairs (ID_mri + ID_ct/pet/spect; CASE_0000 + CASE_0001, their modalities from an nnU-Net dataset.json of the folder or its parent, which must name more channels: the MR and the one CT/PET/SPECT are fused; or one sub-folder per case) or a CSV manifest id,fixed,moving[,output][,fixed_modality,moving_modality].", show_default=False)],
+    source: Annotated[Path, typer.Argument(readable=False, metavar="IN", help="Folder of pairs (ID_mri + ID_ct/pet/spect; CASE_0000 + CASE_0001, their modalities from an nnU-Net dataset.json of the folder or its parent, which must name more channels: the MR is fused with each CT/PET/SPECT; or one sub-folder per case) or a CSV manifest id,fixed,moving[,output][,fixed_modality,moving_modality].", show_default=False)],
     out_dir: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Output folder (created if missing): fused images, one JSON report each, summary.csv.", show_default=False)],
     method: Method = "auto",
     transform: Transform = "auto",

@@ -249,6 +249,24 @@ def test_a_file_copied_twice_is_read_once(tmp_path, cli):
     np.testing.assert_array_equal(read_image(out).data, read_image(EXAMPLES_MR).data)
 
 
+def test_positions_across_the_slice_plane_are_refused_for_what_they_are(tmp_path, cli):
+    """The sagittal XA30 series with its orientation rewritten to axial: its positions step along x,
+    within the slices' new plane, so they all sit at one height and the series was taken for one
+    position of 4D frames (exit 2, asking for --frame); a real 4D series' frames lie at one point."""
+    import pydicom
+
+    folder = tmp_path / "mr"
+    with zipfile.ZipFile(EXAMPLES_MR) as zf:
+        zf.extractall(folder)
+    for f in folder.rglob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.save_as(f)
+    res = cli("convert", folder, "-o", tmp_path / "mr.nii.gz")
+    assert_one_line_error(res, 4)
+    assert "positions step along (1.00, " in res.stderr and "normal is (0.00, 0.00, 1.00)" in res.stderr
+
+
 def test_mixed_series_need_series_choice(tmp_path, cli):
     both = tmp_path / "both"
     shutil.copytree(shared_path(*MR, "dicom"), both / "mr")

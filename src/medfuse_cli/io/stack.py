@@ -68,6 +68,7 @@ class SliceStack:
         keys = np.round(t, 2)
         uniq, counts = np.unique(keys, return_counts=True)
         if counts.max() > 1:
+            _check_frames_coincide(slices, keys, normal, name)
             if counts.min() != counts.max():
                 raise InvalidInputError(
                     f"{name}: positions hold different numbers of slices ({counts.min()}..{counts.max()}); "
@@ -89,6 +90,22 @@ class SliceStack:
             note = None
         order = np.argsort(t, kind="stable")
         return cls([slices[i] for i in order], row_dir, col_dir, normal, t[order], note)
+
+
+def _check_frames_coincide(slices: list[Slice], keys: np.ndarray, normal: np.ndarray, name: str) -> None:
+    """Slices at one position along the normal are frames of a 4D series only if they lie at one point;
+    slices that step across their own plane have positions and an orientation that disagree (a damaged
+    or rewritten header), which no frame choice mends."""
+    pixel = float(min(slices[0].spacing))
+    for key in np.unique(keys):
+        at = np.array([s.ipp for s, k in zip(slices, keys, strict=True) if k == key], float)
+        spread = at.max(axis=0) - at.min(axis=0)
+        if float(np.linalg.norm(spread)) > pixel:
+            step = spread / np.linalg.norm(spread)
+            raise InvalidInputError(
+                f"{name}: the slices' positions step along ({', '.join(f'{v:.2f}' for v in step)}), within their own "
+                f"plane (ImageOrientationPatient's normal is ({', '.join(f'{v:.2f}' for v in normal)})): "
+                "positions and orientation disagree; a damaged or rewritten header?")
 
 
 def _rescaled(stack: SliceStack) -> np.ndarray:

@@ -267,6 +267,26 @@ def test_positions_across_the_slice_plane_are_refused_for_what_they_are(tmp_path
     assert "positions step along (1.00, " in res.stderr and "normal is (0.00, 0.00, 1.00)" in res.stderr
 
 
+def test_one_file_of_a_series_given_alone_says_the_series_is_beside_it(tmp_path, caplog):
+    """One .dcm of the 96-file XA30 series reads as that one slice (as it should), which a user who
+    meant the series would not notice; the warning says its series is beside it. Alone, it is quiet."""
+    folder = tmp_path / "mr"
+    with zipfile.ZipFile(EXAMPLES_MR) as zf:
+        zf.extractall(folder)
+    one = sorted(folder.rglob("*.dcm"))[40]
+    with caplog.at_level("WARNING"):
+        assert read_image(one).shape[2] == 1
+    assert f"{one.name} is one slice of a series with 95 more file(s) beside it" in caplog.text
+    alone = tmp_path / "alone" / one.name
+    alone.parent.mkdir()
+    shutil.copy(one, alone)
+    (alone.parent / "notes.txt").write_text("not DICOM")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert read_image(alone).shape[2] == 1
+    assert "one slice of a series" not in caplog.text
+
+
 def test_mixed_series_need_series_choice(tmp_path, cli):
     both = tmp_path / "both"
     shutil.copytree(shared_path(*MR, "dicom"), both / "mr")

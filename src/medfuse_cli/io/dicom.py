@@ -8,6 +8,7 @@ equalised output) with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -428,6 +429,8 @@ def read_dicom(
     uid = _choose_series(groups, series, path.name)
     group = groups[uid]
     first = group[0].header
+    if path.is_file() and len(group) == 1 and int(first.get("NumberOfFrames", 1) or 1) == 1:
+        _warn_if_one_of_a_series(path, uid)
     rows, cols = int(first.get("Rows") or 0), int(first.get("Columns") or 0)
     check_voxel_count((rows, cols, len(group) * int(first.get("NumberOfFrames", 1) or 1)), path.name)
 
@@ -489,6 +492,23 @@ def read_dicom(
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "") or "") or None,
     )
     return Image(data=vol, affine=LPS_TO_RAS @ affine_lps, modality=modality, units=units, provenance=prov)
+
+
+SIBLINGS_LOOKED_AT = 500  # files beside a lone slice whose series is looked up
+
+
+def _warn_if_one_of_a_series(path: Path, uid: str) -> None:
+    """Warn when a single-slice file given alone has files of its series beside it: the user may have
+    meant the series (its folder) and would get one slice instead of the volume."""
+    mates = 0
+    siblings = sorted(p for p in path.parent.iterdir() if p != path)
+    for sibling in siblings[:SIBLINGS_LOOKED_AT]:
+        with contextlib.suppress(Exception):  # not DICOM, unreadable, a folder: not of the series
+            ds = pydicom.dcmread(sibling, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            mates += str(ds.get("SeriesInstanceUID", "")) == uid
+    if mates:
+        log.warning("%s is one slice of a series with %d more file(s) beside it; medfuse read this one slice: give "
+                    "the folder to read the series", path.name, mates)
 
 
 def _monochrome1(vol: np.ndarray, modality: Modality) -> tuple[np.ndarray, str]:

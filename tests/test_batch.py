@@ -780,9 +780,12 @@ def test_nnunet_channels_take_their_modalities_from_dataset_json(tmp_path, cli):
     (images.parent / "dataset.json").write_text(json.dumps({"modality": {"0": "noNorm", "1": "MRI"}}))
     case = discover(images, tmp_path / "o")[0][0]
     assert case.fixed.endswith("c_0001.png") and (case.fixed_modality, case.moving_modality) == ("MR", None)
-    (images.parent / "dataset.json").write_text("{not json")
-    case = discover(images, tmp_path / "o")[0][0]
-    assert case.fixed.endswith("c_0000.png") and case.fixed_modality is None
+    # a dataset.json that cannot be read is refused (before, a warning, and the channels guessed as MR and PET)
+    for broken in ("{not json", '{"channel_names": {"zero": "CT", "1": "T2"}}', '["CT", "T2"]'):
+        (images.parent / "dataset.json").write_text(broken)
+        res = cli("batch", images, "-o", tmp_path / "o", "--engine", "sequential")
+        assert_one_line_error(res, 4)
+        assert "dataset.json: unreadable" in res.stderr and not (tmp_path / "o" / "c.png").exists()
 
 
 def test_nnunet_cases_of_more_channels_pair_the_mr_with_each_other_modality(tmp_path, cli):

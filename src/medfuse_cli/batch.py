@@ -196,7 +196,7 @@ def _nnunet_channels(root: Path) -> tuple[Path | None, dict[str, str | None]]:
     """The ``dataset.json`` in ``root`` or its parent (an nnU-Net dataset's ``imagesTr`` / ``imagesTs``)
     and the modality of each channel it names (``"0000"`` -> ``"MR"``): its ``channel_names``
     (``modality`` in nnU-Net v1) read as :func:`io.guess_modality` reads a name (``T2``, ``CT``,
-    ``FDG-PET``); None where a name says no modality. No file, or one not read: ``(None, {})``."""
+    ``FDG-PET``); None where a name says no modality. No file: ``(None, {})``; one not readable is refused."""
     from .image import Modality
     from .io import guess_modality
 
@@ -207,9 +207,9 @@ def _nnunet_channels(root: Path) -> tuple[Path | None, dict[str, str | None]]:
             meta = json.loads(path.read_text(encoding="utf-8"))
             names = meta.get("channel_names") or meta.get("modality") or {}
             named = {f"{int(ch):04d}": guess_modality(str(name)) for ch, name in names.items()}
-        except (OSError, ValueError, AttributeError) as exc:
-            log.warning("%s: not read (%s); the channels' modalities are unknown", path, exc)
-            return None, {}
+        except (OSError, ValueError, AttributeError) as exc:  # guessing instead could fuse a CT as the MRI
+            raise InvalidInputError(f"{path}: unreadable ({str(exc)[:120]}), and the channels' modalities come from "
+                                    "it; mend it, or list the pairs in a manifest") from None
         return path, {ch: None if m is Modality.OT else m.value for ch, m in named.items()}
     return None, {}
 

@@ -808,10 +808,13 @@ def test_nnunet_cases_of_more_channels_pair_the_mr_with_each_other_modality(tmp_
             discover(images, tmp_path / "o")
         return str(err.value)
 
-    assert "not paired: c: 3 channels (0000, 0001, 0002) and no dataset.json naming them" in left_out(None)
+    assert "not paired: c: 3 channel(s) (0000, 0001, 0002); needs channels 0000 and 0001, or a dataset.json naming more" \
+        in left_out(None)
     assert "(and 1 more)" in left_out(None)
     brats = left_out({"0": "FLAIR", "1": "T1w", "2": "T2w"})
     assert "0000 MR, 0001 MR, 0002 MR in dataset.json; no CT/PET/SPECT to pair" in brats
+    assert "c: 3 channel(s) (0000, 0001, 0002), but dataset.json names 0000, 0001, 0002, 0003" in left_out(
+        {"0": "FLAIR", "1": "T1w", "2": "T1gd", "3": "T2w"})
     assert "two of one modality" in left_out({"0": "MR", "1": "PET", "2": "FDG-PET"})
     assert "no MR" in left_out({"0": "CT", "1": "noNorm", "2": "PET"})
     dataset.write_text(json.dumps({"channel_names": {"0": "T1", "1": "CT", "2": "PET"}}))
@@ -824,7 +827,7 @@ def test_nnunet_cases_of_more_channels_pair_the_mr_with_each_other_modality(tmp_
     out = tmp_path / "out"
     res = cli("batch", images, "-o", out, "--engine", "sequential", "--method", "mean", "--no-metrics")
     assert res.exit_code == 0, res.stderr
-    assert "not paired: d: only channel 0000; needs two" in res.stdout
+    assert "not paired: d: 1 channel(s) (0000), but dataset.json names 0000, 0001, 0002" in res.stdout
     report = json.loads((out / "c.json").read_text())
     assert (report["inputs"]["fixed"]["file"], report["inputs"]["moving"]["file"]) == ("c_0000.png", "c_0002.png")
     assert (report["inputs"]["fixed"]["modality"], report["inputs"]["moving"]["modality"]) == ("MR", "PT")

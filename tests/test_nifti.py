@@ -157,7 +157,7 @@ def test_plain_nii_and_gz_extension_decide_compression(tmp_path):
 
 
 def test_a_nifti_is_read_by_its_content_whatever_its_name_says_of_gzip(tmp_path, cli):
-    """A plain NIfTI named .nii.gz (a browser that inflates downloads may keep the name) and a gzip one
+    """A plain NIfTI named .nii.gz (a file inflated without being renamed) and a gzip one
     named .nii, NIfTI-1 and NIfTI-2, read as FSL and ITK read them; nibabel goes by the name ("is not
     a gzip file", "cannot work out file type") and both were refused. The damaged-gzip check follows
     the content too."""

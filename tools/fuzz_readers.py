@@ -68,14 +68,14 @@ def seeds(kind: str) -> dict[str, bytes]:
         vector = nib.Nifti1Image(rgb, t1.affine)  # 5D, as SimpleITK writes a colour vector image
         vector.header.set_intent("vector")
         pack = (lambda raw: raw) if kind == "nifti" else __import__("gzip").compress
+        misnamed = __import__("gzip").compress if kind == "nifti" else (lambda raw: raw)  # read by content, not name
         rgba = np.zeros(crop.shape, [("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")])
         rgba["R"], rgba["A"] = crop, 255
         frames = np.stack([crop * (0.6 + 0.8j), crop * 1j], -1).astype(np.complex64)  # 4D complex
         return {"t1_crop": pack(nib.Nifti1Image(crop, t1.affine).to_bytes()), "t1_crop_rgb_vector": pack(vector.to_bytes()),
                 "t1_crop_rgba32": pack(nib.Nifti1Image(rgba, t1.affine).to_bytes()),
                 "t1_crop_complex_4d": pack(nib.Nifti1Image(frames, t1.affine).to_bytes()),
-                "t1_crop_nifti2_misnamed": (__import__("gzip").compress if kind == "nifti" else (lambda raw: raw))(
-                    nib.Nifti2Image(crop, t1.affine).to_bytes())}  # read by its content, not its name
+                "t1_crop_nifti2_misnamed": misnamed(nib.Nifti2Image(crop, t1.affine).to_bytes())}
     if kind in ("nrrd", "mha"):
         import SimpleITK as sitk
 

@@ -222,14 +222,14 @@ def _nnunet_pick(chans: list[str], mods: dict[str, str | None]) -> list[tuple[st
     be chosen. Two channels: the first is FIXED unless only the second is an MR. More: the MR (the
     first of several) with each CT / PET / SPECT that ``dataset.json`` names, one case each
     (``CASE_ct``, ``CASE_pet``, ``CASE_spect`` when there are several)."""
-    if len(chans) == 2:
+    listed = f"{len(chans)} channel(s) ({', '.join(chans)})"
+    if mods and chans != sorted(mods):
+        return f"{listed}, but dataset.json names {', '.join(sorted(mods))}"
+    if len(chans) == 2 and chans == ["0000", "0001"]:
         first, second = chans
         return [(second, first, "") if mods.get(second) == "MR" and mods.get(first) != "MR" else (first, second, "")]
-    if len(chans) < 2:
-        return f"only channel {chans[0]}; needs two"
-    listed = f"{len(chans)} channels ({', '.join(chans)})"
     if not mods:
-        return f"{listed} and no dataset.json naming them; list the pairs to fuse in a manifest"
+        return f"{listed}; needs channels 0000 and 0001, or a dataset.json naming more; or list the pairs to fuse in a manifest"
     mr = [c for c in chans if mods.get(c) == "MR"]
     other = [c for c in chans if mods.get(c) in NNUNET_TAGS]
     kinds = [mods[c] for c in other]

@@ -429,7 +429,8 @@ def read_dicom(
     uid = _choose_series(groups, series, path.name)
     group = groups[uid]
     first = group[0].header
-    if path.is_file() and len(group) == 1 and int(first.get("NumberOfFrames", 1) or 1) == 1:
+    if path.is_file() and len(group) == 1 and int(first.get("NumberOfFrames", 1) or 1) == 1 \
+            and not zipfile.is_zipfile(path):
         _warn_if_one_of_a_series(path, uid)
     rows, cols = int(first.get("Rows") or 0), int(first.get("Columns") or 0)
     check_voxel_count((rows, cols, len(group) * int(first.get("NumberOfFrames", 1) or 1)), path.name)
@@ -500,8 +501,9 @@ SIBLINGS_LOOKED_AT = 500  # files beside a lone slice whose series is looked up
 def _warn_if_one_of_a_series(path: Path, uid: str) -> None:
     """Warn when a single-slice file given alone has files of its series beside it: the user may have
     meant the series (its folder) and would get one slice instead of the volume."""
-    mates = 0
-    siblings = sorted(p for p in path.parent.iterdir() if p != path)
+    mates, siblings = 0, []
+    with contextlib.suppress(OSError):  # a folder that cannot be listed
+        siblings = sorted(p for p in path.parent.iterdir() if p != path)
     for sibling in siblings[:SIBLINGS_LOOKED_AT]:
         with contextlib.suppress(Exception):  # not DICOM, unreadable, a folder: not of the series
             ds = pydicom.dcmread(sibling, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])

@@ -62,9 +62,9 @@ def _is_gzip(path: Path) -> bool:
 
 
 def _load_misnamed(path: Path) -> nib.Nifti1Image | nib.Nifti2Image | None:
-    """A ``.nii`` that is gzip-compressed, or a ``.nii.gz`` that is not (a browser that inflates what it
-    downloads may keep the name), read by its content as FSL and ITK (zlib's ``gzopen``) read it: nibabel
-    goes by the name and refuses both. None for any other file. The image reads through the open file,
+    """A ``.nii`` that is gzip-compressed, or a ``.nii.gz`` that is not (a file inflated without being
+    renamed), read by its content as FSL and ITK (zlib's ``gzopen``) read it: nibabel goes by the name
+    and refuses both. None for any other file. The image reads through the open file,
     which :func:`read_nifti` closes."""
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz")) or _is_gzip(path) == name.endswith(".gz"):

@@ -232,4 +232,27 @@ def test_unknown_spacing_and_origin_are_warned_of(tmp_path, caplog):
     caplog.clear()
     with caplog.at_level("WARNING"):
         read_image(tmp_path / "t1.nhdr")
-    assert "unknown value" not in caplog.text
+    assert "unknown value" not in caplog.text and "not spatial" not in caplog.text
+    # an axis said not to be spatial ("none"): slices 1 mm apart, as ITK reads it, with a warning
+    (tmp_path / "flat.nhdr").write_text(header.replace("(0,0,2)", "none"))
+    with caplog.at_level("WARNING"):
+        assert read_image(tmp_path / "flat.nhdr").spacing[2] == pytest.approx(1.0)
+    assert "an axis that is not spatial, read as slices 1 mm apart" in caplog.text
+
+
+def test_directions_and_voxel_sizes_that_are_not_finite_are_refused(tmp_path, cli):
+    """A nan in a MetaImage ElementSpacing or TransformMatrix ended in ITK's bare "(0 0 0)" (exit 4);
+    a nan direction in NRRD was read as 1 mm without a word. Now exit 5, naming the field."""
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(tmp_path / "t1.nhdr"), useCompression=False)
+    header = (tmp_path / "t1.nhdr").read_text()
+    (tmp_path / "d.nhdr").write_text(header.replace("(0,0,2)", "(nan,nan,nan)"))
+    mha = tmp_path / "t1.mha"
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(mha), useCompression=False)
+    blob = mha.read_bytes()
+    matrix = re.search(rb"TransformMatrix = [^\n]+", blob)[0]
+    (tmp_path / "m.mha").write_bytes(blob.replace(matrix, b"TransformMatrix = 1 0 0 0 1 0 0 0 nan".ljust(len(matrix))))
+    for name, said in (("d.nhdr", "space directions '(2,0,0) (0,-2,0) (nan,nan,nan)'"),
+                       ("m.mha", "TransformMatrix '1 0 0 0 1 0 0 0 nan'")):
+        res = cli("info", tmp_path / name)
+        assert_one_line_error(res, 5)
+        assert f"{name}: {said} is not finite: no usable grid" in res.stderr

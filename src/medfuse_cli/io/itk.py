@@ -66,7 +66,7 @@ def read_itk(path: Path) -> Image:
     ITK's readers run in a child process: fuzzing found damaged headers that crash them (a
     segmentation fault, or an exit from inside MetaIO), which no exception handler catches; the
     child's death becomes a one-line error here. It costs about 0.4 s per file."""
-    _check_detached_data(path)
+    _check_header(path)
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), tmp], capture_output=True, text=True,
                               check=False)
@@ -175,7 +175,8 @@ def _header_geometry(path: Path) -> list[float]:
     """What ITK leaves out of a header's geometry: millimetres per unit of each world axis from an NRRD
     ``space units`` (ITK ignores them: a header in cm was read as mm, 10 times too small); 1 where
     unsaid, or unknown (warned). Spacings or an origin said to be unknown (``nan``, which the NRRD
-    format allows), which ITK reads as 1 mm and 0 without a word, are warned of too."""
+    format allows) and an axis said not to be spatial (``none``), which ITK reads as 1 mm and 0
+    without a word, are warned of too."""
     fields = _header(path)[0]
     units = next((re.findall(r'"([^"]*)"', value) for key, value in fields if key == "spaceunits"), [])
     scale = [1.0, 1.0, 1.0]
@@ -189,6 +190,9 @@ def _header_geometry(path: Path) -> list[float]:
         name, taken = _UNKNOWN_READ_AS.get(key, ("", ""))
         if taken and any(not np.isfinite(v) for v in _numbers(value.replace(",", " ").strip("()"))):
             log.warning("%s: unknown value in %s %r; read as %s", path.name, name, value[:60], taken)
+        if key == "spacedirections" and "none" in value.lower().split():
+            log.warning("%s: space directions %r: an axis that is not spatial, read as slices 1 mm apart", path.name,
+                        value[:60])
     return scale
 
 
@@ -200,11 +204,19 @@ def _numbers(text: str) -> list[float]:
     return out
 
 
-def _check_detached_data(path: Path) -> None:
-    """A header (``.nhdr``, ``.mhd``, or an ``.nrrd`` / ``.mha`` that points elsewhere) may name the
-    file that holds its voxels; it must be one file beside the header, so that an untrusted header
-    cannot make medfuse read (and write into its output) any other file on the machine."""
+_GRID_FIELDS = {"elementspacing": "ElementSpacing", "elementsize": "ElementSize", "transformmatrix": "TransformMatrix",
+                "rotation": "Rotation", "orientation": "Orientation", "spacedirections": "space directions"}
+
+
+def _check_header(path: Path) -> None:
+    """Before ITK reads: a header (``.nhdr``, ``.mhd``, or an ``.nrrd`` / ``.mha`` that points elsewhere)
+    may name the file that holds its voxels; it must be one file beside the header, so that an
+    untrusted header cannot make medfuse read (and write into its output) any other file on the
+    machine. Voxel sizes and directions must be finite (ITK refused a ``nan`` in them with a bare
+    "(0 0 0)", or read it as 0)."""
     for key, value in _header(path)[0]:
+        if key in _GRID_FIELDS and not all(np.isfinite(_numbers(re.sub(r"[(),]", " ", value)))):
+            raise GeometryError(f"{path.name}: {_GRID_FIELDS[key]} {value[:60]!r} is not finite: no usable grid")
         if key not in ("datafile", "elementdatafile") or value.upper() == "LOCAL":
             continue
         name = Path(value.split()[0]) if value else Path()

@@ -157,10 +157,10 @@ def test_plain_nii_and_gz_extension_decide_compression(tmp_path):
 
 
 def test_a_nifti_is_read_by_its_content_whatever_its_name_says_of_gzip(tmp_path, cli):
-    """A plain NIfTI named .nii.gz (a file inflated without being renamed) and a gzip one
-    named .nii, NIfTI-1 and NIfTI-2, read as FSL and ITK read them; nibabel goes by the name ("is not
-    a gzip file", "cannot work out file type") and both were refused. The damaged-gzip check follows
-    the content too."""
+    """A plain NIfTI named .nii.gz (a file inflated without being renamed), a gzip one named .nii,
+    NIfTI-1 and NIfTI-2, and NIfTIs of other names, read as FSL and ITK read them; nibabel goes by the
+    name ("is not a gzip file", "cannot work out file type") and all were refused. The damaged-gzip
+    check follows the content too."""
     source = EXAMPLES / "spm12" / "OldNorm_T1.nii.gz"
     expected = read_image(source)
     t1 = nib.load(source)
@@ -168,7 +168,9 @@ def test_a_nifti_is_read_by_its_content_whatever_its_name_says_of_gzip(tmp_path,
     nifti2.header.set_qform(t1.affine, code=1)
     nifti2.header.set_sform(t1.affine, code=2)
     blobs = {"plain.nii.gz": gzip.decompress(source.read_bytes()), "packed.nii": source.read_bytes(),
-             "two.nii.gz": nifti2.to_bytes(), "two.nii": gzip.compress(nifti2.to_bytes())}
+             "two.nii.gz": nifti2.to_bytes(), "two.nii": gzip.compress(nifti2.to_bytes()),
+             # names that say nothing: the reader takes them for NIfTI by their content, nibabel refused them
+             "t1_scan": source.read_bytes(), "t1.bin": gzip.decompress(source.read_bytes())}
     for name, blob in blobs.items():
         (tmp_path / name).write_bytes(blob)
         image = read_image(tmp_path / name)

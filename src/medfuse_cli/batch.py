@@ -225,7 +225,7 @@ def _nnunet_pick(chans: list[str], mods: dict[str, str | None]) -> list[tuple[st
     listed = f"{len(chans)} channel(s) ({', '.join(chans)})"
     if mods and chans != sorted(mods):
         return f"{listed}, but dataset.json names {', '.join(sorted(mods))}"
-    if len(chans) == 2 and chans == ["0000", "0001"]:
+    if chans == ["0000", "0001"]:
         first, second = chans
         return [(second, first, "") if mods.get(second) == "MR" and mods.get(first) != "MR" else (first, second, "")]
     if not mods:

@@ -188,7 +188,7 @@ def _header_geometry(path: Path) -> list[float]:
         log.info("%s: space units %s: read in mm", path.name, " ".join(units))
     for key, value in fields:
         name, taken = _UNKNOWN_READ_AS.get(key, ("", ""))
-        if taken and any(not np.isfinite(v) for v in _numbers(value.replace(",", " ").strip("()"))):
+        if taken and any(not np.isfinite(v) for v in _numbers(value)):
             log.warning("%s: unknown value in %s %r; read as %s", path.name, name, value[:60], taken)
         if key == "spacedirections" and "none" in value.lower().split():
             log.warning("%s: space directions %r: an axis that is not spatial, read as slices 1 mm apart", path.name,
@@ -197,8 +197,9 @@ def _header_geometry(path: Path) -> list[float]:
 
 
 def _numbers(text: str) -> list[float]:
+    """The numbers of a header value (``2 2 nan``, NRRD's ``(2,0,0) (0,2,0)``); other words skipped."""
     out = []
-    for token in text.split():
+    for token in re.sub(r"[(),]", " ", text).split():
         with contextlib.suppress(ValueError):
             out.append(float(token))
     return out
@@ -215,7 +216,7 @@ def _check_header(path: Path) -> None:
     machine. Voxel sizes and directions must be finite (ITK refused a ``nan`` in them with a bare
     "(0 0 0)", or read it as 0)."""
     for key, value in _header(path)[0]:
-        if key in _GRID_FIELDS and not all(np.isfinite(_numbers(re.sub(r"[(),]", " ", value)))):
+        if key in _GRID_FIELDS and not all(np.isfinite(_numbers(value))):
             raise GeometryError(f"{path.name}: {_GRID_FIELDS[key]} {value[:60]!r} is not finite: no usable grid")
         if key not in ("datafile", "elementdatafile") or value.upper() == "LOCAL":
             continue

@@ -62,14 +62,16 @@ def _is_gzip(path: Path) -> bool:
 
 
 def _load_misnamed(path: Path) -> nib.Nifti1Image | nib.Nifti2Image | None:
-    """A ``.nii`` that is gzip-compressed, or a ``.nii.gz`` that is not (a file inflated without being
-    renamed), read by its content as FSL and ITK (zlib's ``gzopen``) read it: nibabel goes by the name
-    and refuses both. None for any other file. The image reads through the open file,
-    which :func:`read_nifti` closes."""
+    """A one-file NIfTI whose name does not say what it is: a ``.nii`` that is gzip-compressed, a
+    ``.nii.gz`` that is not (a file inflated without being renamed), or one of another name that
+    :func:`io.read_image` took for NIfTI by its content; read by its content as FSL and ITK (zlib's
+    ``gzopen``) read it: nibabel goes by the name and refused all three. None for a file nibabel reads
+    by its name (and for a pair). The image reads through the open file, which :func:`read_nifti` closes."""
     name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")) or _is_gzip(path) == name.endswith(".gz"):
+    gz = _is_gzip(path)
+    if name.endswith((".hdr", ".img", ".hdr.gz", ".img.gz", ".nii.gz" if gz else ".nii")):
         return None
-    opened = gzip.open(path) if not name.endswith(".gz") else open(path, "rb")  # noqa: SIM115 - closed by read_nifti
+    opened = gzip.open(path) if gz else open(path, "rb")  # noqa: SIM115 - closed by read_nifti
     try:
         block = opened.read(540)
         opened.seek(0)
@@ -77,8 +79,7 @@ def _load_misnamed(path: Path) -> nib.Nifti1Image | nib.Nifti2Image | None:
         if kind is None:  # no NIfTI header: nibabel's refusal says why
             opened.close()
             return None
-        log.info("%s: %s, read by its content", path.name,
-                 "not gzip-compressed" if name.endswith(".gz") else "gzip-compressed")
+        log.info("%s: a %sNIfTI, read by its content", path.name, "gzip-compressed " if gz else "")
         return kind.from_stream(opened)
     except BaseException:
         opened.close()

@@ -81,6 +81,57 @@ def test_markups_in_different_coordinate_systems_are_refused(tmp_path):
         read_points(markups)
 
 
+def test_points_not_placed_leave_their_pairs_out_and_units_are_read(tmp_path):
+    """Slicer files hold points that are not placed: a markups JSON point whose positionStatus is not
+    'defined' (a template's unset point, one marked missing), a Slicer 5 .fcsv row whose status column
+    is not 2. Their pairs are left out, and the others keep their partners (the fit is exact again);
+    a markups JSON in micrometres (coordinateUnits um) reads in mm; an unknown unit is refused."""
+    rotation = Rotation.from_euler("xyz", (5, 10, -20), degrees=True).as_matrix()
+    moved = RAS @ rotation.T + [3.0, 40.0, -7.0]
+    markups = tmp_path / "fixed.mrk.json"
+    points = [{"label": f"F-{i}", "position": list(p * 1000), "positionStatus": "defined"} for i, p in enumerate(RAS)]
+    points.insert(1, {"label": "unset", "position": [0.0, 0.0, 0.0], "positionStatus": "undefined"})
+    markups.write_text(json.dumps({"markups": [{"type": "Fiducial", "coordinateSystem": "RAS",
+                                                "coordinateUnits": "um", "controlPoints": points}]}))
+    fcsv = write_fcsv(tmp_path / "moving.fcsv", np.insert(moved * TO_LPS, 1, 0.0, axis=0))
+    rows = fcsv.read_text().splitlines()
+    status = ["2", "2", "2", "3", "2"]  # the fourth point (RAS[2]) is marked missing on MOVING
+    fcsv.write_text("\n".join(rows[:3] + [f"{row},{s},0" for row, s in zip(rows[3:], status)]) + "\n")
+    fixed = read_points(markups)
+    assert np.isnan(fixed[1]).all() and not np.isnan(np.delete(fixed, 1, axis=0)).any()
+    np.testing.assert_allclose(np.delete(fixed, 1, axis=0), RAS * TO_LPS)
+    fit = fit_landmarks(markups, fcsv)
+    assert fit.left_out == (2, 4) and len(fit.fixed) == 3
+    assert fit.rms_mm() < 1e-6
+    np.testing.assert_allclose(fit.transform.TransformPoint(tuple(RAS[3] * TO_LPS)),
+                               (rotation @ RAS[3] + [3.0, 40.0, -7.0]) * TO_LPS, atol=1e-6)
+    markups.write_text(markups.read_text().replace('"um"', '"furlong"'))
+    with pytest.raises(InvalidInputError, match="unknown coordinateUnits 'furlong'"):
+        read_points(markups)
+    unplaced = tmp_path / "unplaced.mrk.json"
+    unplaced.write_text(json.dumps({"markups": [{"type": "Fiducial", "controlPoints": [
+        {"label": "F-1", "positionStatus": "undefined"}]}]}))
+    with pytest.raises(InvalidInputError, match="no points placed"):
+        read_points(unplaced)
+
+
+def test_points_left_out_are_warned_of_on_the_command_line(tmp_path, cli):
+    """fuse --landmarks with a point unset on MOVING: the warning and the report name it."""
+    fixed = tmp_path / "f.csv"
+    fixed.write_text("r,a,s\n0,0,0\n30,0,0\n0,30,0\n0,0,30\n")
+    moving = tmp_path / "m.mrk.json"
+    moving.write_text(json.dumps({"markups": [{"type": "Fiducial", "coordinateSystem": "RAS", "controlPoints": [
+        {"position": [0, 0, 0]}, {"position": [0, 0, 0], "positionStatus": "undefined"},
+        {"position": [0, 30, 0]}, {"position": [0, 0, 30]}]}]}))
+    out, report = tmp_path / "o.nii.gz", tmp_path / "r.json"
+    result = cli("fuse", T1, PET, "-o", out, "--method", "mean", "--transform", "none", "--landmarks", fixed, moving,
+                 "--report", report)
+    assert result.exit_code == 0, result.stderr
+    assert "point 2 not placed on FIXED or MOVING" in " ".join(result.stderr.split())
+    landmarks = json.loads(report.read_text())["registration"]["landmarks"]
+    assert landmarks["left_out"] == [2] and landmarks["count"] == 3 and landmarks["fit_rms_mm"] < 1e-6
+
+
 def test_landmark_errors_on_the_command_line(tmp_path, cli):
     """Missing file: exit 3; a bad file or --landmarks with --initial-transform: exit 4; one line,
     nothing written."""

@@ -20,6 +20,8 @@ import numpy as np
 from .errors import InputNotFoundError, InvalidInputError
 
 TO_LPS = {"LPS": np.array([1.0, 1.0, 1.0]), "RAS": np.array([-1.0, -1.0, 1.0])}
+TO_MM = {"mm": 1.0, "um": 1e-3}  # markups JSON coordinateUnits (UCUM)
+PLACED_FCSV = "2"  # Slicer 5's .fcsv position status column (after associatedNodeID): 2 = defined
 MIN_SPREAD_MM = 5.0  # three or more points must span at least this much off their best-fitting line
 
 
@@ -31,6 +33,7 @@ class LandmarkFit:
     fixed: np.ndarray  # (n, 3) LPS mm
     moving: np.ndarray  # (n, 3) LPS mm
     files: tuple[str, str]
+    left_out: tuple[int, ...] = ()  # 1-based numbers of the pairs left out: a point not placed on one side
 
     def rms_mm(self, transform=None) -> float:
         """Root-mean-square distance between MOVING's points and FIXED's mapped by ``transform``
@@ -41,7 +44,7 @@ class LandmarkFit:
 
 
 def read_points(path: str | os.PathLike[str]) -> np.ndarray:
-    """The points of one landmark file, (n, 3) in LPS mm."""
+    """The points of one landmark file, (n, 3) in LPS mm; NaN rows for points not placed."""
     path = Path(path)
     if path.is_dir():
         raise InvalidInputError(f"--landmarks {path}: a folder, not a file of points")
@@ -62,9 +65,10 @@ def read_points(path: str | os.PathLike[str]) -> np.ndarray:
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         raise InvalidInputError(f"--landmarks {path}: not a landmark file medfuse can read "
                                 "(3D Slicer .fcsv / .mrk.json, or a CSV with columns r,a,s or l,p,s)") from None
-    if len(points) == 0:
-        raise InvalidInputError(f"--landmarks {path}: no points")
-    if not np.isfinite(points).all():
+    placed = ~np.isnan(points).all(axis=1) if len(points) else np.zeros(0, bool)
+    if not placed.any():
+        raise InvalidInputError(f"--landmarks {path}: no points" + (" placed" if len(points) else ""))
+    if not np.isfinite(points[placed]).all():
         raise InvalidInputError(f"--landmarks {path}: a coordinate is not a finite number")
     return points * TO_LPS[system]
 
@@ -78,7 +82,8 @@ def _system(value: str) -> str:
 
 
 def _fcsv(text: str) -> tuple[str, list[list[float]]]:
-    """3D Slicer's fiducial CSV: ``# CoordinateSystem = LPS`` (RAS when absent), rows id,x,y,z,..."""
+    """3D Slicer's fiducial CSV: ``# CoordinateSystem = LPS`` (RAS when absent), rows id,x,y,z,...
+    (14 columns; Slicer 5 adds the position status, then another, unnamed in the header)."""
     system, rows = "RAS", []
     for line in text.splitlines():
         if line.startswith("#"):
@@ -86,7 +91,9 @@ def _fcsv(text: str) -> tuple[str, list[list[float]]]:
             if key.strip().lower() == "coordinatesystem":
                 system = _system(value)
         elif line.strip():
-            rows.append([float(v) for v in next(csv.reader([line]))[1:4]])
+            fields = next(csv.reader([line]))
+            placed = len(fields) < 15 or fields[14].strip() in ("", PLACED_FCSV)
+            rows.append([float(v) for v in fields[1:4]] if placed else [np.nan] * 3)
     return system, rows
 
 
@@ -99,7 +106,13 @@ def _markups_json(text: str) -> tuple[str, list[list[float]]]:
         if system not in (None, this):
             raise InvalidInputError("markups in different coordinate systems")
         system = this
-        rows += [[float(v) for v in point["position"]] for point in markup.get("controlPoints", [])]
+        units = markup.get("coordinateUnits", "mm")
+        units = units[0] if isinstance(units, list) and units else units  # or a code: ["mm", "UCUM", "millimeter"]
+        if units not in TO_MM:
+            raise InvalidInputError(f"unknown coordinateUnits {units!r} (mm or um)")
+        for point in markup.get("controlPoints", []):
+            placed = point.get("positionStatus", "defined") == "defined"
+            rows.append([float(v) * TO_MM[units] for v in point["position"]] if placed else [np.nan] * 3)
     return system or "LPS", rows
 
 
@@ -124,23 +137,29 @@ def fit_landmarks(fixed_file: str | os.PathLike[str], moving_file: str | os.Path
     if len(fixed) != len(moving):
         raise InvalidInputError(f"--landmarks: {len(fixed)} points on FIXED but {len(moving)} on MOVING; "
                                 "give the same points, in the same order, on both")
+    both = ~(np.isnan(fixed).any(axis=1) | np.isnan(moving).any(axis=1))
+    left_out = tuple(int(i) + 1 for i in np.flatnonzero(~both))
+    fixed, moving = fixed[both], moving[both]
+    unplaced = f" ({len(fixed)} placed on both)" if left_out else ""
+    if len(fixed) == 0:
+        raise InvalidInputError("--landmarks: no point is placed on both FIXED and MOVING")
     if len(fixed) == 2:
-        raise InvalidInputError("--landmarks: two points leave the rotation about their line open; "
+        raise InvalidInputError(f"--landmarks: two points{unplaced} leave the rotation about their line open; "
                                 "give one point (a shift) or three or more not on one line")
     if len(fixed) == 1:
         transform = sitk.Euler3DTransform()
         transform.SetCenter(tuple(float(v) for v in fixed[0]))
         transform.SetTranslation(tuple(float(v) for v in moving[0] - fixed[0]))
-        return LandmarkFit(transform, fixed, moving, files)
+        return LandmarkFit(transform, fixed, moving, files, left_out)
     for points, side in ((fixed, "FIXED"), (moving, "MOVING")):
         spread = np.linalg.svd(points - points.mean(0), compute_uv=False)
         if spread[1] < MIN_SPREAD_MM:
-            raise InvalidInputError(f"--landmarks: the points on {side} lie (nearly) on one line, which leaves a "
-                                    "rotation open; add a point away from it")
+            raise InvalidInputError(f"--landmarks: the points{unplaced} on {side} lie (nearly) on one line, which "
+                                    "leaves a rotation open; add a point away from it")
     versor = sitk.LandmarkBasedTransformInitializer(
         sitk.VersorRigid3DTransform(), [float(v) for v in fixed.ravel()], [float(v) for v in moving.ravel()])
     transform = sitk.Euler3DTransform()
     transform.SetCenter(versor.GetCenter())
     transform.SetMatrix(versor.GetMatrix())
     transform.SetTranslation(versor.GetTranslation())
-    return LandmarkFit(transform, fixed, moving, files)
+    return LandmarkFit(transform, fixed, moving, files, left_out)

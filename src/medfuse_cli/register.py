@@ -358,6 +358,12 @@ def _with_landmarks(result: Registration, initial: GivenStart | None) -> Registr
         fit = initial.fit
         result.landmarks = {"count": len(fit.fixed), "files": list(fit.files), "fit_rms_mm": round(fit.rms_mm(), 3),
                             "rms_mm": round(fit.rms_mm(result.transform), 3)}
+        if fit.left_out:
+            result.landmarks["left_out"] = list(fit.left_out)
+            numbers = ", ".join(map(str, fit.left_out))
+            result.warnings.append(f"--landmarks: point{'s' if len(fit.left_out) > 1 else ''} {numbers} not placed on "
+                                   f"FIXED or MOVING (unset or marked missing in the file): left out, the fit uses the "
+                                   f"{len(fit.fixed)} placed on both")
     return result
 
 

@@ -427,6 +427,12 @@ def test_bad_initial_transforms_are_one_line(tmp_path, cli):
     for args, code in (((tmp_path / "missing.tfm",), 3), ((tmp_path,), 4), ((garbage,), 4), ((scaled,), 4)):
         assert_one_line_error(cli("fuse", T1, PET, "-o", out, "--initial-transform", *args), code)
     assert not out.exists()
+    # a bare 4x4 matrix, as FSL FLIRT writes it (named .mat, as FLIRT names it): refused with the way to convert it
+    flirt = tmp_path / "pet2mri.mat"
+    flirt.write_text("1  0  0  2.5  \n0  1  0  0  \n0  0  1  0  \n0  0  0  1  \n")
+    res = cli("fuse", T1, PET, "-o", out, "--initial-transform", flirt)
+    assert_one_line_error(res, 4)
+    assert "bare 4x4 matrix" in res.stderr and "c3d_affine_tool -ref FIXED -src MOVING" in res.stderr
     # a start whose bounding box meets MOVING's but whose voxels, turned 45 degrees, miss it entirely:
     # ITK's "no overlap" is one line with exit 5, not an unexpected error
     centre = to_sitk(read_image(T1)).TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in (91, 109, 91)])

@@ -115,6 +115,30 @@ def test_points_not_placed_leave_their_pairs_out_and_units_are_read(tmp_path):
         read_points(unplaced)
 
 
+def test_slicer_control_point_tables_and_spreadsheet_csv_read_the_same_points(tmp_path):
+    """3D Slicer's control point table (ExportControlPointsToCSV: label,l,p,s,defined,...; as .tsv
+    too), whose 'defined' 0 marks a point not placed, and a spreadsheet's semicolon CSV with decimal
+    commas read the same LPS points as a plain CSV."""
+    lps = RAS * TO_LPS
+    rows = [[f"F-{i}", *map(str, p), "1", "1", "1", "0", ""] for i, p in enumerate(lps)]
+    rows.insert(2, ["unset", "0", "0", "0", "0", "1", "1", "0", ""])
+    header = ["label", "l", "p", "s", "defined", "selected", "visible", "locked", "description"]
+    for name, sep in (("points.csv", ","), ("points.tsv", "\t")):
+        table = tmp_path / name
+        table.write_text("\n".join(sep.join(row) for row in [header, *rows]) + "\n")
+        points = read_points(table)
+        assert np.isnan(points[2]).all(), name
+        np.testing.assert_allclose(np.delete(points, 2, axis=0), lps, err_msg=name)
+    spreadsheet = tmp_path / "excel.csv"
+    spreadsheet.write_text("label;R;A;S\n" + "".join(
+        f"p{i};" + ";".join(f"{v:.2f}".replace(".", ",") for v in p) + "\n" for i, p in enumerate(RAS + 0.25)))
+    np.testing.assert_allclose(read_points(spreadsheet), (RAS + 0.25) * TO_LPS)
+    markups = tmp_path / "unset.mrk.json"  # a control point without position or status: not placed
+    markups.write_text(json.dumps({"markups": [{"type": "Fiducial", "controlPoints": [
+        {"label": "F-1", "position": [1, 2, 3]}, {"label": "F-2"}]}]}))
+    np.testing.assert_allclose(read_points(markups), [[1, 2, 3], [np.nan] * 3])
+
+
 def test_points_left_out_are_warned_of_on_the_command_line(tmp_path, cli):
     """fuse --landmarks with a point unset on MOVING: the warning and the report name it."""
     fixed = tmp_path / "f.csv"

@@ -3,8 +3,11 @@
 A start for registration when the headers do not relate the two scans (another session, scanner
 or frame of reference). Points are read from 3D Slicer files (``.fcsv``, ``.mrk.json``, which say
 their coordinate system) or a CSV whose header names its system: ``r,a,s`` (RAS+, as NIfTI viewers
-show it) or ``l,p,s`` (LPS+, ITK and DICOM). The n-th point of one file is paired with the n-th
-of the other. Points are world coordinates in mm, returned in LPS (SimpleITK's convention).
+show it) or ``l,p,s`` (LPS+, ITK and DICOM), as Slicer's control point table writes it too. The
+n-th point of one file is paired with the n-th of the other. Points are world coordinates in mm,
+returned in LPS (SimpleITK's convention). A point Slicer marks as not placed (a template's unset
+point, one marked missing in this scan) reads as NaN, and its pair is left out of the fit, so the
+order of the others still pairs them.
 """
 
 from __future__ import annotations
@@ -111,18 +114,28 @@ def _markups_json(text: str) -> tuple[str, list[list[float]]]:
         if units not in TO_MM:
             raise InvalidInputError(f"unknown coordinateUnits {units!r} (mm or um)")
         for point in markup.get("controlPoints", []):
-            placed = point.get("positionStatus", "defined") == "defined"
+            placed = point.get("positionStatus", "defined" if "position" in point else "undefined") == "defined"
             rows.append([float(v) * TO_MM[units] for v in point["position"]] if placed else [np.nan] * 3)
     return system or "LPS", rows
 
 
 def _plain_csv(text: str) -> tuple[str, list[list[float]]]:
-    """A CSV whose header has the columns r,a,s (RAS+) or l,p,s (LPS+); other columns are ignored."""
-    reader = csv.DictReader(text.splitlines())
+    """A CSV whose header has the columns r,a,s (RAS+) or l,p,s (LPS+), other columns ignored; also
+    tab-separated (3D Slicer's control point table as .tsv), or semicolon-separated with decimal
+    commas (spreadsheets in many locales). A column ``defined`` of 0 marks a point not placed (Slicer's
+    control point table, ExportControlPointsToCSV)."""
+    lines = text.splitlines()
+    header = next((line for line in lines if line.strip()), "")
+    delimiter = max(",\t;", key=lambda d: len(header.split(d)))
+    reader = csv.DictReader(lines, delimiter=delimiter)
     columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+    number = (lambda v: float(v.replace(",", "."))) if delimiter == ";" else float
+    defined = columns.get("defined")
     for system, names in (("RAS", "ras"), ("LPS", "lps")):
         if all(n in columns for n in names):
-            return system, [[float(row[columns[n]]) for n in names] for row in reader]
+            return system, [[number(row[columns[n]]) for n in names]
+                            if defined is None or row[defined].strip().lower() not in ("0", "false") else [np.nan] * 3
+                            for row in reader]
     raise InvalidInputError("a CSV of landmarks needs a header with the columns r,a,s (RAS+, as NIfTI viewers "
                             "show it) or l,p,s (LPS+, as ITK and DICOM); x,y,z would not say which")
 

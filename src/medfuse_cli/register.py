@@ -232,7 +232,7 @@ def read_transform(path: str | os.PathLike[str], rigid: bool = False):
             transform = sitk.ReadTransform(str(name)).Downcast()
     except RuntimeError:
         raise InvalidInputError(f"--initial-transform {path}: not a transform file ITK can read "
-                                f"({transform_suffixes()})") from None
+                                f"({transform_suffixes()}){_plain_matrix_hint(path)}") from None
     while isinstance(transform, sitk.CompositeTransform) and transform.GetNumberOfTransforms() == 1:
         transform = transform.GetNthTransform(0).Downcast()
     if isinstance(transform, sitk.TranslationTransform):
@@ -242,6 +242,22 @@ def read_transform(path: str | os.PathLike[str], rigid: bool = False):
     if rigid:
         _rigid_start(transform)
     return transform
+
+
+def _plain_matrix_hint(path: Path) -> str:
+    """For a file that holds only a 4x4 matrix (FSL FLIRT's .mat, a NumPy text dump): what it lacks
+    and how to convert it; otherwise nothing."""
+    try:
+        with open(path, "rb") as handle:
+            rows = [line.split() for line in handle.read(4096).decode("ascii").splitlines() if line.strip()]
+        if len(rows) != 4 or any(len(row) != 4 for row in rows):
+            return ""
+        [float(v) for row in rows for v in row]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return ""
+    return ("; it is a bare 4x4 matrix (as FSL FLIRT writes), which does not say its coordinates or direction: "
+            "convert one of flirt -in MOVING -ref FIXED with c3d_affine_tool -ref FIXED -src MOVING FILE -fsl2ras "
+            "-oitk OUT.txt (Convert3D), or give --landmarks")
 
 
 def _rigid_start(transform):

@@ -71,6 +71,19 @@ def test_bad_landmarks_are_refused(tmp_path, fixed, moving, message):
         fit_landmarks(tmp_path / "f.csv", tmp_path / "m.csv")
 
 
+def test_points_of_other_than_three_coordinates_are_refused(tmp_path):
+    """Three .fcsv rows of two coordinates, or four markups positions of four numbers, hold as many
+    numbers as a whole number of 3D points: they are refused, not regrouped into other points."""
+    fcsv = tmp_path / "short.fcsv"
+    fcsv.write_text("# CoordinateSystem = LPS\n" + "".join(f"F-{i},{i},{2 * i}\n" for i in range(3)))
+    markups = tmp_path / "long.mrk.json"
+    markups.write_text(json.dumps({"markups": [{"type": "Fiducial", "controlPoints": [
+        {"position": [i, 2 * i, 3 * i, 1]} for i in range(3)]}]}))
+    for path in (fcsv, markups):
+        with pytest.raises(InvalidInputError, match="not a landmark file"):
+            read_points(path)
+
+
 def test_markups_in_different_coordinate_systems_are_refused(tmp_path):
     """A Slicer markups JSON whose markups state different systems (RAS and LPS) is refused, not mixed."""
     markups = tmp_path / "mixed.mrk.json"

@@ -292,3 +292,24 @@ def test_compressed_tiffs_read_as_their_png(tmp_path):
     plain, lzw = read_image(tmp_path / "plain.tif"), read_image(tmp_path / "lzw.tif")
     np.testing.assert_array_equal(lzw.data, plain.data)
     np.testing.assert_array_equal(lzw.affine, plain.affine)
+
+
+def test_a_fused_float_slice_of_few_grey_levels_is_scaled_into_png(tmp_path, cli):
+    """The SPM T1 and PET slices are floats in 0..1: fused, the slice lies in FIXED's window
+    (0.01..0.69). Written as PNG it was rounded to 0 and 1, the image lost without a word; now it
+    is scaled linearly to 0..255 with a warning, the NIfTI output's values mapped exactly."""
+    import nibabel as nib
+
+    for name in ("T1", "PET"):
+        volume = nib.load(EXAMPLES / "spm12" / f"OldNorm_{name}.nii.gz")
+        nib.Nifti1Image(np.asarray(volume.dataobj)[:, :, 45:46], volume.affine).to_filename(tmp_path / f"{name}.nii.gz")
+    pair = (tmp_path / "T1.nii.gz", tmp_path / "PET.nii.gz", "--method", "mean", "--no-metrics")
+    assert cli("fuse", *pair, "-o", tmp_path / "fused.nii.gz").exit_code == 0
+    res = cli("fuse", *pair, "-o", tmp_path / "fused.png", "--report", tmp_path / "png.json")
+    assert res.exit_code == 0, res.stderr
+    assert "too few of 8-bit PNG's grey levels" in " ".join(res.stderr.split())
+    fused = np.asarray(nib.load(tmp_path / "fused.nii.gz").dataobj)[:, :, 0]
+    png = np.asarray(PILImage.open(tmp_path / "fused.png")).swapaxes(0, 1).astype(float)
+    assert len(np.unique(png)) > 200
+    expected = (fused - fused.min()) / (fused.max() - fused.min()) * 255
+    np.testing.assert_allclose(png, expected, atol=0.51)

@@ -62,6 +62,8 @@ def read_points(path: str | os.PathLike[str]) -> np.ndarray:
             system, rows = _fcsv(text)
         else:
             system, rows = _plain_csv(text)
+        if any(len(row) != 3 for row in rows):
+            raise ValueError("a point without three coordinates")
         points = np.array(rows, float).reshape(-1, 3)
     except InvalidInputError as exc:
         raise InvalidInputError(f"--landmarks {path}: {exc}") from None

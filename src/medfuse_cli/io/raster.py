@@ -31,6 +31,7 @@ RASTER_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
 TIFF_SUFFIXES = (".tif", ".tiff")
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, either byte order
 READ_ONLY_SUFFIXES = (".jpg", ".jpeg", ".bmp")
+MIN_GREY_LEVELS = 64  # float pixels within 0..255 spanning fewer are scaled to 0..255 for PNG, not rounded
 RASTER_FORMATS = ("png", "tiff", "jpeg", "bmp")  # Provenance.format of a raster slice
 
 
@@ -204,9 +205,11 @@ def _to_storable(data: np.ndarray, name: str, allow_float: bool) -> np.ndarray:
         return np.rint(np.nan_to_num(data, nan=0.0, posinf=hi, neginf=lo)).astype(np.uint8)
     if integral and lo >= 0 and hi <= 65535:
         return np.rint(np.nan_to_num(data, nan=0.0, posinf=hi, neginf=lo)).astype(np.uint16)
-    if data.dtype.kind == "f" and lo >= 0 and hi <= 255:
+    fits = lo >= 0 and hi <= 255
+    if data.dtype.kind == "f" and fits and hi - lo >= MIN_GREY_LEVELS:  # on the 8-bit scale: a fused 8-bit pair
         return np.rint(np.nan_to_num(data, nan=0.0, posinf=hi, neginf=lo)).astype(np.uint8)
-    log.warning("%s: values %.4g..%.4g do not fit 8-bit PNG; scaled linearly to 0..255", name, lo, hi)
+    why = "span too few of 8-bit PNG's grey levels as they are" if fits else "do not fit 8-bit PNG"
+    log.warning("%s: values %.4g..%.4g %s; scaled linearly to 0..255", name, lo, hi, why)
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
     return np.rint((np.nan_to_num(data, nan=lo, posinf=hi, neginf=lo) - lo) * scale).clip(0, 255).astype(np.uint8)
 

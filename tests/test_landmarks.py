@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -62,6 +63,7 @@ def test_the_fit_recovers_a_known_rigid_motion(tmp_path):
     ("r,a,s\n0,0,0\n10,0,0\n30,0.5,0\n", "r,a,s\n0,0,0\n10,0,0\n30,0.5,0\n", "one line"),
     ("r,a,s\n", "r,a,s\n1,2,3\n", "no points"),
     ("r,a,s\n1,nan,3\n", "r,a,s\n1,2,3\n", "not a finite number"),
+    ("r,a,s\n1e300,0,0\n0,1e300,0\n0,0,1e300\n", "r,a,s\n1,0,0\n0,1,0\n0,0,1\n", "no point in a scanner"),
     ("r,a,s\n1,two,3\n", "r,a,s\n1,2,3\n", "not a landmark file"),
 ])
 def test_bad_landmarks_are_refused(tmp_path, fixed, moving, message):
@@ -167,6 +169,22 @@ def test_points_left_out_are_warned_of_on_the_command_line(tmp_path, cli):
     assert "point 2 not placed on FIXED or MOVING" in " ".join(result.stderr.split())
     landmarks = json.loads(report.read_text())["registration"]["landmarks"]
     assert landmarks["left_out"] == [2] and landmarks["count"] == 3 and landmarks["fit_rms_mm"] < 1e-6
+
+
+def test_points_out_of_order_are_warned_of(tmp_path, cli):
+    """Two points swapped on MOVING (the commonest picking mistake): the fit cannot be rigid, and
+    the warning gives its RMS and farthest point and says to check the order; in order, no warning."""
+    fixed, moving = tmp_path / "f.csv", tmp_path / "m.csv"
+    fixed.write_text("r,a,s\n0,0,0\n40,0,0\n0,40,0\n0,0,40\n")
+    out = tmp_path / "o.nii.gz"
+    for rows, warned in (("0,0,0\n0,40,0\n40,0,0\n0,0,40\n", True), ("1,0,0\n41,0,0\n1,40,0\n1,0,40\n", False)):
+        moving.write_text("r,a,s\n" + rows)
+        res = cli("register", T1, PET, "-o", out, "--transform", "none", "--landmarks", fixed, moving, "--overwrite")
+        assert res.exit_code == 0, res.stderr
+        text = " ".join(res.stderr.split())
+        assert ("same points in the same order" in text) == warned, text
+        if warned:
+            assert re.search(r"only to 20\.0 mm \(RMS\); the farthest, point \d, lies \d+\.\d mm", text), text
 
 
 def test_landmark_errors_on_the_command_line(tmp_path, cli):

@@ -26,6 +26,7 @@ TO_LPS = {"LPS": np.array([1.0, 1.0, 1.0]), "RAS": np.array([-1.0, -1.0, 1.0])}
 TO_MM = {"mm": 1.0, "um": 1e-3}  # markups JSON coordinateUnits (UCUM)
 PLACED_FCSV = "2"  # Slicer 5's .fcsv position status column (after associatedNodeID): 2 = defined
 MIN_SPREAD_MM = 5.0  # three or more points must span at least this much off their best-fitting line
+MAX_MM = 1e5  # a coordinate farther from the origin (100 m) is no point in a scanner
 
 
 @dataclass
@@ -38,12 +39,16 @@ class LandmarkFit:
     files: tuple[str, str]
     left_out: tuple[int, ...] = ()  # 1-based numbers of the pairs left out: a point not placed on one side
 
-    def rms_mm(self, transform=None) -> float:
-        """Root-mean-square distance between MOVING's points and FIXED's mapped by ``transform``
-        (the fit itself by default)."""
+    def distances_mm(self, transform=None) -> np.ndarray:
+        """Distance between each MOVING point and its FIXED partner mapped by ``transform`` (the fit
+        itself by default)."""
         transform = transform or self.transform
         mapped = np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in self.fixed])
-        return float(np.sqrt(np.mean(np.sum((mapped - self.moving) ** 2, axis=1))))
+        return np.linalg.norm(mapped - self.moving, axis=1)
+
+    def rms_mm(self, transform=None) -> float:
+        """Root-mean-square of :meth:`distances_mm`."""
+        return float(np.sqrt(np.mean(self.distances_mm(transform) ** 2)))
 
 
 def read_points(path: str | os.PathLike[str]) -> np.ndarray:
@@ -75,6 +80,9 @@ def read_points(path: str | os.PathLike[str]) -> np.ndarray:
         raise InvalidInputError(f"--landmarks {path}: no points" + (" placed" if len(points) else ""))
     if not np.isfinite(points[placed]).all():
         raise InvalidInputError(f"--landmarks {path}: a coordinate is not a finite number")
+    if np.abs(points[placed]).max() > MAX_MM:
+        raise InvalidInputError(f"--landmarks {path}: a coordinate of {np.abs(points[placed]).max():.3g} mm is no "
+                                "point in a scanner; give world coordinates in mm")
     return points * TO_LPS[system]
 
 

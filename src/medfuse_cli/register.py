@@ -40,6 +40,7 @@ MAX_ROTATION = 20.0  # degrees; a larger rotation is reported as suspect (a wron
 COARSE, FINE = (0, 1), (2,)  # levels every start goes through; the level only the chosen one does
 SAME_START_MM = 10.0  # centres of mass closer than this to the headers' alignment are not a second start
 LANDMARK_DRIFT_MM = 10.0  # registration moving the landmarks this much further from their fit is reported
+LANDMARK_FIT_MM = 10.0  # landmarks that fit a rigid motion only this badly (RMS) are reported: picks out of order
 START_DRIFT_MM = 20.0  # registration moving FIXED's centre this far from where a .tfm start put it is reported
 
 
@@ -374,6 +375,14 @@ def _with_landmarks(result: Registration, initial: GivenStart | None) -> Registr
         fit = initial.fit
         result.landmarks = {"count": len(fit.fixed), "files": list(fit.files), "fit_rms_mm": round(fit.rms_mm(), 3),
                             "rms_mm": round(fit.rms_mm(result.transform), 3)}
+        if result.landmarks["fit_rms_mm"] > LANDMARK_FIT_MM:
+            distances = fit.distances_mm()
+            kept = [i for i in range(1, len(distances) + len(fit.left_out) + 1) if i not in fit.left_out]
+            worst = int(np.argmax(distances))
+            result.warnings.append(
+                f"--landmarks: the points fit a rigid motion only to {result.landmarks['fit_rms_mm']:.1f} mm (RMS); "
+                f"the farthest, point {kept[worst]}, lies {distances[worst]:.1f} mm from its partner: check that both "
+                "files hold the same points in the same order")
         if fit.left_out:
             result.landmarks["left_out"] = list(fit.left_out)
             numbers = ", ".join(map(str, fit.left_out))

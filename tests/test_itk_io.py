@@ -240,6 +240,32 @@ def test_unknown_spacing_and_origin_are_warned_of(tmp_path, caplog):
     assert "an axis that is not spatial, read as slices 1 mm apart" in caplog.text
 
 
+def test_nrrd_spaces_that_name_no_patient_directions_are_warned_of(tmp_path, caplog):
+    """An NRRD whose space names no patient directions (scanner-xyz, 3D-right/left-handed, or a
+    volume with no space at all) is read by ITK as LPS without a word, mirrored for a left-handed
+    frame; now with a warning. RAS and LAS spaces are converted by ITK and need none."""
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(tmp_path / "t1.nhdr"), useCompression=False)
+    header = (tmp_path / "t1.nhdr").read_text()
+    lps = read_image(tmp_path / "t1.nhdr")
+    named = "space: left-posterior-superior"
+    cases = {"scanner-xyz": "space: scanner-xyz", "3d-left-handed": "space: 3D-left-handed",
+             "none": "space dimension: 3", "ras": "space: right-anterior-superior", "las": "space: LAS"}
+    for name, line in cases.items():
+        (tmp_path / f"{name}.nhdr").write_text(header.replace(named, line))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            image = read_image(tmp_path / f"{name}.nhdr")
+        warned = "names no patient directions: its axes are read as LPS" in caplog.text
+        assert warned == (name not in ("ras", "las")), (name, caplog.text)
+        assert ("mirrors a left-handed frame" in caplog.text) == (name == "3d-left-handed")
+        if warned:  # read as LPS, as ITK and 3D Slicer read it
+            np.testing.assert_allclose(image.affine, lps.affine)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        read_image(tmp_path / "t1.nhdr")
+    assert "patient directions" not in caplog.text
+
+
 def test_directions_and_voxel_sizes_that_are_not_finite_are_refused(tmp_path, cli):
     """A nan in a MetaImage ElementSpacing or TransformMatrix ended in ITK's bare "(0 0 0)" (exit 4);
     a nan direction in NRRD was read as 1 mm without a word. Now exit 5, naming the field."""

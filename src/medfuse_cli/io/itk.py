@@ -175,8 +175,9 @@ def _header_geometry(path: Path) -> list[float]:
     """What ITK leaves out of a header's geometry: millimetres per unit of each world axis from an NRRD
     ``space units`` (ITK ignores them: a header in cm was read as mm, 10 times too small); 1 where
     unsaid, or unknown (warned). Spacings or an origin said to be unknown (``nan``, which the NRRD
-    format allows) and an axis said not to be spatial (``none``), which ITK reads as 1 mm and 0
-    without a word, are warned of too."""
+    format allows), an axis said not to be spatial (``none``), which ITK reads as 1 mm and 0
+    without a word, and an NRRD space that names no patient directions, which ITK reads as LPS,
+    are warned of too."""
     fields = _header(path)[0]
     units = next((re.findall(r'"([^"]*)"', value) for key, value in fields if key == "spaceunits"), [])
     scale = [1.0, 1.0, 1.0]
@@ -186,6 +187,13 @@ def _header_geometry(path: Path) -> list[float]:
         scale[axis] = MM_PER_UNIT.get(unit.strip().lower(), 1.0)
     if scale != [1.0, 1.0, 1.0]:
         log.info("%s: space units %s: read in mm", path.name, " ".join(units))
+    values = dict(fields)
+    space = values.get("space", "").strip().lower()
+    volume = "sizes" in values and len([n for n in _numbers(values["sizes"]) if n > 1]) >= 3
+    if space in _NOT_PATIENT_SPACES or (not space and volume):
+        log.warning("%s: NRRD %s, which names no patient directions: its axes are read as LPS, as ITK and 3D Slicer "
+                    "read them%s; check left and right", path.name, f"space {space!r}" if space else "without a space",
+                    ", which mirrors a left-handed frame" if space == "3d-left-handed" else "")
     for key, value in fields:
         name, taken = _UNKNOWN_READ_AS.get(key, ("", ""))
         if taken and any(not np.isfinite(v) for v in _numbers(value)):
@@ -194,6 +202,9 @@ def _header_geometry(path: Path) -> list[float]:
             log.warning("%s: space directions %r: an axis that is not spatial, read as slices 1 mm apart", path.name,
                         value[:60])
     return scale
+
+
+_NOT_PATIENT_SPACES = ("scanner-xyz", "3d-right-handed", "3d-left-handed")  # NRRD spaces ITK reads as LPS
 
 
 def _numbers(text: str) -> list[float]:

@@ -204,6 +204,27 @@ def test_nrrd_space_units_are_read_in_mm(tmp_path, caplog):
     assert "space unit 'furlong' unknown; taken as mm" in caplog.text
 
 
+def test_metaimage_distance_units_are_read_in_mm(tmp_path, caplog):
+    """ITK ignores a MetaImage's ``DistanceUnits`` as it does NRRD's space units: the SPM T1
+    described in cm read 10 times too small. Now in mm; MetaIO's '?' (unknown) is mm, unwarned;
+    an unknown unit is mm, warned once."""
+    mhd = tmp_path / "t1.mhd"
+    sitk.WriteImage(sitk.ReadImage(str(T1)), str(mhd), useCompression=False)
+    header = mhd.read_text()
+    cm = header.replace("Offset = -90 126 -72", "Offset = -9 12.6 -7.2").replace(
+        "ElementSpacing = 2 2 2", "DistanceUnits = cm\nElementSpacing = 0.2 0.2 0.2")
+    assert cm.count("0.2") == 3
+    (tmp_path / "cm.mhd").write_text(cm)
+    a, b = read_image(mhd), read_image(tmp_path / "cm.mhd")
+    np.testing.assert_allclose(b.affine, a.affine, atol=1e-9)
+    for unit, warned in (("?", False), ("mm", False), ("furlong", True)):
+        (tmp_path / "u.mhd").write_text(header.replace("ElementSpacing", f"DistanceUnits = {unit}\nElementSpacing"))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            np.testing.assert_array_equal(read_image(tmp_path / "u.mhd").affine, a.affine)
+        assert caplog.text.count("unknown; taken as mm") == warned, (unit, caplog.text)
+
+
 def test_unknown_spacing_and_origin_are_warned_of(tmp_path, caplog):
     """NRRD allows ``nan`` for a spacing or origin not known; ITK reads it as 1 mm or 0 without a word
     (a MetaImage ``Offset = nan`` too). The values stay ITK's; the warning says they were made up."""

@@ -173,18 +173,18 @@ _UNKNOWN_READ_AS = {"spacings": ("spacings", "1 mm"), "spaceorigin": ("space ori
 
 def _header_geometry(path: Path) -> list[float]:
     """What ITK leaves out of a header's geometry: millimetres per unit of each world axis from an NRRD
-    ``space units`` (ITK ignores them: a header in cm was read as mm, 10 times too small); 1 where
-    unsaid, or unknown (warned). Spacings or an origin said to be unknown (``nan``, which the NRRD
+    ``space units`` or a MetaImage ``DistanceUnits`` (ITK ignores them: a header in cm was read as
+    mm, 10 times too small); 1 where unsaid, or unknown (warned). Spacings or an origin said to be unknown (``nan``, which the NRRD
     format allows), an axis said not to be spatial (``none``), which ITK reads as 1 mm and 0
     without a word, and an NRRD space that names no patient directions, which ITK reads as LPS,
     are warned of too."""
     fields = _header(path)[0]
     units = next((re.findall(r'"([^"]*)"', value) for key, value in fields if key == "spaceunits"), [])
-    scale = [1.0, 1.0, 1.0]
-    for axis, unit in enumerate(units[:3]):
-        if unit.strip().lower() not in MM_PER_UNIT and unit.strip():
+    units = units or next(([value] * 3 for key, value in fields if key == "distanceunits" and value != "?"), [])
+    scale = [MM_PER_UNIT.get(unit.strip().lower(), 1.0) for unit in units[:3]] + [1.0] * (3 - len(units[:3]))
+    for unit in dict.fromkeys(u.strip() for u in units[:3]):
+        if unit and unit.lower() not in MM_PER_UNIT:
             log.warning("%s: space unit %r unknown; taken as mm", path.name, unit)
-        scale[axis] = MM_PER_UNIT.get(unit.strip().lower(), 1.0)
     if scale != [1.0, 1.0, 1.0]:
         log.info("%s: space units %s: read in mm", path.name, " ".join(units))
     values = dict(fields)

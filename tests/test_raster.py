@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES, shared_path
+from conftest import EXAMPLES, assert_one_line_error, shared_path
 from PIL import Image as PILImage
 
 from medfuse_cli import Image, read_image, write_image
@@ -313,3 +313,23 @@ def test_a_fused_float_slice_of_few_grey_levels_is_scaled_into_png(tmp_path, cli
     assert len(np.unique(png)) > 200
     expected = (fused - fused.min()) / (fused.max() - fused.min()) * 255
     np.testing.assert_allclose(png, expected, atol=0.51)
+
+
+def test_a_png_with_a_slice_placed_in_space_says_why_they_do_not_meet(tmp_path, cli):
+    """A NIfTI slice of the SPM T1 (18 mm above the origin) with a PNG of the PET slice (no position:
+    pixels on the z = 0 plane) do not overlap; the refusal (exit 5) says the PNG has no position
+    and what to give instead, where it asked about frames of reference."""
+    import nibabel as nib
+
+    to_slice_45 = np.eye(4)
+    to_slice_45[2, 3] = 45
+    for name in ("T1", "PET"):
+        volume = nib.load(EXAMPLES / "spm12" / f"OldNorm_{name}.nii.gz")
+        nib.Nifti1Image(np.asarray(volume.dataobj)[:, :, 45:46], volume.affine @ to_slice_45).to_filename(
+            tmp_path / f"{name}.nii.gz")
+    assert cli("convert", tmp_path / "PET.nii.gz", "-o", tmp_path / "pet.png").exit_code == 0
+    for pair in ((tmp_path / "T1.nii.gz", tmp_path / "pet.png"), (tmp_path / "pet.png", tmp_path / "T1.nii.gz")):
+        res = cli("fuse", *pair, "-o", tmp_path / "f.nii.gz", "--method", "mean")
+        assert_one_line_error(res, 5)
+        assert "pet.png is a PNG/TIFF/JPEG/BMP slice, which has no position in space" in res.stderr
+        assert "frames of reference" not in res.stderr and not (tmp_path / "f.nii.gz").exists()

@@ -27,6 +27,7 @@ import numpy as np
 from .errors import GeometryError, InputNotFoundError, InvalidInputError
 from .image import Image
 from .io.itk import LPS, to_sitk
+from .io.raster import RASTER_FORMATS
 from .landmarks import LandmarkFit, fit_landmarks
 from .parallel import interruptible, itk_threads
 
@@ -163,10 +164,11 @@ def check_overlap(fixed: Image, moving: Image, transform=None) -> None:
     # 2D images are one voxel thick: allow half a voxel of slack on every axis
     slack = 0.5 * np.maximum(np.max(fixed.spacing), np.max(moving.spacing))
     if np.any(hi + slack < lo):
-        raise GeometryError(
-            f"{fixed.provenance.source} and {moving.provenance.source} do not overlap in space "
-            "(different frames of reference?); check the inputs"
-        )
+        rasters = [image.provenance.source for image in (fixed, moving) if image.provenance.format in RASTER_FORMATS]
+        hint = ("(different frames of reference?); check the inputs" if len(rasters) != 1 else
+                f"({rasters[0]} is a PNG/TIFF/JPEG/BMP slice, which has no position in space): give both as PNG/TIFF "
+                "slices of one view, or both with their geometry (NIfTI, DICOM)")
+        raise GeometryError(f"{fixed.provenance.source} and {moving.provenance.source} do not overlap in space {hint}")
 
 
 @contextlib.contextmanager

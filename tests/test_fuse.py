@@ -786,7 +786,8 @@ def test_a_slab_fuses_and_one_too_thin_to_register_is_refused(tmp_path, cli):
 def test_a_slice_takes_a_given_transform_only_in_its_plane(tmp_path, cli):
     """--initial-transform on 2D slices: applied as it is with --transform none when it keeps the
     slice in its plane (a 3 mm shift moves the pixels by 3), refused (exit 5) when it tilts or lifts
-    the slice, and refused with rigid, which registers slices from their contents only."""
+    the slice, and refused with rigid, which registers slices from their contents only; a 2D
+    transform file is taken as the 3D one that leaves z alone."""
     import SimpleITK as sitk
 
     mri = shared_path("harvard", "mri-ct", "34010_mri.png")
@@ -809,6 +810,21 @@ def test_a_slice_takes_a_given_transform_only_in_its_plane(tmp_path, cli):
                                   "--initial-transform", transforms[name]), 5)
     assert_one_line_error(cli("fuse", mri, ct, "-o", tmp_path / "y.png", "--transform", "rigid",
                               "--initial-transform", transforms["shift"]), 5)
+    # a 2D transform, as a SimpleITK registration of the two PNGs writes it (pixel (i, j) at (i, j)
+    # mm, as medfuse places it in LPS): the 3D transform that leaves z alone, to the bit; it was
+    # refused as "not a 3D rigid or affine transform". With volumes it is refused (exit 5).
+    turn2d = sitk.Euler2DTransform((127.5, 127.5), 0.1, (3.0, -2.0))
+    turn3d = sitk.Euler3DTransform((127.5, 127.5, 0.0), 0.0, 0.0, 0.1, (3.0, -2.0, 0.0))
+    for name, t in (("turn2d", turn2d), ("turn3d", turn3d), ("shift2d", sitk.TranslationTransform(2, (3.0, 0.0)))):
+        sitk.WriteTransform(t, str(tmp_path / f"{name}.tfm"))
+        res = cli("register", mri, ct, "-o", tmp_path / f"{name}.png", "--transform", "none",
+                  "--initial-transform", tmp_path / f"{name}.tfm")
+        assert res.exit_code == 0, res.stderr
+    assert np.array_equal(read_image(tmp_path / "turn2d.png").data, read_image(tmp_path / "turn3d.png").data)
+    assert np.array_equal(read_image(tmp_path / "shift2d.png").data, read_image(out).data)
+    res = cli("fuse", T1, PET, "-o", tmp_path / "v.nii.gz", "--initial-transform", tmp_path / "turn2d.tfm")
+    assert_one_line_error(res, 5)
+    assert "2D transform, which is for two 2D slices" in res.stderr
 
 
 @pytest.mark.parametrize("group, case, other", [("mri-pet", "25015", "pet"), ("mri-spect", "29010", "spect"),

@@ -92,6 +92,7 @@ class GivenStart:
     transform: object
     option: str
     fit: LandmarkFit | None = None
+    planar: bool = False  # a 2D transform file, read as the 3D transform that leaves z alone: for slices only
 
 
 def given_start(initial_transform: str | os.PathLike[str] | None, landmarks: Sequence[str] | None,
@@ -101,7 +102,8 @@ def given_start(initial_transform: str | os.PathLike[str] | None, landmarks: Seq
     if initial_transform is not None and landmarks:
         raise InvalidInputError("give --initial-transform or --landmarks, not both")
     if initial_transform is not None:
-        return GivenStart(read_transform(initial_transform, rigid=rigid), "--initial-transform")
+        transform, planar = read_transform(initial_transform, rigid=rigid)
+        return GivenStart(transform, "--initial-transform", planar=planar)
     if landmarks:
         if len(landmarks) != 2:
             raise InvalidInputError("--landmarks takes two files: FIXED's points, then MOVING's")
@@ -216,10 +218,12 @@ def transform_suffixes() -> str:
     return ", ".join(TRANSFORM_SUFFIXES[:-1]) + " or " + TRANSFORM_SUFFIXES[-1]
 
 
-def read_transform(path: str | os.PathLike[str], rigid: bool = False):
+def read_transform(path: str | os.PathLike[str], rigid: bool = False) -> tuple[Any, bool]:
     """A rigid or affine transform saved by ITK / SimpleITK (``.tfm``, ``.txt``, ``.h5``, ``.mat``;
-    LPS, FIXED point -> MOVING point, as ``medfuse register --save-transform`` writes it); with
-    ``rigid``, refused unless it is rigid (a registration must start from it)."""
+    LPS, FIXED point -> MOVING point, as ``medfuse register --save-transform`` writes it), and whether
+    it was 2D (one of the x-y plane, as a SimpleITK registration of two PNG slices gives: returned as
+    the 3D transform that leaves z alone); with ``rigid``, refused unless it is rigid (a registration
+    must start from it)."""
     import SimpleITK as sitk
 
     path = Path(path)
@@ -238,13 +242,17 @@ def read_transform(path: str | os.PathLike[str], rigid: bool = False):
                                 f"({transform_suffixes()}){_plain_matrix_hint(path)}") from None
     while isinstance(transform, sitk.CompositeTransform) and transform.GetNumberOfTransforms() == 1:
         transform = transform.GetNthTransform(0).Downcast()
+    planar = transform.GetDimension() == 2
     if isinstance(transform, sitk.TranslationTransform):
-        transform = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.0, 0.0, 0.0, transform.GetOffset())
-    if not hasattr(transform, "GetMatrix") or transform.GetDimension() != 3:
-        raise InvalidInputError(f"--initial-transform {path}: {transform.GetName()} is not a 3D rigid or affine transform")
+        shift = (*transform.GetOffset(), 0.0)[:3]
+        transform = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.0, 0.0, 0.0, shift)
+    if not hasattr(transform, "GetMatrix") or transform.GetDimension() not in (2, 3):
+        raise InvalidInputError(f"--initial-transform {path}: {transform.GetName()} is not a rigid or affine transform")
+    if transform.GetDimension() == 2:
+        transform = _in_space(transform)
     if rigid:
         _rigid_start(transform)
-    return transform
+    return transform, planar
 
 
 def _plain_matrix_hint(path: Path) -> str:
@@ -283,6 +291,9 @@ def _check_flat_start(fixed: Image, moving: Image, kind: TransformKind, initial:
     """Two 2D slices take a given transform only as it is (``--transform none``), and only one that keeps
     FIXED's slice in MOVING's plane (a rotation about the normal, a shift in the plane); a FIXED slice
     placed in a MOVING volume takes any."""
+    if initial is not None and initial.planar and not (fixed.is_2d and moving.is_2d):
+        raise GeometryError(f"{initial.option} holds a 2D transform, which is for two 2D slices; "
+                            "give a 3D one for a volume")
     if initial is None or not moving.is_2d:  # FIXED a slice of MOVING's volume: any transform maps it into it
         return
     if kind is not TransformKind.NONE:

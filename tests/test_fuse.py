@@ -783,6 +783,90 @@ def test_a_slab_fuses_and_one_too_thin_to_register_is_refused(tmp_path, cli):
                               "--transform", "rigid"), 5)
 
 
+def test_a_composite_of_linear_transforms_is_applied_as_one(tmp_path, cli):
+    """A composite transform file of linear parts (ANTs' stages written uncollapsed, a Slicer chain;
+    ITK applies the last part first) is applied as the one affine transform it amounts to: the same
+    voxels as that transform written alone, worked out here by hand. It was refused as 'not a 3D
+    rigid or affine transform'. A composite with a deformable part is still refused (exit 4)."""
+    import SimpleITK as sitk
+
+    centre = np.array([0.0, -18.0, 18.0])
+    turn = sitk.Euler3DTransform(tuple(centre), 0.05, 0.0, 0.2, (0.0, 0.0, 0.0))
+    shift = sitk.TranslationTransform(3, (6.0, -4.0, 2.0))
+    sitk.WriteTransform(sitk.CompositeTransform([turn, shift]), str(tmp_path / "chain.h5"))
+    rotation = np.asarray(turn.GetMatrix()).reshape(3, 3)
+    alone = sitk.AffineTransform(3)  # turn(shift(x)) = R (x + s - c) + c
+    alone.SetMatrix(tuple(rotation.ravel()))
+    alone.SetTranslation(tuple(rotation @ (np.array([6.0, -4.0, 2.0]) - centre) + centre))
+    sitk.WriteTransform(alone, str(tmp_path / "alone.tfm"))
+    for name in ("chain.h5", "alone.tfm"):
+        res = cli("register", T1, PET, "-o", tmp_path / f"{name}.nii.gz", "--transform", "none",
+                  "--initial-transform", tmp_path / name)
+        assert res.exit_code == 0, res.stderr
+    np.testing.assert_allclose(read_image(tmp_path / "chain.h5.nii.gz").data, read_image(tmp_path / "alone.tfm.nii.gz").data,
+                               atol=1e-5)
+    bspline = sitk.BSplineTransformInitializer(sitk.ReadImage(str(T1)), (2, 2, 2))
+    sitk.WriteTransform(sitk.CompositeTransform([turn, bspline]), str(tmp_path / "warp.h5"))
+    res = cli("register", T1, PET, "-o", tmp_path / "w.nii.gz", "--transform", "none",
+              "--initial-transform", tmp_path / "warp.h5")
+    assert_one_line_error(res, 4)
+    assert "not a rigid or affine transform" in res.stderr
+
+
+def test_an_ants_generic_affine_mat_is_read(tmp_path):
+    """ANTs writes its affine (0GenericAffine.mat) as ITK's MatrixOffsetTransformBase, a type
+    SimpleITK has no class for: it came back as a composite of itself, and medfuse unwrapped it for
+    ever (a hang, found by hand). Now it is the affine transform of its parameters: the same voxels
+    as that transform written by SimpleITK. Run in a process with a time limit, so a hang fails."""
+    import subprocess
+    import sys
+
+    import SimpleITK as sitk
+    from scipy.io import savemat
+
+    turn = sitk.Euler3DTransform((0.0, -18.0, 18.0), 0.0, 0.1, -0.15, (4.0, 2.0, -3.0))
+    parameters = np.r_[turn.GetMatrix(), turn.GetTranslation()].reshape(-1, 1)
+    savemat(tmp_path / "0GenericAffine.mat", {"MatrixOffsetTransformBase_double_3_3": parameters,
+                                              "fixed": np.reshape(turn.GetCenter(), (3, 1))}, format="4")
+    sitk.WriteTransform(turn, str(tmp_path / "turn.tfm"))
+    for name in ("0GenericAffine.mat", "turn.tfm"):
+        res = subprocess.run([sys.executable, "-m", "medfuse_cli", "register", str(T1), str(PET), "-o",
+                              str(tmp_path / f"{name}.nii.gz"), "--transform", "none", "--initial-transform",
+                              str(tmp_path / name)], capture_output=True, text=True, timeout=120, check=False)
+        assert res.returncode == 0, res.stderr
+    np.testing.assert_allclose(read_image(tmp_path / "0GenericAffine.mat.nii.gz").data,
+                               read_image(tmp_path / "turn.tfm.nii.gz").data, atol=1e-5)
+
+
+def test_transform_files_of_the_wrong_parameter_count_are_refused(tmp_path):
+    """ITK's text and MATLAB transform readers take any number of parameters for a type and read past
+    them: a hand-written Euler3DTransform of three numbers (the shift alone, as one might write the
+    README's translation) corrupted the heap, and medfuse wrote an output moved by whatever lay beyond,
+    then crashed (exit 134). Now each is one line, exit 4, nothing written. In a process of its own,
+    so that a crash fails the test instead of the run."""
+    import subprocess
+    import sys
+
+    from scipy.io import savemat
+
+    header = "#Insight Transform File V1.0\n#Transform 0\n"
+    (tmp_path / "short.tfm").write_text(header + "Transform: Euler3DTransform_double_3_3\nParameters: 5 0 0\n"
+                                        "FixedParameters: 0 0 0 0\n")
+    (tmp_path / "word.tfm").write_text(header + "Transform: Euler2DTransform_double_2_2\nParameters: x0.1 3 4\n"
+                                       "FixedParameters: 128 128\n")
+    savemat(tmp_path / "short.mat", {"AffineTransform_double_3_3": np.ones((9, 1)), "fixed": np.zeros((3, 1))},
+            format="4")
+    for name, said in (("short.tfm", "Euler3DTransform takes 6 parameters, the file gives 3"),
+                       ("word.tfm", "holds other things than finite numbers"),
+                       ("short.mat", "AffineTransform takes 12 parameters, the file gives 9")):
+        out = tmp_path / f"{name}.nii.gz"
+        res = subprocess.run([sys.executable, "-m", "medfuse_cli", "register", str(T1), str(PET), "-o", str(out),
+                              "--transform", "none", "--initial-transform", str(tmp_path / name)],
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert res.returncode == 4 and said in res.stderr and res.stderr.count("\n") == 1, (name, res.stderr)
+        assert not out.exists()
+
+
 def test_a_slice_takes_a_given_transform_only_in_its_plane(tmp_path, cli):
     """--initial-transform on 2D slices: applied as it is with --transform none when it keeps the
     slice in its plane (a 3 mm shift moves the pixels by 3), refused (exit 5) when it tilts or lifts

@@ -41,6 +41,7 @@ MAX_ROTATION = 20.0  # degrees; a larger rotation is reported as suspect (a wron
 COARSE, FINE = (0, 1), (2,)  # levels every start goes through; the level only the chosen one does
 SAME_START_MM = 10.0  # centres of mass closer than this to the headers' alignment are not a second start
 LANDMARK_DRIFT_MM = 10.0  # registration moving the landmarks this much further from their fit is reported
+MAX_NESTING = 8  # composites of one transform deeper than this are SimpleITK wrapping a type it has no class for
 LANDMARK_FIT_MM = 10.0  # landmarks that fit a rigid motion only this badly (RMS) are reported: picks out of order
 START_DRIFT_MM = 20.0  # registration moving FIXED's centre this far from where a .tfm start put it is reported
 
@@ -231,6 +232,7 @@ def read_transform(path: str | os.PathLike[str], rigid: bool = False) -> tuple[A
         raise InvalidInputError(f"--initial-transform {path}: a folder, not a transform file")
     if not path.is_file():
         raise InputNotFoundError(f"--initial-transform {path}: no such file")
+    _check_parameter_counts(path)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             name = str(path)
@@ -240,8 +242,9 @@ def read_transform(path: str | os.PathLike[str], rigid: bool = False) -> tuple[A
     except RuntimeError:
         raise InvalidInputError(f"--initial-transform {path}: not a transform file ITK can read "
                                 f"({transform_suffixes()}){_plain_matrix_hint(path)}") from None
-    while isinstance(transform, sitk.CompositeTransform) and transform.GetNumberOfTransforms() == 1:
-        transform = transform.GetNthTransform(0).Downcast()
+    transform = _unwrapped(transform, path)
+    if isinstance(transform, sitk.CompositeTransform) and _linear(transform, path):
+        transform = _flattened(transform)
     planar = transform.GetDimension() == 2
     if isinstance(transform, sitk.TranslationTransform):
         shift = (*transform.GetOffset(), 0.0)[:3]
@@ -253,6 +256,99 @@ def read_transform(path: str | os.PathLike[str], rigid: bool = False) -> tuple[A
     if rigid:
         _rigid_start(transform)
     return transform, planar
+
+
+_PARAMETERS = {  # how many parameters ITK's linear transform types take, by dimension
+    "TranslationTransform": lambda d: d, "ScaleTransform": lambda d: d, "AffineTransform": lambda d: d * (d + 1),
+    "MatrixOffsetTransformBase": lambda d: d * (d + 1), "Euler2DTransform": lambda d: 3, "Rigid2DTransform": lambda d: 3,
+    "Similarity2DTransform": lambda d: 4, "Euler3DTransform": lambda d: 6, "VersorRigid3DTransform": lambda d: 6,
+    "VersorTransform": lambda d: 3, "Similarity3DTransform": lambda d: 7, "ScaleVersor3DTransform": lambda d: 9,
+    "ComposeScaleSkewVersor3DTransform": lambda d: 12, "ScaleSkewVersor3DTransform": lambda d: 15}
+
+
+def _check_parameter_counts(path: Path) -> None:
+    """ITK's text and MATLAB transform readers take any number of parameters for a type and then read
+    past them: a hand-written Euler3DTransform of three numbers (a shift, meant) corrupted the heap and
+    ended in a crash, after writing an output moved by whatever lay beyond. Count them first."""
+    suffix = path.suffix.lower()
+    blocks: list[tuple[str, int]] = []  # (type, number of parameters)
+    if suffix in (".tfm", ".txt"):
+        with open(path, "rb") as handle:
+            text = handle.read(1 << 20).decode("latin-1")
+        kind = None
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Transform":
+                kind = value.strip()
+            elif key.strip() in ("Parameters", "FixedParameters") and kind:
+                try:
+                    numbers = [float(v) for v in value.split()]
+                except ValueError:
+                    numbers = [np.nan]
+                if not np.isfinite(numbers).all():
+                    raise InvalidInputError(f"--initial-transform {path}: {key.strip()} of {kind} holds other things "
+                                            f"than finite numbers: {value.strip()[:40]!r}")
+                if key.strip() == "Parameters":
+                    blocks.append((kind, len(numbers)))
+    elif suffix == ".mat":
+        from scipy.io import loadmat
+
+        try:
+            variables = loadmat(path)
+        except Exception:  # noqa: BLE001 - not MATLAB: ITK's reader says so
+            return
+        blocks = [(name, int(np.size(value))) for name, value in variables.items() if not name.startswith("__")
+                  and name != "fixed"]
+    for kind, count in blocks:
+        name, _, dims = kind.partition("_double_")
+        expected = _PARAMETERS.get(name)
+        if expected is not None and dims[:1].isdigit() and count != expected(int(dims[:1])):
+            raise InvalidInputError(f"--initial-transform {path}: {name} takes {expected(int(dims[:1]))} parameters, the "
+                                    f"file gives {count}")
+
+
+def _unwrapped(transform, path: Path):
+    """``transform`` without the composites of one part around it. A part SimpleITK has no class for
+    comes back as such a composite of itself, again and again (ITK's MatrixOffsetTransformBase, the
+    type of ANTs' GenericAffine .mat: medfuse looped on it for ever); it is read as the affine transform
+    its parameters make (matrix, shift; centre) when they fit one, refused otherwise."""
+    import SimpleITK as sitk
+
+    for _ in range(MAX_NESTING):
+        if not (isinstance(transform, sitk.CompositeTransform) and transform.GetNumberOfTransforms() == 1):
+            return transform
+        transform = transform.GetNthTransform(0).Downcast()
+    dim, parameters, centre = transform.GetDimension(), transform.GetParameters(), transform.GetFixedParameters()
+    if len(parameters) != dim * (dim + 1) or len(centre) != dim:
+        raise InvalidInputError(f"--initial-transform {path}: holds a transform SimpleITK has no class for and that is "
+                                "not a matrix and a shift")
+    affine = sitk.AffineTransform(dim)
+    affine.SetFixedParameters(centre)
+    affine.SetParameters(parameters)
+    return affine
+
+
+def _linear(transform, path: Path) -> bool:
+    """Whether every part of a composite transform is a matrix and a shift."""
+    import SimpleITK as sitk
+
+    parts = [_unwrapped(transform.GetNthTransform(i).Downcast(), path) for i in range(transform.GetNumberOfTransforms())]
+    return all(_linear(part, path) if isinstance(part, sitk.CompositeTransform) else
+               isinstance(part, sitk.TranslationTransform) or hasattr(part, "GetMatrix") for part in parts)
+
+
+def _flattened(composite):
+    """A composite of linear transforms (as ANTs writes its stages uncollapsed, or Slicer a chain) as
+    the one affine transform that maps every point as it does."""
+    import SimpleITK as sitk
+
+    dim = composite.GetDimension()
+    origin = np.asarray(composite.TransformPoint((0.0,) * dim))
+    columns = [np.asarray(composite.TransformPoint(tuple(np.eye(dim)[i]))) - origin for i in range(dim)]
+    flat = sitk.AffineTransform(dim)
+    flat.SetMatrix([float(v) for v in np.stack(columns, axis=1).ravel()])
+    flat.SetTranslation([float(v) for v in origin])
+    return flat
 
 
 def _plain_matrix_hint(path: Path) -> str:

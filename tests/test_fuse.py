@@ -856,9 +856,17 @@ def test_transform_files_of_the_wrong_parameter_count_are_refused(tmp_path):
                                        "FixedParameters: 128 128\n")
     savemat(tmp_path / "short.mat", {"AffineTransform_double_3_3": np.ones((9, 1)), "fixed": np.zeros((3, 1))},
             format="4")
-    for name, said in (("short.tfm", "Euler3DTransform takes 6 parameters, the file gives 3"),
+    savemat(tmp_path / "spm.mat", {"M": np.eye(4), "mat": np.eye(4)})  # SPM's .mat beside an image: MATLAB 5
+    (tmp_path / "centre.tfm").write_text(header + "Transform: AffineTransform_double_3_3\nParameters: 1 0 0 0 1 0 0 0 1 "
+                                         "5 0 0\nFixedParameters: 0\n")
+    (tmp_path / "stray.tfm").write_bytes((header + "Transform: TranslationTransform_double_3_3\nParameters: 5 0 0\n"
+                                          "FixedParameters:\n").encode().replace(b"#Transform 0\n", b"#Transform 0\x7f"))
+    for name, said in (("short.tfm", "Euler3DTransform takes 6 parameters and 3 fixed ones (its centre), the file gives 3 "),
+                       ("centre.tfm", "the file gives 1 fixed parameters"),
                        ("word.tfm", "holds other things than finite numbers"),
-                       ("short.mat", "AffineTransform takes 12 parameters, the file gives 9")):
+                       ("stray.tfm", "holds bytes other than ASCII text"),
+                       ("short.mat", "AffineTransform takes 12 parameters and 3 fixed ones (its centre), the file gives 9 "),
+                       ("spm.mat", "an SPM .mat holds none")):
         out = tmp_path / f"{name}.nii.gz"
         res = subprocess.run([sys.executable, "-m", "medfuse_cli", "register", str(T1), str(PET), "-o", str(out),
                               "--transform", "none", "--initial-transform", str(tmp_path / name)],

@@ -13,8 +13,9 @@ FUZZ = ROOT / "tools" / "fuzz_readers.py"
 
 
 def test_fuzzed_inputs_end_in_a_medfuse_error_or_an_image(tmp_path):
-    """NIfTI, NIfTI-gz, Analyze / NIfTI pairs, DICOM, PNG, TIFF, NRRD, MetaImage, JPEG, BMP and ImageJ TIFF stacks in one run: the
-    first byte of an input picks the reader."""
+    """NIfTI, NIfTI-gz, Analyze / NIfTI pairs, DICOM, PNG, TIFF, NRRD, MetaImage, JPEG, BMP and ImageJ TIFF stacks, and the
+    transform (.tfm, .mat) and landmark (.fcsv, .mrk.json, .csv) files of a registration start, in one run: the first
+    byte of an input picks the reader."""
     kind = "all"
     pytest.importorskip("atheris")
     corpus = tmp_path / "corpus"

@@ -10,10 +10,12 @@ inputs) in ``CORPUS_DIR-artifacts/`` unless ``-artifact_prefix`` says where.
     python tools/fuzz_readers.py all CORPUS_DIR -max_total_time=20       # what the tests run
     python tools/fuzz_readers.py --seeds nifti CORPUS_DIR                 # write seed inputs from examples/
 
-Readers: nifti (.nii), nifti-gz (.nii.gz), analyze (.hdr + .img), dicom (.dcm), png, tiff, nrrd, mha, jpeg, bmp, tiff-stack (ImageJ), or ``all`` (the first byte of
+Readers: nifti (.nii), nifti-gz (.nii.gz), analyze (.hdr + .img), dicom (.dcm), png, tiff, nrrd, mha, jpeg, bmp, tiff-stack (ImageJ),
+the registration starts users give (tfm and mat: ``--initial-transform`` files, read with ``read_transform``;
+fcsv, mrk-json and csv: ``--landmarks`` files, read with ``read_points``), or ``all`` (the first byte of
 each input picks the reader: one process, one corpus, what the test suite runs). Seeds come from the bundled
 real examples (a cropped SPM12 T1, also as NRRD / MetaImage and as an ImageJ TIFF stack, one slice of the XA30 DICOM
-series, PNG / TIFF / JPEG / BMP slices of the T1).
+series, PNG / TIFF / JPEG / BMP slices of the T1), and transforms and landmarks as SimpleITK, ANTs and 3D Slicer write them.
 """
 
 from __future__ import annotations
@@ -42,10 +44,14 @@ with atheris.instrument_imports(include=["medfuse_cli", "nibabel", "pydicom", "P
     from medfuse_cli.errors import MedfuseError
     from medfuse_cli.io import read_image
     from medfuse_cli.io.dicom import _SCANS
+    from medfuse_cli.landmarks import read_points
+    from medfuse_cli.register import read_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 SUFFIX = {"nifti": ".nii", "nifti-gz": ".nii.gz", "analyze": ".hdr", "dicom": ".dcm", "png": ".png", "tiff": ".tif", "nrrd": ".nrrd",
-          "mha": ".mha", "jpeg": ".jpg", "bmp": ".bmp", "tiff-stack": ".tif"}
+          "mha": ".mha", "jpeg": ".jpg", "bmp": ".bmp", "tiff-stack": ".tif", "tfm": ".tfm", "mat": ".mat", "fcsv": ".fcsv",
+          "mrk-json": ".mrk.json", "csv": ".csv"}
+READERS = {"tfm": read_transform, "mat": read_transform, "fcsv": read_points, "mrk-json": read_points, "csv": read_points}
 _WORK = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
 
 
@@ -86,6 +92,10 @@ def seeds(kind: str) -> dict[str, bytes]:
                 sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(crop.T)), str(path), useCompression=packed)
                 out[f"t1_crop_{'gz' if packed else 'raw'}"] = path.read_bytes()
             return out
+    if kind in ("tfm", "mat"):
+        return _transform_seeds(kind)
+    if kind in ("fcsv", "mrk-json", "csv"):
+        return _landmark_seeds(kind)
     if kind == "dicom":
         with zipfile.ZipFile(ROOT / "examples" / "dicom" / "mr_t1_xa30.zip") as zf:
             name = sorted(n for n in zf.namelist() if not n.endswith("/"))[40]
@@ -115,6 +125,54 @@ def seeds(kind: str) -> dict[str, bytes]:
     return {f"t1_slice_{kind}": buf.getvalue()}
 
 
+def _transform_seeds(kind: str) -> dict[str, bytes]:
+    """A rigid, a 2D, a composite and an ANTs-style affine (ITK's MatrixOffsetTransformBase) transform."""
+    import SimpleITK as sitk
+    from scipy.io import savemat
+
+    turn = sitk.Euler3DTransform((0.0, -18.0, 18.0), 0.0, 0.1, -0.15, (4.0, 2.0, -3.0))
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, transform in (("euler3d", turn), ("euler2d", sitk.Euler2DTransform((127.5, 127.5), 0.1, (3.0, -2.0))),
+                                ("composite", sitk.CompositeTransform([turn, sitk.TranslationTransform(3, (6.0, 0, 0))]))):
+            path = Path(tmp) / f"{name}{SUFFIX[kind]}"
+            if kind == "tfm" or name != "composite":  # ITK writes no composite as MATLAB
+                sitk.WriteTransform(transform, str(path))
+                out[name] = path.read_bytes()
+        buf = io.BytesIO()
+        ants = {"MatrixOffsetTransformBase_double_3_3": np.r_[turn.GetMatrix(), turn.GetTranslation()].reshape(-1, 1),
+                "fixed": np.reshape(turn.GetCenter(), (3, 1))}
+        if kind == "mat":
+            savemat(buf, ants, format="4")
+        else:
+            buf.write(("#Insight Transform File V1.0\n#Transform 0\nTransform: MatrixOffsetTransformBase_double_3_3\n"
+                       f"Parameters: {' '.join(map(str, ants['MatrixOffsetTransformBase_double_3_3'].ravel()))}\n"
+                       "FixedParameters: 0 -18 18\n").encode())
+        out["ants_affine"] = buf.getvalue()
+    return out
+
+
+def _landmark_seeds(kind: str) -> dict[str, bytes]:
+    """Four points as 3D Slicer (markups JSON, a Slicer 5 .fcsv with its status columns, the control
+    point table) and a spreadsheet (semicolons, decimal commas) write them, one of them not placed."""
+    points = [(10.5, -20.0, 30.0), (50.0, 0.0, 25.0), (-5.0, 40.0, 10.0), (0.0, 0.0, -30.0)]
+    if kind == "mrk-json":
+        import json
+
+        marks = [{"label": f"F-{i}", "position": list(p), "positionStatus": "undefined" if i == 2 else "defined"}
+                 for i, p in enumerate(points)]
+        return {"markups": json.dumps({"markups": [{"type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm",
+                                                    "controlPoints": marks}]}).encode()}
+    if kind == "fcsv":
+        rows = "".join(f"{i},{x},{y},{z},0,0,0,1,1,1,0,F-{i},,,{0 if i == 2 else 2},0\n" for i, (x, y, z) in enumerate(points))
+        return {"slicer5": ("# Markups fiducial file version = 5.2\n# CoordinateSystem = LPS\n"
+                            "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n" + rows).encode()}
+    table = "label,l,p,s,defined,selected,visible,locked,description\n" + "".join(
+        f"F-{i},{x},{y},{z},{0 if i == 2 else 1},1,1,0,\n" for i, (x, y, z) in enumerate(points))
+    sheet = "label;R;A;S\n" + "".join(f"p{i};{x};{y};{z}\n".replace(".", ",") for i, (x, y, z) in enumerate(points))
+    return {"control_points": table.encode(), "spreadsheet": sheet.encode()}
+
+
 def all_seeds() -> dict[str, bytes]:
     """Seeds of every reader for ``all``: one leading byte picks the reader."""
     return {f"{i}_{name}": bytes([i]) + blob for i, kind in enumerate(SUFFIX) for name, blob in seeds(kind).items()}
@@ -138,7 +196,7 @@ def target(kind: str):
             path.write_bytes(data)
         _SCANS.clear()  # DICOM headers are kept by file name, size and time: each input is new
         try:
-            read_image(path)
+            READERS.get(k, read_image)(path)
         except MedfuseError:
             pass
         finally:

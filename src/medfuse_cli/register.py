@@ -15,7 +15,9 @@ import contextlib
 import enum
 import logging
 import os
+import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -239,12 +241,16 @@ def read_transform(path: str | os.PathLike[str], rigid: bool = False) -> tuple[A
             if path.suffix != path.suffix.lower():  # ITK picks its reader by the suffix, lower case only (T.MAT)
                 name = shutil.copyfile(path, Path(tmp) / f"t{path.suffix.lower()}")
             transform = sitk.ReadTransform(str(name)).Downcast()
-    except RuntimeError:
+    except (RuntimeError, UnicodeDecodeError):  # ITK's message may quote the file's bytes, which are not UTF-8
         raise InvalidInputError(f"--initial-transform {path}: not a transform file ITK can read "
                                 f"({transform_suffixes()}){_plain_matrix_hint(path)}") from None
-    transform = _unwrapped(transform, path)
-    if isinstance(transform, sitk.CompositeTransform) and _linear(transform, path):
-        transform = _flattened(transform)
+    try:
+        transform = _unwrapped(transform, path)
+        if isinstance(transform, sitk.CompositeTransform) and _linear(transform, path):
+            transform = _flattened(transform)
+    except RuntimeError:  # SimpleITK cannot hand out a part (a 4D composite inside)
+        raise InvalidInputError(f"--initial-transform {path}: holds transforms SimpleITK cannot take apart; "
+                                "not a rigid or affine transform") from None
     planar = transform.GetDimension() == 2
     if isinstance(transform, sitk.TranslationTransform):
         shift = (*transform.GetOffset(), 0.0)[:3]
@@ -266,45 +272,79 @@ _PARAMETERS = {  # how many parameters ITK's linear transform types take, by dim
     "ComposeScaleSkewVersor3DTransform": lambda d: 12, "ScaleSkewVersor3DTransform": lambda d: 15}
 
 
+def _matlab_v4_sizes(raw: bytes) -> dict[str, int] | None:
+    """The variables of a MATLAB version 4 file (ITK's and ANTs' .mat) and their numbers of values,
+    or None unless it is one, whole: checked here because ITK's reader corrupted the heap on stray
+    bytes and SciPy's spun for ever on a header of 4 billion columns."""
+    for order, types in (("<", (0, 10)), (">", (1000, 1010))):  # double or single, either byte order
+        sizes, at = {}, 0
+        while at + 20 <= len(raw):
+            kind, rows, columns, imaginary, length = struct.unpack_from(f"{order}5i", raw, at)
+            name = raw[at + 20: at + 20 + length - 1]
+            count = rows * columns
+            end = at + 20 + length + count * (8 if kind % 100 == 0 else 4)
+            if kind not in types or min(rows, columns) < 0 or imaginary or not 1 < length <= 64 or end > len(raw) \
+                    or not re.fullmatch(rb"\w+", name):
+                break
+            sizes[name.decode()] = count
+            at = end
+        else:
+            if sizes and at == len(raw):
+                return sizes
+    return None
+
+
+def _linear_kind(kind: str) -> re.Match | None:
+    """``kind`` (``Euler3DTransform_double_3_3``) split into type and dimension, when it is one of
+    :data:`_PARAMETERS`."""
+    match = re.fullmatch(r"(\w+?)_(?:double|float)_([23])_[23]", kind)
+    return match if match and match[1] in _PARAMETERS else None
+
+
 def _check_parameter_counts(path: Path) -> None:
     """ITK's text and MATLAB transform readers take any number of parameters for a type and then read
     past them: a hand-written Euler3DTransform of three numbers (a shift, meant) corrupted the heap and
-    ended in a crash, after writing an output moved by whatever lay beyond. Count them first."""
+    ended in a crash, after writing an output moved by whatever lay beyond. Count them first (and the
+    fixed parameters, the centre, which must not be short either); a text file must be text."""
     suffix = path.suffix.lower()
-    blocks: list[tuple[str, int]] = []  # (type, number of parameters)
+    blocks: list[list] = []  # [type, number of parameters, number of fixed parameters or None]
     if suffix in (".tfm", ".txt"):
         with open(path, "rb") as handle:
-            text = handle.read(1 << 20).decode("latin-1")
-        kind = None
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Transform":
-                kind = value.strip()
-            elif key.strip() in ("Parameters", "FixedParameters") and kind:
+            raw = handle.read(1 << 20)
+        if re.search(rb"[^\t\n\r\x20-\x7e]", raw):  # ITK's text parser crashed on stray bytes
+            raise InvalidInputError(f"--initial-transform {path}: holds bytes other than ASCII text; not an ITK text "
+                                    "transform")
+        for line in raw.decode("ascii").splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "Transform":
+                blocks.append([value, None, None])
+            elif key in ("Parameters", "FixedParameters") and blocks:
                 try:
                     numbers = [float(v) for v in value.split()]
                 except ValueError:
                     numbers = [np.nan]
                 if not np.isfinite(numbers).all():
-                    raise InvalidInputError(f"--initial-transform {path}: {key.strip()} of {kind} holds other things "
-                                            f"than finite numbers: {value.strip()[:40]!r}")
-                if key.strip() == "Parameters":
-                    blocks.append((kind, len(numbers)))
+                    raise InvalidInputError(f"--initial-transform {path}: {key} of {blocks[-1][0]} holds other things "
+                                            f"than finite numbers: {value[:40]!r}")
+                blocks[-1][1 if key == "Parameters" else 2] = len(numbers)
     elif suffix == ".mat":
-        from scipy.io import loadmat
-
-        try:
-            variables = loadmat(path)
-        except Exception:  # noqa: BLE001 - not MATLAB: ITK's reader says so
-            return
-        blocks = [(name, int(np.size(value))) for name, value in variables.items() if not name.startswith("__")
-                  and name != "fixed"]
-    for kind, count in blocks:
-        name, _, dims = kind.partition("_double_")
-        expected = _PARAMETERS.get(name)
-        if expected is not None and dims[:1].isdigit() and count != expected(int(dims[:1])):
-            raise InvalidInputError(f"--initial-transform {path}: {name} takes {expected(int(dims[:1]))} parameters, the "
-                                    f"file gives {count}")
+        sizes = _matlab_v4_sizes(path.read_bytes()[: 1 << 20])
+        kinds = [name for name in sizes or () if name != "fixed"]
+        if len(kinds) != 1 or "fixed" not in sizes or not _linear_kind(kinds[0]):
+            raise InvalidInputError(f"--initial-transform {path}: not a linear transform as ITK and ANTs write .mat "
+                                    "(MATLAB version 4: the type's parameters and 'fixed')"
+                                    f"{_plain_matrix_hint(path) or '; an SPM .mat holds none'}")
+        blocks = [[kinds[0], sizes[kinds[0]], sizes["fixed"]]]
+    for kind, count, fixed in blocks:
+        match = _linear_kind(kind)
+        if match is None:
+            continue
+        expected, dim = _PARAMETERS[match[1]], int(match[2])
+        centre = 0 if match[1] == "TranslationTransform" else dim
+        if count != expected(dim) or (fixed or 0) < centre:
+            said = f"{count} parameters" if count != expected(dim) else f"{fixed or 0} fixed parameters"
+            raise InvalidInputError(f"--initial-transform {path}: {match[1]} takes {expected(dim)} parameters and "
+                                    f"{centre} fixed ones (its centre), the file gives {said}")
 
 
 def _unwrapped(transform, path: Path):

@@ -174,10 +174,10 @@ _UNKNOWN_READ_AS = {"spacings": ("spacings", "1 mm"), "spaceorigin": ("space ori
 def _header_geometry(path: Path) -> list[float]:
     """What ITK leaves out of a header's geometry: millimetres per unit of each world axis from an NRRD
     ``space units`` or a MetaImage ``DistanceUnits`` (ITK ignores them: a header in cm was read as
-    mm, 10 times too small); 1 where unsaid, or unknown (warned). Spacings or an origin said to be unknown (``nan``, which the NRRD
-    format allows), an axis said not to be spatial (``none``), which ITK reads as 1 mm and 0
-    without a word, and an NRRD space that names no patient directions, which ITK reads as LPS,
-    are warned of too."""
+    mm, 10 times too small); 1 where unsaid, or unknown (warned). Spacings or an origin said to be
+    unknown (``nan``, which the NRRD format allows), an axis said not to be spatial (``none``),
+    which ITK reads as 1 mm and 0 without a word, and an NRRD space that names no patient
+    directions, which ITK reads as LPS, are warned of too."""
     fields = _header(path)[0]
     units = next((re.findall(r'"([^"]*)"', value) for key, value in fields if key == "spaceunits"), [])
     units = units or next(([value] * 3 for key, value in fields if key == "distanceunits" and value != "?"), [])

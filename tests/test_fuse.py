@@ -857,6 +857,14 @@ def test_transform_files_of_the_wrong_parameter_count_are_refused(tmp_path):
     savemat(tmp_path / "short.mat", {"AffineTransform_double_3_3": np.ones((9, 1)), "fixed": np.zeros((3, 1))},
             format="4")
     savemat(tmp_path / "spm.mat", {"M": np.eye(4), "mat": np.eye(4)})  # SPM's .mat beside an image: MATLAB 5
+    (tmp_path / "nested.tfm").write_text(header + "Transform: CompositeTransform_double_3_3\n#Transform 1\n"
+                                         "Transform: CompositeTransform_double_4_4\n")  # found by fuzzing: exit 1
+    import SimpleITK as sitk
+
+    sitk.WriteTransform(sitk.Euler3DTransform(), str(tmp_path / "damaged.h5"))  # its superblock damaged: HDF5
+    blob = bytearray((tmp_path / "damaged.h5").read_bytes())  # printed 40 lines of its error stack
+    blob[8:40] = bytes(range(32))
+    (tmp_path / "damaged.h5").write_bytes(bytes(blob))
     (tmp_path / "centre.tfm").write_text(header + "Transform: AffineTransform_double_3_3\nParameters: 1 0 0 0 1 0 0 0 1 "
                                          "5 0 0\nFixedParameters: 0\n")
     (tmp_path / "stray.tfm").write_bytes((header + "Transform: TranslationTransform_double_3_3\nParameters: 5 0 0\n"
@@ -866,7 +874,9 @@ def test_transform_files_of_the_wrong_parameter_count_are_refused(tmp_path):
                        ("word.tfm", "holds other things than finite numbers"),
                        ("stray.tfm", "holds bytes other than ASCII text"),
                        ("short.mat", "AffineTransform takes 12 parameters and 3 fixed ones (its centre), the file gives 9 "),
-                       ("spm.mat", "an SPM .mat holds none")):
+                       ("spm.mat", "an SPM .mat holds none"),
+                       ("nested.tfm", "holds transforms SimpleITK cannot take apart"),
+                       ("damaged.h5", "not a transform file ITK can read")):
         out = tmp_path / f"{name}.nii.gz"
         res = subprocess.run([sys.executable, "-m", "medfuse_cli", "register", str(T1), str(PET), "-o", str(out),
                               "--transform", "none", "--initial-transform", str(tmp_path / name)],

@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import GeometryError, InputNotFoundError, InvalidInputError
 from .image import Image
-from .io.itk import LPS, to_sitk
+from .io.itk import LPS, native_stderr_dropped, to_sitk
 from .io.raster import RASTER_FORMATS
 from .landmarks import LandmarkFit, fit_landmarks
 from .parallel import interruptible, itk_threads
@@ -240,7 +240,8 @@ def read_transform(path: str | os.PathLike[str], rigid: bool = False) -> tuple[A
             name = str(path)
             if path.suffix != path.suffix.lower():  # ITK picks its reader by the suffix, lower case only (T.MAT)
                 name = shutil.copyfile(path, Path(tmp) / f"t{path.suffix.lower()}")
-            transform = sitk.ReadTransform(str(name)).Downcast()
+            with native_stderr_dropped():  # HDF5 prints its whole error stack for a damaged .h5
+                transform = sitk.ReadTransform(str(name)).Downcast()
     except (RuntimeError, UnicodeDecodeError):  # ITK's message may quote the file's bytes, which are not UTF-8
         raise InvalidInputError(f"--initial-transform {path}: not a transform file ITK can read "
                                 f"({transform_suffixes()}){_plain_matrix_hint(path)}") from None

@@ -269,7 +269,7 @@ def write_itk(image: Image, path: Path, overwrite: bool = False) -> None:
         with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
             tmp_file = Path(tmp) / ("image" + path.suffix.lower())
             try:
-                with _native_stderr_dropped():
+                with native_stderr_dropped():
                     sitk.WriteImage(itk, str(tmp_file), useCompression=True)
             except RuntimeError as exc:
                 message = " ".join(str(exc).split())
@@ -281,7 +281,7 @@ def write_itk(image: Image, path: Path, overwrite: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def _native_stderr_dropped() -> Iterator[None]:
+def native_stderr_dropped() -> Iterator[None]:
     """File descriptor 2 on the null device while the block runs (C++ libraries write there directly)."""
     sys.stderr.flush()
     saved = os.dup(2)
